@@ -1,0 +1,48 @@
+"""tidings: events for async Python.
+
+Emit from anywhere, listen with plain functions, and run the same listeners in process
+or durably.
+"""
+
+from tidings.backends.base import Backend, DeadLetter
+from tidings.bus import Bus
+from tidings.delivery import Retry
+from tidings.errors import (
+    BackendError,
+    BindingError,
+    ConfigurationError,
+    ConnectionLost,
+    ListenerError,
+    NoListenersError,
+    NotStartedError,
+    PayloadError,
+    PublishFailed,
+    QueueFull,
+    TidingsError,
+)
+from tidings.events import Event, register_event
+from tidings.listeners import Listener, Registry, Subscription, listener
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BindingError",
+    "Bus",
+    "ConfigurationError",
+    "ConnectionLost",
+    "DeadLetter",
+    "Event",
+    "Listener",
+    "ListenerError",
+    "NoListenersError",
+    "NotStartedError",
+    "PayloadError",
+    "PublishFailed",
+    "QueueFull",
+    "Registry",
+    "Retry",
+    "Subscription",
+    "TidingsError",
+    "listener",
+    "register_event",
+]

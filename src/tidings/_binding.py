@@ -1,0 +1,193 @@
+"""Planning how one listener is called with an event's arguments.
+
+A listener receives only what its signature names: positional arguments in order,
+keyword arguments by name, the envelope for a parameter annotated ``Event``, the
+typed object for a parameter annotated with its class (or its fields by name), and
+everything for ``*args`` / ``**kwargs``. The signature is read once; the mapping for a
+given shape of event (number of positional arguments, keyword names, typed class) is
+computed once and cached, so a call costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from tidings.errors import BindingError, ConfigurationError
+from tidings.events import Event
+
+__all__ = ["CallPlan"]
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+# Sources a recipe draws each argument from.
+_ARG, _KW, _ENVELOPE, _OBJ, _FIELD = range(5)
+
+_Source = tuple[int, Any]
+_Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, bool]
+
+
+def _signature(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except (NameError, TypeError, SyntaxError):
+        # Annotations that cannot be resolved yet are compared by their text below.
+        try:
+            return inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the signature of {qualname}: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigurationError(f"cannot read the signature of {qualname}: {exc}") from exc
+
+
+def _is_envelope(annotation: Any) -> bool:
+    if annotation is Event:
+        return True
+    return isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Event"
+
+
+class CallPlan:
+    """How to call one function with any event."""
+
+    __slots__ = (
+        "_cache",
+        "_params",
+        "_var_args",
+        "_var_kwargs",
+        "fn",
+        "qualname",
+        "simple_names",
+        "typed_classes",
+    )
+
+    def __init__(self, fn: Callable[..., Any], qualname: str) -> None:
+        self.fn = fn
+        self.qualname = qualname
+        sig = _signature(fn, qualname)
+        params: list[tuple[str, inspect._ParameterKind, Any, bool]] = []
+        self._var_args = False
+        self._var_kwargs = False
+        typed: list[type[Any]] = []
+        for p in sig.parameters.values():
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                self._var_args = True
+            elif p.kind is inspect.Parameter.VAR_KEYWORD:
+                self._var_kwargs = True
+            else:
+                ann = p.annotation
+                params.append((p.name, p.kind, ann, p.default is not inspect.Parameter.empty))
+                if isinstance(ann, type) and ann is not Event:
+                    typed.append(ann)
+        self._params = tuple(params)
+        self.typed_classes = tuple(typed)
+        self._cache: dict[tuple[Any, ...], _Recipe] = {}
+        # The common case: keyword-only payload whose names are exactly the parameters.
+        simple = all(
+            kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            or kind is inspect.Parameter.KEYWORD_ONLY
+            for _, kind, _, _ in params
+        ) and not any(_is_envelope(ann) for _, _, ann, _ in params)
+        #: The parameter names, when a call with exactly these keywords needs no plan.
+        self.simple_names: frozenset[str] | None = (
+            frozenset(n for n, _, _, _ in params) if simple else None
+        )
+
+    def call(self, event: Event) -> Any:
+        """Call the function with what it names of ``event``; returns what it returns.
+
+        Raises:
+            BindingError: the event lacks a required parameter.
+        """
+        kwargs = event.kwargs
+        if (
+            self.simple_names is not None
+            and not event.args
+            and event.obj is None
+            and kwargs.keys() == self.simple_names
+        ):
+            return self.fn(**kwargs)
+        key = (len(event.args), *kwargs, type(event.obj))
+        recipe = self._cache.get(key)
+        if recipe is None:
+            recipe = self._cache[key] = self._plan(event)
+        pos_src, kw_src, rest_from, all_kwargs = recipe
+        args = [_take(event, s) for s in pos_src]
+        if rest_from >= 0:
+            args.extend(event.args[rest_from:])
+        kw = {name: _take(event, s) for name, s in kw_src}
+        if all_kwargs:
+            for k, v in kwargs.items():
+                kw.setdefault(k, v)
+        return self.fn(*args, **kw)
+
+    def check(self, event: Event) -> None:
+        """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature."""
+        key = (len(event.args), *event.kwargs, type(event.obj))
+        if key not in self._cache:
+            self._cache[key] = self._plan(event)
+
+    def _plan(self, event: Event) -> _Recipe:
+        pos: list[_Source] = []
+        kw: list[tuple[str, _Source]] = []
+        used_kw: set[str] = set()
+        next_arg = 0
+        positional_open = True
+        obj = event.obj
+        for name, kind, ann, has_default in self._params:
+            source: _Source | None = None
+            if _is_envelope(ann):
+                source = (_ENVELOPE, None)
+            elif obj is not None and isinstance(ann, type) and isinstance(obj, ann):
+                source = (_OBJ, None)
+            elif kind in _POSITIONAL and positional_open and next_arg < len(event.args):
+                source = (_ARG, next_arg)
+                next_arg += 1
+            elif kind is not inspect.Parameter.POSITIONAL_ONLY and name in event.kwargs:
+                source = (_KW, name)
+                used_kw.add(name)
+            elif obj is not None and hasattr(obj, name):
+                source = (_FIELD, name)
+            if source is None:
+                if has_default:
+                    positional_open = False
+                    continue
+                raise BindingError(
+                    f"listener {self.qualname} cannot be called for event {event.name!r}: "
+                    f"its parameter {name!r} is required, and the event has "
+                    f"{_describe(event)}"
+                )
+            if kind in _POSITIONAL and positional_open:
+                pos.append(source)
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise BindingError(
+                    f"listener {self.qualname} cannot be called for event {event.name!r}: "
+                    f"positional-only parameter {name!r} follows one left to its default"
+                )
+            else:
+                kw.append((name, source))
+        rest_from = next_arg if self._var_args and positional_open else -1
+        return tuple(pos), tuple(kw), rest_from, self._var_kwargs
+
+
+def _take(event: Event, source: _Source) -> Any:
+    kind, ref = source
+    if kind == _ARG:
+        return event.args[ref]
+    if kind == _KW:
+        return event.kwargs[ref]
+    if kind == _ENVELOPE:
+        return event
+    if kind == _OBJ:
+        return event.obj
+    return getattr(event.obj, ref)
+
+
+def _describe(event: Event) -> str:
+    parts = []
+    if event.obj is not None:
+        parts.append(f"a {type(event.obj).__qualname__} object")
+    if event.args:
+        parts.append(f"{len(event.args)} positional argument(s)")
+    parts.append(f"keyword arguments {sorted(event.kwargs)}" if event.kwargs else "no keywords")
+    return ", ".join(parts)

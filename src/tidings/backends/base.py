@@ -1,0 +1,118 @@
+"""The backend protocol: what the bus needs from the place deliveries wait in.
+
+The bus owns routing, retry policy, serialization and hooks. A backend only stores
+deliveries, hands them to the bus's :class:`~tidings.delivery.Runner`, holds the ones to
+retry later, and keeps dead letters.
+"""
+
+from __future__ import annotations
+
+import traceback
+from abc import ABC, abstractmethod
+from contextvars import Context
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from tidings.errors import ConfigurationError
+from tidings.events import Event
+
+if TYPE_CHECKING:
+    from tidings.delivery import Runner
+    from tidings.listeners import Subscription
+
+__all__ = ["Backend", "DeadLetter", "backend_from_url"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery that failed its last attempt."""
+
+    event: Event
+    listener: str
+    error: str
+    traceback: str
+    attempts: int
+    failed_at: float
+
+    @classmethod
+    def of(cls, event: Event, listener: str, exc: BaseException, failed_at: float) -> DeadLetter:
+        """Record ``exc`` as the last error of ``event``'s delivery to ``listener``."""
+        return cls(
+            event=event,
+            listener=listener,
+            error=f"{type(exc).__qualname__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=event.attempt,
+            failed_at=failed_at,
+        )
+
+
+class Backend(ABC):
+    """Holds deliveries and hands them to the bus's runner."""
+
+    #: Whether deliveries survive the process (and payloads must serialize).
+    durable: ClassVar[bool] = False
+
+    @abstractmethod
+    async def start(self, runner: Runner) -> None:
+        """Begin handing deliveries to ``runner``."""
+
+    @abstractmethod
+    def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+        """Queue one delivery of ``event`` per subscription, without waiting.
+
+        Raises:
+            QueueFull: there is no room now.
+        """
+
+    @abstractmethod
+    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising."""
+
+    @abstractmethod
+    def put_later(
+        self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
+    ) -> None:
+        """Queue the deliveries once ``delay_s`` seconds have passed."""
+
+    @abstractmethod
+    def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
+        """Run one delivery again (``event.attempt`` is the next attempt) after a delay."""
+
+    @abstractmethod
+    def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
+        """Keep a delivery that failed its last attempt as a dead letter."""
+
+    @abstractmethod
+    def has_room(self, count: int) -> bool:
+        """Whether ``count`` more deliveries fit now (may be read from any thread)."""
+
+    @abstractmethod
+    async def drain(self) -> None:
+        """Wait until every queued, running and retrying delivery has finished."""
+
+    @abstractmethod
+    async def aclose(self, timeout_s: float | None) -> list[str]:
+        """Drain for at most ``timeout_s`` seconds, stop, and return undelivered event ids."""
+
+    @abstractmethod
+    def dead_letters(self) -> list[DeadLetter]:
+        """The dead letters kept, oldest first."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of what waits and runs."""
+        return {}
+
+
+def backend_from_url(url: str, **options: Any) -> Backend:
+    """Build the backend a URL names (``memory://``).
+
+    Raises:
+        ConfigurationError: an unknown scheme.
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
+    if scheme == "memory":
+        from tidings.backends.memory import MemoryBackend
+
+        return MemoryBackend(**options)
+    raise ConfigurationError(f"unknown backend URL {url!r}: expected 'memory://'")

@@ -1,0 +1,471 @@
+"""The bus: what you emit on. It holds the listeners, one backend and the delivery
+policy, starts and drains with ``async with``, and routes each event to the
+subscriptions its name resolves to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from tidings.backends.base import Backend, DeadLetter, backend_from_url
+from tidings.codec import check_serializable
+from tidings.delivery import Retry, Runner
+from tidings.errors import (
+    ConfigurationError,
+    NoListenersError,
+    NotStartedError,
+    PayloadError,
+    QueueFull,
+)
+from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
+from tidings.listeners import ErrorHook, Listener, Registry, Subscription, SuccessHook, _hooks
+
+__all__ = ["Bus"]
+
+logger = logging.getLogger("tidings.bus")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_copy_context = contextvars.copy_context
+_get_ident = threading.get_ident
+_RESERVED = RESERVED_KEYWORDS
+
+
+class Bus:
+    """Emit events to listeners, in process or through a durable backend.
+
+    Args:
+        backend: ``None`` or ``"memory://"`` for the in-process backend, a URL, or a
+            :class:`~tidings.backends.Backend`.
+        listeners: listeners (made with ``@listener``) to subscribe.
+        strict: raise ``NoListenersError`` for an event nobody listens to, and check at
+            emit that every listener can be called with it.
+        max_pending: in-process deliveries that may wait (``emit`` raises ``QueueFull``
+            past it).
+        concurrency: deliveries that may be suspended at once, all listeners together.
+        retry: the default :class:`Retry` for listeners that set none (default: no retry).
+        timeout: the default per-attempt timeout in seconds for listeners that set none.
+        on_error, on_success, on_dead: hooks called for every listener.
+        check_serializable: reject at emit, with ``PayloadError``, a payload a durable
+            backend could not store (always on for durable backends).
+        shutdown_timeout: seconds ``aclose()`` drains before giving up.
+        sync_workers: threads for sync listeners (default: the executor's default).
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str | None = None,
+        *,
+        listeners: Iterable[Listener[..., Any]] = (),
+        strict: bool = False,
+        max_pending: int = 100_000,
+        concurrency: int = 1000,
+        retry: Retry | int | None = None,
+        timeout: float | timedelta | None = None,
+        on_error: ErrorHook | Iterable[ErrorHook] | None = None,
+        on_success: SuccessHook | Iterable[SuccessHook] | None = None,
+        on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
+        check_serializable: bool = False,
+        shutdown_timeout: float | timedelta = 30.0,
+        sync_workers: int | None = None,
+    ) -> None:
+        if backend is None or isinstance(backend, str):
+            backend = backend_from_url(
+                backend or "memory://", max_pending=max_pending, concurrency=concurrency
+            )
+        elif not isinstance(backend, Backend):
+            raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
+        self.backend = backend
+        self.registry = Registry(listeners)
+        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
+        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self.strict = strict
+        self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
+        self.timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        self.check_serializable = check_serializable or backend.durable
+        self.shutdown_timeout = (
+            shutdown_timeout.total_seconds()
+            if isinstance(shutdown_timeout, timedelta)
+            else float(shutdown_timeout)
+        )
+        self.sync_workers = sync_workers
+        self.disabled = os.environ.get("TIDINGS_DISABLE", "") not in ("", "0")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._runner: Runner | None = None
+        self._closed = False
+        self._typed_ok: dict[type[Any], str] = {}
+        self._emit_hooks: list[Callable[[Event], None]] = []
+        # Set while emit may take its flat path (see emit).
+        self._hot = False
+        self._routes = self.registry._cache
+        self._put = backend.put
+
+    # -- listeners ------------------------------------------------------------------
+
+    def listener(
+        self, *names: str | type[Any], **options: Any
+    ) -> Callable[[Callable[P, R]], Listener[P, R]]:
+        """Like :func:`tidings.listener`, and subscribe the result on this bus."""
+        return self.registry.listener(*names, **options)
+
+    def subscribe(
+        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+    ) -> Subscription:
+        """Subscribe ``fn`` (a function or a listener); ``.unsubscribe()`` undoes it."""
+        return self.registry.subscribe(*names, fn=fn, **options)
+
+    def include(self, registry: Registry) -> None:
+        """Add a registry's listeners (and later changes to it) to this bus."""
+        self.registry.include(registry)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether the bus accepts events."""
+        return self._loop is not None and not self._closed
+
+    async def start(self) -> None:
+        """Start handing deliveries to listeners on the running event loop.
+
+        Raises:
+            NotStartedError: the bus was closed (a bus starts once).
+        """
+        if self._closed:
+            raise NotStartedError("this bus is closed; create a new Bus to start again")
+        if self._loop is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
+        self._runner = Runner(
+            loop=loop,
+            backend=self.backend,
+            executor=self._executor,
+            retry=self.retry,
+            timeout=self.timeout,
+            on_error=self.on_error,
+            on_success=self.on_success,
+            on_dead=self.on_dead,
+        )
+        await self.backend.start(self._runner)
+        self._thread = _get_ident()
+        self._loop = loop
+        self._refresh_hot()
+
+    async def drain(self) -> None:
+        """Wait until every queued, running and retrying delivery has finished."""
+        if self._loop is None:
+            return
+        await self.backend.drain()
+        if self._runner is not None:
+            await self._runner.drain_hooks()
+
+    async def aclose(self, timeout: float | timedelta | None = None) -> None:
+        """Drain (for at most ``timeout`` seconds, default ``shutdown_timeout``) and stop.
+
+        What could not be delivered in time is cancelled and logged once, by event id.
+        """
+        if self._loop is None or self._closed:
+            self._closed = True
+            return
+        limit = (
+            self.shutdown_timeout
+            if timeout is None
+            else timeout.total_seconds()
+            if isinstance(timeout, timedelta)
+            else float(timeout)
+        )
+        undelivered = await self.backend.aclose(limit)
+        self._closed = True
+        self._hot = False
+        if undelivered:
+            logger.error(
+                "bus closed with %d undelivered event(s) after %.3gs: %s",
+                len(undelivered),
+                limit,
+                ", ".join(undelivered),
+            )
+        if self._runner is not None:
+            try:
+                await asyncio.wait_for(self._runner.drain_hooks(), limit)
+            except TimeoutError:
+                logger.error("bus closed before its hooks finished")
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Bus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- emitting -------------------------------------------------------------------
+
+    def emit(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Queue an event for its listeners and return at once; safe from any thread.
+
+        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``) or a
+        typed event object. The keywords ``delay`` (seconds or ``timedelta``), ``at``
+        (a ``datetime``), ``headers`` (a ``dict[str, str]``) and ``key`` are options.
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            QueueFull: the in-process queue is full.
+            NoListenersError: strict bus, and nothing listens to the name.
+            BindingError: strict bus, and a listener cannot be called with the event.
+            PayloadError: the payload cannot be serialized (durable backends, or
+                ``check_serializable=True``).
+        """
+        if kwargs and not _RESERVED.isdisjoint(kwargs):
+            self._emit_with_options(name_or_event, args, kwargs)
+            return
+        if type(name_or_event) is str:
+            # The common case, kept flat: a started plain bus, on its loop's thread.
+            if self._hot and _get_ident() == self._thread:
+                subs = self._routes.get(name_or_event)
+                if subs and not self.registry.has_once:
+                    self._put(Event(name_or_event, args, kwargs), subs, _copy_context())
+                    return
+            event = Event(name_or_event, args, kwargs)
+        else:
+            event = self._typed(name_or_event, args, kwargs)
+        self._dispatch(event, None)
+
+    async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`emit`, but wait until the backend has accepted the event.
+
+        For the memory backend that means room in the queue; for a durable backend,
+        stored. Raises what :meth:`emit` raises, except ``QueueFull``.
+        """
+        options = _pop_options(kwargs)
+        if type(name_or_event) is str:
+            event = Event(name_or_event, args, kwargs)
+        else:
+            event = self._typed(name_or_event, args, kwargs)
+        if options.get("headers"):
+            event.headers = dict(options["headers"])
+        prepared = self._prepare(event)
+        if prepared is None:
+            return
+        subs, ctx = prepared
+        loop = self._loop
+        assert loop is not None
+        delay = _delay_s(options)
+        if delay is not None:
+            if _get_ident() == self._thread:
+                self.backend.put_later(event, subs, ctx, delay)
+            else:
+                loop.call_soon_threadsafe(self.backend.put_later, event, subs, ctx, delay)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            await self.backend.put_wait(event, subs, ctx)
+        else:
+            fut = asyncio.run_coroutine_threadsafe(self.backend.put_wait(event, subs, ctx), loop)
+            await asyncio.wrap_future(fut)
+
+    def _emit_with_options(
+        self, name_or_event: str | Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        options = _pop_options(kwargs)
+        if type(name_or_event) is str:
+            event = Event(name_or_event, args, kwargs)
+        else:
+            event = self._typed(name_or_event, args, kwargs)
+        if options.get("headers"):
+            event.headers = dict(options["headers"])
+        self._dispatch(event, _delay_s(options))
+
+    def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
+        cls = type(obj)
+        name = self._typed_ok.get(cls)
+        if name is None:
+            name = event_name_of(cls)
+            if name is None:
+                raise ConfigurationError(
+                    f"emit() takes an event name or a typed event, not {obj!r}: give "
+                    f"{cls.__qualname__} __event_name__ = '...' or call "
+                    "tidings.register_event(cls, name)"
+                )
+            bound = self.registry.event_class(name)
+            if bound is not None and bound is not cls:
+                raise ConfigurationError(
+                    f"event {name!r} is bound to {bound.__qualname__}, not {cls.__qualname__}"
+                )
+            self._typed_ok[cls] = name
+        if args or kwargs:
+            raise PayloadError(
+                f"a typed event ({cls.__qualname__}) is emitted alone: its fields are the "
+                f"payload, not extra arguments {args or ''}{kwargs or ''}"
+            )
+        return Event(name, (), {}, obj=obj)
+
+    def _prepare(self, event: Event) -> tuple[tuple[Subscription, ...], contextvars.Context] | None:
+        if self._loop is None or self._closed:
+            if self.disabled:
+                logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
+                return None
+            state = "is closed" if self._closed else "is not started"
+            raise NotStartedError(
+                f"cannot emit {event.name!r}: the bus {state}; start it with "
+                "'async with bus:' or 'await bus.start()' (a framework plugin does this "
+                "in the app's lifespan)"
+            )
+        if self.disabled:
+            logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
+            return None
+        registry = self.registry
+        subs = registry._cache.get(event.name)
+        if subs is None:
+            subs = registry.resolve(event.name)
+        if registry.has_once:
+            subs = self._take_once(subs)
+        if not subs and self.strict:
+            raise NoListenersError(f"no listener subscribes to event {event.name!r}")
+        if self.check_serializable:
+            check_serializable(event)
+        if self.strict:
+            for sub in subs:
+                sub.listener.plan.check(event)
+        for hook in self._emit_hooks:
+            hook(event)
+        if not subs:
+            logger.debug("no listener for event %r; ignored", event.name)
+            return None
+        return subs, _copy_context()
+
+    def _take_once(self, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
+        out: list[Subscription] = []
+        for sub in subs:
+            if sub.listener.once and not sub.registry._remove(sub):
+                continue  # another emit took it first
+            out.append(sub)
+        return tuple(out)
+
+    def _dispatch(self, event: Event, delay_s: float | None) -> None:
+        prepared = self._prepare(event)
+        if prepared is None:
+            return
+        subs, ctx = prepared
+        if delay_s is not None:
+            if _get_ident() == self._thread:
+                self.backend.put_later(event, subs, ctx, delay_s)
+            else:
+                self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
+                    self.backend.put_later, event, subs, ctx, delay_s
+                )
+            return
+        if _get_ident() == self._thread:
+            self.backend.put(event, subs, ctx)
+            return
+        if not self.backend.has_room(len(subs)):
+            raise QueueFull(
+                f"the in-process queue is full; cannot queue event {event.name!r} "
+                "(raise max_pending, or await bus.publish(...) to wait for room)"
+            )
+        self._loop.call_soon_threadsafe(self._put_from_thread, event, subs, ctx)  # type: ignore[union-attr]
+
+    def _put_from_thread(
+        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+    ) -> None:
+        try:
+            self.backend.put(event, subs, ctx)
+        except QueueFull:
+            logger.error(
+                "event %s (%s) emitted from a thread found the queue full; dropped",
+                event.id,
+                event.name,
+            )
+
+    def _refresh_hot(self) -> None:
+        self._hot = (
+            self._loop is not None
+            and not self._closed
+            and not (self.disabled or self.strict or self.check_serializable)
+            and not self._emit_hooks
+        )
+
+    def _add_emit_hook(self, hook: Callable[[Event], None]) -> None:
+        self._emit_hooks.append(hook)
+        self._refresh_hot()
+
+    def _remove_emit_hook(self, hook: Callable[[Event], None]) -> None:
+        self._emit_hooks.remove(hook)
+        self._refresh_hot()
+
+    # -- inspecting -----------------------------------------------------------------
+
+    def listeners(self) -> list[Listener[..., Any]]:
+        """Every subscribed listener, in subscription order."""
+        return [sub.listener for sub in self.registry.subscriptions()]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Recent dead letters (deliveries that failed their last attempt), oldest first."""
+        return self.backend.dead_letters()
+
+    def stats(self) -> dict[str, Any]:
+        """Delivered and failed counts per listener, and the backend's counters."""
+        per_listener = {
+            sub.listener.qualname: {"delivered": sub.delivered, "failed": sub.failed}
+            for sub in self.registry.subscriptions()
+        }
+        return {"listeners": per_listener, "backend": self.backend.stats()}
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "started" if self._loop else "not started"
+        return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
+
+
+def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key in RESERVED_KEYWORDS:
+        if key in kwargs:
+            options[key] = kwargs.pop(key)
+    headers = options.get("headers")
+    if headers is not None and not (
+        isinstance(headers, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    ):
+        raise PayloadError(f"headers must be a dict of str to str, not {headers!r}")
+    if "delay" in options and "at" in options:
+        raise ConfigurationError("pass delay= or at=, not both")
+    return options
+
+
+def _delay_s(options: dict[str, Any]) -> float | None:
+    if "delay" in options:
+        delay = options["delay"]
+        if isinstance(delay, timedelta):
+            return max(delay.total_seconds(), 0.0)
+        if isinstance(delay, int | float) and not isinstance(delay, bool):
+            return max(float(delay), 0.0)
+        raise ConfigurationError(f"delay= takes seconds or a timedelta, not {delay!r}")
+    if "at" in options:
+        at = options["at"]
+        if not isinstance(at, datetime):
+            raise ConfigurationError(f"at= takes a datetime, not {at!r}")
+        if at.tzinfo is None:
+            at = at.astimezone()  # naive means local time
+        return max((at - datetime.now(UTC)).total_seconds(), 0.0)
+    return None

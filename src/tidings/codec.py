@@ -1,0 +1,87 @@
+"""Serialization of payloads with msgspec (JSON by default), with errors that name the
+argument that cannot be serialized. Never pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from tidings.errors import PayloadError
+from tidings.events import Event
+
+__all__ = ["check_serializable", "encode_payload"]
+
+
+def _enc_hook(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # pydantic models, without importing pydantic
+    if callable(dump):
+        return dump(mode="json")
+    raise NotImplementedError(type(value))
+
+
+_json = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def encode_payload(event: Event) -> bytes:
+    """The event's payload as JSON bytes.
+
+    Raises:
+        PayloadError: a value cannot be serialized; the message names its path and type.
+    """
+    payload = {"args": event.args, "kwargs": event.kwargs, "obj": event.obj}
+    try:
+        return _json.encode(payload)
+    except (TypeError, NotImplementedError, OverflowError, ValueError) as exc:
+        path, bad = _find(event)
+        raise PayloadError(
+            f"event {event.name!r}: {path} of type {type(bad).__qualname__} cannot be "
+            f"serialized ({exc}); use JSON types, datetime, date, UUID, Decimal, enums, "
+            "dataclasses, msgspec Structs or pydantic models"
+        ) from exc
+
+
+def check_serializable(event: Event) -> None:
+    """Raise ``PayloadError`` if the event's payload cannot be serialized."""
+    encode_payload(event)
+
+
+def _find(event: Event) -> tuple[str, Any]:
+    roots: list[tuple[str, Any]] = [(f"argument {i}", v) for i, v in enumerate(event.args)]
+    roots += [(f"argument {k!r}", v) for k, v in event.kwargs.items()]
+    if event.obj is not None:
+        roots.append((type(event.obj).__qualname__, event.obj))
+    for path, value in roots:
+        found = _walk(path, value)
+        if found is not None:
+            return found
+    return "the payload", event.payload
+
+
+def _ok(value: Any) -> bool:
+    try:
+        _json.encode(value)
+    except (TypeError, NotImplementedError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _walk(path: str, value: Any) -> tuple[str, Any] | None:
+    if _ok(value):
+        return None
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, Mapping):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, list | tuple | set | frozenset):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [(f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, msgspec.Struct):
+        children = [(f"{path}.{n}", getattr(value, n)) for n in value.__struct_fields__]
+    for child_path, child in children:
+        found = _walk(child_path, child)
+        if found is not None:
+            return found
+    return path, value

@@ -1,0 +1,263 @@
+"""Running one delivery (one event for one listener): the call, its timeout, its retry
+policy, the hooks and the log lines.
+
+An async listener's coroutine is started eagerly: most listeners finish without ever
+suspending, and those cost no task. Only a coroutine that really waits is parked in a
+task, which resumes it where it stopped. Sync listeners run in a thread pool unless
+they are ``inline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import types
+from collections.abc import Coroutine, Generator
+from concurrent.futures import Executor
+from contextvars import Context
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from tidings.errors import BindingError, ConfigurationError
+from tidings.events import Event
+
+if TYPE_CHECKING:
+    from tidings.backends.base import Backend
+    from tidings.listeners import ErrorHook, Subscription, SuccessHook
+
+__all__ = ["Retry", "Runner"]
+
+logger = logging.getLogger("tidings.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How often a failing delivery is tried, and how long to wait between tries.
+
+    Args:
+        attempts: tries in all, the first included (1 means never retry).
+        backoff: seconds (or a ``timedelta``) before the second try; doubled by
+            ``factor`` for each further one, capped at ``max_backoff``.
+        jitter: a fraction of the wait added or taken at random (0.1 = +/-10%).
+        on: the exception types worth retrying; any other fails at once.
+    """
+
+    attempts: int = 3
+    backoff: float | timedelta = 0.1
+    factor: float = 2.0
+    max_backoff: float | timedelta = 60.0
+    jitter: float = 0.1
+    on: tuple[type[BaseException], ...] = field(default=(Exception,))
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigurationError(f"Retry(attempts=...) must be at least 1, not {self.attempts}")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"Retry(jitter=...) must be within 0..1, not {self.jitter}")
+
+    def delay_for(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = _secs(self.backoff) * self.factor ** (attempt - 1)
+        base = min(base, _secs(self.max_backoff))
+        if self.jitter:
+            base *= 1 + random.uniform(-self.jitter, self.jitter)
+        return max(base, 0.0)
+
+
+NO_RETRY = Retry(attempts=1)
+
+
+def _secs(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Drive a coroutine that already ran up to its first suspension, inside a task."""
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+class Runner:
+    """Runs deliveries for a bus and reports each outcome to the backend.
+
+    The bus owns this policy; the backend only holds deliveries and is told to retry
+    one later, dead-letter it or forget it.
+    """
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        backend: Backend,
+        executor: Executor | None,
+        retry: Retry | None,
+        timeout: float | None,
+        on_error: tuple[ErrorHook, ...],
+        on_success: tuple[SuccessHook, ...],
+        on_dead: tuple[ErrorHook, ...],
+    ) -> None:
+        self.loop = loop
+        self.backend = backend
+        self.executor = executor
+        self.retry = retry or NO_RETRY
+        self.timeout = timeout
+        self.on_error = on_error
+        self.on_success = on_success
+        self.on_dead = on_dead
+        self._hook_tasks: set[asyncio.Task[Any]] = set()
+
+    def run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
+        """Start one delivery in ``ctx`` (the delivery's own copy of the emitter's
+        context). ``None`` if it already finished, else the task running it."""
+        fn = sub.eager_fn
+        if fn is not None:
+            kwargs = event.kwargs
+            try:
+                if kwargs.keys() == sub.eager_names and not event.args and event.obj is None:
+                    coro = fn(**kwargs)
+                else:
+                    coro = sub.listener.plan.call(event)
+                yielded = ctx.run(coro.send, None)
+            except StopIteration:
+                sub.delivered += 1
+                if self.on_success or sub.has_success_hooks:
+                    self.succeeded(event, sub, counted=True)
+                return None
+            except Exception as exc:
+                self.failed(event, sub, ctx, exc)
+                return None
+            return self.loop.create_task(self._resume(coro, yielded, event, sub, ctx), context=ctx)
+        listener = sub.listener
+        if listener.inline:
+            try:
+                ctx.run(listener.plan.call, event)
+            except Exception as exc:
+                self.failed(event, sub, ctx, exc)
+            else:
+                self.succeeded(event, sub)
+            return None
+        # The thread enters the context; the task that awaits it must not.
+        return self.loop.create_task(self._in_thread(event, sub, ctx))
+
+    async def _resume(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        yielded: Any,
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+    ) -> None:
+        timeout = sub.listener.timeout or self.timeout
+        try:
+            if timeout is None:
+                await _resume(coro, yielded)
+            else:
+                async with asyncio.timeout(timeout):
+                    await _resume(coro, yielded)
+        except Exception as exc:
+            self.failed(event, sub, ctx, exc)
+        else:
+            self.succeeded(event, sub)
+
+    async def _in_thread(self, event: Event, sub: Subscription, ctx: Context) -> None:
+        timeout = sub.listener.timeout or self.timeout
+        try:
+            call = self.loop.run_in_executor(self.executor, ctx.run, sub.listener.plan.call, event)
+            if timeout is None:
+                await call
+            else:
+                # The thread cannot be stopped; the delivery fails and its result is dropped.
+                async with asyncio.timeout(timeout):
+                    await call
+        except Exception as exc:
+            self.failed(event, sub, ctx, exc)
+        else:
+            self.succeeded(event, sub)
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def succeeded(self, event: Event, sub: Subscription, *, counted: bool = False) -> None:
+        """Record a delivery that returned."""
+        if not counted:
+            sub.delivered += 1
+        for hook in (*sub.hooks("on_success"), *self.on_success):
+            self._call_hook(hook, event, sub.listener)
+
+    def failed(self, event: Event, sub: Subscription, ctx: Context, exc: BaseException) -> None:
+        """Retry a delivery that raised, or make it a dead letter after its last attempt."""
+        listener = sub.listener
+        sub.failed += 1
+        retry = listener.retry or self.retry
+        if isinstance(exc, TimeoutError) and not str(exc):
+            timeout = listener.timeout or self.timeout
+            exc = TimeoutError(f"listener {listener.qualname} timed out after {timeout}s")
+        attempt = event.attempt
+        retryable = not isinstance(exc, BindingError) and isinstance(exc, retry.on)
+        error_hooks = (*sub.hooks("on_error"), *self.on_error)
+        if retryable and attempt < retry.attempts:
+            delay = retry.delay_for(attempt)
+            logger.warning(
+                "delivery of event %s (%s) to %s failed on attempt %d/%d; retrying in %.3fs",
+                event.id,
+                event.name,
+                listener.qualname,
+                attempt,
+                retry.attempts,
+                delay,
+                exc_info=exc,
+            )
+            for hook in error_hooks:
+                self._call_hook(hook, event, listener, exc)
+            self.backend.retry(event.for_attempt(attempt + 1), sub, ctx, delay)
+            return
+        logger.error(
+            "delivery of event %s (%s) to %s failed on attempt %d/%d; dead letter",
+            event.id,
+            event.name,
+            listener.qualname,
+            attempt,
+            retry.attempts,
+            exc_info=exc,
+        )
+        for hook in error_hooks:
+            self._call_hook(hook, event, listener, exc)
+        for hook in (*sub.hooks("on_dead"), *self.on_dead):
+            self._call_hook(hook, event, listener, exc)
+        self.backend.dead(event, sub, exc)
+
+    def _call_hook(self, hook: Any, *args: Any) -> None:
+        try:
+            result = hook(*args)
+            if asyncio.iscoroutine(result):
+                task = self.loop.create_task(result)
+                self._hook_tasks.add(task)
+                task.add_done_callback(self._hook_done)
+        except Exception:
+            logger.exception("hook %r raised", hook)
+
+    def _hook_done(self, task: asyncio.Task[Any]) -> None:
+        self._hook_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hook task raised", exc_info=task.exception())
+
+    async def drain_hooks(self) -> None:
+        """Wait for hooks that are still running."""
+        while self._hook_tasks:
+            await asyncio.gather(*self._hook_tasks, return_exceptions=True)

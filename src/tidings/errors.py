@@ -1,0 +1,82 @@
+"""Every exception tidings raises.
+
+The tree::
+
+    TidingsError
+     ├── ConfigurationError        a bus, registry or listener set up wrongly
+     ├── NotStartedError           emit/publish before start or after close (RuntimeError)
+     ├── NoListenersError          nothing listens to a name on a strict bus (LookupError)
+     ├── QueueFull                 the bounded in-process queue has no room
+     ├── PayloadError              a payload that cannot be serialized or validated (ValueError)
+     ├── ListenerError             a listener failed or could not be called
+     │    └── BindingError         the event cannot satisfy the listener's signature (TypeError)
+     └── BackendError              a backend failed to store or hand out deliveries
+          ├── ConnectionLost
+          └── PublishFailed
+
+A driver's own exception never leaks out: backends re-raise it as a ``BackendError``
+with the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BindingError",
+    "ConfigurationError",
+    "ConnectionLost",
+    "ListenerError",
+    "NoListenersError",
+    "NotStartedError",
+    "PayloadError",
+    "PublishFailed",
+    "QueueFull",
+    "TidingsError",
+]
+
+
+class TidingsError(Exception):
+    """Root of every exception raised by tidings."""
+
+
+class ConfigurationError(TidingsError):
+    """A bus, registry or listener is set up in a way that cannot work."""
+
+
+class NotStartedError(TidingsError, RuntimeError):
+    """The bus is not running: it was never started, or it is closed."""
+
+
+class NoListenersError(TidingsError, LookupError):
+    """A strict bus was asked to emit an event that no listener subscribes to."""
+
+
+class QueueFull(TidingsError):
+    """The in-process queue holds ``max_pending`` deliveries already.
+
+    ``emit`` raises it; ``await bus.publish(...)`` waits for room instead.
+    """
+
+
+class PayloadError(TidingsError, ValueError):
+    """A payload cannot be serialized or does not validate; nothing was queued."""
+
+
+class ListenerError(TidingsError):
+    """A listener failed, or could not be called with an event."""
+
+
+class BindingError(ListenerError, TypeError):
+    """An event cannot satisfy a listener's signature (a required parameter is missing)."""
+
+
+class BackendError(TidingsError):
+    """A backend could not store, hand out or acknowledge deliveries."""
+
+
+class ConnectionLost(BackendError):
+    """The connection to the broker or database was lost."""
+
+
+class PublishFailed(BackendError):
+    """The backend did not accept an event."""

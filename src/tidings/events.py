@@ -1,0 +1,90 @@
+"""The event envelope and the naming of typed events.
+
+An event is a name and a payload: positional and keyword arguments, or one typed object
+(a dataclass, msgspec Struct or pydantic model). The envelope adds an id, a timestamp,
+headers and, for one delivery, the attempt number.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import msgspec
+
+from tidings.errors import ConfigurationError
+
+__all__ = ["RESERVED_KEYWORDS", "Event", "event_name_of", "register_event"]
+
+#: Keywords of ``emit`` and ``publish`` that are options, never payload.
+RESERVED_KEYWORDS = frozenset({"delay", "at", "headers", "key"})
+
+_registered: dict[type[Any], str] = {}
+
+
+def register_event(cls: type[Any], name: str) -> None:
+    """Give a class an event name without setting ``__event_name__`` on it.
+
+    Raises:
+        ConfigurationError: the class is already registered under another name.
+    """
+    current = _registered.get(cls)
+    if current is not None and current != name:
+        raise ConfigurationError(
+            f"{cls.__qualname__} is already registered as event {current!r}, not {name!r}"
+        )
+    _registered[cls] = name
+
+
+def event_name_of(cls: type[Any]) -> str | None:
+    """The event name of a typed-event class, or ``None`` if it is not one."""
+    name = _registered.get(cls)
+    if name is not None:
+        return name
+    name = getattr(cls, "__event_name__", None)
+    if isinstance(name, str):
+        return name
+    return None
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class Event(msgspec.Struct):
+    """One event: its name, payload and envelope.
+
+    ``args`` and ``kwargs`` are the payload of a named event; ``obj`` is the object of a
+    typed event (then ``payload``). ``attempt`` is 1 for a first delivery and counts up
+    with each retry of it. ``id`` is made the first time it is read.
+    """
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    timestamp: float = msgspec.field(default_factory=time.time)
+    headers: Mapping[str, str] = _NO_HEADERS
+    _id: str | None = None
+    attempt: int = 1
+    obj: Any = None
+
+    @property
+    def id(self) -> str:
+        """A unique id (made when first read, so unread ids cost nothing)."""
+        if self._id is None:
+            self._id = uuid.uuid4().hex
+        return self._id
+
+    @property
+    def payload(self) -> Any:
+        """The typed object of a typed event, else the keyword arguments."""
+        return self.obj if self.obj is not None else self.kwargs
+
+    def for_attempt(self, attempt: int) -> Event:
+        """A copy of this envelope for another attempt of one delivery."""
+        return msgspec.structs.replace(self, _id=self.id, attempt=attempt)
+
+    def __repr__(self) -> str:
+        return f"<Event {self.name!r} id={self.id} attempt={self.attempt}>"

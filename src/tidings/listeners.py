@@ -1,0 +1,398 @@
+"""Listeners, registries and the resolution of event names to listeners.
+
+``@listener("user.created")`` wraps a function in a :class:`Listener` that stays
+callable as before. A :class:`Registry` groups listeners like a router; the bus holds
+one at its root. Resolving a name to its subscriptions walks the patterns once and is
+cached until a registry changes, so wildcards cost nothing per emit.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from tidings._binding import CallPlan
+from tidings._patterns import matches, validate_name
+from tidings.delivery import Retry
+from tidings.errors import ConfigurationError
+from tidings.events import Event, event_name_of
+
+__all__ = [
+    "ErrorHook",
+    "Listener",
+    "Registry",
+    "Subscription",
+    "SuccessHook",
+    "listener",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: ``on_error`` / ``on_dead`` hooks: ``hook(event, listener, error)``, sync or async.
+ErrorHook = Callable[[Event, "Listener[..., Any]", BaseException], Any]
+#: ``on_success`` hooks: ``hook(event, listener)``, sync or async.
+SuccessHook = Callable[[Event, "Listener[..., Any]"], Any]
+
+
+def _seconds(value: float | timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ConfigurationError(f"{what} must be positive, not {value!r}")
+    return seconds
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+    )
+
+
+def _qualname(fn: Any) -> str:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    module = getattr(target, "__module__", None) or type(target).__module__
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{name}"
+
+
+def _hooks(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if callable(value):
+        return (value,)
+    return tuple(value)
+
+
+class Listener(Generic[P, R]):
+    """A function subscribed to event names, with its delivery options.
+
+    Calling a listener calls the function: decorated functions stay unit-testable.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        names: Sequence[str],
+        *,
+        retry: Retry | int | None = None,
+        timeout: float | timedelta | None = None,
+        concurrency: int | None = None,
+        once: bool = False,
+        inline: bool = False,
+        on_error: ErrorHook | Iterable[ErrorHook] | None = None,
+        on_success: SuccessHook | Iterable[SuccessHook] | None = None,
+        on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
+        typed: Sequence[type[Any]] = (),
+    ) -> None:
+        if not callable(fn):
+            raise ConfigurationError(f"a listener must be callable, not {fn!r}")
+        if concurrency is not None and concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
+        self.fn = fn
+        self.qualname = _qualname(fn)
+        self.names = tuple(validate_name(n) for n in names)
+        if not self.names:
+            raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
+        self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
+        self.timeout = _seconds(timeout, f"timeout of listener {self.qualname}")
+        self.concurrency = concurrency
+        self.once = once
+        self.is_async = _is_async_callable(fn)
+        self.inline = inline
+        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
+        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self.plan = CallPlan(fn, self.qualname)
+        # Typed-event classes this listener ties to a name: subscribed by class, or
+        # annotated on a parameter.
+        types: dict[str, type[Any]] = {}
+        for cls in (*typed, *self.plan.typed_classes):
+            name = event_name_of(cls)
+            if name is not None:
+                types[name] = cls
+        self.types = types
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.qualname} on {', '.join(self.names)}>"
+
+
+@overload
+def listener(
+    *names: str | type[Any],
+    retry: Retry | int | None = ...,
+    timeout: float | timedelta | None = ...,
+    concurrency: int | None = ...,
+    once: bool = ...,
+    inline: bool = ...,
+    on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
+    on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
+    on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
+) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
+@overload
+def listener(
+    *names: str | type[Any], **options: Any
+) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
+def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+    """Subscribe a sync or async function to event names, patterns or typed-event classes.
+
+    Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
+    ``timedelta``, per attempt), ``concurrency`` (deliveries of this listener running at
+    once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
+    ``inline`` (run a sync function on the event loop instead of a thread), and
+    ``on_error`` / ``on_success`` / ``on_dead`` hooks.
+
+    Raises:
+        ConfigurationError: no names, an invalid pattern, or a class with no event name.
+    """
+    str_names, typed = _names(names)
+
+    def decorate(fn: Callable[P, R]) -> Listener[P, R]:
+        if isinstance(fn, Listener):
+            raise ConfigurationError(
+                f"{fn.qualname} is already a listener: pass every name to one @listener(...)"
+            )
+        return Listener(fn, str_names, typed=typed, **options)
+
+    return decorate
+
+
+def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+    str_names: list[str] = []
+    typed: list[type[Any]] = []
+    for n in names:
+        if isinstance(n, type):
+            event_name = event_name_of(n)
+            if event_name is None:
+                raise ConfigurationError(
+                    f"{n.__qualname__} has no event name: give it __event_name__ = '...' "
+                    "or call tidings.register_event(cls, name)"
+                )
+            str_names.append(event_name)
+            typed.append(n)
+        else:
+            str_names.append(n)
+    return str_names, typed
+
+
+class Subscription:
+    """One listener subscribed in one registry; ``unsubscribe()`` removes it."""
+
+    __slots__ = (
+        "delivered",
+        "eager_fn",
+        "eager_names",
+        "failed",
+        "has_success_hooks",
+        "listener",
+        "registry",
+    )
+
+    def __init__(self, listener: Listener[..., Any], registry: Registry) -> None:
+        self.listener = listener
+        self.registry = registry
+        self.delivered = 0
+        self.failed = 0
+        #: Whether the listener or its registries have ``on_success`` hooks (kept
+        #: current by the registries, read on every delivery).
+        self.has_success_hooks = bool(listener.on_success)
+        #: For an async listener, the function to start eagerly; with the keyword names
+        #: that it takes exactly (the common case, called without planning).
+        self.eager_fn: Callable[..., Any] | None = listener.fn if listener.is_async else None
+        self.eager_names = listener.plan.simple_names
+
+    def unsubscribe(self) -> None:
+        """Remove this listener from its registry (no error if already removed)."""
+        self.registry._remove(self)
+
+    def hooks(self, kind: str) -> tuple[Any, ...]:
+        """The listener's hooks of ``kind`` then its registries', innermost first."""
+        out: list[Any] = list(getattr(self.listener, kind))
+        registry: Registry | None = self.registry
+        while registry is not None:
+            out.extend(getattr(registry, kind))
+            registry = registry._parent
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.listener.qualname}>"
+
+
+class Registry:
+    """A group of listeners, included into a bus (or another registry) like a router.
+
+    Args:
+        listeners: listeners to subscribe now.
+        max_listeners: the most listeners one name or pattern may have in this registry.
+        on_error, on_success, on_dead: hooks for every listener in this registry.
+    """
+
+    def __init__(
+        self,
+        listeners: Iterable[Listener[..., Any]] = (),
+        *,
+        max_listeners: int | None = None,
+        on_error: ErrorHook | Iterable[ErrorHook] | None = None,
+        on_success: SuccessHook | Iterable[SuccessHook] | None = None,
+        on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
+    ) -> None:
+        self.max_listeners = max_listeners
+        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
+        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self._subs: list[Subscription] = []
+        self._children: list[Registry] = []
+        self._parent: Registry | None = None
+        self._cache: dict[str, tuple[Subscription, ...]] = {}
+        self._types: dict[str, type[Any]] = {}
+        self._lock = threading.RLock()
+        #: Whether any listener here or below is ``once`` (so emit checks for it).
+        self.has_once = False
+        for item in listeners:
+            self.add(item)
+
+    # -- building -------------------------------------------------------------------
+
+    def add(self, item: Listener[..., Any]) -> Subscription:
+        """Subscribe a listener made with ``@listener``; returns its subscription.
+
+        Raises:
+            ConfigurationError: not a listener, over ``max_listeners``, or a typed-event
+                name already bound to another class.
+        """
+        if not isinstance(item, Listener):
+            raise ConfigurationError(
+                f"{item!r} is not a listener: decorate it with @listener('event.name') "
+                "or use registry.subscribe('event.name', fn)"
+            )
+        with self._lock:
+            self._check_types(item.types, item.qualname)
+            if self.max_listeners is not None:
+                for name in item.names:
+                    count = sum(1 for s in self._subs if name in s.listener.names)
+                    if count >= self.max_listeners:
+                        raise ConfigurationError(
+                            f"{name!r} already has {count} listener(s), the registry's "
+                            f"max_listeners; cannot add {item.qualname}"
+                        )
+            sub = Subscription(item, self)
+            self._subs.append(sub)
+            self._invalidate()
+            return sub
+
+    def listener(
+        self, *names: str | type[Any], **options: Any
+    ) -> Callable[[Callable[P, R]], Listener[P, R]]:
+        """Like :func:`tidings.listener`, and subscribe the result in this registry."""
+        make = listener(*names, **options)
+
+        def decorate(fn: Callable[P, R]) -> Listener[P, R]:
+            item = make(fn)
+            self.add(item)
+            return item
+
+        return decorate
+
+    def subscribe(
+        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+    ) -> Subscription:
+        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it."""
+        item = fn if isinstance(fn, Listener) else listener(*names, **options)(fn)
+        return self.add(item)
+
+    def include(self, registry: Registry) -> None:
+        """Route this registry's events to ``registry``'s listeners too.
+
+        Raises:
+            ConfigurationError: the registry is already included somewhere, or a typed
+                event name would be bound to two classes.
+        """
+        with self._lock:
+            if registry._parent is not None or registry is self:
+                raise ConfigurationError("a registry can be included in one place only")
+            self._check_types(registry._all_types(), "an included registry")
+            registry._parent = self
+            self._children.append(registry)
+            self._invalidate()
+
+    def _check_types(self, types: dict[str, type[Any]], owner: str) -> None:
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        known = root._all_types()
+        for name, cls in types.items():
+            other = known.get(name)
+            if other is not None and other is not cls:
+                raise ConfigurationError(
+                    f"event {name!r} is bound to two classes: {other.__qualname__} and "
+                    f"{cls.__qualname__} (from {owner})"
+                )
+        self._types.update(types)
+
+    def _all_types(self) -> dict[str, type[Any]]:
+        out = dict(self._types)
+        for child in self._children:
+            out.update(child._all_types())
+        return out
+
+    def _remove(self, sub: Subscription) -> bool:
+        with self._lock:
+            try:
+                self._subs.remove(sub)
+            except ValueError:
+                return False
+            self._invalidate()
+            return True
+
+    def _invalidate(self) -> None:
+        registry: Registry | None = self
+        while registry is not None:
+            registry._cache.clear()  # cleared in place: the bus holds a reference
+            subs = registry.subscriptions()
+            registry.has_once = any(s.listener.once for s in subs)
+            for sub in subs:
+                sub.has_success_hooks = bool(sub.hooks("on_success"))
+            registry = registry._parent
+
+    # -- reading --------------------------------------------------------------------
+
+    def resolve(self, name: str) -> tuple[Subscription, ...]:
+        """The subscriptions an event called ``name`` reaches, in subscription order."""
+        found = self._cache.get(name)
+        if found is None:
+            with self._lock:
+                found = tuple(self._walk(name))
+                self._cache[name] = found
+        return found
+
+    def _walk(self, name: str) -> Iterable[Subscription]:
+        for sub in self._subs:
+            if any(matches(p, name) for p in sub.listener.names):
+                yield sub
+        for child in self._children:
+            yield from child._walk(name)
+
+    def subscriptions(self) -> list[Subscription]:
+        """Every subscription in this registry and those it includes."""
+        out = list(self._subs)
+        for child in self._children:
+            out.extend(child.subscriptions())
+        return out
+
+    def event_class(self, name: str) -> type[Any] | None:
+        """The typed-event class bound to ``name`` here, if any."""
+        return self._all_types().get(name)
+
+    def __len__(self) -> int:
+        return len(self.subscriptions())
