@@ -38,6 +38,8 @@ R = TypeVar("R")
 _copy_context = contextvars.copy_context
 _get_ident = threading.get_ident
 _RESERVED = RESERVED_KEYWORDS
+# An error naming undelivered events names at most this many.
+_MAX_IDS_LOGGED = 100
 
 
 class Bus:
@@ -191,12 +193,17 @@ class Bus:
         self._closed = True
         self._hot = False
         if undelivered:
+            shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
+            more = len(undelivered) - _MAX_IDS_LOGGED
             logger.error(
-                "bus closed with %d undelivered event(s) after %.3gs: %s",
+                "bus closed with %d undelivered event(s) after %.3gs: %s%s",
                 len(undelivered),
                 limit,
-                ", ".join(undelivered),
+                shown,
+                f" and {more} more (all ids at debug level)" if more > 0 else "",
             )
+            if more > 0:
+                logger.debug("undelivered event ids: %s", ", ".join(undelivered))
         if self._runner is not None:
             try:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)

@@ -199,9 +199,13 @@ class MemoryBackend(Backend):
         gate = self._gates.get(sub)
         if gate is None:
             gate = self._gates[sub] = _Gate(sub.listener.concurrency or 1)
-        if gate.running >= gate.limit:
+        if gate.running < gate.limit and not gate.backlog:
+            self._start_gated(gate, event, sub, ctx)
+        else:
+            # Behind earlier deliveries of the same listener: keeps its order.
             gate.backlog.append((event, (sub,), ctx))
-            return
+
+    def _start_gated(self, gate: _Gate, event: Event, sub: Subscription, ctx: Context) -> None:
         self._pending -= 1
         fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
         if fut is not None:
@@ -209,15 +213,25 @@ class MemoryBackend(Backend):
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
 
+    def _pump(self, gate: _Gate) -> None:
+        """Start a gate's backlogged deliveries while it has room (bounded per call)."""
+        budget = _BATCH
+        while gate.backlog and gate.running < gate.limit and budget:
+            budget -= 1
+            event, subs, ctx = gate.backlog.popleft()
+            self._start_gated(gate, event, subs[0], ctx)
+        if gate.backlog and gate.running < gate.limit:
+            self._loop.call_soon(self._pump, gate)  # type: ignore[union-attr]
+        elif not gate.backlog:
+            self._wake()
+
     def _done(self, fut: asyncio.Future[Any]) -> None:
         _, sub = self._running.pop(fut)
         gate = self._gates.get(sub)
         if gate is not None:
             gate.running -= 1
             if gate.backlog:
-                # Backlogged deliveries go ahead of the queue to keep per-listener order.
-                # (Still counted in _pending since it was first queued.)
-                self._queue.appendleft(gate.backlog.popleft())
+                self._pump(gate)
         if self._queue:
             self._schedule()
         self._wake()

@@ -1,0 +1,474 @@
+"""The bus: lifecycle, emit and publish, threads, strict mode, options."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tidings import (
+    Bus,
+    ConfigurationError,
+    Event,
+    NoListenersError,
+    NotStartedError,
+    PayloadError,
+    QueueFull,
+    Registry,
+    listener,
+)
+from tidings.backends.memory import MemoryBackend
+
+from .conftest import Counter
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+async def test_async_with_returns_the_started_bus_and_drains_on_exit() -> None:
+    seen: list[str] = []
+
+    @listener("user.created")
+    async def welcome(email: str) -> None:
+        await asyncio.sleep(0)
+        seen.append(email)
+
+    bus = Bus(listeners=[welcome])
+    assert not bus.started
+    async with bus as entered:
+        assert entered is bus
+        assert bus.started
+        for i in range(100):
+            bus.emit("user.created", email=f"u{i}@example.com")
+    assert not bus.started
+    assert seen == [f"u{i}@example.com" for i in range(100)]
+
+
+async def test_emit_returns_none_and_does_not_run_listeners_synchronously() -> None:
+    seen: list[int] = []
+
+    @listener("tick")
+    async def on_tick(n: int) -> None:
+        seen.append(n)
+
+    async with Bus(listeners=[on_tick]) as bus:
+        assert bus.emit("tick", n=1) is None  # type: ignore[func-returns-value]
+        assert seen == []
+        await bus.drain()
+        assert seen == [1]
+
+
+async def test_emit_before_start_says_how_to_start() -> None:
+    bus = Bus()
+    with pytest.raises(NotStartedError, match="async with bus") as info:
+        bus.emit("user.created", email="a@example.com")
+    assert isinstance(info.value, RuntimeError)
+    assert "'user.created'" in str(info.value)
+
+
+async def test_emit_after_close_says_the_bus_is_closed() -> None:
+    bus = Bus()
+    async with bus:
+        pass
+    with pytest.raises(NotStartedError, match="closed"):
+        bus.emit("x")
+    with pytest.raises(NotStartedError, match="closed"):
+        await bus.start()
+
+
+async def test_start_twice_is_harmless_and_aclose_before_start_too() -> None:
+    bus = Bus()
+    await bus.start()
+    await bus.start()
+    await bus.aclose()
+    await Bus().aclose()
+
+
+async def test_unknown_name_is_ignored_with_a_debug_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="tidings")
+    async with Bus() as bus:
+        bus.emit("nobody.listens", x=1)
+    assert "no listener for event 'nobody.listens'" in caplog.text
+
+
+async def test_strict_bus_raises_for_unknown_names() -> None:
+    async with Bus(strict=True) as bus:
+        with pytest.raises(NoListenersError, match=r"'nobody\.listens'") as info:
+            bus.emit("nobody.listens")
+        assert isinstance(info.value, LookupError)
+        with pytest.raises(NoListenersError):
+            await bus.publish("nobody.listens")
+
+
+async def test_publish_waits_for_the_backend_and_delivers() -> None:
+    counter = Counter()
+
+    @listener("job")
+    async def job(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[job]) as bus:
+        for n in range(10):
+            await bus.publish("job", n=n)
+        await bus.drain()
+    assert counter.calls == list(range(10))
+
+
+async def test_emit_from_threads_delivers_everything_in_the_emitters_context() -> None:
+    counter = Counter()
+
+    @listener("from.thread")
+    async def on_event(thread: int, n: int) -> None:
+        counter.add((thread, n, request_id.get()))
+
+    async with Bus(listeners=[on_event]) as bus:
+
+        def work(thread: int) -> None:
+            request_id.set(f"req-{thread}")
+            for n in range(200):
+                bus.emit("from.thread", thread=thread, n=n)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        await counter.wait_for(800)
+        await bus.drain()
+    assert len(counter.calls) == 800
+    for thread in range(4):
+        mine = [c for c in counter.calls if isinstance(c, tuple) and c[0] == thread]
+        assert [c[1] for c in mine] == list(range(200))  # per-thread order kept
+        assert {c[2] for c in mine} == {f"req-{thread}"}
+
+
+async def test_publish_from_another_thread_with_its_own_loop() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[on_x]) as bus:
+
+        def work() -> None:
+            asyncio.run(bus.publish("x", n=7))
+
+        await asyncio.to_thread(work)
+        await counter.wait_for(1)
+    assert counter.calls == [7]
+
+
+async def test_context_variables_reach_sync_and_async_listeners() -> None:
+    seen: list[tuple[str, str]] = []
+
+    @listener("order.paid")
+    async def async_listener() -> None:
+        await asyncio.sleep(0)
+        seen.append(("async", request_id.get()))
+
+    @listener("order.paid")
+    def sync_listener() -> None:
+        seen.append(("sync", request_id.get()))
+
+    @listener("order.paid")
+    async def changes_its_copy() -> None:
+        request_id.set("changed by a listener")
+
+    async with Bus(listeners=[async_listener, sync_listener, changes_its_copy]) as bus:
+        token = request_id.set("req-42")
+        bus.emit("order.paid")
+        request_id.reset(token)
+        await bus.drain()
+        assert request_id.get() == "-"
+    assert sorted(seen) == [("async", "req-42"), ("sync", "req-42")]
+
+
+async def test_listener_context_changes_stay_inside_one_delivery() -> None:
+    seen: list[str] = []
+
+    @listener("a")
+    async def first() -> None:
+        request_id.set("first was here")
+
+    @listener("a")
+    async def second() -> None:
+        seen.append(request_id.get())
+
+    async with Bus(listeners=[first, second]) as bus:
+        request_id.set("emitter")
+        bus.emit("a")
+        await bus.drain()
+    assert seen == ["emitter"]
+
+
+async def test_aclose_drains_pending_deliveries() -> None:
+    counter = Counter()
+
+    @listener("slow")
+    async def slow(n: int) -> None:
+        await asyncio.sleep(0.001)
+        counter.add(n)
+
+    bus = Bus(listeners=[slow])
+    await bus.start()
+    for n in range(50):
+        bus.emit("slow", n=n)
+    await bus.aclose(timeout=10)
+    assert sorted(counter.calls) == list(range(50))  # type: ignore[type-var]
+
+
+async def test_aclose_timeout_cancels_and_logs_undelivered_ids(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = asyncio.Event()
+    cancelled = Counter()
+
+    @listener("stuck")
+    async def stuck(event: Event) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.add(event.id)
+            raise
+
+    bus = Bus(listeners=[stuck])
+    await bus.start()
+    ids: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        from tidings.testing import capture
+
+        with capture(bus) as captured:
+            bus.emit("stuck")
+            bus.emit("stuck")
+        ids = [e.id for e in captured.events]
+        await started.wait()
+        await bus.aclose(timeout=0.05)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "2 undelivered" in errors[0].getMessage()
+    for event_id in ids:
+        assert event_id in errors[0].getMessage()
+    assert sorted(cancelled.calls) == sorted(ids)  # type: ignore[type-var]
+
+
+async def test_aclose_accepts_a_timedelta() -> None:
+    bus = Bus(shutdown_timeout=timedelta(seconds=1))
+    await bus.start()
+    await bus.aclose(timeout=timedelta(seconds=1))
+    assert not bus.started
+
+
+async def test_delay_runs_later_and_at_runs_at_a_time() -> None:
+    counter = Counter()
+
+    @listener("later")
+    async def later(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[later]) as bus:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        bus.emit("later", n=1, delay=0.05)
+        bus.emit("later", n=2, at=datetime.now(UTC) + timedelta(milliseconds=20))
+        await bus.publish("later", n=3, delay=timedelta(milliseconds=10))
+        await bus.drain()
+        assert counter.calls == []  # drain does not wait for events that are not due
+        await counter.wait_for(3)
+        assert loop.time() - t0 >= 0.04
+    assert counter.calls == [3, 2, 1]
+
+
+async def test_options_are_never_payload() -> None:
+    seen: list[Event] = []
+
+    @listener("x")
+    async def on_x(event: Event) -> None:
+        seen.append(event)
+
+    async with Bus(listeners=[on_x]) as bus:
+        bus.emit("x", 1, a=2, headers={"trace": "t1"}, key="k")
+        await bus.publish("x", b=3, headers={"trace": "t2"})
+        await bus.drain()
+    assert [(e.args, e.kwargs, dict(e.headers)) for e in seen] == [
+        ((1,), {"a": 2}, {"trace": "t1"}),
+        ((), {"b": 3}, {"trace": "t2"}),
+    ]
+
+
+async def test_bad_delay_is_a_clear_error() -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(listeners=[on_x]) as bus:
+        with pytest.raises((ConfigurationError, TypeError, ValueError), match="delay"):
+            bus.emit("x", delay="soon")
+
+
+async def test_emit_raises_queue_full_when_the_queue_is_full() -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(listeners=[on_x], max_pending=3) as bus:
+        for _ in range(3):
+            bus.emit("x")
+        with pytest.raises(QueueFull, match="max_pending=3"):
+            bus.emit("x")
+        await bus.drain()
+        bus.emit("x")  # room again
+
+
+async def test_emit_from_a_thread_raises_queue_full_too() -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(listeners=[on_x], max_pending=2) as bus:
+        bus.emit("x")
+        bus.emit("x")
+        with pytest.raises(QueueFull):
+            await asyncio.to_thread(bus.emit, "x")
+
+
+async def test_publish_waits_for_room_instead_of_raising() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[on_x], max_pending=2) as bus:
+        for n in range(20):
+            await bus.publish("x", n=n)
+        await bus.drain()
+    assert counter.calls == list(range(20))
+
+
+async def test_disable_makes_emit_a_logged_no_op(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TIDINGS_DISABLE", "1")
+    caplog.set_level(logging.DEBUG, logger="tidings")
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(listeners=[on_x])
+    bus.emit("x")  # not even started: still a no-op
+    async with bus:
+        bus.emit("x")
+        await bus.publish("x")
+    assert counter.calls == []
+    assert "TIDINGS_DISABLE" in caplog.text
+
+
+async def test_check_serializable_rejects_at_emit_before_anything_is_queued() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(value: object) -> None:
+        counter.add(value)
+
+    async with Bus(listeners=[on_x], check_serializable=True) as bus:
+        with pytest.raises(PayloadError, match="value"):
+            bus.emit("x", value=object())
+        with pytest.raises(PayloadError):
+            await bus.publish("x", value={"nested": [1, 1j]})
+        bus.emit("x", value=[1, "two", {"three": 3.0}])
+    assert counter.calls == [[1, "two", {"three": 3.0}]]
+
+
+async def test_bus_level_listener_and_subscribe() -> None:
+    bus = Bus()
+    counter = Counter()
+
+    @bus.listener("a")
+    async def on_a() -> None:
+        counter.add("a")
+
+    handle = bus.subscribe("b", fn=lambda: counter.add("b"))
+    async with bus:
+        bus.emit("a")
+        bus.emit("b")
+        await bus.drain()
+        handle.unsubscribe()
+        bus.emit("b")
+        await bus.drain()
+    assert sorted(counter.calls) == ["a", "b"]  # type: ignore[type-var]
+    assert [lst.qualname.rsplit(".", 1)[-1] for lst in bus.listeners()] == ["on_a"]
+
+
+async def test_include_a_registry_like_a_router() -> None:
+    users = Registry()
+    counter = Counter()
+
+    @users.listener("user.created")
+    async def welcome(email: str) -> None:
+        counter.add(email)
+
+    bus = Bus()
+    bus.include(users)
+
+    @users.listener("user.created")  # added after include: seen by the bus too
+    async def audit(email: str) -> None:
+        counter.add("audit " + email)
+
+    async with bus:
+        bus.emit("user.created", email="a@example.com")
+    assert sorted(counter.calls) == ["a@example.com", "audit a@example.com"]  # type: ignore[type-var]
+
+
+async def test_stats_and_repr() -> None:
+    @listener("x")
+    async def ok() -> None:
+        pass
+
+    @listener("x")
+    async def bad() -> None:
+        raise RuntimeError("no")
+
+    bus = Bus(listeners=[ok, bad])
+    assert "not started" in repr(bus)
+    async with bus:
+        bus.emit("x")
+        bus.emit("x")
+        await bus.drain()
+        stats = bus.stats()
+        assert "started" in repr(bus)
+    assert stats["listeners"][ok.qualname] == {"delivered": 2, "failed": 0}
+    assert stats["listeners"][bad.qualname] == {"delivered": 0, "failed": 2}
+    assert "backend" in stats
+
+
+def test_backend_argument_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="backend"):
+        Bus(backend=42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="nope://"):
+        Bus(backend="nope://x")
+    assert isinstance(Bus("memory://").backend, MemoryBackend)
+    backend = MemoryBackend(max_pending=5)
+    assert Bus(backend).backend is backend
+
+
+async def test_aclose_error_names_at_most_a_hundred_ids(caplog: pytest.LogCaptureFixture) -> None:
+    @listener("later")
+    async def later() -> None:
+        pass
+
+    bus = Bus(listeners=[later])
+    await bus.start()
+    for _ in range(150):
+        bus.emit("later", delay=60)
+    with caplog.at_level(logging.DEBUG, logger="tidings"):
+        await bus.aclose(timeout=0.01)
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "150 undelivered" in error.getMessage()
+    assert "and 50 more" in error.getMessage()

@@ -1,0 +1,375 @@
+"""Deliveries: isolation of failures, retries, timeouts, hooks and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tidings import (
+    BindingError,
+    Bus,
+    ConfigurationError,
+    Event,
+    Listener,
+    Registry,
+    Retry,
+    listener,
+)
+
+from .conftest import Counter
+
+FAST = Retry(attempts=3, backoff=0.001, jitter=0)
+
+
+async def test_raising_sync_and_async_listeners_never_disturb_a_healthy_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    healthy = Counter()
+
+    @listener("user.created")
+    async def broken_async(email: str) -> None:
+        raise RuntimeError(f"smtp down for {email}")
+
+    @listener("user.created")
+    def broken_sync(email: str) -> None:
+        raise ValueError("audit table missing")
+
+    @listener("user.created")
+    async def healthy_listener(email: str) -> None:
+        await asyncio.sleep(0)
+        healthy.add(email)
+
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        async with Bus(listeners=[broken_async, broken_sync, healthy_listener]) as bus:
+            for i in range(20):
+                bus.emit("user.created", email=f"u{i}@example.com")
+            await bus.drain()
+            dead = bus.dead_letters()
+    assert len(healthy.calls) == 20
+    assert len(dead) == 40
+    assert {d.listener for d in dead} == {broken_async.qualname, broken_sync.qualname}
+    assert any("RuntimeError: smtp down" in d.error for d in dead)
+    assert any("ValueError: audit table missing" in d.error for d in dead)
+    assert "Traceback" in dead[0].traceback
+
+
+async def test_a_failure_is_logged_with_id_name_listener_attempt_and_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("order.paid")
+    async def charge(order_id: int) -> None:
+        raise RuntimeError("card declined")
+
+    with caplog.at_level(logging.WARNING, logger="tidings"):
+        async with Bus(listeners=[charge]) as bus:
+            from tidings.testing import capture
+
+            with capture(bus) as captured:
+                bus.emit("order.paid", order_id=7)
+            await bus.drain()
+    (record,) = [r for r in caplog.records if r.name.startswith("tidings")]
+    message = record.getMessage()
+    assert captured.events[0].id in message
+    assert "order.paid" in message
+    assert charge.qualname in message
+    assert "attempt 1/1" in message
+    assert record.exc_info is not None
+    assert "card declined" in caplog.text
+
+
+async def test_retry_counts_attempts_then_dead_letters() -> None:
+    attempts: list[int] = []
+
+    @listener("x", retry=FAST)
+    async def always_fails(event: Event) -> None:
+        attempts.append(event.attempt)
+        raise ConnectionError("down")
+
+    async with Bus(listeners=[always_fails]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        (dead,) = bus.dead_letters()
+    assert attempts == [1, 2, 3]
+    assert dead.attempts == 3
+    assert dead.event.name == "x"
+    assert dead.listener == always_fails.qualname
+
+
+async def test_retry_keeps_the_event_id_and_succeeds_on_a_later_attempt() -> None:
+    ids: list[tuple[str, int]] = []
+
+    @listener("x", retry=FAST)
+    def flaky(event: Event) -> None:  # sync: retried the same way
+        ids.append((event.id, event.attempt))
+        if event.attempt < 2:
+            raise ConnectionError("hiccup")
+
+    async with Bus(listeners=[flaky]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        assert bus.dead_letters() == []
+        assert bus.stats()["listeners"][flaky.qualname] == {"delivered": 1, "failed": 1}
+    assert [a for _, a in ids] == [1, 2]
+    assert ids[0][0] == ids[1][0]
+
+
+async def test_retry_on_only_retries_the_listed_exceptions() -> None:
+    attempts: list[int] = []
+
+    @listener("x", retry=Retry(attempts=5, backoff=0, on=(ConnectionError,)))
+    async def picky(event: Event) -> None:
+        attempts.append(event.attempt)
+        raise ValueError("not worth retrying")
+
+    async with Bus(listeners=[picky]) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert attempts == [1]
+
+
+async def test_bus_default_retry_and_listener_override() -> None:
+    seen: dict[str, list[int]] = {"default": [], "own": []}
+
+    @listener("x")
+    async def uses_default(event: Event) -> None:
+        seen["default"].append(event.attempt)
+        raise RuntimeError
+
+    @listener("x", retry=1)
+    async def never_retries(event: Event) -> None:
+        seen["own"].append(event.attempt)
+        raise RuntimeError
+
+    async with Bus(listeners=[uses_default, never_retries], retry=FAST) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert seen == {"default": [1, 2, 3], "own": [1]}
+
+
+async def test_no_retry_by_default() -> None:
+    attempts: list[int] = []
+
+    @listener("x")
+    async def fails(event: Event) -> None:
+        attempts.append(event.attempt)
+        raise RuntimeError
+
+    async with Bus(listeners=[fails]) as bus:
+        bus.emit("x")
+    assert attempts == [1]
+
+
+def test_retry_backoff_grows_and_is_capped() -> None:
+    retry = Retry(attempts=10, backoff=timedelta(seconds=1), factor=2, max_backoff=5, jitter=0)
+    assert [retry.delay_for(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    jittered = Retry(backoff=1, jitter=0.5)
+    for _ in range(100):
+        assert 0.5 <= jittered.delay_for(1) <= 1.5
+
+
+def test_retry_rejects_nonsense() -> None:
+    with pytest.raises(ConfigurationError, match="attempts"):
+        Retry(attempts=0)
+    with pytest.raises(ConfigurationError, match="jitter"):
+        Retry(jitter=2)
+
+
+async def test_timeout_fails_the_attempt_and_counts_towards_retries() -> None:
+    attempts: list[int] = []
+
+    @listener("x", timeout=0.01, retry=Retry(attempts=2, backoff=0, jitter=0))
+    async def hangs(event: Event) -> None:
+        attempts.append(event.attempt)
+        await asyncio.Event().wait()
+
+    async with Bus(listeners=[hangs]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        (dead,) = bus.dead_letters()
+    assert attempts == [1, 2]
+    assert "TimeoutError" in dead.error
+    assert "timed out after 0.01s" in dead.error
+
+
+async def test_bus_default_timeout_applies_to_sync_listeners_too() -> None:
+    release = threading.Event()
+
+    @listener("x")
+    def blocks() -> None:
+        release.wait(5)
+
+    async with Bus(listeners=[blocks], timeout=0.01) as bus:
+        bus.emit("x")
+        await bus.drain()
+        dead = bus.dead_letters()
+        release.set()
+    assert len(dead) == 1
+    assert "timed out" in dead[0].error
+
+
+async def test_hooks_at_bus_registry_and_listener_level() -> None:
+    calls: list[str] = []
+
+    def record(level: str, kind: str) -> Any:
+        def hook(event: Event, lst: Listener[..., Any], *exc: BaseException) -> None:
+            calls.append(f"{level}.{kind}:{lst.qualname.rsplit('.', 1)[-1]}:{event.attempt}")
+
+        return hook
+
+    async def async_hook(event: Event, lst: Listener[..., Any]) -> None:
+        await asyncio.sleep(0)
+        calls.append("bus.async_success")
+
+    registry = Registry(
+        on_error=record("registry", "error"),
+        on_success=record("registry", "success"),
+        on_dead=record("registry", "dead"),
+    )
+
+    @registry.listener(
+        "x",
+        retry=Retry(attempts=2, backoff=0, jitter=0),
+        on_error=record("listener", "error"),
+        on_dead=record("listener", "dead"),
+    )
+    async def fails() -> None:
+        raise RuntimeError
+
+    @registry.listener("x", on_success=record("listener", "success"))
+    async def works() -> None:
+        pass
+
+    bus = Bus(
+        on_error=record("bus", "error"),
+        on_success=[record("bus", "success"), async_hook],
+        on_dead=record("bus", "dead"),
+    )
+    bus.include(registry)
+    async with bus:
+        bus.emit("x")
+        await bus.drain()
+        assert "bus.async_success" in calls  # drain waits for async hooks
+    assert [c for c in calls if ":fails:" in c] == [
+        "listener.error:fails:1",
+        "registry.error:fails:1",
+        "bus.error:fails:1",
+        "listener.error:fails:2",
+        "registry.error:fails:2",
+        "bus.error:fails:2",
+        "listener.dead:fails:2",
+        "registry.dead:fails:2",
+        "bus.dead:fails:2",
+    ]
+    assert [c for c in calls if ":works:" in c] == [
+        "listener.success:works:1",
+        "registry.success:works:1",
+        "bus.success:works:1",
+    ]
+
+
+async def test_a_raising_hook_is_logged_and_harmless(caplog: pytest.LogCaptureFixture) -> None:
+    counter = Counter()
+
+    def bad_hook(event: Event, lst: Listener[..., Any]) -> None:
+        raise RuntimeError("hook bug")
+
+    @listener("x", on_success=bad_hook)
+    async def works() -> None:
+        counter.add()
+
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        async with Bus(listeners=[works]) as bus:
+            bus.emit("x")
+            bus.emit("x")
+    assert len(counter.calls) == 2
+    assert "hook bug" in caplog.text
+
+
+async def test_binding_errors_are_failures_never_retried_and_never_a_bare_type_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = Counter()
+
+    @listener("user.created", retry=FAST)
+    async def needs_phone(phone: str) -> None:
+        attempts.add()
+
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        async with Bus(listeners=[needs_phone]) as bus:
+            bus.emit("user.created", email="a@example.com")
+            await bus.drain()
+            (dead,) = bus.dead_letters()
+    assert attempts.calls == []
+    assert dead.attempts == 1
+    assert dead.error.startswith("BindingError")
+    for part in (needs_phone.qualname, "user.created", "phone"):
+        assert part in dead.error
+
+
+async def test_strict_bus_raises_binding_errors_at_emit() -> None:
+    @listener("user.created")
+    async def needs_phone(phone: str) -> None:
+        pass
+
+    async with Bus(listeners=[needs_phone], strict=True) as bus:
+        with pytest.raises(BindingError, match="phone") as info:
+            bus.emit("user.created", email="a@example.com")
+        assert isinstance(info.value, TypeError)
+        bus.emit("user.created", phone="+1")
+
+
+async def test_sync_listeners_run_in_threads_unless_inline() -> None:
+    threads: dict[str, int] = {}
+
+    @listener("x")
+    def in_pool() -> None:
+        threads["pool"] = threading.get_ident()
+
+    @listener("x", inline=True)
+    def on_loop() -> None:
+        threads["inline"] = threading.get_ident()
+
+    async with Bus(listeners=[in_pool, on_loop], sync_workers=2) as bus:
+        bus.emit("x")
+    assert threads["inline"] == threading.get_ident()
+    assert threads["pool"] != threading.get_ident()
+
+
+async def test_async_callable_objects_are_listeners() -> None:
+    class Mailer:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        async def __call__(self, email: str) -> None:
+            await asyncio.sleep(0)
+            self.sent.append(email)
+
+    mailer = Mailer()
+    async with Bus(listeners=[listener("user.created")(mailer)]) as bus:
+        bus.emit("user.created", email="a@example.com", name="Ada")
+    assert mailer.sent == ["a@example.com"]
+
+
+async def test_many_failures_at_once_keep_the_bus_healthy() -> None:
+    ok = Counter()
+
+    @listener("x")
+    async def sometimes(n: int) -> None:
+        if n % 2:
+            await asyncio.sleep(0)
+            raise RuntimeError(n)
+        ok.add(n)
+
+    async with Bus(listeners=[sometimes]) as bus:
+        for n in range(1000):
+            bus.emit("x", n=n)
+        await bus.drain()
+        assert len(bus.dead_letters()) == 500
+        bus.emit("x", n=2000)
+        await bus.drain()
+    assert len(ok.calls) == 501

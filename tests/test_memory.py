@@ -1,0 +1,185 @@
+"""The in-process backend: ordering, concurrency limits, eager starts, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import pytest
+
+from tidings import Bus, Event, listener
+from tidings.backends.memory import MemoryBackend
+
+from .conftest import Counter
+
+
+async def test_concurrency_one_keeps_a_listeners_deliveries_in_emit_order() -> None:
+    seen: list[int] = []
+    running = 0
+    most = 0
+
+    @listener("x", concurrency=1)
+    async def ordered(n: int) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        for _ in range(n % 3):
+            await asyncio.sleep(0)
+        seen.append(n)
+        running -= 1
+
+    @listener("x")
+    async def free(n: int) -> None:
+        await asyncio.sleep(0)
+
+    async with Bus(listeners=[ordered, free]) as bus:
+        for n in range(300):
+            bus.emit("x", n=n)
+    assert seen == list(range(300))
+    assert most == 1
+
+
+async def test_listener_concurrency_limit_is_respected() -> None:
+    running = 0
+    most = 0
+    done = Counter()
+
+    @listener("x", concurrency=3)
+    async def limited() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+        done.add()
+
+    async with Bus(listeners=[limited]) as bus:
+        for _ in range(30):
+            bus.emit("x")
+    assert most == 3
+    assert len(done.calls) == 30
+
+
+async def test_global_concurrency_limit_bounds_suspended_deliveries() -> None:
+    running = 0
+    most = 0
+
+    @listener("x")
+    async def waits() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+
+    async with Bus(listeners=[waits], concurrency=5) as bus:
+        for _ in range(100):
+            bus.emit("x")
+        await bus.drain()
+        assert bus.stats()["backend"]["pending"] == 0
+    assert most == 5
+
+
+async def test_listeners_that_do_not_suspend_cost_no_task() -> None:
+    loop = asyncio.get_running_loop()
+    tasks = 0
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        **kwargs: Any,
+    ) -> asyncio.Future[Any]:
+        nonlocal tasks
+        tasks += 1
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    done = Counter()
+
+    @listener("fast")
+    async def fast(n: int) -> None:
+        done.add(n)
+
+    @listener("fast")
+    async def with_envelope(event: Event, n: int) -> None:
+        done.add(n)
+
+    @listener("slow")
+    async def slow(n: int) -> None:
+        await asyncio.sleep(0)
+        done.add(n)
+
+    async with Bus(listeners=[fast, with_envelope, slow]) as bus:
+        loop.set_task_factory(counting_factory)
+        try:
+            for n in range(1000):
+                bus.emit("fast", n=n)
+            await bus.drain()
+            assert tasks == 0
+            assert len(done.calls) == 2000
+            for n in range(10):
+                bus.emit("slow", n=n)
+            await bus.drain()
+            assert tasks == 10
+        finally:
+            loop.set_task_factory(default_factory)
+
+
+async def test_dead_letters_keep_the_most_recent() -> None:
+    @listener("x")
+    async def fails(n: int) -> None:
+        raise RuntimeError(n)
+
+    async with Bus(MemoryBackend(max_dead_letters=5), listeners=[fails]) as bus:
+        for n in range(20):
+            bus.emit("x", n=n)
+        await bus.drain()
+        dead = bus.dead_letters()
+        assert bus.stats()["backend"]["dead"] == 5
+    assert [d.event.kwargs["n"] for d in dead] == [15, 16, 17, 18, 19]
+
+
+async def test_aclose_reports_delayed_and_retrying_events_as_undelivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tidings import Retry
+
+    @listener("x", retry=Retry(attempts=2, backoff=60))
+    async def fails() -> None:
+        raise RuntimeError
+
+    @listener("later")
+    async def later() -> None:
+        pass
+
+    bus = Bus(listeners=[fails, later])
+    await bus.start()
+    bus.emit("later", delay=60)
+    bus.emit("x")
+    await asyncio.sleep(0)  # let the first attempt fail
+    assert bus.stats()["backend"]["retrying"] == 1
+    assert bus.stats()["backend"]["scheduled"] == 1
+    await bus.aclose(timeout=0.01)
+    assert "2 undelivered" in caplog.text
+
+
+async def test_publish_from_many_tasks_with_a_tiny_queue_loses_nothing() -> None:
+    done = Counter()
+
+    @listener("x")
+    async def slow(n: int) -> None:
+        await asyncio.sleep(0)
+        done.add(n)
+
+    async with Bus(listeners=[slow], max_pending=4) as bus:
+
+        async def producer(base: int) -> None:
+            for n in range(50):
+                await bus.publish("x", n=base + n)
+
+        await asyncio.gather(*(producer(b * 1000) for b in range(5)))
+        await bus.drain()
+    assert len(done.calls) == 250
