@@ -24,6 +24,9 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 # Sources a recipe draws each argument from.
 _ARG, _KW, _ENVELOPE, _OBJ, _FIELD = range(5)
 
+# Annotations a JSON value already satisfies.
+_PLAIN: tuple[Any, ...] = (inspect.Parameter.empty, Any, object, str, int, float, bool, None)
+
 _Source = tuple[int, Any]
 _Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, bool]
 
@@ -57,6 +60,7 @@ class CallPlan:
         "_var_kwargs",
         "fn",
         "qualname",
+        "revivable",
         "simple_names",
         "typed_classes",
     )
@@ -81,6 +85,13 @@ class CallPlan:
                     typed.append(ann)
         self._params = tuple(params)
         self.typed_classes = tuple(typed)
+        #: Parameters whose JSON form may need converting back to their annotated type
+        #: when the event comes from a durable backend (datetime, UUID, dataclasses...).
+        self.revivable: tuple[tuple[str, Any], ...] = tuple(
+            (name, ann)
+            for name, _, ann, _ in params
+            if ann not in _PLAIN and not isinstance(ann, str) and not _is_envelope(ann)
+        )
         self._cache: dict[tuple[Any, ...], _Recipe] = {}
         # The common case: keyword-only payload whose names are exactly the parameters.
         simple = all(

@@ -9,13 +9,15 @@ import contextvars
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from tidings.backends.base import Backend, DeadLetter, backend_from_url
+from tidings.backends.durable import DurableBackend, ListenerStats
+from tidings.backends.memory import MemoryBackend
 from tidings.codec import check_serializable
 from tidings.delivery import Retry, Runner
 from tidings.errors import (
@@ -61,6 +63,9 @@ class Bus:
             backend could not store (always on for durable backends).
         shutdown_timeout: seconds ``aclose()`` drains before giving up.
         sync_workers: threads for sync listeners (default: the executor's default).
+        consume: with a durable backend, also run the listeners in this process (the
+            default); ``False`` makes a producer-only bus, and ``tidings worker`` runs
+            them elsewhere.
     """
 
     def __init__(
@@ -79,13 +84,19 @@ class Bus:
         check_serializable: bool = False,
         shutdown_timeout: float | timedelta = 30.0,
         sync_workers: int | None = None,
+        consume: bool = True,
     ) -> None:
         if backend is None or isinstance(backend, str):
-            backend = backend_from_url(
-                backend or "memory://", max_pending=max_pending, concurrency=concurrency
-            )
+            options: dict[str, Any] = {"max_pending": max_pending}
+            if backend and not backend.startswith("memory"):
+                options["consume"] = consume
+            else:
+                options["concurrency"] = concurrency
+            backend = backend_from_url(backend or "memory://", **options)
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
+        elif not consume and hasattr(backend, "consume"):
+            backend.consume = False
         self.backend = backend
         self.registry = Registry(listeners)
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
@@ -160,6 +171,7 @@ class Bus:
             on_error=self.on_error,
             on_success=self.on_success,
             on_dead=self.on_dead,
+            registry=self.registry,
         )
         await self.backend.start(self._runner)
         self._thread = _get_ident()
@@ -348,7 +360,8 @@ class Bus:
             subs = registry.resolve(event.name)
         if registry.has_once:
             subs = self._take_once(subs)
-        if not subs and self.strict:
+        durable = self.backend.durable
+        if not subs and self.strict and not durable:
             raise NoListenersError(f"no listener subscribes to event {event.name!r}")
         if self.check_serializable:
             check_serializable(event)
@@ -357,7 +370,7 @@ class Bus:
                 sub.listener.plan.check(event)
         for hook in self._emit_hooks:
             hook(event)
-        if not subs:
+        if not subs and not durable:
             logger.debug("no listener for event %r; ignored", event.name)
             return None
         return subs, _copy_context()
@@ -430,6 +443,66 @@ class Bus:
     def dead_letters(self) -> list[DeadLetter]:
         """Recent dead letters (deliveries that failed their last attempt), oldest first."""
         return self.backend.dead_letters()
+
+    async def list_dead_letters(
+        self, *, listener: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first: of one listener (qualified name) or of all."""
+        backend = self.backend
+        if isinstance(backend, DurableBackend):
+            return await backend.list_dead(listener, limit)
+        dead = [d for d in backend.dead_letters() if listener is None or d.listener == listener]
+        return dead[:limit]
+
+    async def replay_dead_letters(
+        self, *, ids: Sequence[str] | None = None, listener: str | None = None
+    ) -> int:
+        """Deliver dead letters again with fresh attempts (by event id, listener, or all).
+
+        Returns how many deliveries were replayed.
+        """
+        backend = self.backend
+        if isinstance(backend, DurableBackend):
+            return await backend.replay_dead(ids, listener)
+        if not isinstance(backend, MemoryBackend):
+            raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
+        subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
+        count = 0
+        for letter in backend.take_dead(ids, listener):
+            sub = subs.get(letter.listener)
+            if sub is None:
+                logger.warning(
+                    "dead letter of event %s for %s not replayed: no such listener here",
+                    letter.event.id,
+                    letter.listener,
+                )
+                continue
+            backend.put(letter.event.for_attempt(1), (sub,), _copy_context())
+            count += 1
+        return count
+
+    async def purge_dead_letters(
+        self, *, ids: Sequence[str] | None = None, listener: str | None = None
+    ) -> int:
+        """Forget dead letters (by event id, listener, or all); how many."""
+        backend = self.backend
+        if isinstance(backend, DurableBackend):
+            return await backend.purge_dead(ids, listener)
+        if not isinstance(backend, MemoryBackend):
+            raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
+        return len(backend.take_dead(ids, listener))
+
+    async def listener_stats(self) -> dict[str, ListenerStats]:
+        """What waits per listener: in the store for a durable backend, else here."""
+        backend = self.backend
+        if isinstance(backend, DurableBackend):
+            return await backend.listener_stats()
+        out: dict[str, ListenerStats] = {}
+        for sub in self.registry.subscriptions():
+            out[sub.listener.qualname] = ListenerStats(
+                dead=sum(1 for d in backend.dead_letters() if d.listener == sub.listener.qualname)
+            )
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""

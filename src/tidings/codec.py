@@ -12,7 +12,7 @@ import msgspec
 from tidings.errors import PayloadError
 from tidings.events import Event
 
-__all__ = ["check_serializable", "encode_payload"]
+__all__ = ["check_serializable", "decode_payload", "encode_payload", "revive_object"]
 
 
 def _enc_hook(value: Any) -> Any:
@@ -41,6 +41,45 @@ def encode_payload(event: Event) -> bytes:
             f"serialized ({exc}); use JSON types, datetime, date, UUID, Decimal, enums, "
             "dataclasses, msgspec Structs or pydantic models"
         ) from exc
+
+
+_decoder = msgspec.json.Decoder()
+
+
+def decode_payload(data: bytes) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """``(args, kwargs, obj)`` from :func:`encode_payload`'s bytes, as JSON types.
+
+    Raises:
+        PayloadError: the bytes are not a payload this codec wrote.
+    """
+    try:
+        raw = _decoder.decode(data)
+        return tuple(raw["args"]), raw["kwargs"], raw["obj"]
+    except (msgspec.DecodeError, KeyError, TypeError) as exc:
+        raise PayloadError(f"a stored payload cannot be decoded: {exc}") from exc
+
+
+def revive_object(data: Any, cls: type[Any]) -> Any:
+    """Rebuild a typed event's object of class ``cls`` from its JSON form.
+
+    Raises:
+        PayloadError: the data does not fit the class.
+    """
+    try:
+        validate = getattr(cls, "model_validate", None)  # pydantic
+        if callable(validate):
+            return validate(data)
+        return msgspec.convert(data, cls, strict=False)
+    except Exception as exc:
+        raise PayloadError(f"stored {cls.__qualname__} event cannot be rebuilt: {exc}") from exc
+
+
+def revive_value(value: Any, annotation: Any) -> Any:
+    """Convert one JSON value to the type a listener parameter is annotated with."""
+    try:
+        return msgspec.convert(value, annotation, strict=False)
+    except Exception as exc:
+        raise PayloadError(f"{value!r} cannot be read as {annotation!r}: {exc}") from exc
 
 
 def check_serializable(event: Event) -> None:

@@ -25,7 +25,7 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings.backends.base import Backend
-    from tidings.listeners import ErrorHook, Subscription, SuccessHook
+    from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
 __all__ = ["Retry", "Runner"]
 
@@ -112,8 +112,11 @@ class Runner:
         on_error: tuple[ErrorHook, ...],
         on_success: tuple[SuccessHook, ...],
         on_dead: tuple[ErrorHook, ...],
+        registry: Registry | None = None,
     ) -> None:
         self.loop = loop
+        #: The bus's listeners (a durable backend consumes for them).
+        self.registry = registry
         self.backend = backend
         self.executor = executor
         self.retry = retry or NO_RETRY

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from contextvars import Context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from tidings.errors import ConfigurationError
 from tidings.events import Event
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = ["Backend", "DeadLetter", "backend_from_url"]
+__all__ = ["Backend", "DeadLetter", "backend_from_url", "redact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,9 @@ class Backend(ABC):
 
 
 def backend_from_url(url: str, **options: Any) -> Backend:
-    """Build the backend a URL names (``memory://``).
+    """Build the backend a URL names: ``memory://`` or ``sqlite:///path.db``.
+
+    ``options`` are the bus's settings; each backend takes those it knows.
 
     Raises:
         ConfigurationError: an unknown scheme.
@@ -114,5 +117,21 @@ def backend_from_url(url: str, **options: Any) -> Backend:
     if scheme == "memory":
         from tidings.backends.memory import MemoryBackend
 
+        options.pop("consume", None)
         return MemoryBackend(**options)
-    raise ConfigurationError(f"unknown backend URL {url!r}: expected 'memory://'")
+    if scheme == "sqlite":
+        from tidings.backends.sqlite import SQLiteBackend
+
+        return SQLiteBackend.from_url(url, **options)
+    raise ConfigurationError(
+        f"unknown backend URL {redact(url)!r}: expected 'memory://' or 'sqlite:///path.db'"
+    )
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,21 @@ class MemoryBackend(Backend):
 
     def dead_letters(self) -> list[DeadLetter]:
         return list(self._dead)
+
+    def take_dead(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
+        """Remove and return the dead letters of these event ids and/or this listener."""
+        wanted = None if ids is None else set(ids)
+        taken: list[DeadLetter] = []
+        kept: deque[DeadLetter] = deque(maxlen=self._dead.maxlen)
+        for letter in self._dead:
+            if (wanted is None or letter.event.id in wanted) and (
+                listener is None or letter.listener == listener
+            ):
+                taken.append(letter)
+            else:
+                kept.append(letter)
+        self._dead = kept
+        return taken
 
     # -- running --------------------------------------------------------------------
 
