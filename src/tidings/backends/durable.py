@@ -148,8 +148,10 @@ class DurableBackend(Backend):
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buffer: list[Stored] = []
-        self._buffer_waiters: list[asyncio.Future[None]] = []
+        self._buffer: list[tuple[Stored, asyncio.Future[None] | None]] = []
+        self._buffer_empty = asyncio.Event()
+        self._closing = False
+        self._stop = asyncio.Event()
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_wake = asyncio.Event()
         self._stored_count = 0
@@ -267,41 +269,53 @@ class DurableBackend(Backend):
                 f"(max_pending={self.max_pending}); cannot queue event {event.name!r}: "
                 "await bus.publish(...) to wait for the store"
             )
-        self._buffer.append(self._record(event, event.timestamp))
+        self._buffer.append((self._record(event, event.timestamp), None))
+        self._buffer_empty.clear()
         self._flush_wake.set()
 
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        self._buffer.append(self._record(event, event.timestamp))
+        while len(self._buffer) >= self.max_pending:
+            self._buffer_empty.clear()
+            await self._buffer_empty.wait()
         waiter = self._loop.create_future()  # type: ignore[union-attr]
-        self._buffer_waiters.append(waiter)
+        self._buffer.append((self._record(event, event.timestamp), waiter))
+        self._buffer_empty.clear()
         self._flush_wake.set()
         await waiter
 
     def put_later(
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
     ) -> None:
-        self._buffer.append(self._record(event, time.time() + delay_s))
+        self._buffer.append((self._record(event, time.time() + delay_s), None))
+        self._buffer_empty.clear()
         self._flush_wake.set()
 
     async def _flusher(self) -> None:
         delay = 0.05
-        while True:
-            await self._flush_wake.wait()
+        while not (self._closing and not self._buffer):
+            if not self._buffer:
+                self._buffer_empty.set()
+                await self._flush_wake.wait()
             self._flush_wake.clear()
             while self._buffer:
                 batch = self._buffer[: self.batch]
-                waiters = self._buffer_waiters if len(batch) == len(self._buffer) else []
                 try:
-                    await self.store(batch)
-                except asyncio.CancelledError:
-                    raise
+                    await self.store([record for record, _ in batch])
                 except Exception as exc:
                     self._outage(f"storing {len(batch)} event(s) failed", exc)
-                    if self._buffer_waiters:
-                        failed, self._buffer_waiters = self._buffer_waiters, []
-                        for w in failed:
-                            if not w.done():
-                                w.set_exception(PublishFailed(f"the event was not stored: {exc}"))
+                    # A publisher hears of it (and may retry); emitted events wait here.
+                    kept: list[tuple[Stored, asyncio.Future[None] | None]] = []
+                    for record, waiter in self._buffer:
+                        if waiter is None:
+                            kept.append((record, waiter))
+                        elif not waiter.done():
+                            waiter.set_exception(
+                                PublishFailed(f"event {record.id} was not stored: {exc}")
+                            )
+                    self._buffer = kept
+                    if self._closing:
+                        self._lost(exc)
+                        return
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
@@ -309,13 +323,22 @@ class DurableBackend(Backend):
                 self._recovered()
                 del self._buffer[: len(batch)]
                 self._stored_count += len(batch)
-                if waiters:
-                    self._buffer_waiters = []
-                    for w in waiters:
-                        if not w.done():
-                            w.set_result(None)
+                for _, waiter in batch:
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
                 for consumer in self._consumers:
                     consumer.wake.set()
+        self._buffer_empty.set()
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._buffer:
+            logger.error(
+                "%d emitted event(s) could not be stored before closing: %s (%s)",
+                len(self._buffer),
+                ", ".join(record.id for record, _ in self._buffer),
+                exc,
+            )
+            self._buffer.clear()
 
     # -- Backend: consuming --------------------------------------------------------
 
@@ -429,10 +452,12 @@ class DurableBackend(Backend):
             self._writer_wake.set()
 
     async def _writer(self) -> None:
-        while True:
+        while not (self._closing and not self._outcomes):
             if not self._outcomes:
                 self._writer_idle.set()
                 await self._writer_wake.wait()
+                if not self._outcomes:
+                    continue
             self._writer_wake.clear()
             self._writer_idle.clear()
             outcomes, self._outcomes = self._outcomes, Outcomes()
@@ -441,17 +466,24 @@ class DurableBackend(Backend):
                     await self.settle(outcomes)
                     self._recovered()
                     break
-                except asyncio.CancelledError:
-                    self._outcomes = _merge(outcomes, self._outcomes)
-                    raise
                 except Exception as exc:
                     self._outage("writing delivery outcomes failed", exc)
+                    if self._closing:
+                        logger.error(
+                            "outcomes of %d deliveries could not be written before closing; "
+                            "they will run again",
+                            len(outcomes.acks) + len(outcomes.retries) + len(outcomes.burials),
+                        )
+                        return
                     await asyncio.sleep(0.2)
             self._progress.set()
 
     async def _renewer(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+            if self._closing:
+                return
             running = list(self._inflight.values())
             if running:
                 try:
@@ -473,10 +505,9 @@ class DurableBackend(Backend):
 
     async def _flushed(self) -> None:
         while self._buffer:
-            waiter = self._loop.create_future()  # type: ignore[union-attr]
-            self._buffer_waiters.append(waiter)
+            self._buffer_empty.clear()
             self._flush_wake.set()
-            await waiter
+            await self._buffer_empty.wait()
 
     async def drain(self) -> None:
         """Store what was emitted; when consuming, also wait until this process's
@@ -509,24 +540,22 @@ class DurableBackend(Backend):
             await asyncio.sleep(self.poll_s)
 
     async def aclose(self, timeout_s: float | None) -> list[str]:
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             return []
-        deadline = None if timeout_s is None else self._loop.time() + timeout_s
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         if self.drain_on_close:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain(), timeout_s)
-        else:
-            await self._flushed_within(deadline)
-        self._stopping = True
-        for c in self._consumers:
-            c.wake.set()
-        for c in self._consumers:
-            if c.task is not None:
-                c.task.cancel()
+        # Stop claiming; a consumer in the middle of a claim hands back what it got.
+        self.stop_claiming()
         await asyncio.gather(*(c.task for c in self._consumers if c.task), return_exceptions=True)
         if self._tasks:
-            left = None if deadline is None else max(0.0, deadline - self._loop.time())
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=left)
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=left())
             for fut in pending:
                 fut.cancel()
             if pending:
@@ -537,42 +566,16 @@ class DurableBackend(Backend):
                     len(pending),
                     self.scheme,
                 )
-        for task in (self._renew_task, self._flush_task):
-            if task is not None:
-                task.cancel()
-        if self._buffer:
-            try:
-                await self.store(self._buffer)
-                self._buffer.clear()
-            except Exception as exc:
-                logger.error(
-                    "%d emitted event(s) could not be stored before closing: %s (%s)",
-                    len(self._buffer),
-                    ", ".join(r.id for r in self._buffer),
-                    exc,
-                )
-        for w in self._buffer_waiters:
-            if not w.done():
-                w.set_exception(PublishFailed("the bus closed before the event was stored"))
-        if self._writer_task is not None:
-            self._writer_task.cancel()
-            await asyncio.gather(self._writer_task, return_exceptions=True)
-        if self._outcomes:
-            try:
-                await self.settle(self._outcomes)
-            except Exception as exc:
-                logger.error("delivery outcomes could not be written before closing: %s", exc)
-        await asyncio.gather(
-            *(t for t in (self._renew_task, self._flush_task) if t), return_exceptions=True
-        )
+        # The flusher stores what is left of the buffer, the writer the outcomes.
+        self._closing = True
+        self._stop.set()
+        self._flush_wake.set()
+        self._writer_wake.set()
+        tasks = [t for t in (self._flush_task, self._writer_task, self._renew_task) if t]
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.disconnect()
         # Nothing is lost: what did not run stays stored for the next consumer.
         return []
-
-    async def _flushed_within(self, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - self._loop.time())  # type: ignore[union-attr]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._flushed(), timeout)
 
     def stop_claiming(self) -> None:
         """Stop taking new deliveries (a worker on SIGTERM); running ones go on."""
@@ -595,12 +598,3 @@ class DurableBackend(Backend):
             "running": len(self._inflight),
             "consumers": len(self._consumers),
         }
-
-
-def _merge(a: Outcomes, b: Outcomes) -> Outcomes:
-    return Outcomes(
-        acks=a.acks + b.acks,
-        retries=a.retries + b.retries,
-        burials=a.burials + b.burials,
-        releases=a.releases + b.releases,
-    )

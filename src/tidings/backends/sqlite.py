@@ -419,13 +419,16 @@ class SQLiteBackend(DurableBackend):
         cursor = await db.execute("SELECT listener, names, position FROM tidings_listeners")
         for lst, names, position in await cursor.fetchall():
             cursor2 = await db.execute(
-                "SELECT name, created FROM tidings_events WHERE seq > ? ORDER BY seq",
+                "SELECT name, created, due FROM tidings_events WHERE seq > ? ORDER BY seq",
                 (position,),
             )
             patterns = names.split()
-            for name, created in await cursor2.fetchall():
+            for name, created, due in await cursor2.fetchall():
                 if any(matches(p, name) for p in patterns):
                     s = out.setdefault(lst, ListenerStats())
+                    if due > now:
+                        s.delayed += 1
+                        continue
                     s.pending += 1
                     age = max(0.0, now - created)
                     if s.oldest_age_s is None or age > s.oldest_age_s:

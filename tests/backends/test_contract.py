@@ -1,0 +1,277 @@
+"""What every backend promises, run once per backend through the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import uuid
+from decimal import Decimal
+from enum import Enum
+
+import msgspec
+import pydantic
+import pytest
+
+from tidings import Event, PayloadError, Retry, listener
+
+from .conftest import BusFactory
+
+FAST = Retry(attempts=3, backoff=0.001, jitter=0)
+
+
+class Plan(Enum):
+    FREE = "free"
+    PRO = "pro"
+
+
+@dataclasses.dataclass
+class Address:
+    city: str
+    zip: str
+
+
+@dataclasses.dataclass
+class OrderPaid:
+    __event_name__ = "order.paid"
+    order_id: int
+    amount: Decimal
+    paid_at: dt.datetime
+
+
+class UserCreated(msgspec.Struct):
+    __event_name__ = "user.created"
+    user_id: uuid.UUID
+    email: str
+
+
+class Invoice(pydantic.BaseModel):
+    __event_name__ = "invoice.sent"
+    number: str
+    total: float
+
+
+async def test_every_listener_gets_every_event_once(make_bus: BusFactory) -> None:
+    a: list[int] = []
+    b: list[int] = []
+
+    @listener("tick")
+    async def first(n: int) -> None:
+        a.append(n)
+
+    @listener("tick")
+    def second(n: int) -> None:
+        b.append(n)
+
+    async with make_bus(listeners=[first, second]) as bus:
+        for n in range(200):
+            bus.emit("tick", n=n)
+        await bus.drain()
+    assert sorted(a) == list(range(200))
+    assert sorted(b) == list(range(200))
+
+
+async def test_a_retrying_listener_never_reruns_the_others(make_bus: BusFactory) -> None:
+    healthy: list[int] = []
+    attempts: list[int] = []
+
+    @listener("x")
+    async def ok(n: int) -> None:
+        healthy.append(n)
+
+    @listener("x", retry=FAST)
+    async def flaky(n: int, event: Event) -> None:
+        attempts.append(event.attempt)
+        if event.attempt < 3:
+            raise ConnectionError("later")
+
+    async with make_bus(listeners=[ok, flaky]) as bus:
+        bus.emit("x", n=1)
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    assert healthy == [1]
+    assert attempts == [1, 2, 3]
+
+
+async def test_dead_letters_keep_the_last_error_and_can_be_replayed_and_purged(
+    make_bus: BusFactory,
+) -> None:
+    fail = True
+    runs: list[int] = []
+
+    @listener("job", retry=Retry(attempts=2, backoff=0, jitter=0))
+    async def job(n: int) -> None:
+        runs.append(n)
+        if fail:
+            raise ValueError(f"job {n} failed")
+
+    async with make_bus(listeners=[job]) as bus:
+        for n in range(3):
+            bus.emit("job", n=n)
+        await bus.drain()
+        dead = await bus.list_dead_letters()
+        assert sorted(d.event.kwargs["n"] for d in dead) == [0, 1, 2]
+        letter = next(d for d in dead if d.event.kwargs["n"] == 0)
+        assert letter.error == "ValueError: job 0 failed"
+        assert "Traceback" in letter.traceback
+        assert letter.attempts == 2
+        assert letter.listener == job.qualname
+        assert len(await bus.list_dead_letters(listener=job.qualname, limit=2)) == 2
+        assert await bus.list_dead_letters(listener="nobody") == []
+
+        fail = False
+        runs.clear()
+        assert await bus.replay_dead_letters(ids=[letter.event.id]) == 1
+        await bus.drain()
+        assert runs == [0]
+        assert len(await bus.list_dead_letters()) == 2
+        assert await bus.purge_dead_letters(listener=job.qualname) == 2
+        assert await bus.list_dead_letters() == []
+
+
+async def test_delay_and_at_deliver_later(make_bus: BusFactory) -> None:
+    got = asyncio.Event()
+    when: list[float] = []
+
+    @listener("later")
+    async def later(n: int) -> None:
+        when.append(asyncio.get_running_loop().time())
+        if len(when) == 2:
+            got.set()
+
+    async with make_bus(listeners=[later]) as bus:
+        start = asyncio.get_running_loop().time()
+        bus.emit("later", n=1, delay=0.2)
+        await bus.publish("later", n=2, at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2))
+        await asyncio.wait_for(got.wait(), 10)
+    assert min(when) - start >= 0.15
+
+
+async def test_typed_events_and_annotated_values_survive_the_round_trip(
+    make_bus: BusFactory,
+) -> None:
+    seen: list[object] = []
+
+    @listener(OrderPaid)
+    async def paid(order: OrderPaid) -> None:
+        seen.append(order)
+
+    @listener(UserCreated)
+    def created(user: UserCreated) -> None:
+        seen.append(user)
+
+    @listener(Invoice)
+    async def invoiced(invoice: Invoice) -> None:
+        seen.append(invoice)
+
+    @listener("profile.updated")
+    async def profile(
+        when: dt.datetime, day: dt.date, plan: Plan, address: Address, tags: list[str]
+    ) -> None:
+        seen.append((when, day, plan, address, tags))
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    uid = uuid.uuid4()
+    async with make_bus(listeners=[paid, created, invoiced, profile]) as bus:
+        bus.emit(OrderPaid(order_id=7, amount=Decimal("12.50"), paid_at=now))
+        bus.emit(UserCreated(user_id=uid, email="a@example.com"))
+        bus.emit(Invoice(number="F-1", total=9.5))
+        bus.emit(
+            "profile.updated",
+            when=now,
+            day=now.date(),
+            plan=Plan.PRO,
+            address=Address(city="Lyon", zip="69001"),
+            tags=["a", "b"],
+        )
+        await bus.drain()
+    assert OrderPaid(order_id=7, amount=Decimal("12.50"), paid_at=now) in seen
+    assert UserCreated(user_id=uid, email="a@example.com") in seen
+    assert Invoice(number="F-1", total=9.5) in seen
+    assert (now, now.date(), Plan.PRO, Address(city="Lyon", zip="69001"), ["a", "b"]) in seen
+
+
+async def test_unserializable_payloads_are_rejected_at_emit(make_bus: BusFactory) -> None:
+    seen: list[object] = []
+
+    @listener("x")
+    async def on_x(value: object) -> None:
+        seen.append(value)
+
+    async with make_bus(listeners=[on_x]) as bus:
+        with pytest.raises(PayloadError, match=r"argument 'value'\['inner'\] of type object"):
+            bus.emit("x", value={"inner": object()})
+        with pytest.raises(PayloadError):
+            await bus.publish("x", value=lambda: 1)
+        bus.emit("x", value="fine")
+        await bus.drain()
+    assert seen == ["fine"]
+
+
+async def test_concurrency_one_keeps_order(make_bus: BusFactory) -> None:
+    seen: list[int] = []
+
+    @listener("seq", concurrency=1)
+    async def ordered(n: int) -> None:
+        await asyncio.sleep(0)
+        seen.append(n)
+
+    async with make_bus(listeners=[ordered]) as bus:
+        for n in range(100):
+            bus.emit("seq", n=n)
+        await bus.drain()
+    assert seen == list(range(100))
+
+
+async def test_leaving_async_with_delivers_what_was_emitted(make_bus: BusFactory) -> None:
+    seen: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        await asyncio.sleep(0)
+        seen.append(n)
+
+    async with make_bus(listeners=[on_x]) as bus:
+        for n in range(50):
+            bus.emit("x", n=n)
+    assert sorted(seen) == list(range(50))
+
+
+async def test_patterns_route_the_same_way(make_bus: BusFactory) -> None:
+    seen: list[str] = []
+
+    @listener("user.*")
+    async def users(event: Event) -> None:
+        seen.append("users:" + event.name)
+
+    @listener("**")
+    async def everything(event: Event) -> None:
+        seen.append("all:" + event.name)
+
+    async with make_bus(listeners=[users, everything]) as bus:
+        bus.emit("user.created")
+        bus.emit("user.created.email")
+        bus.emit("order_paid")
+        await bus.drain()
+    assert sorted(seen) == [
+        "all:order_paid",
+        "all:user.created",
+        "all:user.created.email",
+        "users:user.created",
+    ]
+
+
+async def test_timeouts_are_per_attempt(make_bus: BusFactory) -> None:
+    attempts: list[int] = []
+
+    @listener("x", timeout=0.02, retry=Retry(attempts=2, backoff=0, jitter=0))
+    async def hangs(event: Event) -> None:
+        attempts.append(event.attempt)
+        await asyncio.sleep(10)
+
+    async with make_bus(listeners=[hangs]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        (dead,) = await bus.list_dead_letters()
+    assert attempts == [1, 2]
+    assert "timed out" in dead.error
