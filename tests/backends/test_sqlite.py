@@ -111,17 +111,18 @@ async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(tmp_path: Pat
 
 async def test_the_attempt_count_survives_a_restart(tmp_path: Path) -> None:
     attempts: list[int] = []
+    first = asyncio.Event()
 
     @listener("x", retry=Retry(attempts=3, backoff=0.05, jitter=0))
     async def flaky(event: Event) -> None:
         attempts.append(event.attempt)
+        first.set()
         raise ConnectionError("down")
 
     bus = _fast(Bus(_url(tmp_path), listeners=[flaky]))
     await bus.start()
     bus.emit("x")
-    while not attempts:
-        await asyncio.sleep(0.01)
+    await first.wait()
     await bus.aclose(timeout=0)  # stops before the retry is due
     assert attempts == [1]
     async with _fast(Bus(_url(tmp_path), listeners=[flaky])) as bus:
