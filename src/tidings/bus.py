@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from tidings.backends.base import Backend, DeadLetter, backend_from_url
+from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
 from tidings.codec import check_serializable
@@ -86,6 +86,14 @@ class Bus:
         sync_workers: int | None = None,
         consume: bool = True,
     ) -> None:
+        #: Where deliveries wait, for messages (a URL's password is never shown).
+        self.url = (
+            redact(backend)
+            if isinstance(backend, str)
+            else "memory://"
+            if backend is None
+            else repr(backend)
+        )
         if backend is None or isinstance(backend, str):
             options: dict[str, Any] = {"max_pending": max_pending}
             if backend and not backend.startswith("memory"):

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -107,14 +108,23 @@ class SQLiteBackend(DurableBackend):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
-        """``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` or
-        ``sqlite:///:memory:`` (one process only)."""
+        """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
+        ``lease_s``, ``poll_s``, ``batch``, ``concurrency`` and ``synchronous``."""
         rest = url.split("://", 1)[1]
-        path, _, _query = rest.partition("?")
+        path, _, query = rest.partition("?")
         if path.startswith("/"):
             path = path[1:]
         if not path:
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key in ("lease_s", "poll_s", "busy_timeout_s"):
+                options[key] = float(value)
+            elif key in ("batch", "concurrency"):
+                options[key] = int(value)
+            elif key == "synchronous":
+                options[key] = value
+            else:
+                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
         return cls(path, **options)
 
     def __repr__(self) -> str:

@@ -1,0 +1,50 @@
+"""Finding the bus a command names: ``package.module:bus`` or ``package.module:factory()``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Any
+
+from tidings.bus import Bus
+from tidings.errors import ConfigurationError
+
+__all__ = ["load_bus"]
+
+
+def load_bus(target: str) -> Bus:
+    """Import ``module:attribute`` (``module:factory()`` calls it) and return the bus.
+
+    Raises:
+        ConfigurationError: the module or attribute cannot be found, or is not a Bus.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(
+            f"{target!r} does not name a bus: write 'package.module:bus' or "
+            "'package.module:make_bus()'"
+        )
+    # Like python -m: modules of the current directory are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"no module named {exc.name!r} (from {target!r})") from exc
+        raise
+    call = attr.endswith("()")
+    name = attr[:-2] if call else attr
+    try:
+        obj: Any = getattr(module, name)
+    except AttributeError as exc:
+        raise ConfigurationError(f"module {module_name!r} has no attribute {name!r}") from exc
+    if call:
+        obj = obj()
+        if inspect.isawaitable(obj):
+            raise ConfigurationError(f"{target!r}: the factory must be a plain function")
+    if not isinstance(obj, Bus):
+        raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not a tidings Bus")
+    return obj

@@ -1,0 +1,86 @@
+"""Running a durable bus's listeners in a process of their own (``tidings worker``).
+
+SIGTERM or SIGINT stops it gracefully: it claims nothing more, lets running deliveries
+finish within the shutdown timeout, and hands the rest back to the store for the next
+worker. A worker killed outright loses nothing either: its leases expire and any other
+worker reclaims them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+from tidings.backends.durable import DurableBackend
+from tidings.bus import Bus
+from tidings.errors import ConfigurationError
+
+__all__ = ["run_worker"]
+
+logger = logging.getLogger("tidings.worker")
+
+
+async def run_worker(
+    bus: Bus,
+    *,
+    concurrency: int | None = None,
+    listeners: Sequence[str] | None = None,
+    shutdown_timeout_s: float | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Consume ``bus``'s listeners until a signal (or ``stop``) arrives.
+
+    Args:
+        concurrency: deliveries of one listener that may run at once.
+        listeners: patterns of the listeners' qualified names to run (default all).
+        shutdown_timeout_s: how long running deliveries may take to finish on stop.
+        on_ready: called with the number of listeners consumed, once started.
+        stop: an event that stops the worker like a signal does.
+
+    Raises:
+        ConfigurationError: the bus's backend is not durable, or no listener matches.
+    """
+    backend = bus.backend
+    if not isinstance(backend, DurableBackend):
+        raise ConfigurationError(
+            f"a worker needs a durable backend, and this bus uses {bus.url}: "
+            "create it with Bus('sqlite:///events.db', ...) or another broker URL"
+        )
+    backend.consume = True
+    backend.drain_on_close = False
+    if concurrency is not None:
+        backend.concurrency = concurrency
+    if listeners:
+        backend.listener_patterns = tuple(listeners)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
+            pass
+    try:
+        await bus.start()
+        consumed = backend.stats()["consumers"]
+        if not consumed:
+            await bus.aclose(timeout=0)
+            raise ConfigurationError(
+                "no listener to run"
+                + (f": none matches {', '.join(listeners)}" if listeners else "")
+            )
+        logger.info("worker started: %d listener(s) on %s", consumed, bus.url)
+        if on_ready is not None:
+            on_ready(consumed)
+        await stop.wait()
+        logger.info("worker stopping: finishing running deliveries")
+        backend.stop_claiming()
+        await bus.aclose(timeout=shutdown_timeout_s)
+        logger.info("worker stopped")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
