@@ -368,3 +368,7 @@ def _table(result: DemoResult) -> Table:
 def main() -> None:
     """The console script's entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

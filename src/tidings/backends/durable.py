@@ -456,8 +456,8 @@ class DurableBackend(Backend):
             if not self._outcomes:
                 self._writer_idle.set()
                 await self._writer_wake.wait()
-                if not self._outcomes:
-                    continue
+                self._writer_wake.clear()
+                continue
             self._writer_wake.clear()
             self._writer_idle.clear()
             outcomes, self._outcomes = self._outcomes, Outcomes()

@@ -17,8 +17,8 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import parse_qsl
 
 import msgspec
 

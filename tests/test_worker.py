@@ -1,0 +1,164 @@
+"""``tidings worker`` as a user runs it: a subprocess killed or stopped mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tidings import Bus, ConfigurationError
+from tidings.worker import run_worker
+
+from . import crash_app
+
+EVENTS = 5000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TIDINGS_TEST_URL"] = f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+    env["TIDINGS_TEST_OUT"] = str(tmp_path / "deliveries.txt")
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log = Path(env["TIDINGS_TEST_OUT"]).with_suffix(".log")
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tidings.cli",
+                "worker",
+                "tests.crash_app:bus",
+                "--concurrency",
+                "50",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    _started.append(proc)
+    return proc
+
+
+def _deliveries(tmp_path: Path) -> collections.Counter[str]:
+    path = tmp_path / "deliveries.txt"
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(path.read_text().splitlines())
+
+
+async def _publish(tmp_path: Path, env: dict[str, str]) -> None:
+    bus = Bus(env["TIDINGS_TEST_URL"], listeners=[crash_app.first, crash_app.second], consume=False)
+    async with bus:
+        for n in range(EVENTS):
+            bus.emit("job", n=n)
+
+
+async def _wait_for(tmp_path: Path, at_least: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(6000):
+        if sum(_deliveries(tmp_path).values()) >= at_least:
+            return
+        assert proc.poll() is None, (tmp_path / "deliveries.log").read_text()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {at_least} deliveries after 60s")
+
+
+def _lost_and_duplicates(tmp_path: Path) -> tuple[int, int]:
+    seen = _deliveries(tmp_path)
+    expected = {f"{tag} {n}" for tag in ("first", "second") for n in range(EVENTS)}
+    lost = len(expected - set(seen))
+    duplicates = sum(count - 1 for count in seen.values())
+    return lost, duplicates
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    await _publish(tmp_path, env)
+    victim = _start_worker(env)
+    await _wait_for(tmp_path, EVENTS // 2, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = sum(_deliveries(tmp_path).values())
+    assert killed_at < 2 * EVENTS, "the worker finished before it was killed"
+    survivor = _start_worker(env)
+    try:
+        await _wait_for(tmp_path, 2 * EVENTS, survivor)
+        lost, duplicates = _lost_and_duplicates(tmp_path)
+        assert lost == 0
+        # At most what was running or not yet acknowledged when it died: 50 per listener
+        # running, plus one batch of acks on their way.
+        assert duplicates <= 2 * 50 + 2 * 500
+        print(f"\nSIGKILL after {killed_at} deliveries: lost {lost}, duplicates {duplicates}")
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(30) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    await _publish(tmp_path, env)
+    first = _start_worker(env)
+    await _wait_for(tmp_path, EVENTS // 2, first)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    stopped_at = sum(_deliveries(tmp_path).values())
+    assert stopped_at < 2 * EVENTS, "the worker finished before it was stopped"
+    second = _start_worker(env)
+    try:
+        await _wait_for(tmp_path, 2 * EVENTS, second)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    assert _lost_and_duplicates(tmp_path) == (0, 0)
+
+
+async def test_a_worker_needs_a_durable_backend() -> None:
+    with pytest.raises(ConfigurationError, match="durable backend"):
+        await run_worker(Bus())
+
+
+async def test_a_worker_with_no_matching_listener_says_so(tmp_path: Path) -> None:
+    bus = Bus(f"sqlite:///{tmp_path / 'x.db'}", listeners=[crash_app.first], consume=False)
+    with pytest.raises(ConfigurationError, match=r"none matches nothing\.here"):
+        await run_worker(bus, listeners=["nothing.here"])
+
+
+async def test_run_worker_stops_on_its_event(tmp_path: Path) -> None:
+    bus = Bus(f"sqlite:///{tmp_path / 'x.db'}", listeners=[crash_app.first], consume=False)
+    stop = asyncio.Event()
+    ready: list[int] = []
+
+    def on_ready(count: int) -> None:
+        ready.append(count)
+        stop.set()
+
+    await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout_s=1)
+    assert ready == [1]
+    assert not bus.started
