@@ -1,0 +1,273 @@
+"""In-process delivery, side by side in one run: tidings against the emitters users use today.
+
+    uv run --group bench python bench/inproc.py [--n 200000] [--repeat 3]
+
+Deliveries/s is measured from the first emit to the last listener call, for 1 and 5
+trivial async listeners. Every emitter gets the same treatment: emits in a loop, a
+yield to the event loop every 1000 emits (so queue-based emitters are not starved), and
+the clock stops when the listeners have been called N x listeners times. Slow peers run
+fewer events (scaled so each run takes about a second). The best of ``--repeat`` runs
+counts. Then the median (and p99) cost of one ``bus.emit()`` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from typing import Any
+
+Runner = Callable[[int, int], Awaitable[float]]
+
+YIELD_EVERY = 1000
+
+
+class Done:
+    """Counts listener calls; the future completes at the expected total."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.future.set_result(time.perf_counter())
+
+
+def make_listeners(done: Done, k: int) -> list[Callable[..., Awaitable[None]]]:
+    def one() -> Callable[..., Awaitable[None]]:
+        async def on_event(n: int) -> None:
+            done.hit()
+
+        return on_event
+
+    return [one() for _ in range(k)]
+
+
+async def emit_loop(emit: Callable[[int], Any], n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        emit(i)
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+    return start
+
+
+# -- the contenders ---------------------------------------------------------------------
+
+
+async def run_tidings(n: int, k: int) -> float:
+    from tidings import Bus, listener
+
+    done = Done(n * k)
+    fns = [listener("bench")(fn) for fn in make_listeners(done, k)]
+    async with Bus(listeners=fns, max_pending=n * k + 1) as bus:
+        emit = bus.emit
+        start = await emit_loop(lambda i: emit("bench", n=i), n)
+        end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_litestar(n: int, k: int) -> float:
+    from litestar.events import SimpleEventEmitter, listener
+
+    done = Done(n * k)
+    fns = [listener("bench")(fn) for fn in make_listeners(done, k)]
+    async with SimpleEventEmitter(fns) as emitter:
+        emit = emitter.emit
+        start = await emit_loop(lambda i: emit("bench", n=i), n)
+        end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_pyee(n: int, k: int) -> float:
+    from pyee.asyncio import AsyncIOEventEmitter
+
+    done = Done(n * k)
+    ee = AsyncIOEventEmitter()
+    for fn in make_listeners(done, k):
+        ee.on("bench", fn)
+    emit = ee.emit
+    start = await emit_loop(lambda i: emit("bench", n=i), n)
+    end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_pyventus(n: int, k: int) -> float:
+    from pyventus.events import AsyncIOEventEmitter, EventLinker
+
+    class Linker(EventLinker):
+        pass
+
+    done = Done(n * k)
+    for fn in make_listeners(done, k):
+        Linker.subscribe("bench", event_callback=fn)
+    emitter = AsyncIOEventEmitter(event_linker=Linker, debug=False)
+    emit = emitter.emit
+    start = await emit_loop(lambda i: emit("bench", n=i), n)
+    end = await done.future
+    Linker.remove_all()
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_fastapi_events(n: int, k: int) -> float:
+    # Outside a request, dispatch() runs the handlers of the middleware identified by a
+    # context variable in one asyncio task per event: set what the middleware would set.
+    from fastapi_events import handler_store, middleware_identifier
+    from fastapi_events.dispatcher import dispatch
+    from fastapi_events.handlers.local import LocalHandler
+
+    done = Done(n * k)
+    handler = LocalHandler()
+    for fn in make_listeners(done, k):
+
+        async def on_event(event: tuple[str, Any], fn: Any = fn) -> None:
+            await fn(**event[1])
+
+        handler.register(on_event, event_name="bench")
+    middleware_id = id(handler)
+    handler_store[middleware_id] = [handler]
+    token = middleware_identifier.set(middleware_id)
+    try:
+        start = await emit_loop(lambda i: dispatch("bench", {"n": i}, validate_payload=False), n)
+        end = await done.future
+    finally:
+        middleware_identifier.reset(token)
+        del handler_store[middleware_id]
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_task_per_delivery(n: int, k: int) -> float:
+    done = Done(n * k)
+    fns = make_listeners(done, k)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def emit(i: int) -> None:
+        for fn in fns:
+            task = loop.create_task(fn(n=i))  # type: ignore[arg-type]
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    start = await emit_loop(emit, n)
+    end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+async def run_bare_await(n: int, k: int) -> float:
+    done = Done(n * k)
+    fns = make_listeners(done, k)
+    start = time.perf_counter()
+    for i in range(n):
+        for fn in fns:
+            await fn(n=i)
+    end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
+CONTENDERS: dict[str, tuple[Runner, float]] = {
+    # name: (runner, share of --n it runs: slow peers run fewer events)
+    "tidings": (run_tidings, 1.0),
+    "litestar SimpleEventEmitter": (run_litestar, 0.1),
+    "pyee AsyncIOEventEmitter": (run_pyee, 0.1),
+    "pyventus AsyncIOEventEmitter": (run_pyventus, 0.1),
+    "fastapi-events dispatch": (run_fastapi_events, 0.1),
+    "one task per delivery": (run_task_per_delivery, 0.5),
+    "bare await (floor)": (run_bare_await, 1.0),
+}
+
+
+async def emit_cost(samples: int) -> tuple[float, float]:
+    """Median and p99 nanoseconds of one ``bus.emit`` on a started bus, one listener."""
+    from tidings import Bus, listener
+
+    @listener("bench")
+    async def on_event(n: int) -> None:
+        pass
+
+    costs: list[int] = []
+    clock = time.perf_counter_ns
+    async with Bus(listeners=[on_event]) as bus:
+        emit = bus.emit
+        for _ in range(samples // 1000):
+            for i in range(1000):
+                t0 = clock()
+                emit("bench", n=i)
+                costs.append(clock() - t0)
+            await bus.drain()
+    costs.sort()
+    return statistics.median(costs), costs[int(len(costs) * 0.99)]
+
+
+async def best_of(runner: Runner, n: int, k: int, repeat: int) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        gc.collect()
+        best = max(best, await runner(n, k))
+    return best
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200_000, help="events per run (tidings)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; best counts")
+    parser.add_argument("--only", nargs="*", help="contenders whose name contains one of these")
+    args = parser.parse_args()
+
+    peers = ("litestar", "pyee", "pyventus", "fastapi-events", "msgspec")
+    print(
+        f"Python {platform.python_version()} on {platform.machine()}, tidings {version('tidings')}"
+    )
+    print(", ".join(f"{p} {version(p)}" for p in peers))
+
+    results: dict[int, dict[str, float]] = {}
+    for k in (1, 5):
+        results[k] = {}
+        print(f"\n{k} async listener(s): deliveries/s (best of {args.repeat})")
+        for name, (runner, share) in CONTENDERS.items():
+            if args.only and not any(o in name for o in args.only):
+                continue
+            n = max(1000, int(args.n * share))
+            rate = await best_of(runner, n, k, args.repeat)
+            results[k][name] = rate
+            ratio = ""
+            if "tidings" in results[k] and name != "tidings":
+                ratio = f"tidings = {results[k]['tidings'] / rate:6.2f}x this"
+            print(f"  {name:30} {rate:>13,.0f}  {ratio}")
+
+    median_ns, p99_ns = await emit_cost(200_000)
+    print(f"\nbus.emit(): median {median_ns:.0f} ns, p99 {p99_ns:.0f} ns")
+
+    one = results.get(1, {})
+    if "tidings" in one:
+        checks = [
+            ("tidings >= 1,000,000 deliveries/s (1 listener)", one["tidings"] >= 1_000_000),
+            ("emit() median <= 1 us", median_ns <= 1000),
+        ]
+        if "pyee AsyncIOEventEmitter" in one:
+            ratio = one["tidings"] / one["pyee AsyncIOEventEmitter"]
+            checks.append((f">= 15x pyee (is {ratio:.1f}x)", ratio >= 15))
+        if "litestar SimpleEventEmitter" in one:
+            ratio = one["tidings"] / one["litestar SimpleEventEmitter"]
+            checks.append((f">= 20x Litestar (is {ratio:.1f}x)", ratio >= 20))
+        print("\ntargets:")
+        for label, ok in checks:
+            print(f"  {'PASS' if ok else 'MISS'}  {label}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
