@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib.metadata import version
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from tidings import Bus
 from tidings.cli import app
 from tidings.demo import run_demo
 
-runner = CliRunner()
+from . import cli_app
+
+runner = CliRunner(env={"COLUMNS": "250"})
 
 
 def test_demo_runs_and_prints_a_row_per_listener() -> None:
@@ -61,3 +67,96 @@ def test_no_command_shows_help_and_version_prints() -> None:
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.output.strip() == version("tidings")
+
+
+@pytest.fixture
+def app_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}?poll_s=0.01"
+    monkeypatch.setenv("TIDINGS_TEST_URL", url)
+    return url
+
+
+APP = "tests.cli_app:make_bus()"
+
+
+def test_listeners_lists_names_and_options(app_url: str) -> None:
+    result = runner.invoke(app, ["listeners", APP])
+    assert result.exit_code == 0, result.output
+    for text in ("charge", "order.paid", "2 attempts", "5s", "audit", "order.*", "sync"):
+        assert text in result.output
+
+
+def test_emit_stats_and_dead_letters_round_trip(app_url: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": -1}'])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["stats", APP])
+    assert result.exit_code == 0, result.output
+    assert "charge" in result.output
+
+    async def work() -> None:
+        async with cli_app.make_bus() as bus:
+            await bus.drain()
+
+    asyncio.run(work())
+    result = runner.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    assert "ValueError: order -1 cannot be charged" in result.output
+
+    async def dead_id() -> str:
+        async with Bus(app_url, consume=False) as bus:
+            (letter,) = await bus.list_dead_letters()
+            return letter.event.id
+
+    event_id = asyncio.run(dead_id())
+    result = runner.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 0, result.output
+    assert '"order_id":-1' in result.output
+    assert "Traceback" in result.output
+    result = runner.invoke(app, ["dead", "replay", APP, "--id", event_id])
+    assert result.exit_code == 0, result.output
+    assert "replayed 1 dead letter(s)" in result.output
+    asyncio.run(work())
+    result = runner.invoke(app, ["dead", "purge", APP, "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "purged 1 dead letter(s)" in result.output
+    result = runner.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nowhere.at_all:bus", "no module named 'nowhere'"),
+        ("tests.cli_app:missing", "has no attribute 'missing'"),
+        ("tests.cli_app:not_a_bus", "is a int, not a tidings Bus"),
+        ("tests.cli_app", "does not name a bus"),
+    ],
+)
+def test_bad_targets_are_one_clear_line(app_url: str, target: str, message: str) -> None:
+    result = runner.invoke(app, ["stats", target])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_json_and_passwords(app_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runner.invoke(app, ["emit", APP, "x", "--json", "{nope"])
+    assert result.exit_code == 1
+    assert "not valid JSON" in result.output
+    monkeypatch.setenv("TIDINGS_TEST_URL", "redis://user:hunter2@localhost:1/0")
+    result = runner.invoke(app, ["stats", APP])
+    assert result.exit_code == 1
+    assert "hunter2" not in result.output
+
+
+def test_worker_refuses_a_memory_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, ["worker", APP])
+    assert result.exit_code == 1
+    assert "durable backend" in result.output
+
+
+def test_demo_on_memory() -> None:
+    result = runner.invoke(app, ["demo", "--quiet", "--users", "100", "--backend", "memory"])
+    assert result.exit_code == 0, result.output
+    assert "memory backend" in result.output

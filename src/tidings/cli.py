@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import tempfile
 from collections.abc import Callable, Coroutine
 from importlib.metadata import version
 from typing import Any, TypeVar
@@ -298,6 +299,9 @@ def demo(
     users: int = typer.Option(5000, min=1, help="Sign-ups to emit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's logs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress, only the table."),
+    backend: str = typer.Option(
+        "sqlite", help="'sqlite' (a database in a temporary directory), 'memory', or a URL."
+    ),
 ) -> None:
     """Emit a burst of sign-ups to four listeners and show what each one did.
 
@@ -307,8 +311,35 @@ def demo(
     """
     console = Console()
     _configure_logging(verbose)
+    with tempfile.TemporaryDirectory(prefix="tidings-demo-") as tmp:
+        url = _demo_url(backend, tmp, console)
+        result = _run_demo(console, users, url, quiet)
+    console.print(_table(result))
+    console.print(
+        f"{result.deliveries} deliveries of {result.users} events in "
+        f"{result.elapsed_s:.2f}s on the {result.backend} backend; "
+        "dead letters stay inspectable with 'await bus.list_dead_letters()'."
+    )
+
+
+def _demo_url(backend: str, tmp: str, console: Console) -> str:
+    if "://" in backend:
+        return backend
+    if backend == "memory":
+        return "memory://"
+    if backend != "sqlite":
+        raise _fail(f"unknown --backend {backend!r}: 'sqlite', 'memory' or a URL")
+    try:
+        import aiosqlite  # noqa: F401
+    except ImportError:
+        console.print("aiosqlite is missing (pip install 'tidings[sqlite]'): running in memory")
+        return "memory://"
+    return f"sqlite:///{tmp}/demo.db?poll_s=0.01"
+
+
+def _run_demo(console: Console, users: int, url: str, quiet: bool) -> DemoResult:
     if quiet:
-        result = asyncio.run(run_demo(users=users))
+        return asyncio.run(run_demo(users=users, url=url))
     else:
         with Progress(
             TextColumn("[bold]deliveries"),
@@ -323,13 +354,7 @@ def demo(
             def on_progress(done: int, expected: int) -> None:
                 progress.update(task, completed=done, total=expected)
 
-            result = asyncio.run(run_demo(users=users, on_progress=on_progress))
-    console.print(_table(result))
-    console.print(
-        f"{result.deliveries} deliveries of {result.users} events in "
-        f"{result.elapsed_s:.2f}s on the {result.backend} backend; "
-        "dead letters stay inspectable with bus.dead_letters()."
-    )
+            return asyncio.run(run_demo(users=users, url=url, on_progress=on_progress))
 
 
 @app.command("version")

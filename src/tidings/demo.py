@@ -92,9 +92,11 @@ async def run_demo(
     batch: int = 100,
     pause_s: float = 0.02,
     seed: int = 7,
+    url: str = "memory://",
     on_progress: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
-    """Emit ``users`` sign-ups in batches and wait until every delivery is finished.
+    """Emit ``users`` sign-ups in batches to the bus at ``url`` and wait until every
+    delivery is finished.
 
     ``on_progress(done, expected)`` is called as deliveries finish.
     """
@@ -129,7 +131,7 @@ async def run_demo(
     plans = ("free", "pro", "team")
     started = time.perf_counter()
     async with Bus(
-        listeners=listeners, on_success=on_success, on_error=on_error, on_dead=on_dead
+        url, listeners=listeners, on_success=on_success, on_error=on_error, on_dead=on_dead
     ) as bus:
         for user_id in range(1, users + 1):
             bus.emit(
@@ -145,5 +147,8 @@ async def run_demo(
     if on_progress is not None:
         on_progress(done, expected)
     return DemoResult(
-        users=users, backend="memory", elapsed_s=elapsed, listeners=dict(figures.items())
+        users=users,
+        backend=url.split("://", 1)[0],
+        elapsed_s=elapsed,
+        listeners=dict(figures.items()),
     )
