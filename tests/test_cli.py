@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from tidings.demo import run_demo
 from . import cli_app
 
 runner = CliRunner(env={"COLUMNS": "250"})
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The commands set the library's log level, as a program does; tests share a process.
+    logger = logging.getLogger("tidings")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def test_demo_runs_and_prints_a_row_per_listener() -> None:
