@@ -1,0 +1,89 @@
+"""Calling each listener with what its signature names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tidings import BindingError, Bus, Event, listener
+from tidings._binding import CallPlan
+
+
+def plan(fn: Any) -> CallPlan:
+    return CallPlan(fn, fn.__qualname__)
+
+
+def test_only_named_keywords_are_passed() -> None:
+    def f(email: str) -> Any:
+        return email
+
+    assert plan(f).call(Event("x", (), {"email": "a", "name": "b"})) == "a"
+
+
+def test_kwargs_receives_everything_and_args_the_rest() -> None:
+    def f(first: int, *args: int, **kwargs: Any) -> Any:
+        return first, args, kwargs
+
+    assert plan(f).call(Event("x", (1, 2, 3), {"k": "v"})) == (1, (2, 3), {"k": "v"})
+
+
+def test_envelope_and_defaults() -> None:
+    def f(event: Event, name: str = "anon") -> Any:
+        return event.name, event.attempt, name
+
+    assert plan(f).call(Event("x")) == ("x", 1, "anon")
+    assert plan(f).call(Event("x", (), {"name": "Ada"})) == ("x", 1, "Ada")
+
+
+def test_a_missing_argument_names_listener_event_and_parameter() -> None:
+    def needs(phone: str) -> None:
+        pass
+
+    with pytest.raises(BindingError) as info:
+        plan(needs).call(Event("user.created", (), {"email": "a"}))
+    message = str(info.value)
+    assert "needs" in message
+    assert "'user.created'" in message
+    assert "'phone'" in message
+    assert "['email']" in message
+
+
+async def test_the_litestar_docs_example_without_kwargs() -> None:
+    # Litestar's events docs: two listeners on one event, each naming what it needs.
+    sent: list[str] = []
+    stats: list[int] = []
+
+    @listener("user_created")
+    async def send_welcome_mail(email: str) -> None:
+        sent.append(email)
+
+    @listener("user_created")
+    async def update_user_stats(user_id: int) -> None:
+        stats.append(user_id)
+
+    async with Bus(listeners=[send_welcome_mail, update_user_stats]) as bus:
+        bus.emit("user_created", email="a@example.com", user_id=1)
+    assert sent == ["a@example.com"]
+    assert stats == [1]
+
+
+def test_check_plans_without_calling() -> None:
+    calls: list[int] = []
+
+    def f(a: int) -> None:
+        calls.append(a)
+
+    p = plan(f)
+    p.check(Event("x", (), {"a": 1}))
+    with pytest.raises(BindingError):
+        p.check(Event("x"))
+    assert calls == []
+
+
+def test_positional_arguments_fill_parameters_in_order() -> None:
+    def f(a: int, b: int, c: int = 3) -> Any:
+        return a, b, c
+
+    assert plan(f).call(Event("x", (1, 2))) == (1, 2, 3)
+    assert plan(f).call(Event("x", (1,), {"b": 5})) == (1, 5, 3)

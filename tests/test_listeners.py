@@ -1,0 +1,203 @@
+"""Listeners, registries, once, max_listeners, typed events, and the public names."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import msgspec
+import pydantic
+import pytest
+
+import tidings
+from tidings import Bus, ConfigurationError, Event, Registry, listener, register_event
+
+from .conftest import Counter
+
+
+@dataclasses.dataclass
+class UserCreated:
+    __event_name__ = "user.created"
+    email: str
+    name: str = "-"
+
+
+class OrderPaid(msgspec.Struct):
+    __event_name__ = "order.paid"
+    order_id: int
+
+
+class InvoiceSent(pydantic.BaseModel):
+    __event_name__ = "invoice.sent"
+    number: str
+
+
+def test_decorated_functions_stay_callable() -> None:
+    @listener("x")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @listener("x")
+    async def double(a: int) -> int:
+        return 2 * a
+
+    assert add(1, 2) == 3
+    assert asyncio.run(double(4)) == 8
+    assert add.names == ("x",)
+    assert add.fn.__name__ == "add"
+    assert "test_decorated_functions_stay_callable.<locals>.add" in add.qualname
+
+
+def test_listener_options_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="no event name"):
+        listener()(lambda: None)
+    with pytest.raises(ConfigurationError, match="concurrency"):
+        listener("x", concurrency=0)(lambda: None)
+    with pytest.raises(ConfigurationError, match="not a listener"):
+        Registry([lambda: None])  # type: ignore[list-item]
+
+
+async def test_once_delivers_one_event_then_unsubscribes() -> None:
+    counter = Counter()
+
+    @listener("ready", once=True)
+    async def first_time(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[first_time]) as bus:
+        for n in range(5):
+            bus.emit("ready", n=n)
+        await asyncio.to_thread(bus.emit, "ready", n=99)
+        await bus.drain()
+        assert bus.listeners() == []
+    assert counter.calls == [0]
+
+
+def test_max_listeners() -> None:
+    registry = Registry(max_listeners=2)
+    for _ in range(2):
+        registry.subscribe("x", fn=lambda: None)
+    registry.subscribe("y", fn=lambda: None)
+    with pytest.raises(ConfigurationError, match="max_listeners"):
+        registry.subscribe("x", fn=lambda: None)
+
+
+async def test_subscribe_and_unsubscribe_at_runtime_refresh_the_routes() -> None:
+    counter = Counter()
+    async with Bus() as bus:
+        bus.emit("x")  # nobody listens yet: resolved to nothing and cached
+        handle = bus.subscribe("x", fn=lambda: counter.add("late"))
+        bus.emit("x")
+        await bus.drain()
+        handle.unsubscribe()
+        handle.unsubscribe()  # harmless
+        bus.emit("x")
+        await bus.drain()
+    assert counter.calls == ["late"]
+
+
+async def test_nested_registries_like_routers() -> None:
+    counter = Counter()
+    users = Registry()
+    admin = Registry()
+    users.include(admin)
+
+    @admin.listener("user.*")
+    async def audit(event: Event) -> None:
+        counter.add(event.name)
+
+    bus = Bus()
+    bus.include(users)
+    with pytest.raises(ConfigurationError, match="one place"):
+        Bus().include(users)
+    async with bus:
+        bus.emit("user.created")
+    assert counter.calls == ["user.created"]
+
+
+async def test_typed_events_by_class_and_annotation() -> None:
+    seen: list[object] = []
+
+    @listener(UserCreated)
+    async def welcome(user: UserCreated) -> None:
+        seen.append(user)
+
+    @listener("user.created")
+    async def by_field(email: str) -> None:
+        seen.append(email)
+
+    @listener(OrderPaid)
+    def paid(event: Event, order: OrderPaid) -> None:
+        seen.append((event.name, order.order_id))
+
+    @listener(InvoiceSent)
+    async def sent(invoice: InvoiceSent) -> None:
+        seen.append(invoice.number)
+
+    async with Bus(listeners=[welcome, by_field, paid, sent]) as bus:
+        bus.emit(UserCreated(email="a@example.com"))
+        bus.emit(OrderPaid(order_id=3))
+        await bus.publish(InvoiceSent(number="F-1"))
+    assert UserCreated(email="a@example.com") in seen
+    assert "a@example.com" in seen
+    assert ("order.paid", 3) in seen
+    assert "F-1" in seen
+
+
+def test_two_classes_under_one_name_is_a_configuration_error() -> None:
+    @dataclasses.dataclass
+    class Other:
+        __event_name__ = "user.created"
+        email: str
+
+    @listener(UserCreated)
+    async def one(user: UserCreated) -> None:
+        pass
+
+    @listener(Other)
+    async def two(user: Other) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"user\.created"):
+        Registry([one, two])
+
+
+async def test_typed_event_errors() -> None:
+    class NoName:
+        pass
+
+    async with Bus() as bus:
+        with pytest.raises(ConfigurationError, match="__event_name__"):
+            bus.emit(NoName())
+        with pytest.raises(tidings.PayloadError, match="emitted alone"):
+            bus.emit(UserCreated(email="a"), extra=1)
+
+
+def test_register_event_names_a_class_without_touching_it() -> None:
+    @dataclasses.dataclass
+    class Shipped:
+        parcel: str
+
+    register_event(Shipped, "parcel.shipped")
+    register_event(Shipped, "parcel.shipped")
+    with pytest.raises(ConfigurationError, match="already registered"):
+        register_event(Shipped, "parcel.sent")
+
+    @listener(Shipped)
+    async def on_shipped(s: Shipped) -> None:
+        pass
+
+    assert on_shipped.names == ("parcel.shipped",)
+
+
+def test_all_is_complete() -> None:
+    public = {
+        name
+        for name in dir(tidings)
+        if not name.startswith("_")
+        and name not in {"annotations"}
+        and not isinstance(getattr(tidings, name), type(tidings))
+    }
+    assert set(tidings.__all__) == public
+    for name in tidings.__all__:
+        assert getattr(tidings, name) is not None
