@@ -63,7 +63,7 @@ async def tidings_worker(path: str, n: int, listeners: int, out: str) -> None:
 
     watcher = asyncio.create_task(watch())
     Path(out + ".ready").touch()
-    await run_worker(bus, stop=stop)  # type: ignore[arg-type]
+    await run_worker(bus, stop=stop, concurrency=500)  # type: ignore[arg-type]
     await watcher
 
 
@@ -197,7 +197,10 @@ def main() -> None:
 
     import sqlite3
 
-    print(f"SQLite {sqlite3.sqlite_version}, {args.n} events, producer and worker processes")
+    print(
+        f"SQLite {sqlite3.sqlite_version}, {args.n} events, a producer process and a worker "
+        "process (tidings: run_worker(concurrency=500), as tidings worker --concurrency 500)"
+    )
     for listeners in args.listeners:
         rates = {
             kind: max(measure(kind, args.n, listeners) for _ in range(args.repeat))
