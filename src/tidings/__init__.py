@@ -22,6 +22,7 @@ from tidings.errors import (
 )
 from tidings.events import Event, register_event
 from tidings.listeners import Listener, Registry, Subscription, listener
+from tidings.schedule import Schedule
 
 __all__ = [
     "Backend",
@@ -41,6 +42,7 @@ __all__ = [
     "QueueFull",
     "Registry",
     "Retry",
+    "Schedule",
     "Subscription",
     "TidingsError",
     "listener",

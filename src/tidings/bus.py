@@ -9,6 +9,7 @@ import contextvars
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from tidings.errors import (
 )
 from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
 from tidings.listeners import ErrorHook, Listener, Registry, Subscription, SuccessHook, _hooks
+from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
 
@@ -132,6 +134,8 @@ class Bus:
         self._hot = False
         self._routes = self.registry._cache
         self._put = backend.put
+        self._schedules: list[Schedule] = []
+        self._scheduler: asyncio.Task[None] | None = None
 
     # -- listeners ------------------------------------------------------------------
 
@@ -150,6 +154,60 @@ class Bus:
     def include(self, registry: Registry) -> None:
         """Add a registry's listeners (and later changes to it) to this bus."""
         self.registry.include(registry)
+
+    def schedule(self, cron: str, name: str, /, *args: Any, **kwargs: Any) -> Schedule:
+        """Emit ``name`` with this payload at every tick of the cron expression ``cron``
+        (UTC; five fields, or six with seconds last).
+
+        Buses that consume run the schedules, and each tick fires once even with
+        several workers on one durable store.
+
+        Raises:
+            ConfigurationError: not a cron expression, or a bad event name.
+        """
+        entry = Schedule(cron, name, args, kwargs)
+        self._schedules.append(entry)
+        if self._loop is not None:
+            self._start_scheduler()
+        return entry
+
+    def cron(self, cron: str, **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+        """Run the decorated function at every tick of ``cron``: a listener of the event
+        ``cron.<function name>``, which the bus schedules."""
+
+        def decorate(fn: Callable[P, R]) -> Listener[P, R]:
+            name = f"cron.{getattr(fn, '__name__', 'job')}"
+            made = self.registry.listener(name, **options)(fn)
+            self.schedule(cron, name)
+            return made
+
+        return decorate
+
+    def _start_scheduler(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        consumes = getattr(self.backend, "consume", True)
+        if self._schedules and consumes and self._loop is not None:
+            self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
+
+    async def _run_schedules(self, schedules: list[Schedule]) -> None:
+        now = time.time()
+        due = {i: entry.next_after(now) for i, entry in enumerate(schedules)}
+        while True:
+            i = min(due, key=due.__getitem__)
+            entry, tick = schedules[i], due[i]
+            await asyncio.sleep(max(0.0, tick - time.time()))
+            try:
+                if await self.backend.claim_tick(entry.key, tick):
+                    await self.publish(
+                        entry.name,
+                        *entry.args,
+                        headers={"tidings-cron-tick": repr(tick)},
+                        **entry.kwargs,
+                    )
+            except Exception:
+                logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
+            due[i] = entry.next_after(tick)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -185,6 +243,7 @@ class Bus:
         self._thread = _get_ident()
         self._loop = loop
         self._refresh_hot()
+        self._start_scheduler()
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished."""
@@ -209,6 +268,10 @@ class Bus:
             if isinstance(timeout, timedelta)
             else float(timeout)
         )
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+            self._scheduler = None
         undelivered = await self.backend.aclose(limit)
         self._closed = True
         self._hot = False

@@ -104,6 +104,10 @@ class Backend(ABC):
         """Counters of what waits and runs."""
         return {}
 
+    async def claim_tick(self, schedule: str, tick: float) -> bool:
+        """Whether this process fires ``schedule``'s ``tick`` (once across processes)."""
+        return True
+
 
 def backend_from_url(url: str, **options: Any) -> Backend:
     """Build the backend a URL names: ``memory://`` or ``sqlite:///path.db``.

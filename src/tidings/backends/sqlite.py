@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tidings_deliveries_due ON tidings_deliveries (listener, dead, due);
 CREATE INDEX IF NOT EXISTS tidings_deliveries_seq ON tidings_deliveries (seq);
+CREATE TABLE IF NOT EXISTS tidings_ticks (
+    schedule TEXT NOT NULL,
+    tick REAL NOT NULL,
+    PRIMARY KEY (schedule, tick)
+) WITHOUT ROWID;
 """
 
 _headers_enc = msgspec.json.Encoder()
@@ -314,6 +319,17 @@ class SQLiteBackend(DurableBackend):
                 "AND NOT EXISTS (SELECT 1 FROM tidings_deliveries d "
                 "WHERE d.seq = tidings_events.seq)"
             )
+
+    async def claim_tick(self, schedule: str, tick: float) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO tidings_ticks (schedule, tick) VALUES (?, ?)",
+                (schedule, tick),
+            )
+            claimed = cursor.rowcount == 1
+            # Ticks older than a day can no longer be claimed twice.
+            await db.execute("DELETE FROM tidings_ticks WHERE tick < ?", (tick - 86400,))
+            return claimed
 
     # -- inspecting -----------------------------------------------------------------
 

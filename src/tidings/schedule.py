@@ -1,0 +1,53 @@
+"""Cron schedules: an event emitted at every tick of a cron expression.
+
+Every consuming bus runs the schedules it knows, and the backend lets one of them fire
+each tick (the memory backend: this process; a durable store: the first to claim the
+tick), so several workers never emit a tick twice.
+
+Needs ``pip install 'tidings[cron]'`` (croniter). Expressions have five fields, or six
+with seconds last (``*/10 * * * * *``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidings._patterns import validate_name
+from tidings.errors import ConfigurationError
+
+__all__ = ["Schedule"]
+
+
+def _croniter() -> Any:
+    try:
+        from croniter import croniter  # type: ignore[import-untyped]
+    except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+        raise ImportError("cron schedules need croniter: pip install 'tidings[cron]'") from exc
+    return croniter
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Emit ``name`` with this payload at every tick of ``cron`` (UTC)."""
+
+    cron: str
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not _croniter().is_valid(self.cron):
+            raise ConfigurationError(f"{self.cron!r} is not a cron expression")
+
+    @property
+    def key(self) -> str:
+        """What identifies the schedule across processes."""
+        return f"{self.name} @ {self.cron}"
+
+    def next_after(self, timestamp: float) -> float:
+        """The first tick strictly after ``timestamp`` (seconds since the epoch)."""
+        start = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+        return float(_croniter()(self.cron, start).get_next(float))
