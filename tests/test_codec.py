@@ -60,3 +60,15 @@ def test_revive_and_bad_bytes() -> None:
         revive_object({"x": "nope"}, Point)
     with pytest.raises(PayloadError, match="cannot be decoded"):
         decode_payload(b"not json")
+
+
+def test_msgpack_payloads_decode_like_json() -> None:
+    event = Event("x", (1,), {"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "p": Point(1, 2)})
+    packed = encode_payload(event, "msgpack")
+    assert packed[:1] != b"{"
+    args, kwargs, _ = decode_payload(packed)
+    assert args == (1,)
+    assert kwargs["p"] == {"x": 1, "y": 2}
+    assert kwargs["when"] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with pytest.raises(PayloadError, match="argument 'bad'"):
+        encode_payload(Event("x", (), {"bad": object()}), "msgpack")

@@ -12,7 +12,7 @@ import msgspec
 from tidings.errors import PayloadError
 from tidings.events import Event
 
-__all__ = ["check_serializable", "decode_payload", "encode_payload", "revive_object"]
+__all__ = ["CODECS", "check_serializable", "decode_payload", "encode_payload", "revive_object"]
 
 
 def _enc_hook(value: Any) -> Any:
@@ -23,17 +23,21 @@ def _enc_hook(value: Any) -> Any:
 
 
 _json = msgspec.json.Encoder(enc_hook=_enc_hook)
+_msgpack = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+#: The formats a durable backend may store payloads in.
+CODECS = ("json", "msgpack")
 
 
-def encode_payload(event: Event) -> bytes:
-    """The event's payload as JSON bytes.
+def encode_payload(event: Event, codec: str = "json") -> bytes:
+    """The event's payload as JSON (or msgpack) bytes.
 
     Raises:
         PayloadError: a value cannot be serialized; the message names its path and type.
     """
     payload = {"args": event.args, "kwargs": event.kwargs, "obj": event.obj}
     try:
-        return _json.encode(payload)
+        return (_msgpack if codec == "msgpack" else _json).encode(payload)
     except (TypeError, NotImplementedError, OverflowError, ValueError) as exc:
         path, bad = _find(event)
         raise PayloadError(
@@ -44,16 +48,18 @@ def encode_payload(event: Event) -> bytes:
 
 
 _decoder = msgspec.json.Decoder()
+_msgpack_decoder = msgspec.msgpack.Decoder()
 
 
 def decode_payload(data: bytes) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-    """``(args, kwargs, obj)`` from :func:`encode_payload`'s bytes, as JSON types.
+    """``(args, kwargs, obj)`` from :func:`encode_payload`'s bytes, in either format
+    (a JSON payload starts with ``{``, a msgpack one never does).
 
     Raises:
         PayloadError: the bytes are not a payload this codec wrote.
     """
     try:
-        raw = _decoder.decode(data)
+        raw = (_decoder if data[:1] == b"{" else _msgpack_decoder).decode(data)
         return tuple(raw["args"]), raw["kwargs"], raw["obj"]
     except (msgspec.DecodeError, KeyError, TypeError) as exc:
         raise PayloadError(f"a stored payload cannot be decoded: {exc}") from exc

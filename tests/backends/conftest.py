@@ -13,7 +13,7 @@ from tidings import Bus
 BusFactory = Callable[..., Bus]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     return name
@@ -28,7 +28,8 @@ def make_bus(backend_name: str, tmp_path: Path) -> BusFactory:
             options.setdefault("check_serializable", True)
             options.pop("consume", None)
             return Bus(**options)
-        options.setdefault("backend", f"sqlite:///{tmp_path / 'events.db'}")
+        codec = "msgpack" if backend_name.endswith("msgpack") else "json"
+        options.setdefault("backend", f"sqlite:///{tmp_path / 'events.db'}?codec={codec}")
         bus = Bus(**options)
         bus.backend.poll_s = 0.01  # type: ignore[attr-defined]
         return bus

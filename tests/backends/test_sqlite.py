@@ -195,6 +195,10 @@ def test_urls() -> None:
     assert Bus("sqlite:////abs/events.db").backend.path == "/abs/events.db"  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
+    with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
+        Bus("sqlite:///x.db?codec=pickle")
+    with pytest.raises(ConfigurationError, match="unknown option 'nope'"):
+        Bus("sqlite:///x.db?nope=1")
     assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("sqlite:///x.db") == "sqlite:///x.db"
     with pytest.raises(ConfigurationError) as info:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
-from tidings.codec import decode_payload, encode_payload, revive_object, revive_value
-from tidings.errors import BackendError, PayloadError, PublishFailed, QueueFull
+from tidings.codec import CODECS, decode_payload, encode_payload, revive_object, revive_value
+from tidings.errors import BackendError, ConfigurationError, PayloadError, PublishFailed, QueueFull
 from tidings.events import Event
 
 if TYPE_CHECKING:
@@ -119,6 +119,8 @@ class DurableBackend(Backend):
         listeners: patterns of the listener names (qualified) to consume; default all.
         drain_on_close: ``aclose`` first waits for due deliveries (an app with one
             process); a worker stops claiming at once and leaves them to the next one.
+        codec: ``"json"`` (the default) or ``"msgpack"`` for stored payloads; readers
+            take either, so it can change while events wait.
     """
 
     durable: ClassVar[bool] = True
@@ -136,7 +138,11 @@ class DurableBackend(Backend):
         max_pending: int = 100_000,
         listeners: Sequence[str] | None = None,
         drain_on_close: bool = True,
+        codec: str = "json",
     ) -> None:
+        if codec not in CODECS:
+            raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
+        self.codec = codec
         self.consume = consume
         self.concurrency = concurrency
         self.lease_s = lease_s
@@ -253,7 +259,7 @@ class DurableBackend(Backend):
         return Stored(
             id=event.id,
             name=event.name,
-            data=encode_payload(event),
+            data=encode_payload(event, self.codec),
             headers=dict(event.headers),
             created=event.timestamp,
             due=due,

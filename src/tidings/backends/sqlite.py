@@ -114,7 +114,7 @@ class SQLiteBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
-        ``lease_s``, ``poll_s``, ``batch``, ``concurrency`` and ``synchronous``."""
+        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``synchronous`` and ``codec``."""
         rest = url.split("://", 1)[1]
         path, _, query = rest.partition("?")
         if path.startswith("/"):
@@ -126,7 +126,7 @@ class SQLiteBackend(DurableBackend):
                 options[key] = float(value)
             elif key in ("batch", "concurrency"):
                 options[key] = int(value)
-            elif key == "synchronous":
+            elif key in ("synchronous", "codec"):
                 options[key] = value
             else:
                 raise ConfigurationError(f"unknown option {key!r} in {url!r}")
