@@ -183,3 +183,130 @@ async def test_publish_from_many_tasks_with_a_tiny_queue_loses_nothing() -> None
         await asyncio.gather(*(producer(b * 1000) for b in range(5)))
         await bus.drain()
     assert len(done.calls) == 250
+
+
+async def test_a_context_change_by_one_listener_reaches_no_later_event() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="-")
+    seen: list[tuple[int, str]] = []
+
+    @listener("x")
+    async def sets(n: int) -> None:
+        if n == 1:
+            var.set("set by a listener")
+
+    @listener("x")
+    async def reads(n: int) -> None:
+        seen.append((n, var.get()))
+
+    async with Bus(listeners=[sets, reads]) as bus:
+        var.set("emitter")
+        for n in range(4):
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert seen == [(n, "emitter") for n in range(4)]
+
+
+async def test_events_from_different_contexts_each_see_their_own() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="-")
+    seen: list[tuple[int, str]] = []
+
+    @listener("x")
+    async def reads(n: int) -> None:
+        seen.append((n, var.get()))
+
+    async with Bus(listeners=[reads]) as bus:
+        for n in range(6):
+            var.set(f"request {n // 2}")
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert seen == [(n, f"request {n // 2}") for n in range(6)]
+
+
+async def test_a_suspended_listener_holds_back_neither_the_others_nor_later_events() -> None:
+    release = asyncio.Event()
+    order: list[str] = []
+
+    @listener("x")
+    async def waits(n: int) -> None:
+        if n == 0:
+            await release.wait()
+        order.append(f"waits {n}")
+
+    @listener("x")
+    async def quick(n: int) -> None:
+        order.append(f"quick {n}")
+
+    async with Bus(listeners=[waits, quick]) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        while len(order) < 5:
+            await asyncio.sleep(0)
+        assert "waits 0" not in order
+        assert order == ["quick 0", "waits 1", "quick 1", "waits 2", "quick 2"]
+        release.set()
+        await bus.drain()
+    assert order[-1] == "waits 0"
+
+
+async def test_listeners_taking_part_of_the_payload_or_raising_type_errors() -> None:
+    got: list[object] = []
+
+    @listener("user.created")
+    async def mail(email: str) -> None:
+        got.append(email)
+
+    @listener("user.created")
+    async def broken(name: str, email: str) -> None:
+        raise TypeError("raised inside the listener")
+
+    async with Bus(listeners=[mail, broken]) as bus:
+        for i in range(3):
+            bus.emit("user.created", name=f"u{i}", email=f"u{i}@example.com")
+        await bus.drain()
+        dead = bus.dead_letters()
+    assert got == [f"u{i}@example.com" for i in range(3)]
+    assert [d.listener.rsplit(".", 1)[-1] for d in dead] == ["broken"] * 3
+    assert all("raised inside the listener" in d.error for d in dead)
+
+
+async def test_a_timeout_applies_once_a_listener_suspends() -> None:
+    @listener("x", timeout=0.01)
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    @listener("x")
+    async def fine() -> None:
+        pass
+
+    async with Bus(listeners=[hangs, fine]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        dead = bus.dead_letters()
+        assert bus.stats()["listeners"][fine.qualname]["delivered"] == 1
+    assert len(dead) == 1
+    assert "timed out after 0.01s" in dead[0].error
+
+
+async def test_max_pending_counts_events_however_many_listeners() -> None:
+    from tidings import QueueFull
+
+    @listener("x")
+    async def one() -> None:
+        pass
+
+    @listener("x")
+    async def two() -> None:
+        pass
+
+    async with Bus(listeners=[one, two], max_pending=3) as bus:
+        for _ in range(3):
+            bus.emit("x")
+        assert bus.stats()["backend"]["pending"] == 6
+        with pytest.raises(QueueFull, match="max_pending=3"):
+            bus.emit("x")
+        await bus.drain()
+        bus.emit("x")

@@ -41,7 +41,7 @@ R = TypeVar("R")
 
 _copy_context = contextvars.copy_context
 _get_ident = threading.get_ident
-_RESERVED = RESERVED_KEYWORDS
+_no_options = RESERVED_KEYWORDS.isdisjoint
 # An error naming undelivered events names at most this many.
 _MAX_IDS_LOGGED = 100
 
@@ -55,8 +55,8 @@ class Bus:
         listeners: listeners (made with ``@listener``) to subscribe.
         strict: raise ``NoListenersError`` for an event nobody listens to, and check at
             emit that every listener can be called with it.
-        max_pending: in-process deliveries that may wait (``emit`` raises ``QueueFull``
-            past it).
+        max_pending: in-process events that may wait to start (``emit`` raises
+            ``QueueFull`` past it).
         concurrency: deliveries that may be suspended at once, all listeners together.
         retry: the default :class:`Retry` for listeners that set none (default: no retry).
         timeout: the default per-attempt timeout in seconds for listeners that set none.
@@ -132,8 +132,8 @@ class Bus:
         self._emit_hooks: list[Callable[[Event], None]] = []
         # Set while emit may take its flat path (see emit).
         self._hot = False
-        self._routes = self.registry._cache
-        self._put = backend.put
+        self._routes = self.registry.routes
+        self._put_named = backend.put_named
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
 
@@ -324,15 +324,17 @@ class Bus:
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        if kwargs and not _RESERVED.isdisjoint(kwargs):
+        # Options are found with one C call rather than as keyword-only parameters,
+        # which make every call bind slower.
+        if kwargs and not _no_options(kwargs):
             self._emit_with_options(name_or_event, args, kwargs)
             return
         if type(name_or_event) is str:
             # The common case, kept flat: a started plain bus, on its loop's thread.
             if self._hot and _get_ident() == self._thread:
                 subs = self._routes.get(name_or_event)
-                if subs and not self.registry.has_once:
-                    self._put(Event(name_or_event, args, kwargs), subs, _copy_context())
+                if subs:
+                    self._put_named(subs, name_or_event, args, kwargs)
                     return
             event = Event(name_or_event, args, kwargs)
         else:

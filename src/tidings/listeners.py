@@ -196,6 +196,8 @@ class Subscription:
         "failed",
         "has_success_hooks",
         "listener",
+        "pump_fn",
+        "pumped",
         "registry",
     )
 
@@ -211,6 +213,14 @@ class Subscription:
         #: that it takes exactly (the common case, called without planning).
         self.eager_fn: Callable[..., Any] | None = listener.fn if listener.is_async else None
         self.eager_names = listener.plan.simple_names
+        #: For the in-process backend: whether it awaits this listener in line (async,
+        #: no concurrency limit), and the function it then calls with the payload's
+        #: keywords, or ``None`` to call it through its binding plan.
+        pumped = listener.is_async and listener.concurrency is None
+        self.pumped = pumped
+        self.pump_fn: Callable[..., Any] | None = (
+            listener.fn if pumped and self.eager_names is not None else None
+        )
 
     def unsubscribe(self) -> None:
         """Remove this listener from its registry (no error if already removed)."""
@@ -255,6 +265,9 @@ class Registry:
         self._children: list[Registry] = []
         self._parent: Registry | None = None
         self._cache: dict[str, tuple[Subscription, ...]] = {}
+        #: The resolved names emit may route without further checks: the same as the
+        #: cache, but kept empty while a ``once`` listener needs each emit to take it.
+        self.routes: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Any]] = {}
         self._lock = threading.RLock()
         #: Whether any listener here or below is ``once`` (so emit checks for it).
@@ -358,7 +371,9 @@ class Registry:
     def _invalidate(self) -> None:
         registry: Registry | None = self
         while registry is not None:
-            registry._cache.clear()  # cleared in place: the bus holds a reference
+            # Cleared in place: the bus holds references.
+            registry._cache.clear()
+            registry.routes.clear()
             subs = registry.subscriptions()
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
@@ -374,6 +389,8 @@ class Registry:
             with self._lock:
                 found = tuple(self._walk(name))
                 self._cache[name] = found
+                if not self.has_once:
+                    self.routes[name] = found
         return found
 
     def _walk(self, name: str) -> Iterable[Subscription]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 from abc import ABC, abstractmethod
-from contextvars import Context
+from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -65,6 +65,20 @@ class Backend(ABC):
         Raises:
             QueueFull: there is no room now.
         """
+
+    def put_named(
+        self,
+        subs: tuple[Subscription, ...],
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Queue a named event, emitted in the caller's context, like :meth:`put`.
+
+        The bus's fast path for plain named events: a backend may queue them without
+        building the envelope until something reads it.
+        """
+        self.put(Event(name, args, kwargs), subs, copy_context())
 
     @abstractmethod
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:

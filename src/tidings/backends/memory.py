@@ -2,23 +2,36 @@
 
 At most once: what is queued is lost if the process dies, and drained on a graceful
 stop. Deliveries run in queue order; a listener with ``concurrency=1`` sees its events
-in emit order. The queue holds one entry per event (not per delivery) and is flushed in
-bounded batches by a loop callback, so emitting and delivering cost no task unless a
-listener really waits.
+in emit order.
+
+Why it is fast: the queue holds one entry per event (not per delivery), and the
+envelope (:class:`~tidings.events.Event`) is only built when something reads it. A
+loop callback drains the queue through a *pump*: one coroutine that awaits the async
+listeners one after the other, so a listener that finishes without suspending costs a
+plain ``await``, with no task and no ``StopIteration``. When a listener really
+suspends, the pump is handed, with that one delivery, to a task of its own, and a new
+pump carries on with the rest of the queue.
+
+A pump runs in a copy of the emitter's context and only takes events whose emitter
+context is the same; a listener that sets a context variable ends the pump, so what one
+delivery sets is never seen by another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
+import types
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextvars import Context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tidings.backends.base import Backend, DeadLetter
+from tidings.delivery import _resume
 from tidings.errors import QueueFull
 from tidings.events import Event
 
@@ -30,10 +43,26 @@ __all__ = ["MemoryBackend"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
-_Entry = tuple[Event, "tuple[Subscription, ...]", Context]
+# A queue entry: [subs, ctx, name, args, kwargs, event or emit timestamp]. A list, so
+# the event built on first need is kept for the other deliveries of the same entry.
+_Entry = list[Any]
+_GateEntry = tuple[Event, "tuple[Subscription, ...]", Context]
 
 # Deliveries started per loop callback, so a burst never starves other callbacks.
 _BATCH = 8192
+
+# The positional arguments of a typed event's entry: never called with directly.
+_TYPED = (None,)
+
+_copy_context = contextvars.copy_context
+_time = time.time
+
+
+def _event(entry: _Entry) -> Event:
+    ev = entry[5]
+    if type(ev) is float:
+        ev = entry[5] = Event(entry[2], entry[3], entry[4], ev)
+    return ev  # type: ignore[no-any-return]
 
 
 class _Gate:
@@ -44,15 +73,25 @@ class _Gate:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.running = 0
-        self.backlog: deque[_Entry] = deque()
+        self.backlog: deque[_GateEntry] = deque()
+
+
+class _PumpState:
+    """Set by the flush when the pump's delivery suspended: the pump then stops."""
+
+    __slots__ = ("detached",)
+
+    def __init__(self) -> None:
+        self.detached = False
 
 
 class MemoryBackend(Backend):
     """Deliveries in a bounded in-process queue.
 
     Args:
-        max_pending: deliveries that may wait at once; ``emit`` raises ``QueueFull``
-            past it, ``publish`` waits.
+        max_pending: events that may wait to start at once, each counted once however
+            many listeners it has (deliveries held back by a listener's concurrency
+            limit count too); ``emit`` raises ``QueueFull`` past it, ``publish`` waits.
         concurrency: deliveries that may be suspended (awaiting) at once, all listeners
             together.
         max_dead_letters: how many recent dead letters are kept for inspection.
@@ -68,7 +107,8 @@ class MemoryBackend(Backend):
         self.max_pending = max_pending
         self.concurrency = concurrency
         self._queue: deque[_Entry] = deque()
-        self._pending = 0  # deliveries queued or in a backlog, not started
+        self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
+        self._room = max_pending  # what the queue may hold: max_pending less the backlogs
         self._running: dict[asyncio.Future[Any], tuple[Event, Subscription]] = {}
         self._gates: dict[Subscription, _Gate] = {}
         self._timers: dict[asyncio.TimerHandle, list[Event]] = {}
@@ -87,34 +127,46 @@ class MemoryBackend(Backend):
     # -- queueing -------------------------------------------------------------------
 
     def has_room(self, count: int) -> bool:
-        return self._pending + count <= self.max_pending
+        return len(self._queue) < self._room
 
-    def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        n = len(subs)
-        if self._pending + n > self.max_pending:
-            raise QueueFull(
-                f"the in-process queue holds {self._pending} deliveries (max_pending="
-                f"{self.max_pending}); cannot queue event {event.name!r}: await "
-                "bus.publish(...) to wait for room, or raise max_pending"
-            )
-        self._pending += n
-        self._queue.append((event, subs, ctx))
+    def _full(self, name: str) -> QueueFull:
+        return QueueFull(
+            f"the in-process queue holds {len(self._queue) + self._backlogged} events "
+            f"(max_pending={self.max_pending}); cannot queue event {name!r}: await "
+            "bus.publish(...) to wait for room, or raise max_pending"
+        )
+
+    def put_named(
+        self,
+        subs: tuple[Subscription, ...],
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        queue = self._queue
+        if len(queue) >= self._room:
+            raise self._full(name)
+        queue.append([subs, _copy_context(), name, args, kwargs, _time()])
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
 
+    def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+        if len(self._queue) >= self._room:
+            raise self._full(event.name)
+        self._force(event, subs, ctx)
+
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        while not self.has_room(len(subs)) and self._pending:
+        while len(self._queue) >= self._room and (self._queue or self._backlogged):
             waiter = self._loop.create_future()  # type: ignore[union-attr]
             self._room_waiters.append(waiter)
             await waiter
-        self._pending += len(subs)
-        self._queue.append((event, subs, ctx))
-        self._schedule()
+        self._force(event, subs, ctx)
 
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        self._pending += len(subs)
-        self._queue.append((event, subs, ctx))
+        # A typed event's listeners bind through their plans: non-empty "args" say so.
+        args = event.args if event.obj is None else _TYPED
+        self._queue.append([subs, ctx, event.name, args, event.kwargs, event])
         self._schedule()
 
     def put_later(
@@ -173,43 +225,133 @@ class MemoryBackend(Backend):
     def _flush(self) -> None:
         self._scheduled = False
         queue = self._queue
-        run = self._runner.run  # type: ignore[union-attr]
         running = self._running
         limit = self.concurrency
-        budget = _BATCH
-        # The concurrency limit is checked per event: one event's deliveries all start.
-        while queue and budget > 0 and len(running) < limit:
-            event, subs, ctx = queue.popleft()
-            if len(subs) == 1:
-                sub = subs[0]
-                budget -= 1
-                if sub.listener.concurrency is not None:
-                    self._gated(event, sub, ctx)
-                    continue
-                self._pending -= 1
-                fut = run(event, sub, ctx)
-                if fut is not None:
-                    running[fut] = (event, sub)
-                    fut.add_done_callback(self._done)
+        loop = self._loop
+        assert loop is not None
+        spent = 0
+        while queue and len(running) < limit and spent < _BATCH:
+            ctx: Context = queue[0][1]
+            pristine = ctx.copy()
+            state = _PumpState()
+            pump = self._pump(ctx, pristine, state, _BATCH - spent)
+            try:
+                yielded = ctx.run(pump.send, None)
+            except StopIteration as stop:
+                spent += stop.value
                 continue
-            last = len(subs) - 1
-            budget -= last + 1
-            for i, sub in enumerate(subs):
-                # Each delivery gets its own copy of the emitter's context, the last one
-                # the original: what one listener sets is never seen by another.
-                dctx = ctx if i == last else ctx.copy()
-                if sub.listener.concurrency is not None:
-                    self._gated(event, sub, dctx)
-                    continue
-                self._pending -= 1
-                fut = run(event, sub, dctx)
-                if fut is not None:
-                    running[fut] = (event, sub)
-                    fut.add_done_callback(self._done)
+            spent += 1
+            # The delivery the pump was running suspended: it keeps the pump, in a task.
+            state.detached = True
+            # Where the pump stopped is in its frame: reading it here, on this rare
+            # path, spares every delivery two stores.
+            frame = cast("types.CoroutineType[Any, Any, int]", pump).cr_frame
+            assert frame is not None
+            where = frame.f_locals
+            entry = where["entry"]
+            sub = where["sub"]
+            event = _event(entry)
+            self._requeue_after(entry, sub, pristine)
+            task = loop.create_task(
+                self._resume_pump(pump, yielded, event, sub, pristine), context=ctx
+            )
+            running[task] = (event, sub)
+            task.add_done_callback(self._done)
         if queue and len(running) < limit:
             self._schedule()
         if self._room_waiters or self._idle_waiters:
             self._wake()
+
+    async def _pump(self, ctx: Context, pristine: Context, state: _PumpState, budget: int) -> int:
+        # Runs inside ``ctx`` (``pristine`` is an untouched copy of it). Kept flat: this
+        # loop is the cost of every in-process delivery.
+        queue = self._queue
+        runner = self._runner
+        assert runner is not None
+        running = self._running
+        limit = self.concurrency
+        on_success = runner.on_success
+        done = 0
+        while queue and done < budget:
+            entry = queue[0]
+            if entry[1] is not ctx and entry[1] != pristine:
+                return done  # another emitter context: another pump
+            queue.popleft()
+            for sub in entry[0]:
+                done += 1
+                fn = sub.pump_fn
+                if fn is None and not sub.pumped:
+                    self._start_other(entry, sub, pristine)
+                    if len(running) >= limit:
+                        self._requeue_after(entry, sub, pristine)
+                        return done
+                    continue
+                try:
+                    if fn is None or entry[3]:
+                        await sub.listener.plan.call(_event(entry))
+                    else:
+                        try:
+                            coro = fn(**entry[4])
+                        except TypeError:
+                            # Not exactly the listener's parameters (a subset, say):
+                            # bind through its plan from now on.
+                            sub.pump_fn = None
+                            coro = sub.listener.plan.call(_event(entry))
+                        await coro
+                except Exception as exc:
+                    runner.failed(_event(entry), sub, pristine.copy(), exc)
+                else:
+                    sub.delivered += 1
+                    if on_success or sub.has_success_hooks:
+                        runner.succeeded(_event(entry), sub, counted=True)
+                if state.detached:
+                    return done
+                if ctx != pristine:
+                    # This listener set a context variable: the next ones must not see it.
+                    self._requeue_after(entry, sub, pristine)
+                    return done
+        return done
+
+    def _requeue_after(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
+        """Put back, first in line, the deliveries of ``entry`` after ``sub``'s."""
+        subs = entry[0]
+        rest = subs[subs.index(sub) + 1 :]
+        if rest:
+            self._queue.appendleft([rest, pristine.copy(), *entry[2:]])
+
+    async def _resume_pump(
+        self,
+        pump: Coroutine[Any, Any, int],
+        yielded: Any,
+        event: Event,
+        sub: Subscription,
+        pristine: Context,
+    ) -> None:
+        # The pump itself records the delivery's outcome when it returns or raises;
+        # only a timeout (a cancellation that leaves the pump) is recorded here.
+        runner = self._runner
+        assert runner is not None
+        timeout = sub.listener.timeout or runner.timeout
+        if timeout is None:
+            await _resume(pump, yielded)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await _resume(pump, yielded)
+        except TimeoutError as exc:
+            runner.failed(event, sub, pristine.copy(), exc)
+
+    def _start_other(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
+        """A sync listener, or one whose deliveries pass its concurrency gate."""
+        event = _event(entry)
+        ctx = pristine.copy()
+        if sub.listener.concurrency is not None:
+            self._gated(event, sub, ctx)
+            return
+        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        if fut is not None:
+            self._running[fut] = (event, sub)
+            fut.add_done_callback(self._done)
 
     def _gated(self, event: Event, sub: Subscription, ctx: Context) -> None:
         gate = self._gates.get(sub)
@@ -220,40 +362,47 @@ class MemoryBackend(Backend):
         else:
             # Behind earlier deliveries of the same listener: keeps its order.
             gate.backlog.append((event, (sub,), ctx))
+            self._backlogged += 1
+            self._room -= 1
 
     def _start_gated(self, gate: _Gate, event: Event, sub: Subscription, ctx: Context) -> None:
-        self._pending -= 1
         fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
         if fut is not None:
             gate.running += 1
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
 
-    def _pump(self, gate: _Gate) -> None:
+    def _pump_gate(self, gate: _Gate) -> None:
         """Start a gate's backlogged deliveries while it has room (bounded per call)."""
         budget = _BATCH
         while gate.backlog and gate.running < gate.limit and budget:
             budget -= 1
             event, subs, ctx = gate.backlog.popleft()
+            self._backlogged -= 1
+            self._room += 1
             self._start_gated(gate, event, subs[0], ctx)
         if gate.backlog and gate.running < gate.limit:
-            self._loop.call_soon(self._pump, gate)  # type: ignore[union-attr]
+            self._loop.call_soon(self._pump_gate, gate)  # type: ignore[union-attr]
         elif not gate.backlog:
             self._wake()
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
         _, sub = self._running.pop(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            logger.error(
+                "delivery task of %s raised", sub.listener.qualname, exc_info=fut.exception()
+            )
         gate = self._gates.get(sub)
-        if gate is not None:
+        if gate is not None and sub.listener.concurrency is not None:
             gate.running -= 1
             if gate.backlog:
-                self._pump(gate)
+                self._pump_gate(gate)
         if self._queue:
             self._schedule()
         self._wake()
 
     def _wake(self) -> None:
-        while self._room_waiters and self._pending < self.max_pending:
+        while self._room_waiters and len(self._queue) < self._room:
             waiter = self._room_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
@@ -264,7 +413,7 @@ class MemoryBackend(Backend):
                     waiter.set_result(None)
 
     def _idle(self) -> bool:
-        return not self._queue and not self._running and not self._retrying and not self._pending
+        return not self._queue and not self._running and not self._retrying and not self._backlogged
 
     async def drain(self) -> None:
         loop = self._loop
@@ -278,9 +427,7 @@ class MemoryBackend(Backend):
     async def aclose(self, timeout_s: float | None) -> list[str]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), timeout_s)
-        undelivered: list[str] = []
-        for event, _subs, _ctx in self._queue:
-            undelivered.append(event.id)
+        undelivered: list[str] = [_event(entry).id for entry in self._queue]
         for gate in self._gates.values():
             undelivered.extend(event.id for event, _subs, _ctx in gate.backlog)
             gate.backlog.clear()
@@ -294,13 +441,14 @@ class MemoryBackend(Backend):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._queue.clear()
-        self._pending = 0
+        self._backlogged = 0
+        self._room = self.max_pending
         self._retrying = 0
         return list(dict.fromkeys(undelivered))
 
     def stats(self) -> dict[str, Any]:
         return {
-            "pending": self._pending,
+            "pending": sum(len(entry[0]) for entry in self._queue) + self._backlogged,
             "running": len(self._running),
             "retrying": self._retrying,
             "scheduled": len(self._timers) - self._retrying,
