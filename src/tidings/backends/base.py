@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,6 +80,22 @@ class Backend(ABC):
         building the envelope until something reads it.
         """
         self.put(Event(name, args, kwargs), subs, copy_context())
+
+    def fast_emit(
+        self,
+        routes: Mapping[str, tuple[Subscription, ...]],
+        thread: int,
+        fallback: Callable[..., None],
+    ) -> Callable[..., None] | None:
+        """An ``emit`` function for a bus in its plain state, or ``None`` (the default).
+
+        The bus installs it as its ``emit`` while nothing needs to see each event
+        (no hooks, no strict checks, no serialization check) and removes it when that
+        changes. It may queue a named event whose name is in ``routes``, emitted on the
+        thread ``thread`` without options; anything else it hands to ``fallback`` (the
+        bus's own ``emit``) with the same arguments.
+        """
+        return None
 
     @abstractmethod
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
