@@ -105,12 +105,13 @@ class Listener(Generic[P, R]):
         self.timeout = _seconds(timeout, f"timeout of listener {self.qualname}")
         self.concurrency = concurrency
         self.once = once
-        self.is_async = _is_async_callable(fn)
         self.inline = inline
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.plan = CallPlan(fn, self.qualname)
+        # The plan may call a wrapper (injected dependencies), which is async.
+        self.is_async = _is_async_callable(self.plan.fn)
         # Typed-event classes this listener ties to a name: subscribed by class, or
         # annotated on a parameter.
         types: dict[str, type[Any]] = {}
@@ -209,7 +210,7 @@ class Subscription:
         self.has_success_hooks = bool(listener.on_success)
         #: For an async listener, the function to start eagerly; with the keyword names
         #: that it takes exactly (the common case, called without planning).
-        self.eager_fn: Callable[..., Any] | None = listener.fn if listener.is_async else None
+        self.eager_fn: Callable[..., Any] | None = listener.plan.fn if listener.is_async else None
         self.eager_names = listener.plan.simple_names
 
     def unsubscribe(self) -> None:
