@@ -133,7 +133,7 @@ class _Injected:
         async with AsyncExitStack() as stack:
             # FastAPI keeps the exit stacks of yield dependencies in the request scope;
             # both of this delivery's are this stack, closed when the listener returned.
-            scope = {
+            scope: dict[str, Any] = {
                 "type": "http",
                 "method": "POST",
                 "path": "/",
@@ -158,7 +158,7 @@ class _Injected:
             given = self.event_signature.bind(*args, **kwargs).arguments
             given.update(solved.values)
             ordered = {n: given[n] for n in self.signature.parameters if n in given}
-            call = inspect.BoundArguments(self.signature, ordered)  # type: ignore[arg-type]
+            call = inspect.BoundArguments(self.signature, ordered)
             if self.is_async:
                 return await self.fn(*call.args, **call.kwargs)
             return await run_in_threadpool(self.fn, *call.args, **call.kwargs)
