@@ -323,13 +323,13 @@ async def test_dependencies_are_resolved_in_a_worker_reading_a_durable_store(
         return Mailer("worker")
 
     @listener("user.created")
-    async def welcome(at: datetime, mailer: Annotated[Mailer, Depends(get_mailer)]) -> None:
-        seen.append((at, mailer.name))
+    async def welcome(created: datetime, mailer: Annotated[Mailer, Depends(get_mailer)]) -> None:
+        seen.append((created, mailer.name))
 
     url = f"sqlite:///{tmp_path / 'events.db'}"
     when = datetime(2026, 1, 2, 3, 4, 5)
     async with Bus(url, listeners=[welcome], consume=False) as web:
-        await web.publish("user.created", at=when)
+        await web.publish("user.created", created=when)
     worker = Bus(url, listeners=[welcome])
     worker.backend.poll_s = 0.01  # type: ignore[attr-defined]
     async with worker:
