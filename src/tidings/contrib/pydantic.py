@@ -77,7 +77,7 @@ def validator(name: str, model: Any) -> Callable[[Event], None]:
         )
     if is_pattern(validate_name(name)):
         raise ConfigurationError(f"a schema is for one event name, not the pattern {name!r}")
-    title = model.__qualname__
+    title = model.__name__
 
     def validate(event: Event) -> None:
         if event.obj is not None:
