@@ -335,3 +335,20 @@ async def test_dependencies_are_resolved_in_a_worker_reading_a_durable_store(
     async with worker:
         await worker.drain()
     assert seen == [(when, "worker")]
+
+
+async def test_a_callable_object_listener_takes_dependencies_too() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def get_mailer() -> Mailer:
+        return Mailer("object")
+
+    class Welcome:
+        async def __call__(self, email: str, mailer: Mailer = Depends(get_mailer)) -> None:
+            seen.append((email, mailer.name))
+
+    async with Bus() as bus:
+        bus.subscribe("user.created", fn=Welcome())
+        bus.emit("user.created", email="a@b.c")
+        await bus.drain()
+    assert seen == [("a@b.c", "object")]

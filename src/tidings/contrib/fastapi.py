@@ -120,7 +120,9 @@ class _Injected:
         self.signature = signature
         self.event_signature = event_signature
         self.dependant = dependant
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
         #: Whose ``dependency_overrides`` apply (set by :func:`bind`).
         self.app: Any = None
 
