@@ -311,3 +311,27 @@ async def test_max_pending_counts_events_however_many_listeners() -> None:
             bus.emit("x")
         await bus.drain()
         bus.emit("x")
+
+
+async def test_wrapped_listeners_taking_part_of_the_payload_are_planned() -> None:
+    import functools
+
+    got: list[str] = []
+
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    @listener("user.created")
+    @logged
+    async def mail(email: str) -> None:
+        got.append(email)
+
+    async with Bus(listeners=[mail]) as bus:
+        bus.emit("user.created", name="Ada", email="ada@example.com")
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert got == ["ada@example.com"]

@@ -6,10 +6,15 @@ typed object for a parameter annotated with its class (or its fields by name), a
 everything for ``*args`` / ``**kwargs``. The signature is read once; the mapping for a
 given shape of event (number of positional arguments, keyword names, typed class) is
 computed once and cached, so a call costs a dictionary lookup.
+
+An integration may inject some parameters itself (FastAPI's ``Depends``): its injector,
+registered with :func:`register_injector` for the package its markers come from, wraps
+the function once, at registration, into one that takes only the event's parameters.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +22,7 @@ from typing import Any
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
 
-__all__ = ["CallPlan"]
+__all__ = ["CallPlan", "Injector", "register_injector"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -29,6 +34,51 @@ _PLAIN: tuple[Any, ...] = (inspect.Parameter.empty, Any, object, str, int, float
 
 _Source = tuple[int, Any]
 _Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, bool]
+
+
+#: ``injector(fn, signature, qualname)``: ``None`` to leave the function alone, or the
+#: function to call instead and its signature (the parameters the event fills).
+Injector = Callable[
+    [Callable[..., Any], inspect.Signature, str],
+    tuple[Callable[..., Any], inspect.Signature] | None,
+]
+
+_injectors: dict[str, Injector] = {}
+# The module that registers the injector of a package, imported the first time a
+# listener's signature mentions that package (so the core never imports it).
+_INJECTOR_MODULES = {"fastapi": "tidings.contrib.fastapi", "starlette": "tidings.contrib.fastapi"}
+
+
+def register_injector(package: str, injector: Injector) -> None:
+    """Let ``injector`` wrap listeners whose parameters mention ``package``'s objects."""
+    _injectors[package] = injector
+
+
+def _packages(sig: inspect.Signature) -> set[str]:
+    found: set[str] = set()
+    for p in sig.parameters.values():
+        ann = p.annotation
+        for marker in (p.default, ann, *getattr(ann, "__metadata__", ())):
+            owner = marker if isinstance(marker, type) else type(marker)
+            found.add(getattr(owner, "__module__", "").partition(".")[0])
+    return found
+
+
+def _inject(
+    fn: Callable[..., Any], sig: inspect.Signature, qualname: str
+) -> tuple[Callable[..., Any], inspect.Signature] | None:
+    for package in _packages(sig):
+        if package not in _injectors and package in _INJECTOR_MODULES:
+            try:
+                importlib.import_module(_INJECTOR_MODULES[package])
+            except ImportError:
+                continue
+        injector = _injectors.get(package)
+        if injector is not None:
+            injected = injector(fn, sig, qualname)
+            if injected is not None:
+                return injected
+    return None
 
 
 def _signature(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
@@ -66,9 +116,13 @@ class CallPlan:
     )
 
     def __init__(self, fn: Callable[..., Any], qualname: str) -> None:
-        self.fn = fn
         self.qualname = qualname
         sig = _signature(fn, qualname)
+        injected = _inject(fn, sig, qualname)
+        if injected is not None:
+            fn, sig = injected
+        #: What is called: the function, or the injector's wrapper of it.
+        self.fn = fn
         params: list[tuple[str, inspect._ParameterKind, Any, bool]] = []
         self._var_args = False
         self._var_kwargs = False

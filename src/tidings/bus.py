@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import MethodType, TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
 from tidings.codec import check_serializable
-from tidings.delivery import Retry, Runner
+from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
     NoListenersError,
@@ -38,6 +38,7 @@ logger = logging.getLogger("tidings.bus")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+M = TypeVar("M")
 
 _copy_context = contextvars.copy_context
 _get_ident = threading.get_ident
@@ -130,6 +131,10 @@ class Bus:
         self._closed = False
         self._typed_ok: dict[type[Any], str] = {}
         self._emit_hooks: list[Callable[[Event], None]] = []
+        # Told of every delivery (tracing); the runner takes them when the bus starts.
+        self._observers: list[DeliveryObserver] = []
+        # Payload checks by event name (see schema); while empty, emit never looks.
+        self._schemas: dict[str, Callable[[Event], None]] = {}
         # Set while emit may take its flat path (see emit).
         self._hot = False
         self._routes = self.registry.routes
@@ -154,6 +159,30 @@ class Bus:
     def include(self, registry: Registry) -> None:
         """Add a registry's listeners (and later changes to it) to this bus."""
         self.registry.include(registry)
+
+    @overload
+    def schema(self, name: str, model: M, /) -> M: ...
+    @overload
+    def schema(self, name: str, /) -> Callable[[M], M]: ...
+    def schema(self, name: str, model: Any = None, /) -> Any:
+        """Validate the keyword payload of every ``name`` event with a pydantic model, at
+        emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
+
+        ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
+        on the model class. A payload that does not validate raises
+        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError``); nothing is queued.
+
+        Raises:
+            ConfigurationError: not a pydantic model class, or a pattern for ``name``.
+        """
+        from tidings.contrib.pydantic import validator
+
+        def register(model: M) -> M:
+            self._schemas[name] = validator(name, model)
+            self._refresh_hot()
+            return model
+
+        return register if model is None else register(model)
 
     def schedule(self, cron: str, name: str, /, *args: Any, **kwargs: Any) -> Schedule:
         """Emit ``name`` with this payload at every tick of the cron expression ``cron``
@@ -238,6 +267,7 @@ class Bus:
             on_success=self.on_success,
             on_dead=self.on_dead,
             registry=self.registry,
+            observers=self._observers,
         )
         await self.backend.start(self._runner)
         self._thread = _get_ident()
@@ -427,6 +457,10 @@ class Bus:
         if self.disabled:
             logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
             return None
+        if self._schemas:
+            validate = self._schemas.get(event.name)
+            if validate is not None:
+                validate(event)
         registry = self.registry
         subs = registry._cache.get(event.name)
         if subs is None:
@@ -497,6 +531,7 @@ class Bus:
             and not self._closed
             and not (self.disabled or self.strict or self.check_serializable)
             and not self._emit_hooks
+            and not self._schemas
         )
         # While nothing needs to see each event, the backend may supply the whole of
         # emit (an instance attribute, found before the method); it hands anything

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from concurrent.futures import Executor
 from contextvars import Context
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tidings.backends.base import Backend
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
-__all__ = ["Retry", "Runner"]
+__all__ = ["DeliveryObserver", "Retry", "Runner"]
 
 logger = logging.getLogger("tidings.delivery")
 
@@ -67,6 +67,14 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+
+#: Told of each delivery as it starts (``observer(event, subscription, context)``, the
+#: context being the delivery's own); returns the callback told of its end:
+#: ``finish(outcome, error)``, outcome ``"success"``, ``"retry"``, ``"dead"`` or
+#: ``"cancelled"``. Tracing is one.
+DeliveryObserver = Callable[
+    [Event, "Subscription", Context], Callable[[str, BaseException | None], None]
+]
 
 
 def _secs(value: float | timedelta) -> float:
@@ -113,6 +121,7 @@ class Runner:
         on_success: tuple[SuccessHook, ...],
         on_dead: tuple[ErrorHook, ...],
         registry: Registry | None = None,
+        observers: Sequence[DeliveryObserver] = (),
     ) -> None:
         self.loop = loop
         #: The bus's listeners (a durable backend consumes for them).
@@ -125,6 +134,12 @@ class Runner:
         self.on_success = on_success
         self.on_dead = on_dead
         self._hook_tasks: set[asyncio.Task[Any]] = set()
+        self.observers = tuple(observers)
+        # Observed deliveries not finished yet: (id(event), sub) -> (event, finishers).
+        self._observed: dict[tuple[int, Subscription], tuple[Event, list[Any]]] = {}
+        if self.observers:
+            # Swapped rather than checked, so an unobserved runner pays nothing.
+            self.run = self._run_observed  # type: ignore[method-assign]
 
     def run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
         """Start one delivery in ``ctx`` (the delivery's own copy of the emitter's
@@ -158,6 +173,32 @@ class Runner:
             return None
         # The thread enters the context; the task that awaits it must not.
         return self.loop.create_task(self._in_thread(event, sub, ctx))
+
+    def _run_observed(
+        self, event: Event, sub: Subscription, ctx: Context
+    ) -> asyncio.Future[Any] | None:
+        key = (id(event), sub)
+        self._observed[key] = (event, [observe(event, sub, ctx) for observe in self.observers])
+        fut = Runner.run(self, event, sub, ctx)
+        # A failure was reported by failed(); what is still here succeeded (or was cancelled).
+        if fut is None:
+            self._finish(key, "success", None)
+        else:
+            fut.add_done_callback(
+                lambda f: self._finish(key, "cancelled" if f.cancelled() else "success", None)
+            )
+        return fut
+
+    def _finish(
+        self, key: tuple[int, Subscription], outcome: str, exc: BaseException | None
+    ) -> None:
+        entry = self._observed.pop(key, None)
+        if entry is not None:
+            for finish in entry[1]:
+                try:
+                    finish(outcome, exc)
+                except Exception:
+                    logger.exception("delivery observer %r raised", finish)
 
     async def _resume(
         self,
@@ -228,6 +269,8 @@ class Runner:
             )
             for hook in error_hooks:
                 self._call_hook(hook, event, listener, exc)
+            if self._observed:
+                self._finish((id(event), sub), "retry", exc)
             self.backend.retry(event.for_attempt(attempt + 1), sub, ctx, delay)
             return
         logger.error(
@@ -243,6 +286,8 @@ class Runner:
             self._call_hook(hook, event, listener, exc)
         for hook in (*sub.hooks("on_dead"), *self.on_dead):
             self._call_hook(hook, event, listener, exc)
+        if self._observed:
+            self._finish((id(event), sub), "dead", exc)
         self.backend.dead(event, sub, exc)
 
     def _call_hook(self, hook: Any, *args: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -105,12 +106,13 @@ class Listener(Generic[P, R]):
         self.timeout = _seconds(timeout, f"timeout of listener {self.qualname}")
         self.concurrency = concurrency
         self.once = once
-        self.is_async = _is_async_callable(fn)
         self.inline = inline
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.plan = CallPlan(fn, self.qualname)
+        # The plan may call a wrapper (injected dependencies), which is async.
+        self.is_async = _is_async_callable(self.plan.fn)
         # Typed-event classes this listener ties to a name: subscribed by class, or
         # annotated on a parameter.
         types: dict[str, type[Any]] = {}
@@ -186,6 +188,20 @@ def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]
     return str_names, typed
 
 
+def _binds_when_called(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a plain ``async def`` (or a method of one): calling it with
+    keywords it does not take raises ``TypeError`` before any of its code runs, so a
+    call can be tried first and planned only if it does not bind. A wrapper that takes
+    ``*args, **kwargs`` would only fail once awaited."""
+    func = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    return (
+        isinstance(func, types.FunctionType)
+        and inspect.iscoroutinefunction(func)
+        and not hasattr(func, "__wrapped__")
+        and "__signature__" not in func.__dict__
+    )
+
+
 class Subscription:
     """One listener subscribed in one registry; ``unsubscribe()`` removes it."""
 
@@ -211,15 +227,16 @@ class Subscription:
         self.has_success_hooks = bool(listener.on_success)
         #: For an async listener, the function to start eagerly; with the keyword names
         #: that it takes exactly (the common case, called without planning).
-        self.eager_fn: Callable[..., Any] | None = listener.fn if listener.is_async else None
+        self.eager_fn: Callable[..., Any] | None = listener.plan.fn if listener.is_async else None
         self.eager_names = listener.plan.simple_names
         #: For the in-process backend: whether it awaits this listener in line (async,
         #: no concurrency limit), and the function it then calls with the payload's
         #: keywords, or ``None`` to call it through its binding plan.
         pumped = listener.is_async and listener.concurrency is None
         self.pumped = pumped
+        fn = listener.plan.fn
         self.pump_fn: Callable[..., Any] | None = (
-            listener.fn if pumped and self.eager_names is not None else None
+            fn if pumped and self.eager_names is not None and _binds_when_called(fn) else None
         )
 
     def unsubscribe(self) -> None:

@@ -262,6 +262,13 @@ class MemoryBackend(Backend):
         loop = self._loop
         assert loop is not None
         spent = 0
+        if self._runner.observers:  # type: ignore[union-attr]
+            # Each delivery is observed (traced) as the runner starts it: no pump.
+            while queue and len(running) < limit and spent < _BATCH:
+                entry = queue.popleft()
+                for sub in entry[0]:
+                    self._start_other(entry, sub, entry[1])
+                spent += 1
         while queue and len(running) < limit and spent < _BATCH:
             ctx: Context = queue[0][1]
             pristine = ctx.copy()
@@ -374,7 +381,8 @@ class MemoryBackend(Backend):
             runner.failed(event, sub, pristine.copy(), exc)
 
     def _start_other(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
-        """A sync listener, or one whose deliveries pass its concurrency gate."""
+        """A delivery the runner starts: a sync listener, one whose deliveries pass its
+        concurrency gate, or any when deliveries are observed."""
         event = _event(entry)
         ctx = pristine.copy()
         if sub.listener.concurrency is not None:

@@ -1,0 +1,1 @@
+"""Integrations with optional libraries, each behind its extra (``tidings[fastapi]``...)."""
