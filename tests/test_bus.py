@@ -23,7 +23,7 @@ from tidings import (
 )
 from tidings.backends.memory import MemoryBackend
 
-from .conftest import Counter
+from .conftest import Counter, noop
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -70,9 +70,9 @@ async def test_emit_before_start_says_how_to_start() -> None:
 
 
 async def test_emit_after_close_says_the_bus_is_closed() -> None:
-    bus = Bus()
+    bus = Bus(listeners=[listener("x")(noop)])
     async with bus:
-        pass
+        bus.emit("x")
     with pytest.raises(NotStartedError, match="closed"):
         bus.emit("x")
     with pytest.raises(NotStartedError, match="closed"):

@@ -304,7 +304,7 @@ class Bus:
             self._scheduler = None
         undelivered = await self.backend.aclose(limit)
         self._closed = True
-        self._hot = False
+        self._refresh_hot()
         if undelivered:
             shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
             more = len(undelivered) - _MAX_IDS_LOGGED
