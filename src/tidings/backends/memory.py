@@ -312,10 +312,10 @@ class MemoryBackend(Backend):
         on_success = runner.on_success
         done = 0
         while queue and done < budget:
-            entry = queue[0]
+            entry = queue.popleft()
             if entry[1] is not ctx and entry[1] != pristine:
-                return done  # another emitter context: another pump
-            queue.popleft()
+                queue.appendleft(entry)  # another emitter context: another pump
+                return done
             for sub in entry[0]:
                 done += 1
                 fn = sub.pump_fn
