@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +10,35 @@ import pytest
 
 from tidings import Bus
 
+from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
+
 BusFactory = Callable[..., Bus]
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack", "redis", "redis-msgpack"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     return name
 
 
 @pytest.fixture
-def make_bus(backend_name: str, tmp_path: Path) -> BusFactory:
-    """Make buses on one store: the same file for sqlite, fresh memory otherwise."""
+async def redis_prefix(backend_name: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own on the machine's Redis, deleted afterwards."""
+    if not backend_name.startswith("redis"):
+        yield ""
+        return
+    require_redis()
+    prefix = unique_prefix()
+    try:
+        yield prefix
+    finally:
+        await drop_prefix(prefix)
+
+
+@pytest.fixture
+def make_bus(backend_name: str, tmp_path: Path, redis_prefix: str) -> BusFactory:
+    """Make buses on one store: the same file for sqlite, the same key prefix for
+    redis, fresh memory otherwise."""
 
     def make(**options: Any) -> Bus:
         if backend_name == "memory":
@@ -29,7 +46,11 @@ def make_bus(backend_name: str, tmp_path: Path) -> BusFactory:
             options.pop("consume", None)
             return Bus(**options)
         codec = "msgpack" if backend_name.endswith("msgpack") else "json"
-        options.setdefault("backend", f"sqlite:///{tmp_path / 'events.db'}?codec={codec}")
+        if backend_name.startswith("redis"):
+            url = f"{REDIS_URL}?prefix={redis_prefix}&codec={codec}"
+        else:
+            url = f"sqlite:///{tmp_path / 'events.db'}?codec={codec}"
+        options.setdefault("backend", url)
         bus = Bus(**options)
         bus.backend.poll_s = 0.01  # type: ignore[attr-defined]
         return bus

@@ -141,7 +141,8 @@ class Backend(ABC):
 
 
 def backend_from_url(url: str, **options: Any) -> Backend:
-    """Build the backend a URL names: ``memory://`` or ``sqlite:///path.db``.
+    """Build the backend a URL names: ``memory://``, ``sqlite:///path.db`` or
+    ``redis://host:port/db``.
 
     ``options`` are the bus's settings; each backend takes those it knows.
 
@@ -158,8 +159,13 @@ def backend_from_url(url: str, **options: Any) -> Backend:
         from tidings.backends.sqlite import SQLiteBackend
 
         return SQLiteBackend.from_url(url, **options)
+    if scheme in ("redis", "rediss", "unix"):
+        from tidings.backends.redis import RedisBackend
+
+        return RedisBackend.from_url(url, **options)
     raise ConfigurationError(
-        f"unknown backend URL {redact(url)!r}: expected 'memory://' or 'sqlite:///path.db'"
+        f"unknown backend URL {redact(url)!r}: expected 'memory://', 'sqlite:///path.db' "
+        "or 'redis://host:port/db'"
     )
 
 

@@ -1,0 +1,46 @@
+"""The machine's services the tests use for real: reachable, or the test skips (fails
+under ``CI=true``, where every service must be up)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def require(service: str, host: str, port: int) -> None:
+    """Skip (or fail under CI) unless ``host:port`` accepts connections."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return
+    except OSError as exc:
+        reason = f"{service} is not reachable on {host}:{port} ({exc})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI needs every service", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_redis() -> None:
+    require("Redis", "127.0.0.1", 6379)
+
+
+def unique_prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"tidings-test-{uuid.uuid4().hex[:12]}"
+
+
+async def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key under ``prefix``."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await redis.delete(*keys[start : start + 1000])
+    finally:
+        await redis.aclose()
