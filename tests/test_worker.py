@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,29 @@ from tidings import Bus, ConfigurationError
 from tidings.worker import run_worker
 
 from . import crash_app
+from .services import REDIS_URL, drop_prefix, require_redis, unique_prefix
 
 EVENTS = 5000
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(params=["sqlite", "redis"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The store the worker runs on: a fresh SQLite file, or a key prefix of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+        return
+    require_redis()
+    prefix = unique_prefix()
+    try:
+        yield f"{REDIS_URL}?prefix={prefix}&lease_s=1&poll_s=0.01"
+    finally:
+        await drop_prefix(prefix)
+
+
+def _env(tmp_path: Path, url: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["TIDINGS_TEST_URL"] = f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+    env["TIDINGS_TEST_URL"] = url
     env["TIDINGS_TEST_OUT"] = str(tmp_path / "deliveries.txt")
     env["PYTHONPATH"] = str(ROOT)
     return env
@@ -98,8 +113,8 @@ def _lost_and_duplicates(tmp_path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(120)
-async def test_sigkill_mid_stream_loses_nothing(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+async def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, store_url: str) -> None:
+    env = _env(tmp_path, store_url)
     await _publish(tmp_path, env)
     victim = _start_worker(env)
     await _wait_for(tmp_path, EVENTS // 2, victim)
@@ -122,8 +137,8 @@ async def test_sigkill_mid_stream_loses_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_sigterm_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+async def test_sigterm_loses_nothing_and_repeats_nothing(tmp_path: Path, store_url: str) -> None:
+    env = _env(tmp_path, store_url)
     await _publish(tmp_path, env)
     first = _start_worker(env)
     await _wait_for(tmp_path, EVENTS // 2, first)

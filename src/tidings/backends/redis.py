@@ -32,6 +32,7 @@ Needs ``pip install 'tidings[redis]'`` (redis-py).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -159,6 +160,24 @@ for _, key in ipairs(KEYS) do
 end
 return total
 """
+
+# Read up to ARGV[3] new entries for group ARGV[1], consumer ARGV[2], from the streams
+# in KEYS, in order: one round trip, never more than asked for.
+_READ = """
+local left = tonumber(ARGV[3])
+local out = {}
+for _, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', key, '>')
+  if r then
+    local entries = r[1][2]
+    out[#out + 1] = {key, entries}
+    left = left - #entries
+  end
+end
+return out
+"""
+_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest()
 
 _headers_enc = msgspec.json.Encoder()
 _headers_dec = msgspec.json.Decoder(dict[str, str])
@@ -297,6 +316,7 @@ class RedisBackend(DurableBackend):
             await redis.aclose()
             raise BackendError(f"cannot reach Redis at {redact(self.url)}: {exc}") from exc
         self._redis = redis
+        await redis.script_load(_READ)
         self._replay = redis.register_script(_REPLAY)
         self._trim = redis.register_script(_TRIM)
 
@@ -424,26 +444,39 @@ class RedisBackend(DurableBackend):
             pipe.eval(_MOVE, 1, self._retries(listener), wall, 1000)
             pipe.eval(_MOVE, 1, self._k_later, wall, 1000)
         if limit > 0:
+            # Each claim starts at the next stream, so none waits behind a busy one.
             streams = reader.streams
-            if len(streams) <= limit:
-                count = limit // len(streams)
-                chosen = streams
-            else:
-                # Fewer deliveries wanted than streams: take turns.
-                count = 1
-                start = reader.turn % len(streams)
-                chosen = (streams[start:] + streams[:start])[:limit]
-                reader.turn += limit
-            pipe.xreadgroup(reader.group, self.owner, dict.fromkeys(chosen, b">"), count=count)
-        replies = await pipe.execute()
-        if limit > 0 and replies[-1]:
+            start = reader.turn % len(streams)
+            reader.turn += 1
+            keys = streams[start:] + streams[:start]
+            pipe.evalsha(_READ_SHA, len(keys), *keys, reader.group, self.owner, limit)
+        replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                await self._recover(reply, reader)
+        if limit > 0:
             for key, entries in replies[-1]:
-                for entry_id, fields in entries:
-                    if fields:
+                for entry_id, flat in entries:
+                    if flat:
+                        it = iter(flat)
+                        fields = dict(zip(it, it, strict=True))
                         claimed.append(self._claimed(listener, key, entry_id, fields, 1))
-        if len(reader.streams) > 1:
-            claimed.sort(key=lambda c: _order(c.ref[1]))
         return claimed
+
+    async def _recover(self, error: Exception, reader: _Reader) -> None:
+        """Answer a failed read: load a script the server forgot, or remake groups a
+        server that lost its data no longer has; then fail this claim (it is retried)."""
+        from redis.exceptions import NoScriptError
+
+        text = str(error)
+        if isinstance(error, NoScriptError) or "NOSCRIPT" in text:
+            await self._r().script_load(_READ)
+        elif "NOGROUP" in text:
+            await self.join(reader.group, reader.patterns)
+            reader.streams = [reader.own]
+            reader.discovered = float("-inf")
+            self._ready.clear()
+        raise error
 
     def _claimed(
         self, listener: str, key: bytes, entry_id: bytes, fields: dict[bytes, bytes], count: int

@@ -1,0 +1,408 @@
+"""What only Redis can show: groups, leases and reclaim, trimming, a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings.backends.redis import RedisBackend
+from tidings.errors import BackendError
+
+from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    require_redis()
+    name = unique_prefix()
+    try:
+        yield name
+    finally:
+        await drop_prefix(name)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _url(prefix: str, **options: object) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"prefix": prefix, "poll_s": 0.01, **options}.items())
+    return f"{REDIS_URL}?{query}"
+
+
+async def test_events_stored_before_any_worker_ran_reach_it(prefix: str) -> None:
+    seen: list[int] = []
+
+    @listener("user.created")
+    async def welcome(n: int) -> None:
+        seen.append(n)
+
+    async with Bus(_url(prefix), listeners=[welcome], consume=False) as producer:
+        for n in range(100):
+            producer.emit("user.created", n=n)
+        await producer.publish("user.created", n=100)
+    assert seen == []
+    async with Bus(_url(prefix), listeners=[welcome]) as worker:
+        await worker.drain()
+    assert sorted(seen) == list(range(101))
+
+
+async def test_publish_returns_once_the_event_is_in_the_stream(prefix: str, redis: Redis) -> None:
+    async with Bus(_url(prefix), consume=False) as bus:
+        await bus.publish("x", n=1)
+        assert await redis.xlen(f"{prefix}:s:x") == 1
+
+
+async def test_a_listener_added_later_receives_new_events_only(prefix: str) -> None:
+    first: list[int] = []
+    later: list[int] = []
+
+    @listener("x")
+    async def old(n: int) -> None:
+        first.append(n)
+
+    @listener("x")
+    async def new(n: int) -> None:
+        later.append(n)
+
+    async with Bus(_url(prefix), listeners=[old]) as bus:
+        bus.emit("x", n=1)
+        await bus.drain()
+    async with Bus(_url(prefix), listeners=[old, new]) as bus:
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert first == [1, 2]
+    assert later == [2]
+
+
+async def test_a_wildcard_listener_finds_streams_made_after_it_started(prefix: str) -> None:
+    seen: list[str] = []
+    got = asyncio.Event()
+
+    @listener("user.*")
+    async def users(event: Event) -> None:
+        seen.append(event.name)
+        if len(seen) == 2:
+            got.set()
+
+    async with Bus(_url(prefix), listeners=[users]):
+        # Another process, which knows nothing of the listener, makes two new streams.
+        async with Bus(_url(prefix), consume=False) as producer:
+            await producer.publish("user.created")
+            await producer.publish("user.deleted")
+            await producer.publish("order.paid")
+        await asyncio.wait_for(got.wait(), 10)
+    assert sorted(seen) == ["user.created", "user.deleted"]
+
+
+async def test_two_consumers_never_run_a_delivery_twice(prefix: str) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def make(tag: str) -> Bus:
+        @listener("job")
+        async def job(n: int) -> None:
+            await asyncio.sleep(0)
+            seen.append((tag, n))
+
+        job.qualname = "tests.job"
+        return Bus(_url(prefix), listeners=[job])
+
+    a, b = make("a"), make("b")
+    async with a, b:
+        for n in range(500):
+            (a if n % 2 else b).emit("job", n=n)
+        await a.drain()
+        await b.drain()
+    assert sorted(n for _, n in seen) == list(range(500))
+
+
+async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(prefix: str) -> None:
+    attempts: list[int] = []
+
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(event: Event) -> None:
+        attempts.append(event.attempt)
+
+    # A worker that reads and dies: its entries are never renewed nor acknowledged.
+    dying = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(dying, listeners=[on_x]) as producer:
+        await producer.publish("x")
+        claimed = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.2)
+        assert [c.attempt for c in claimed] == [1]
+    async with Bus(_url(prefix, lease_s=0.2), listeners=[on_x]) as bus:
+        await bus.drain()
+    assert attempts == [2]
+
+
+async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
+    runs: list[str] = []
+
+    def make(tag: str) -> Bus:
+        @listener("slow")
+        async def slow() -> None:
+            runs.append(tag)
+            await asyncio.sleep(1.0)
+
+        slow.qualname = "tests.slow"
+        return Bus(_url(prefix, lease_s=0.3), listeners=[slow])
+
+    a, b = make("a"), make("b")
+    async with a, b:
+        await a.publish("slow")
+        await a.drain()
+        await b.drain()
+    assert len(runs) == 1  # four leases long, and the other worker never took it
+
+
+async def test_the_attempt_count_survives_a_restart(prefix: str) -> None:
+    attempts: list[int] = []
+    first = asyncio.Event()
+
+    @listener("x", retry=Retry(attempts=3, backoff=0.05, jitter=0))
+    async def flaky(event: Event) -> None:
+        attempts.append(event.attempt)
+        first.set()
+        raise ConnectionError("down")
+
+    bus = Bus(_url(prefix), listeners=[flaky])
+    await bus.start()
+    bus.emit("x")
+    await first.wait()
+    await bus.aclose(timeout=0)
+    assert attempts == [1]
+    async with Bus(_url(prefix), listeners=[flaky]) as bus:
+        await bus.drain()
+        (dead,) = await bus.list_dead_letters()
+    assert attempts == [1, 2, 3]
+    assert dead.attempts == 3
+
+
+async def test_a_worker_stopping_hands_back_what_it_did_not_run(prefix: str) -> None:
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @listener("slow", concurrency=1)
+    async def slow(n: int) -> None:
+        runs.append(n)
+        started.set()
+        await asyncio.sleep(0.05)
+
+    worker = Bus(_url(prefix), listeners=[slow])
+    worker.backend.drain_on_close = False  # type: ignore[attr-defined]
+    await worker.start()
+    for n in range(10):
+        worker.emit("slow", n=n)
+    await started.wait()
+    await worker.aclose(timeout=5)
+    assert runs == [0]
+    async with Bus(_url(prefix), listeners=[slow]) as bus:
+        stats = await bus.listener_stats()
+        assert stats[slow.qualname].pending == 9
+        await bus.drain()
+    assert runs == list(range(10))
+
+
+async def test_stats_count_what_waits(prefix: str) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(_url(prefix), listeners=[on_x], consume=False) as bus:
+        for _ in range(5):
+            bus.emit("x")
+        bus.emit("x", delay=60)
+        await bus.drain()
+        stats = (await bus.listener_stats())[on_x.qualname]
+    assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
+    assert stats.oldest_age_s is not None
+
+
+@pytest.mark.timeout(180)
+async def test_200k_events_through_two_listeners_leave_the_stream_trimmed(
+    prefix: str, redis: Redis
+) -> None:
+    events = 200_000
+    counts = [0, 0]
+
+    @listener("bulk")
+    async def one() -> None:
+        counts[0] += 1
+
+    @listener("bulk")
+    async def two() -> None:
+        counts[1] += 1
+
+    stream = f"{prefix}:s:bulk"
+    before = (await redis.info("memory"))["used_memory"]
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    peak_len = 0
+    async with Bus(backend, listeners=[one, two]) as bus:
+        for start in range(0, events, 10_000):
+            for n in range(start, start + 10_000):
+                bus.emit("bulk", n=n)
+            await bus.backend._flushed()  # type: ignore[attr-defined]
+            peak_len = max(peak_len, await redis.xlen(stream))
+        await bus.drain()
+        await backend.trim()
+        after_len = await redis.xlen(stream)
+    after = (await redis.info("memory"))["used_memory"]
+    print(
+        f"\n{events} events x 2 listeners: XLEN peaked at {peak_len}, {after_len} after; "
+        f"used_memory {before / 1e6:.1f} MB before, {after / 1e6:.1f} MB after"
+    )
+    assert counts == [events, events]
+    assert after_len == 0
+    assert after - before < 5_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _Server:
+    """A private redis-server on a free loopback port, persisting every write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("the private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[_Server]:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("redis-server is not installed; CI needs it", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    srv = _Server(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_every_published_event_survives_a_server_killed_mid_stream(
+    server: _Server,
+) -> None:
+    delivered: set[int] = set()
+
+    @listener("job", concurrency=1)
+    async def job(n: int) -> None:
+        await asyncio.sleep(0.001)  # slower than the producer: the stream holds a backlog
+        delivered.add(n)
+
+    url = f"redis://127.0.0.1:{server.port}/0?poll_s=0.01&lease_s=2"
+    published: list[int] = []
+    refused = 0
+    backlog = 0
+    async with Bus(url, listeners=[job], consume=False) as producer:
+        worker = Bus(url, listeners=[job])
+        await worker.start()
+        try:
+            for n in range(3000):
+                if n == 1500:
+                    while len(delivered) < 100:  # the worker is under way
+                        await asyncio.sleep(0.01)
+                    backlog = n - len(delivered)
+                    server.kill()
+                    began = time.monotonic()
+                    with pytest.raises(BackendError):
+                        await producer.publish("job", n=-1)
+                    assert time.monotonic() - began < 30  # an error, not a hang
+                    server.start()
+                while True:
+                    try:
+                        await producer.publish("job", n=n)
+                        break
+                    except BackendError:
+                        refused += 1
+                        await asyncio.sleep(0.05)
+                published.append(n)
+            for _ in range(3000):
+                if delivered >= set(published):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await worker.aclose(timeout=5)
+    print(
+        f"\nserver killed after 1500 of 3000 publishes ({backlog} not yet delivered), "
+        f"{refused} refused while it was down: "
+        f"{len(set(published) - delivered)} of {len(published)} published events lost"
+    )
+    assert set(published) <= delivered
+
+
+async def test_publish_raises_when_redis_is_unreachable(prefix: str) -> None:
+    port = _free_port()
+    with pytest.raises(BackendError, match="cannot reach Redis"):
+        async with Bus(f"redis://127.0.0.1:{port}/0", consume=False):
+            pass
+
+
+def test_urls() -> None:
+    backend = Bus("redis://:secret@localhost:6379/2?prefix=app&lease_s=5&batch=10").backend
+    assert isinstance(backend, RedisBackend)
+    assert backend.prefix == "app"
+    assert backend.lease_s == 5.0
+    assert backend.batch == 10
+    assert "secret" not in repr(backend)
+    assert backend.url == "redis://:secret@localhost:6379/2"
+    with pytest.raises(ConfigurationError, match="prefix"):
+        Bus("redis://localhost?prefix=a*b")
+    with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
+        Bus("redis://localhost?codec=pickle")
