@@ -340,11 +340,14 @@ async def test_every_published_event_survives_a_server_killed_mid_stream(
     server: _Server,
 ) -> None:
     delivered: set[int] = set()
+    under_way = asyncio.Event()
 
     @listener("job", concurrency=1)
     async def job(n: int) -> None:
         await asyncio.sleep(0.001)  # slower than the producer: the stream holds a backlog
         delivered.add(n)
+        if len(delivered) >= 100:
+            under_way.set()
 
     url = f"redis://127.0.0.1:{server.port}/0?poll_s=0.01&lease_s=2"
     published: list[int] = []
@@ -356,8 +359,7 @@ async def test_every_published_event_survives_a_server_killed_mid_stream(
         try:
             for n in range(3000):
                 if n == 1500:
-                    while len(delivered) < 100:  # the worker is under way
-                        await asyncio.sleep(0.01)
+                    await asyncio.wait_for(under_way.wait(), 30)
                     backlog = n - len(delivered)
                     server.kill()
                     began = time.monotonic()
