@@ -1,12 +1,25 @@
-"""Durable delivery on SQLite, end to end, beside the raw aiosqlite floor, in one run.
+"""Durable delivery end to end, on SQLite and on Redis, beside each store's raw floor
+and the peers, in one run.
 
-    uv run python bench/durable.py [--n 20000] [--listeners 1 4]
+    uv run --group bench python bench/durable.py [--n 20000] [--listeners 1 4]
+        [--store sqlite redis]
 
-Each figure runs two processes on one database file: a producer that stores N events
-and a worker that runs them. Deliveries/s go from the producer's first event to the
-worker's last delivery. The floor does the least any SQLite queue must do with
-aiosqlite: the producer inserts in batches of 500 (one row per delivery), the worker
-claims 500 at a time with UPDATE ... RETURNING and deletes them once run.
+Each figure runs two processes on one store: a producer that stores N events and a
+worker that runs them. Deliveries/s go from the producer's first event to the worker's
+last delivery (N x listeners deliveries).
+
+SQLite's floor does the least any SQLite queue must do with aiosqlite: the producer
+inserts in batches of 500 (one row per delivery), the worker claims 500 at a time with
+UPDATE ... RETURNING and deletes them once run.
+
+Redis's floor (redis-py) is one stream with a consumer group per listener: the producer
+XADDs in pipelines of 100, the worker reads each group with XREADGROUP COUNT 100 and
+acknowledges the batch with XACK in the same pipeline as its next read. taskiq-redis
+(RedisStreamBroker) and FastStream (a stream subscriber per listener, each with its own
+group) run the same job the way their documentation shows: one task or subscriber per
+listener, one publish per event and listener (taskiq) or per event (FastStream).
+Redis is $TIDINGS_BENCH_REDIS, by default redis://127.0.0.1:6379/0; every run uses keys
+of its own and deletes them.
 """
 
 # The processes signal each other through tiny files: blocking writes are fine here.
@@ -16,16 +29,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 BATCH = 500
+REDIS = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 
 # -- tidings -----------------------------------------------------------------------------
+
+
+def _url(target: str) -> str:
+    """The tidings URL of a run's store: a SQLite file, or a Redis key prefix."""
+    if target.endswith(".db"):
+        return f"sqlite:///{target}?poll_s=0.005"
+    return f"{REDIS}?prefix={target}&poll_s=0.005"
 
 
 def _tidings_bus(path: str, listeners: int, done_at: int, out: str) -> object:
@@ -44,7 +69,7 @@ def _tidings_bus(path: str, listeners: int, done_at: int, out: str) -> object:
         return listener("bench")(deliver)
 
     return Bus(
-        f"sqlite:///{path}?poll_s=0.005",
+        _url(path),
         listeners=[make(i) for i in range(listeners)],  # type: ignore[misc]
         consume=False,
     )
@@ -155,29 +180,227 @@ async def floor_worker(path: str, n: int, listeners: int, out: str) -> None:
     Path(out).write_text(repr(time.time()))
 
 
-ROLES = {
+# -- Redis: the raw floor ------------------------------------------------------------
+
+
+async def redis_floor_setup(prefix: str, listeners: int) -> None:
+    from redis.asyncio import Redis
+
+    async with Redis.from_url(REDIS) as r:
+        for k in range(listeners):
+            await r.xgroup_create(f"{prefix}:floor", f"g{k}", id="0", mkstream=True)
+
+
+async def redis_floor_producer(prefix: str, n: int, listeners: int, out: str) -> None:
+    import msgspec
+    from redis.asyncio import Redis
+
+    encode = msgspec.json.encode
+    async with Redis.from_url(REDIS) as r:
+        start = time.time()
+        for first in range(0, n, 100):
+            pipe = r.pipeline(transaction=False)
+            for i in range(first, min(first + 100, n)):
+                pipe.xadd(f"{prefix}:floor", {"d": encode({"n": i})})
+            await pipe.execute()
+    Path(out).write_text(repr(start))
+
+
+async def redis_floor_worker(prefix: str, n: int, listeners: int, out: str) -> None:
+    import msgspec
+    from redis.asyncio import Redis
+
+    decode = msgspec.json.decode
+    key = f"{prefix}:floor"
+    done = 0
+    total = n * listeners
+
+    async def run(n: int) -> None:
+        nonlocal done
+        done += 1
+
+    Path(out + ".ready").touch()
+    to_ack: list[list[bytes]] = [[] for _ in range(listeners)]
+    async with Redis.from_url(REDIS) as r:
+        while done < total:
+            got = 0
+            for k in range(listeners):
+                pipe = r.pipeline(transaction=False)
+                if to_ack[k]:
+                    pipe.xack(key, f"g{k}", *to_ack[k])
+                pipe.xreadgroup(f"g{k}", "c", {key: ">"}, count=100)
+                reply = (await pipe.execute())[-1]
+                to_ack[k] = []
+                for _, entries in reply or ():
+                    for entry_id, fields in entries:
+                        await run(**decode(fields[b"d"]))
+                        to_ack[k].append(entry_id)
+                        got += 1
+            if not got:
+                await asyncio.sleep(0.005)
+        for k in range(listeners):
+            if to_ack[k]:
+                await r.xack(key, f"g{k}", *to_ack[k])
+    Path(out).write_text(repr(time.time()))
+
+
+# -- Redis: taskiq-redis -------------------------------------------------------------------
+
+
+def _taskiq(prefix: str, listeners: int, done_at: int, out: str) -> tuple[Any, list[Any]]:
+    from taskiq_redis import RedisStreamBroker
+
+    broker = RedisStreamBroker(
+        REDIS, queue_name=f"{prefix}:taskiq", consumer_group_name=f"{prefix}-g", consumer_id="0"
+    )
+    count = 0
+    tasks = []
+    for k in range(listeners):
+
+        async def deliver(n: int) -> None:
+            nonlocal count
+            count += 1
+            if count == done_at:
+                Path(out).write_text(repr(time.time()))
+
+        tasks.append(broker.task(task_name=f"bench_listener_{k}")(deliver))
+    return broker, tasks
+
+
+async def taskiq_setup(prefix: str, listeners: int) -> None:
+    pass
+
+
+async def taskiq_worker(prefix: str, n: int, listeners: int, out: str) -> None:
+    from taskiq.api import run_receiver_task
+
+    broker, _ = _taskiq(prefix, listeners, n * listeners, out)
+    await broker.startup()  # makes the group before the producer starts
+    receiver = asyncio.create_task(run_receiver_task(broker, max_async_tasks=500))
+    Path(out + ".ready").touch()
+    while not Path(out).exists():
+        await asyncio.sleep(0.01)
+    receiver.cancel()
+    await asyncio.gather(receiver, return_exceptions=True)
+    await broker.shutdown()
+
+
+async def taskiq_producer(prefix: str, n: int, listeners: int, out: str) -> None:
+    broker, tasks = _taskiq(prefix, listeners, -1, "")
+    await broker.startup()
+    start = time.time()
+    for i in range(n):
+        for task in tasks:
+            await task.kiq(n=i)
+    await broker.shutdown()
+    Path(out).write_text(repr(start))
+
+
+# -- Redis: FastStream ---------------------------------------------------------------------
+
+
+def _faststream(prefix: str, listeners: int, done_at: int, out: str) -> Any:
+    from faststream.redis import RedisBroker, StreamSub
+
+    broker = RedisBroker(REDIS, logger=None)  # its per-message log lines, off
+    count = 0
+    for k in range(listeners):
+
+        async def deliver(body: dict[str, int]) -> None:
+            nonlocal count
+            count += 1
+            if count == done_at:
+                Path(out).write_text(repr(time.time()))
+
+        sub = StreamSub(f"{prefix}:fs", group=f"g{k}", consumer="c", last_id="0")
+        broker.subscriber(stream=sub)(deliver)
+    return broker
+
+
+async def faststream_setup(prefix: str, listeners: int) -> None:
+    pass
+
+
+async def faststream_worker(prefix: str, n: int, listeners: int, out: str) -> None:
+    broker = _faststream(prefix, listeners, n * listeners, out)
+    await broker.start()
+    Path(out + ".ready").touch()
+    while not Path(out).exists():
+        await asyncio.sleep(0.01)
+    await broker.stop()
+
+
+async def faststream_producer(prefix: str, n: int, listeners: int, out: str) -> None:
+    from faststream.redis import RedisBroker
+
+    async with RedisBroker(REDIS, logger=None) as broker:
+        start = time.time()
+        for i in range(n):
+            await broker.publish({"n": i}, stream=f"{prefix}:fs")
+    Path(out).write_text(repr(start))
+
+
+ROLES: dict[str, Callable[..., Awaitable[None]]] = {
     "tidings-setup": tidings_setup,
     "tidings-producer": tidings_producer,
     "tidings-worker": tidings_worker,
     "floor-setup": floor_setup,
     "floor-producer": floor_producer,
     "floor-worker": floor_worker,
+    "redis_floor-setup": redis_floor_setup,
+    "redis_floor-producer": redis_floor_producer,
+    "redis_floor-worker": redis_floor_worker,
+    "taskiq-setup": taskiq_setup,
+    "taskiq-producer": taskiq_producer,
+    "taskiq-worker": taskiq_worker,
+    "faststream-setup": faststream_setup,
+    "faststream-producer": faststream_producer,
+    "faststream-worker": faststream_worker,
+}
+
+KINDS = {
+    "sqlite": (("tidings", "tidings"), ("floor", "raw aiosqlite floor")),
+    "redis": (
+        ("tidings", "tidings"),
+        ("redis_floor", "raw redis-py floor"),
+        ("taskiq", "taskiq-redis"),
+        ("faststream", "FastStream"),
+    ),
 }
 
 
-def measure(kind: str, n: int, listeners: int) -> float:
+def _drop_redis(prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
+    keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+    keys += list(r.scan_iter(match=f"{prefix}-*", count=1000))
+    for first in range(0, len(keys), 1000):
+        r.delete(*keys[first : first + 1000])
+    r.close()
+
+
+def measure(store: str, kind: str, n: int, listeners: int) -> float:
     with tempfile.TemporaryDirectory(prefix="tidings-bench-") as tmp:
-        db = str(Path(tmp) / "bench.db")
+        target = str(Path(tmp) / "bench.db") if store == "sqlite" else f"bench-{uuid.uuid4().hex}"
         started, finished = str(Path(tmp) / "start"), str(Path(tmp) / "end")
         me = [sys.executable, __file__, "--role"]
-        subprocess.run([*me, f"{kind}-setup", db, "0", str(listeners), ""], check=True)
-        worker = subprocess.Popen([*me, f"{kind}-worker", db, str(n), str(listeners), finished])
-        while not Path(finished + ".ready").exists():
-            time.sleep(0.01)
-        subprocess.run([*me, f"{kind}-producer", db, str(n), str(listeners), started], check=True)
-        worker.wait(300)
-        start = float(Path(started).read_text())
-        end = float(Path(finished).read_text())
+        try:
+            subprocess.run([*me, f"{kind}-setup", target, "0", str(listeners), ""], check=True)
+            worker = subprocess.Popen(
+                [*me, f"{kind}-worker", target, str(n), str(listeners), finished]
+            )
+            while not Path(finished + ".ready").exists():
+                time.sleep(0.01)
+            subprocess.run(
+                [*me, f"{kind}-producer", target, str(n), str(listeners), started], check=True
+            )
+            worker.wait(600)
+            start = float(Path(started).read_text())
+            end = float(Path(finished).read_text())
+        finally:
+            if store == "redis":
+                _drop_redis(target)
     return n * listeners / (end - start)
 
 
@@ -185,6 +408,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="events per run")
     parser.add_argument("--listeners", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--store", nargs="*", default=["sqlite", "redis"], choices=list(KINDS))
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure; best counts")
     parser.add_argument("--role", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,22 +419,49 @@ def main() -> None:
         )
         return
 
-    import sqlite3
-
     print(
-        f"SQLite {sqlite3.sqlite_version}, {args.n} events, a producer process and a worker "
-        "process (tidings: run_worker(concurrency=500), as tidings worker --concurrency 500)"
+        f"{args.n} events per run, a producer process and a worker process "
+        "(tidings: run_worker(concurrency=500), as tidings worker --concurrency 500); "
+        f"best of {args.repeat}"
     )
-    for listeners in args.listeners:
-        rates = {
-            kind: max(measure(kind, args.n, listeners) for _ in range(args.repeat))
-            for kind in ("tidings", "floor")
-        }
-        print(
-            f"  {listeners} listener(s): tidings {rates['tidings']:>9,.0f} deliveries/s, "
-            f"raw aiosqlite floor {rates['floor']:>9,.0f}/s, "
-            f"ratio {rates['tidings'] / rates['floor']:.2f}x"
-        )
+    for store in args.store:
+        print(f"\n{_describe(store)}")
+        for listeners in args.listeners:
+            rates = {
+                kind: max(measure(store, kind, args.n, listeners) for _ in range(args.repeat))
+                for kind, _ in KINDS[store]
+            }
+            print(f"  {listeners} listener(s), deliveries/s:")
+            ours = rates["tidings"]
+            for kind, label in KINDS[store]:
+                ratio = "" if kind == "tidings" else f"  tidings = {ours / rates[kind]:6.2f}x this"
+                print(f"    {label:<22} {rates[kind]:>9,.0f}{ratio}")
+            if store == "redis":
+                floor, taskiq = rates["redis_floor"], rates["taskiq"]
+                verdict = "PASS" if ours >= 0.8 * floor else "MISS"
+                print(f"    {verdict}  >= 0.8x the raw floor (is {ours / floor:.2f}x)")
+                verdict = "PASS" if ours >= 15 * taskiq else "MISS"
+                print(f"    {verdict}  >= 15x taskiq-redis (is {ours / taskiq:.1f}x)")
+
+
+def _describe(store: str) -> str:
+    if store == "sqlite":
+        import sqlite3
+
+        return f"SQLite {sqlite3.sqlite_version}"
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
+    try:
+        version = r.info("server")["redis_version"]
+    finally:
+        r.close()
+    from importlib.metadata import version as dist
+
+    return (
+        f"Redis {version} at {REDIS}; redis-py {dist('redis')}, "
+        f"taskiq-redis {dist('taskiq-redis')}, FastStream {dist('faststream')}"
+    )
 
 
 if __name__ == "__main__":
