@@ -117,7 +117,7 @@ async def test_two_consumers_never_run_a_delivery_twice(prefix: str) -> None:
     def make(tag: str) -> Bus:
         @listener("job")
         async def job(n: int) -> None:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)  # long enough that one consumer cannot take all
             seen.append((tag, n))
 
         job.qualname = "tests.job"
@@ -130,6 +130,7 @@ async def test_two_consumers_never_run_a_delivery_twice(prefix: str) -> None:
         await a.drain()
         await b.drain()
     assert sorted(n for _, n in seen) == list(range(500))
+    assert {tag for tag, _ in seen} == {"a", "b"}
 
 
 async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(prefix: str) -> None:

@@ -74,7 +74,7 @@ async def test_two_consumers_on_one_file_never_run_a_delivery_twice(tmp_path: Pa
     def make(tag: str) -> Bus:
         @listener("job")
         async def job(n: int) -> None:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)  # long enough that one consumer cannot take all
             seen.append((tag, n))
 
         # Both buses run "the same" listener: one qualified name, one delivery per event.

@@ -42,6 +42,9 @@ __all__ = ["Claimed", "DurableBackend", "ListenerStats", "Outcomes", "Stored"]
 
 logger = logging.getLogger("tidings.backends.durable")
 
+# Decoded payloads kept for the other listeners of an event, at most.
+_DECODED = 4096
+
 
 @dataclass(slots=True)
 class Stored:
@@ -173,6 +176,7 @@ class DurableBackend(Backend):
         self._drain_gen = 0
         self._progress = asyncio.Event()
         self._outage_logged = False
+        self._payloads: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -382,28 +386,38 @@ class DurableBackend(Backend):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(consumer.wake.wait(), self.poll_s)
                 continue
-            for c in claimed:
-                self._start_delivery(consumer, c)
+            self._start_deliveries(consumer, claimed)
 
-    def _start_delivery(self, consumer: _Consumer, claimed: Claimed) -> None:
+    def _start_deliveries(self, consumer: _Consumer, batch: list[Claimed]) -> None:
+        """Start a batch of deliveries; those that finish at once are acknowledged here."""
         sub = consumer.sub
-        try:
-            event = self._decode(claimed, sub)
-        except PayloadError as exc:
-            self._outcomes.burials.append((claimed, f"PayloadError: {exc}", ""))
+        run = self._runner.run  # type: ignore[union-attr]
+        decode = self._decode
+        inflight = self._inflight
+        outcomes = self._outcomes  # not swapped by the writer before this returns
+        new_context = contextvars.Context
+        for claimed in batch:
+            try:
+                event = decode(claimed, sub)
+            except PayloadError as exc:
+                outcomes.burials.append((claimed, f"PayloadError: {exc}", ""))
+                continue
+            key = (claimed.record.id, sub)
+            inflight[key] = claimed
+            consumer.running += 1
+            fut = run(event, sub, new_context())
+            if fut is None:
+                consumer.running -= 1
+                done = inflight.pop(key, None)
+                if done is not None:  # neither retried nor buried by the runner
+                    outcomes.acks.append(done)
+            else:
+                self._tasks[fut] = key
+                fut.add_done_callback(
+                    lambda f: self._finished(consumer, self._tasks.pop(f), cancelled=f.cancelled())
+                )
+        if outcomes:
             self._writer_wake.set()
-            return
-        key = (event.id, sub)
-        self._inflight[key] = claimed
-        consumer.running += 1
-        fut = self._runner.run(event, sub, contextvars.Context())  # type: ignore[union-attr]
-        if fut is None:
-            self._finished(consumer, key, cancelled=False)
-        else:
-            self._tasks[fut] = key
-            fut.add_done_callback(
-                lambda f: self._finished(consumer, self._tasks.pop(f), cancelled=f.cancelled())
-            )
 
     def _finished(
         self, consumer: _Consumer, key: tuple[str, Subscription], *, cancelled: bool
@@ -418,7 +432,17 @@ class DurableBackend(Backend):
 
     def _decode(self, claimed: Claimed, sub: Subscription) -> Event:
         record = claimed.record
-        args, kwargs, obj = decode_payload(record.data)
+        payloads = self._payloads
+        raw = payloads.get(record.id)
+        if raw is None:
+            raw = decode_payload(record.data)
+            if len(self._consumers) > 1:
+                # The other listeners of this event will read the same bytes soon: decode
+                # once (they share the payload, as listeners of an in-process emit do).
+                if len(payloads) >= _DECODED:
+                    payloads.clear()
+                payloads[record.id] = raw
+        args, kwargs, obj = raw
         if obj is not None:
             registry = self._runner.registry if self._runner is not None else None
             cls = registry.event_class(record.name) if registry is not None else None
@@ -429,9 +453,12 @@ class DurableBackend(Backend):
             elif isinstance(obj, dict):
                 # No class known here: its fields arrive as keyword arguments.
                 kwargs, obj = obj, None
-        for name, annotation in sub.listener.plan.revivable:
-            if name in kwargs:
-                kwargs[name] = revive_value(kwargs[name], annotation)
+        revivable = sub.listener.plan.revivable
+        if revivable:
+            kwargs = dict(kwargs)  # its own values; the shared payload stays as stored
+            for name, annotation in revivable:
+                if name in kwargs:
+                    kwargs[name] = revive_value(kwargs[name], annotation)
         return Event(
             record.name,
             args,
