@@ -32,7 +32,6 @@ Needs ``pip install 'tidings[redis]'`` (redis-py).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
 import uuid
@@ -162,23 +161,6 @@ end
 return total
 """
 
-# Read up to ARGV[3] new entries for group ARGV[1], consumer ARGV[2], from the streams
-# in KEYS, in order: one round trip, never more than asked for.
-_READ = """
-local left = tonumber(ARGV[3])
-local out = {}
-for _, key in ipairs(KEYS) do
-  if left <= 0 then break end
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', key, '>')
-  if r then
-    local entries = r[1][2]
-    out[#out + 1] = {key, entries}
-    left = left - #entries
-  end
-end
-return out
-"""
-_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest()
 
 # Add a batch of entries in one command. ARGV[1] packs, per entry: the index of its
 # stream in KEYS, then its id, name, payload, creation time and headers (empty for
@@ -350,6 +332,7 @@ class RedisBackend(DurableBackend):
             ) from exc
         redis = Redis.from_url(
             self.url,
+            protocol=2,
             socket_connect_timeout=5,
             socket_timeout=30,
             health_check_interval=30,
@@ -361,7 +344,9 @@ class RedisBackend(DurableBackend):
             await redis.aclose()
             raise BackendError(f"cannot reach Redis at {redact(self.url)}: {exc}") from exc
         self._redis = redis
-        await redis.script_load(_READ)
+        # Stream entries arrive as Redis sends them (flat field lists): parsed in claim,
+        # without redis-py building a dict per entry.
+        redis.set_response_callback("XREADGROUP", _as_sent)
         self._replay = redis.register_script(_REPLAY)
         self._trim = redis.register_script(_TRIM)
 
@@ -496,7 +481,7 @@ class RedisBackend(DurableBackend):
             for key in added:
                 pipe.xgroup_create(key, reader.group, id="$", mkstream=True)
             _raise_unless_busy(await pipe.execute(raise_on_error=False))
-        reader.streams = [reader.own, *streams]
+        reader.streams = streams
 
     async def claim(
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
@@ -508,6 +493,7 @@ class RedisBackend(DurableBackend):
             reader.discovered = now
             await self._discover(reader)
         claimed: list[Claimed] = []
+        limit_asked = limit
         if now - reader.reclaimed >= max(lease_s * _RECLAIM_SHARE, self.poll_s):
             reader.reclaimed = now
             claimed = await self._reclaim(reader, limit, lease_s)
@@ -517,27 +503,49 @@ class RedisBackend(DurableBackend):
             await self._trim_all(now)
         pipe = redis.pipeline(transaction=False)
         pipe.scard(self._k_streams)
+        group, owner = reader.group, self.owner
+        reads = 0
         if now - reader.moved >= self.poll_s:
             reader.moved = now
             wall = time.time()
             # EVAL rather than EVALSHA: a restarted server has forgotten its scripts.
             pipe.eval(_MOVE, 1, self._retries(listener), wall, 1000)
             pipe.eval(_MOVE, 1, self._k_later, wall, 1000)
-        if limit > 0:
-            # Each claim starts at the next stream, so none waits behind a busy one.
-            streams = reader.streams
-            start = reader.turn % len(streams)
-            reader.turn += 1
-            keys = streams[start:] + streams[:start]
-            pipe.evalsha(_READ_SHA, len(keys), *keys, reader.group, self.owner, limit)
+            if limit > 0:
+                # Retries and replays, now and then; their stream is mostly empty.
+                pipe.execute_command(
+                    "XREADGROUP", "GROUP", group, owner, "COUNT", limit, "STREAMS", reader.own, ">"
+                )
+                reads += 1
+        streams = reader.streams
+        if limit > 0 and streams:
+            if len(streams) <= limit:
+                count, chosen = limit // len(streams), streams
+            else:
+                # Fewer deliveries wanted than streams: take turns.
+                start = reader.turn % len(streams)
+                count, chosen = 1, (streams[start:] + streams[:start])[:limit]
+                reader.turn += limit
+            pipe.execute_command(
+                "XREADGROUP",
+                "GROUP",
+                group,
+                owner,
+                "COUNT",
+                count,
+                "STREAMS",
+                *chosen,
+                *(b">",) * len(chosen),
+            )
+            reads += 1
         replies = await pipe.execute(raise_on_error=False)
         for reply in replies:
             if isinstance(reply, Exception):
                 await self._recover(reply, reader)
         if replies[0] != reader.names_seen:
             reader.discovered = float("-inf")  # a new event name: look at the next claim
-        if limit > 0:
-            for key, entries in replies[-1]:
+        for reply in replies[len(replies) - reads :]:
+            for key, entries in reply or ():
                 for entry_id, flat in entries:
                     if len(flat) == 8 and flat[0] == b"id":
                         # As _STORE writes it (id, n, d, c): the hot path, unrolled.
@@ -550,17 +558,20 @@ class RedisBackend(DurableBackend):
                         it = iter(flat)
                         fields = dict(zip(it, it, strict=True))
                         claimed.append(self._claimed(listener, key, entry_id, fields, 1))
+        if len(claimed) > limit_asked:
+            # Retries and new entries came together, more than there is room for: hand
+            # the rest back at once (uncounted), for the next claim to take over.
+            extra = claimed[limit_asked:]
+            del claimed[limit_asked:]
+            await self.settle(Outcomes(releases=extra))
         return claimed
 
     async def _recover(self, error: Exception, reader: _Reader) -> None:
-        """Answer a failed read: load a script the server forgot, or remake groups a
-        server that lost its data no longer has; then fail this claim (it is retried)."""
-        text = str(error)
-        if _forgotten(error):
-            await self._r().script_load(_READ)
-        elif "NOGROUP" in text:
+        """Answer a failed read: remake the groups a server that lost its data no longer
+        has; then fail this claim (it is retried)."""
+        if "NOGROUP" in str(error):
             await self.join(reader.group, reader.patterns)
-            reader.streams = [reader.own]
+            reader.streams = []
             reader.discovered = float("-inf")
             self._ready.clear()
         raise error
@@ -590,7 +601,7 @@ class RedisBackend(DurableBackend):
         redis = self._r()
         idle_ms = int(lease_s * 1000)
         out: list[Claimed] = []
-        for key in reader.streams:
+        for key in (reader.own, *reader.streams):
             if len(out) >= limit:
                 break
             reply = await redis.xautoclaim(
@@ -848,11 +859,8 @@ def _earliest(current: float | None, entry_id: Any) -> float | None:
     return at if current is None else min(current, at)
 
 
-def _forgotten(error: Exception) -> bool:
-    """Whether ``error`` says the server does not know a script (it restarted)."""
-    from redis.exceptions import NoScriptError
-
-    return isinstance(error, NoScriptError) or "NOSCRIPT" in str(error)
+def _as_sent(response: Any, **kwargs: Any) -> Any:
+    return response
 
 
 def _raise_unless_busy(replies: list[Any]) -> None:
