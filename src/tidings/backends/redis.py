@@ -4,7 +4,9 @@ Keys, all under one prefix (``tidings`` unless ``?prefix=`` says otherwise):
 
 - ``{prefix}:s:{name}``: a stream per event name. Each listener reads it through a
   consumer group of its own (the listener's qualified name), so every listener gets
-  every event (fan-out) and acknowledges it on its own.
+  every event (fan-out) and acknowledges it on its own. An entry has one field, ``e``:
+  the event (id, name, time, payload, headers) as a msgpack array; a retry adds ``a``,
+  the attempts made before it.
 - ``{prefix}:r:{listener}``: the listener's own stream of retries and replayed dead
   letters, read through the same group.
 - ``{prefix}:retry:{listener}`` and ``{prefix}:later``: sorted sets (by due time) of
@@ -90,7 +92,7 @@ for _, key in ipairs(ARGV) do
       local f = h[i]
       if f == '_k' then
         target = h[i + 1]
-      elseif f == 'id' or f == 'n' or f == 'd' or f == 'h' or f == 'c' then
+      elseif f == 'e' then
         fields[#fields + 1] = f
         fields[#fields + 1] = h[i + 1]
       end
@@ -162,27 +164,22 @@ return total
 """
 
 
-# Add a batch of entries in one command. ARGV[1] packs, per entry: the index of its
-# stream in KEYS, then its id, name, payload, creation time and headers (empty for
-# none), each behind its length. One argument for the batch, not six per entry, spares
-# the client most of its work.
+# Add a batch of entries in one command. ARGV[1] packs, per entry, the index of its
+# stream in KEYS and the entry (see _Entry) behind its length: one argument for the
+# batch, not one per entry, spares the client most of its work.
 _STORE = """
 local blob = ARGV[1]
 local pos = 1
 local n = 0
 while pos <= #blob do
-  local k, id, name, data, created, headers
-  k, id, name, data, created, headers, pos = struct.unpack('>HHc0Ic0Ic0Bc0Ic0', blob, pos)
-  if #headers == 0 then
-    redis.call('XADD', KEYS[k], '*', 'id', id, 'n', name, 'd', data, 'c', created)
-  else
-    redis.call('XADD', KEYS[k], '*', 'id', id, 'n', name, 'd', data, 'c', created,
-      'h', headers)
-  end
+  local k, entry
+  k, entry, pos = struct.unpack('>HIc0', blob, pos)
+  redis.call('XADD', KEYS[k], '*', 'e', entry)
   n = n + 1
 end
 return n
 """
+
 # Acknowledge the entries ARGV[2] lists (separated by spaces) for group ARGV[1].
 _ACK = """
 local ids = {}
@@ -200,12 +197,33 @@ end
 return n
 """
 
-_pack_head = struct.Struct(">HH").pack
-_pack_len = struct.Struct(">I").pack
-_pack_byte = struct.Struct(">B").pack
+_pack_head = struct.Struct(">HI").pack
 
-_headers_enc = msgspec.json.Encoder()
-_headers_dec = msgspec.json.Decoder(dict[str, str])
+
+class _Entry(msgspec.Struct, array_like=True):
+    """A stream entry's one field: the stored event, as a msgpack array."""
+
+    id: str
+    name: str
+    created: float
+    data: bytes
+    headers: dict[str, str] | None = None
+
+
+_entry_enc = msgspec.msgpack.Encoder()
+_entry_dec = msgspec.msgpack.Decoder(_Entry)
+
+
+def _pack(record: Stored) -> bytes:
+    return _entry_enc.encode(
+        _Entry(record.id, record.name, record.created, record.data, record.headers or None)
+    )
+
+
+def _unpack(blob: bytes) -> Stored:
+    e = _entry_dec.decode(blob)
+    return Stored(e.id, e.name, e.data, e.headers or {}, e.created, e.created)
+
 
 # An idle consumer's entries are looked for this often, as a share of the lease.
 _RECLAIM_SHARE = 0.25
@@ -364,14 +382,7 @@ class RedisBackend(DurableBackend):
 
     @staticmethod
     def _fields(record: Stored, attempts: int = 0) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "id": record.id,
-            "n": record.name,
-            "d": record.data,
-            "c": repr(record.created),
-        }
-        if record.headers:
-            fields["h"] = _headers_enc.encode(record.headers)
+        fields: dict[str, Any] = {"e": _pack(record)}
         if attempts:
             fields["a"] = attempts
         return fields
@@ -397,22 +408,8 @@ class RedisBackend(DurableBackend):
                     self._queue_store(pipe, keys, parts)
                     keys, parts = {}, []
                 index = keys[r.name] = len(keys) + 1
-            id_ = r.id.encode()
-            name = r.name.encode()
-            created = repr(r.created).encode()
-            headers = _headers_enc.encode(r.headers) if r.headers else b""
-            parts += (
-                _pack_head(index, len(id_)),
-                id_,
-                _pack_len(len(name)),
-                name,
-                _pack_len(len(r.data)),
-                r.data,
-                _pack_byte(len(created)),
-                created,
-                _pack_len(len(headers)),
-                headers,
-            )
+            entry = _pack(r)
+            parts += (_pack_head(index, len(entry)), entry)
         if parts:
             self._queue_store(pipe, keys, parts)
         for reply in await pipe.execute(raise_on_error=False):
@@ -547,12 +544,8 @@ class RedisBackend(DurableBackend):
         for reply in replies[len(replies) - reads :]:
             for key, entries in reply or ():
                 for entry_id, flat in entries:
-                    if len(flat) == 8 and flat[0] == b"id":
-                        # As _STORE writes it (id, n, d, c): the hot path, unrolled.
-                        created = float(flat[7])
-                        record = Stored(
-                            flat[1].decode(), flat[3].decode(), flat[5], {}, created, created
-                        )
+                    if len(flat) == 2:  # a first delivery: the entry, alone
+                        record = _unpack(flat[1])
                         claimed.append(Claimed(listener, 1, record, (key, entry_id, 0)))
                     elif flat:
                         it = iter(flat)
@@ -580,21 +573,7 @@ class RedisBackend(DurableBackend):
         self, listener: str, key: bytes, entry_id: bytes, fields: dict[bytes, bytes], count: int
     ) -> Claimed:
         base = int(fields.get(b"a", 0))
-        headers = fields.get(b"h")
-        created = float(fields[b"c"])
-        return Claimed(
-            listener=listener,
-            attempt=base + count,
-            record=Stored(
-                id=fields[b"id"].decode(),
-                name=fields[b"n"].decode(),
-                data=fields[b"d"],
-                headers=_headers_dec.decode(headers) if headers else {},
-                created=created,
-                due=created,
-            ),
-            ref=(key, entry_id, base),
-        )
+        return Claimed(listener, base + count, _unpack(fields[b"e"]), (key, entry_id, base))
 
     async def _reclaim(self, reader: _Reader, limit: int, lease_s: float) -> list[Claimed]:
         """Take over entries whose lease expired (their process died)."""
@@ -727,16 +706,16 @@ class RedisBackend(DurableBackend):
         for key, h in zip(keys, await pipe.execute(), strict=True):
             if not h:
                 continue
-            args, kwargs, obj = decode_payload(h[b"d"])
-            headers = h.get(b"h")
+            record = _unpack(h[b"e"])
+            args, kwargs, obj = decode_payload(record.data)
             attempts = int(h[b"attempts"])
             event = Event(
-                h[b"n"].decode(),
+                record.name,
                 args,
                 kwargs,
-                timestamp=float(h[b"c"]),
-                headers=_headers_dec.decode(headers) if headers else {},
-                _id=h[b"id"].decode(),
+                timestamp=record.created,
+                headers=record.headers,
+                _id=record.id,
                 attempt=attempts,
                 obj=obj,
             )
@@ -829,11 +808,11 @@ class RedisBackend(DurableBackend):
         if later:
             pipe = redis.pipeline(transaction=False)
             for item, _ in later:
-                pipe.hget(item, "n")
+                pipe.hget(item, "e")
             for raw in await pipe.execute():
                 if raw is None:
                     continue
-                name = raw.decode()
+                name = _unpack(raw).name
                 for lst, pats in joined.items():
                     if any(matches(p, name) for p in pats):
                         out[lst].delayed += 1
