@@ -470,7 +470,9 @@ class Bus:
         durable = self.backend.durable
         if not subs and self.strict and not durable:
             raise NoListenersError(f"no listener subscribes to event {event.name!r}")
-        if self.check_serializable:
+        if self.check_serializable and not (
+            self.backend.serializes_at_put and _get_ident() == self._thread
+        ):
             check_serializable(event)
         if self.strict:
             for sub in subs:

@@ -54,6 +54,9 @@ class Backend(ABC):
 
     #: Whether deliveries survive the process (and payloads must serialize).
     durable: ClassVar[bool] = False
+    #: Whether ``put``, ``put_later`` and ``put_wait`` serialize the payload at once,
+    #: raising ``PayloadError``: the bus then skips its own check on the loop's thread.
+    serializes_at_put: ClassVar[bool] = False
 
     @abstractmethod
     async def start(self, runner: Runner) -> None:

@@ -28,6 +28,8 @@ from contextvars import Context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgspec
+
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
 from tidings.codec import CODECS, decode_payload, encode_payload, revive_object, revive_value
@@ -46,9 +48,8 @@ logger = logging.getLogger("tidings.backends.durable")
 _DECODED = 4096
 
 
-@dataclass(slots=True)
-class Stored:
-    """One event as a broker stores it."""
+class Stored(msgspec.Struct, array_like=True):
+    """One event as a broker stores it (a broker may store it as this msgpack array)."""
 
     id: str
     name: str
@@ -58,8 +59,7 @@ class Stored:
     due: float
 
 
-@dataclass(slots=True)
-class Claimed:
+class Claimed(msgspec.Struct):
     """One delivery a broker handed out under a lease."""
 
     listener: str
@@ -127,6 +127,7 @@ class DurableBackend(Backend):
     """
 
     durable: ClassVar[bool] = True
+    serializes_at_put: ClassVar[bool] = True
     #: The scheme in URLs (``sqlite``), for messages.
     scheme: ClassVar[str] = "durable"
 

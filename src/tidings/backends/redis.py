@@ -5,7 +5,7 @@ Keys, all under one prefix (``tidings`` unless ``?prefix=`` says otherwise):
 - ``{prefix}:s:{name}``: a stream per event name. Each listener reads it through a
   consumer group of its own (the listener's qualified name), so every listener gets
   every event (fan-out) and acknowledges it on its own. An entry has one field, ``e``:
-  the event (id, name, time, payload, headers) as a msgpack array; a retry adds ``a``,
+  the event (id, name, payload, headers, times) as a msgpack array; a retry adds ``a``,
   the attempts made before it.
 - ``{prefix}:r:{listener}``: the listener's own stream of retries and replayed dead
   letters, read through the same group.
@@ -200,29 +200,9 @@ return n
 _pack_head = struct.Struct(">HI").pack
 
 
-class _Entry(msgspec.Struct, array_like=True):
-    """A stream entry's one field: the stored event, as a msgpack array."""
-
-    id: str
-    name: str
-    created: float
-    data: bytes
-    headers: dict[str, str] | None = None
-
-
-_entry_enc = msgspec.msgpack.Encoder()
-_entry_dec = msgspec.msgpack.Decoder(_Entry)
-
-
-def _pack(record: Stored) -> bytes:
-    return _entry_enc.encode(
-        _Entry(record.id, record.name, record.created, record.data, record.headers or None)
-    )
-
-
-def _unpack(blob: bytes) -> Stored:
-    e = _entry_dec.decode(blob)
-    return Stored(e.id, e.name, e.data, e.headers or {}, e.created, e.created)
+# A stream entry's one field: the Stored event as a msgpack array.
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(Stored).decode
 
 
 # An idle consumer's entries are looked for this often, as a share of the lease.
