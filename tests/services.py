@@ -44,3 +44,16 @@ async def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
             await redis.delete(*keys[start : start + 1000])
     finally:
         await redis.aclose()
+
+
+def drop_prefix_now(prefix: str, url: str = REDIS_URL) -> None:
+    """:func:`drop_prefix`, for code outside an event loop."""
+    from redis import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        keys = list(redis.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            redis.delete(*keys[start : start + 1000])
+    finally:
+        redis.close()

@@ -16,6 +16,7 @@ from tidings.cli import app
 from tidings.demo import run_demo
 
 from . import cli_app
+from .services import REDIS_URL, drop_prefix_now, require_redis, unique_prefix
 
 runner = CliRunner(env={"COLUMNS": "250"})
 
@@ -79,11 +80,24 @@ def test_no_command_shows_help_and_version_prints() -> None:
     assert result.output.strip() == version("tidings")
 
 
-@pytest.fixture
-def app_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path / 'cli.db'}?poll_s=0.01"
+@pytest.fixture(params=["sqlite", "redis"])
+def app_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The app's store: a SQLite file, or a key prefix of its own on Redis."""
+    prefix = ""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'cli.db'}?poll_s=0.01"
+    else:
+        require_redis()
+        prefix = unique_prefix()
+        url = f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
     monkeypatch.setenv("TIDINGS_TEST_URL", url)
-    return url
+    try:
+        yield url
+    finally:
+        if prefix:
+            drop_prefix_now(prefix)
 
 
 APP = "tests.cli_app:make_bus()"
