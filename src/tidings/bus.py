@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
+from tidings import _holding
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
@@ -135,6 +136,8 @@ class Bus:
         self._observers: list[DeliveryObserver] = []
         # Payload checks by event name (see schema); while empty, emit never looks.
         self._schemas: dict[str, Callable[[Event], None]] = {}
+        # Middlewares holding events until a response is sent (see tidings.asgi).
+        self._holders = 0
         # Set while emit may take its flat path (see emit).
         self._hot = False
         self._routes = self.registry.routes
@@ -497,6 +500,22 @@ class Bus:
         if prepared is None:
             return
         subs, ctx = prepared
+        if self._holders:
+            hold = _holding.current()
+            if hold is not None and hold.open and hold.bus is self:
+                # Emitted while a request is handled: validated now, queued once the
+                # response is sent (tidings.asgi).
+                hold.items.append((event, subs, ctx, delay_s))
+                return
+        self._hand_over(event, subs, ctx, delay_s)
+
+    def _hand_over(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None,
+    ) -> None:
         if delay_s is not None:
             if _get_ident() == self._thread:
                 self.backend.put_later(event, subs, ctx, delay_s)
@@ -534,6 +553,7 @@ class Bus:
             and not (self.disabled or self.strict or self.check_serializable)
             and not self._emit_hooks
             and not self._schemas
+            and not self._holders
         )
         # While nothing needs to see each event, the backend may supply the whole of
         # emit (an instance attribute, found before the method); it hands anything
@@ -548,6 +568,11 @@ class Bus:
         else:
             fast.__doc__ = Bus.emit.__doc__
             self.__dict__["emit"] = fast
+
+    def _hold_requests(self, on: bool) -> None:
+        """Count a middleware that holds this bus's events during requests."""
+        self._holders += 1 if on else -1
+        self._refresh_hot()
 
     def _add_emit_hook(self, hook: Callable[[Event], None]) -> None:
         self._emit_hooks.append(hook)

@@ -1,0 +1,214 @@
+"""The ASGI middleware: request events run after the response, only for requests that
+succeeded; everything else goes to the bus at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from tidings import Bus, ConfigurationError, Event, PayloadError, listener
+from tidings.asgi import EventsMiddleware
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.request_ids: list[str] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+
+@pytest.fixture
+async def seen() -> Seen:
+    return Seen()
+
+
+@pytest.fixture
+async def bus(seen: Seen) -> AsyncIterator[Bus]:
+    @listener("**")
+    async def record(event: Event) -> None:
+        await seen.gate.wait()
+        seen.names.append(event.name)
+        seen.request_ids.append(request_id.get())
+
+    async with Bus(listeners=[record], check_serializable=True) as bus:
+        yield bus
+
+
+def _app(bus: Bus, seen: Seen, **options: Any) -> Any:
+    async def ok(request: Request) -> Response:
+        request_id.set(request.headers.get("x-request-id", "-"))
+        bus.emit("user.created", email="a@b.c")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        # Still inside the request: nothing ran yet.
+        return PlainTextResponse(",".join(seen.names) or "nothing yet")
+
+    async def fails(request: Request) -> Response:
+        bus.emit("user.created", email="a@b.c")
+        raise RuntimeError("the handler failed")
+
+    async def server_error(request: Request) -> Response:
+        bus.emit("report.failed")
+        return PlainTextResponse("the app says 503", status_code=503)
+
+    async def background(request: Request) -> Response:
+        bus.emit("in.request")
+        return PlainTextResponse("ok", background=BackgroundTask(bus.emit, "in.background"))
+
+    async def spawns(request: Request) -> Response:
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            bus.emit("after.response")
+
+        request.state.task = asyncio.get_running_loop().create_task(later())
+        spawned.append(request.state.task)
+        return PlainTextResponse("ok")
+
+    async def bad_payload(request: Request) -> Response:
+        try:
+            bus.emit("bad", value=object())
+        except PayloadError as exc:
+            return PlainTextResponse(str(exc), status_code=422)
+        return PlainTextResponse("accepted")
+
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        bus.emit("ws.message")
+        await websocket.send_text("sent")
+        await websocket.receive_text()
+        await websocket.close()
+
+    spawned: list[asyncio.Task[None]] = []
+    app = Starlette(
+        routes=[
+            Route("/ok", ok),
+            Route("/fails", fails),
+            Route("/server-error", server_error),
+            Route("/background", background),
+            Route("/spawns", spawns),
+            Route("/bad", bad_payload),
+            WebSocketRoute("/ws", socket),
+        ]
+    )
+    app.state.spawned = spawned
+    return EventsMiddleware(app, bus=bus, **options)
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+async def test_request_events_run_after_the_response(bus: Bus, seen: Seen) -> None:
+    async with _client(_app(bus, seen)) as client:
+        response = await client.get("/ok", headers={"x-request-id": "r-1"})
+    assert response.text == "nothing yet"
+    await bus.drain()
+    assert seen.names == ["user.created"]
+    assert seen.request_ids == ["r-1"]  # the emitter's context reaches the listener
+
+
+async def test_the_response_never_waits_for_a_listener(bus: Bus, seen: Seen) -> None:
+    seen.gate.clear()  # listeners block until the test lets them go
+    async with _client(_app(bus, seen)) as client:
+        response = await asyncio.wait_for(client.get("/ok"), 5)
+    assert response.status_code == 200
+    assert seen.names == []
+    seen.gate.set()
+    await bus.drain()
+    assert seen.names == ["user.created"]
+
+
+async def test_a_failed_request_drops_its_events(bus: Bus, seen: Seen) -> None:
+    async with _client(_app(bus, seen)) as client:
+        response = await client.get("/fails")
+    assert response.status_code == 500
+    await bus.drain()
+    assert seen.names == []
+
+
+async def test_on_error_send_keeps_them(bus: Bus, seen: Seen) -> None:
+    async with _client(_app(bus, seen, on_error="send")) as client:
+        await client.get("/fails")
+    await bus.drain()
+    assert seen.names == ["user.created"]
+
+
+async def test_a_5xx_the_app_returns_is_a_success(bus: Bus, seen: Seen) -> None:
+    async with _client(_app(bus, seen)) as client:
+        response = await client.get("/server-error")
+    assert response.status_code == 503
+    await bus.drain()
+    assert seen.names == ["report.failed"]
+
+
+async def test_background_tasks_and_spawned_tasks_emit_as_usual(bus: Bus, seen: Seen) -> None:
+    app = _app(bus, seen)
+    async with _client(app) as client:
+        await client.get("/background")
+        await client.get("/spawns")
+    await asyncio.gather(*app.app.state.spawned)
+    await bus.drain()
+    assert sorted(seen.names) == ["after.response", "in.background", "in.request"]
+
+
+async def test_a_bad_payload_is_refused_inside_the_handler(bus: Bus, seen: Seen) -> None:
+    async with _client(_app(bus, seen)) as client:
+        response = await client.get("/bad")
+    assert response.status_code == 422
+    assert "'value'" in response.text
+
+
+async def test_outside_requests_emit_goes_straight_to_the_bus(bus: Bus, seen: Seen) -> None:
+    _app(bus, seen)  # a middleware exists, but no request is being handled
+    bus.emit("startup.done")
+    await bus.drain()
+    assert seen.names == ["startup.done"]
+
+
+async def test_websockets_are_not_held(bus: Bus, seen: Seen) -> None:
+    during: list[list[str]] = []
+
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        bus.emit("ws.message")
+        await bus.drain()
+        during.append(list(seen.names))  # delivered while the connection is open
+        await websocket.close()
+
+    app = EventsMiddleware(Starlette(routes=[WebSocketRoute("/ws", socket)]), bus=bus)
+    incoming: list[dict[str, Any]] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+    assert during == [["ws.message"]]
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+
+
+async def test_on_error_is_checked(bus: Bus) -> None:
+    with pytest.raises(ConfigurationError, match="on_error"):
+        EventsMiddleware(Starlette(), bus=bus, on_error="later")  # type: ignore[arg-type]
