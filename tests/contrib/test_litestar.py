@@ -9,9 +9,9 @@ from unittest.mock import MagicMock
 
 import pytest
 from litestar import Litestar, Request, get, post
+from litestar.di import NamedDependency
 from litestar.events import EventListener, listener
 from litestar.exceptions import ImproperlyConfiguredException
-from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK
 from litestar.testing import AsyncTestClient, create_test_client

@@ -115,9 +115,7 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
             ImproperlyConfiguredException: no listener listens to ``event_id``.
         """
         if not self.bus.started:
-            raise RuntimeError(
-                "Emitter not initialized: app.emit works once the app has started"
-            )
+            raise RuntimeError("Emitter not initialized: app.emit works once the app has started")
         if self.strict and not self.bus.registry.resolve(event_id):
             raise ImproperlyConfiguredException(
                 f"no event listeners are registered for event ID: {event_id}"
@@ -151,7 +149,8 @@ class TidingsPlugin(InitPluginProtocol):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.event_emitter_backend = TidingsEmitterBackend.using(self.bus)
         app_config.middleware.append(
-            DefineMiddleware(EventsMiddleware, bus=self.bus, on_error=self.on_error)
+            # Litestar's scope types are TypedDicts; the middleware takes any mapping.
+            DefineMiddleware(EventsMiddleware, bus=self.bus, on_error=self.on_error)  # type: ignore[arg-type]
         )
         bus = self.bus
 
