@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from pydantic import BaseModel
 
 from tidings import Bus, Retry, listener
+from tidings.asgi import EventsMiddleware
 from tidings.contrib.fastapi import lifespan
 
 
@@ -81,6 +82,8 @@ def create_app() -> FastAPI:
     """The app and its own bus (started and drained by the app's lifespan)."""
     bus = Bus(listeners=[send_welcome_mail, notify_support])
     app = FastAPI(title="sign-ups", lifespan=lifespan(bus))
+    # The events a request emits run once its response is sent, if it succeeded.
+    app.add_middleware(EventsMiddleware, bus=bus)
     app.state.bus = bus
     users: dict[int, User] = {}
 
