@@ -3,6 +3,7 @@ semantics (the cases of Litestar's events tests), and the plugin."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 from unittest.mock import MagicMock
@@ -12,7 +13,7 @@ from litestar import Litestar, Request, get, post
 from litestar.di import NamedDependency
 from litestar.events import EventListener, listener
 from litestar.exceptions import ImproperlyConfiguredException
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_200_OK
 from litestar.testing import AsyncTestClient, create_test_client
 
@@ -20,6 +21,13 @@ from tidings import Bus, Retry
 from tidings.contrib.litestar import TidingsEmitterBackend, TidingsPlugin
 
 Backend = TidingsEmitterBackend
+
+
+@dataclasses.dataclass
+class CreateUserDTO:
+    first_name: str
+    last_name: str
+    email: str
 
 
 @pytest.fixture
@@ -246,3 +254,67 @@ async def test_the_plugin_runs_litestar_listeners_after_the_response() -> None:
         await bus.drain()
         assert sent == ["ada@example.com", "bob@example.com"]
     assert not bus.started
+
+
+async def test_the_scenarios_of_litestars_events_page_with_the_plugin() -> None:
+    # Its examples import modules of an imagined app (db, utils.email): the same
+    # listeners and handlers, with stand-ins for those.
+    mails: list[tuple[str, str]] = []
+    support: list[str] = []
+
+    @listener("user_created")
+    async def send_welcome_email_handler(email: str) -> None:
+        mails.append((email, "welcome"))
+
+    @listener("user_deleted")
+    async def send_farewell_email_handler(email: str, **kwargs: Any) -> None:
+        mails.append((email, "farewell"))
+
+    @listener("user_deleted")
+    async def notify_customer_support(reason: str) -> None:  # no **kwargs needed
+        support.append(reason)
+
+    @listener("user_created", "password_changed")
+    async def send_email_handler(email: str, message: str = "") -> None:
+        mails.append((email, message or "-"))
+
+    @post("/users")
+    async def create_user_handler(
+        data: JSONBody[CreateUserDTO], request: Request[Any, Any, Any]
+    ) -> None:
+        request.app.emit("user_created", email=data.email)
+
+    @post("/users/delete")
+    async def delete_user_handler(
+        data: JSONBody[CreateUserDTO], request: Request[Any, Any, Any]
+    ) -> None:
+        request.app.emit("user_deleted", email=data.email, reason="deleted")
+
+    @post("/password")
+    async def change_password(request: Request[Any, Any, Any]) -> None:
+        request.app.emit("password_changed", email="ada@example.com", message="changed")
+
+    bus = Bus()
+    app = Litestar(
+        route_handlers=[create_user_handler, delete_user_handler, change_password],
+        listeners=[
+            send_welcome_email_handler,
+            send_farewell_email_handler,
+            notify_customer_support,
+            send_email_handler,
+        ],
+        plugins=[TidingsPlugin(bus)],
+    )
+    user = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com"}
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/users", json=user)).status_code == 201
+        assert (await client.post("/users/delete", json=user)).status_code == 201
+        assert (await client.post("/password")).status_code == 201
+        await bus.drain()
+    assert sorted(mails) == [
+        ("ada@example.com", "-"),
+        ("ada@example.com", "changed"),
+        ("ada@example.com", "farewell"),
+        ("ada@example.com", "welcome"),
+    ]
+    assert support == ["deleted"]
