@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tidings.bus import Bus
-    from tidings.events import Event
-    from tidings.listeners import Subscription
 
 __all__ = ["Hold", "current"]
 
@@ -19,42 +17,63 @@ logger = logging.getLogger("tidings.asgi")
 _current: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("tidings_hold", default=None)
 
 
-def current() -> Hold | None:
-    """The hold of the request being handled in this context, if any."""
-    return _current.get()
+#: The hold of the request being handled in this context, if any.
+current = _current.get
 
 
 class Hold:
-    """The events one request emitted to one bus, validated and waiting."""
+    """The events one request emitted to one bus, waiting for its response to be sent.
 
-    __slots__ = ("bus", "items", "open")
+    ``items`` holds, in emit order, named events of a plain bus as lists (``[subscriptions,
+    the emitter's context, name, args, kwargs, time of the emit]``, see
+    ``Backend.put_held``) and events the bus checked and enveloped as tuples (``(event,
+    subscriptions, context, delay)``: it had something to check).
+    """
+
+    __slots__ = ("bus", "items", "open", "status")
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.open = True
-        self.items: list[tuple[Event, tuple[Subscription, ...], contextvars.Context, Any]] = []
-
-    def enter(self) -> contextvars.Token[Hold | None]:
-        return _current.set(self)
-
-    @staticmethod
-    def leave(token: contextvars.Token[Hold | None]) -> None:
-        _current.reset(token)
+        self.status = 200  # of the response, once it starts
+        self.items: list[Any] = []
 
     def release(self) -> None:
         """Hand the held events to the bus; from now on, emits go straight to it (a
         task the request spawned may emit after the response)."""
         self.open = False
-        items, self.items = self.items, []
-        for event, subs, ctx, delay_s in items:
+        items = self.items
+        if not items:
+            return
+        self.items = []
+        bus = self.bus
+        plain: list[list[Any]] = []
+        for item in items:
+            if type(item) is list:
+                plain.append(item)
+                continue
+            if plain:
+                self._put_held(plain)
+                plain = []
             try:
-                self.bus._hand_over(event, subs, ctx, delay_s)
+                bus._hand_over(*item)
             except Exception:
                 logger.exception(
                     "event %s (%s), held until the response was sent, could not be queued",
-                    event.id,
-                    event.name,
+                    item[0].id,
+                    item[0].name,
                 )
+        if plain:
+            self._put_held(plain)
+
+    def _put_held(self, entries: list[list[Any]]) -> None:
+        try:
+            self.bus.backend.put_held(entries)
+        except Exception:
+            logger.exception(
+                "events held until the response was sent could not all be queued (%s)",
+                ", ".join(entry[2] for entry in entries),
+            )
 
     def drop(self) -> None:
         """Forget the held events (the request failed)."""
@@ -63,6 +82,10 @@ class Hold:
             logger.info(
                 "the request failed: %d event(s) it emitted are dropped (%s)",
                 len(self.items),
-                ", ".join(f"{e.name} {e.id}" for e, *_ in self.items),
+                ", ".join(_name(item) for item in self.items),
             )
         self.items = []
+
+
+def _name(item: Any) -> str:
+    return str(item[2] if type(item) is list else item[0].name)

@@ -24,13 +24,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from tidings._holding import Hold
+from tidings._holding import Hold, _current
 from tidings.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from tidings.bus import Bus
 
 __all__ = ["EventsMiddleware"]
+
+_enter = _current.set
+_leave = _current.reset
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,25 +67,19 @@ class EventsMiddleware:
             await self.app(scope, receive, send)
             return
         hold = Hold(self.bus)
-        status = 200
 
         async def sending(message: Message) -> None:
-            nonlocal status
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
             await send(message)
-            if (
-                kind == "http.response.body"
-                and not message.get("more_body", False)
-                and status < 500
-                and hold.open
-            ):
-                # The response is out: what it emitted may run now. (A 5xx response
-                # may come from an error handler: wait to see whether the app raised.)
-                hold.release()
+            kind = message["type"]
+            if kind == "http.response.body":
+                if not message.get("more_body", False) and hold.open and hold.status < 500:
+                    # The response is out: what it emitted may run now. (A 5xx response
+                    # may come from an error handler: wait to see whether the app raised.)
+                    hold.release()
+            elif kind == "http.response.start":
+                hold.status = message["status"]
 
-        token = hold.enter()
+        token = _enter(hold)
         try:
             await self.app(scope, receive, sending)
         except BaseException:
@@ -93,6 +90,6 @@ class EventsMiddleware:
                     hold.drop()
             raise
         finally:
-            Hold.leave(token)
+            _leave(token)
         if hold.open:
             hold.release()

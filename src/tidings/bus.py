@@ -42,6 +42,8 @@ R = TypeVar("R")
 M = TypeVar("M")
 
 _copy_context = contextvars.copy_context
+_time = time.time
+_current_hold = _holding.current
 _get_ident = threading.get_ident
 _no_options = RESERVED_KEYWORDS.isdisjoint
 # An error naming undelivered events names at most this many.
@@ -367,6 +369,15 @@ class Bus:
             if self._hot and _get_ident() == self._thread:
                 subs = self._routes.get(name_or_event)
                 if subs:
+                    if self._holders:
+                        hold = _current_hold()
+                        if hold is not None and hold.open and hold.bus is self:
+                            # Held until the response is sent (tidings.asgi); nothing
+                            # to check on a plain bus, so not even an envelope yet.
+                            hold.items.append(
+                                [subs, _copy_context(), name_or_event, args, kwargs, _time()]
+                            )
+                            return
                     self._put_named(subs, name_or_event, args, kwargs)
                     return
             event = Event(name_or_event, args, kwargs)
@@ -501,7 +512,7 @@ class Bus:
             return
         subs, ctx = prepared
         if self._holders:
-            hold = _holding.current()
+            hold = _current_hold()
             if hold is not None and hold.open and hold.bus is self:
                 # Emitted while a request is handled: validated now, queued once the
                 # response is sent (tidings.asgi).
@@ -553,14 +564,13 @@ class Bus:
             and not (self.disabled or self.strict or self.check_serializable)
             and not self._emit_hooks
             and not self._schemas
-            and not self._holders
         )
         # While nothing needs to see each event, the backend may supply the whole of
         # emit (an instance attribute, found before the method); it hands anything
         # else back to the method.
         fast = (
             self.backend.fast_emit(self._routes, self._thread, MethodType(Bus.emit, self))
-            if self._hot
+            if self._hot and not self._holders  # a held event must meet emit itself
             else None
         )
         if fast is None:

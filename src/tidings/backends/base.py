@@ -84,6 +84,17 @@ class Backend(ABC):
         """
         self.put(Event(name, args, kwargs), subs, copy_context())
 
+    def put_held(self, entries: list[list[Any]]) -> None:
+        """Queue named events that were emitted earlier and held until now (see
+        :mod:`tidings.asgi`), like :meth:`put`. Each entry is ``[subscriptions, the
+        emitter's context, name, args, kwargs, time of the emit]``.
+
+        Raises:
+            QueueFull: there is no room for all of them (those that fit are queued).
+        """
+        for subs, ctx, name, args, kwargs, timestamp in entries:
+            self.put(Event(name, args, kwargs, timestamp=timestamp), subs, ctx)
+
     def fast_emit(
         self,
         routes: Mapping[str, tuple[Subscription, ...]],

@@ -139,6 +139,19 @@ class MemoryBackend(Backend):
             "bus.publish(...) to wait for room, or raise max_pending"
         )
 
+    def put_held(self, entries: list[list[Any]]) -> None:
+        # Held entries are already what the queue holds: in they go, all at once.
+        queue = self._queue
+        room = self._room - len(queue)
+        if room < len(entries):
+            queue.extend(entries[: max(room, 0)])
+            self._schedule()
+            raise self._full(entries[max(room, 0)][2])
+        queue.extend(entries)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+
     def put_named(
         self,
         subs: tuple[Subscription, ...],
