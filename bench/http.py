@@ -4,11 +4,13 @@ fastapi-events' middleware, in one run.
 
     uv run --group bench python bench/http.py [--requests 5000] [--rounds 5]
 
-Requests are driven straight through each app's ASGI interface, one after another, on
-one event loop, so the figures are the app's own cost with no server or network around
-it (the listener runs on the same loop, as it would in the server's process). Each round
-runs every variant once, in turn; the best round of each counts. Latency is from the
-call to the response's last byte.
+Two measures. In process: requests driven straight through each app's ASGI interface,
+one after another, on one event loop: the app's own cost with no server or network
+around it (the listener runs on the same loop, as it would in the server's process);
+latency is from the call to the response's last byte. Served: each app on uvicorn in a
+process of its own, on loopback, and a client in this process sending requests one
+after another on a keep-alive connection; latency is the client's round trip. Each
+round runs every variant once, in turn; the best round of each counts.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def _tidings_app(middleware: bool) -> tuple[Any, Any]:
     async def on_hello(name: str) -> None:
         count[0] += 1
 
+    from tidings.contrib.fastapi import lifespan
+
     bus = Bus(listeners=[on_hello])
-    app = FastAPI()
+    app = FastAPI(lifespan=lifespan(bus))
 
     @app.get("/")
     async def hello() -> dict[str, str]:
@@ -118,48 +122,147 @@ async def _measure(app: App, requests: int) -> tuple[float, float, float]:
     return requests / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6
 
 
+VARIANTS = {
+    "no middleware (bus.emit)": "plain",
+    "tidings EventsMiddleware": "tidings",
+    "fastapi-events middleware": "fastapi-events",
+}
+
+
+def _build(kind: str) -> tuple[Any, Any]:
+    if kind == "fastapi-events":
+        return _fastapi_events_app()
+    return _tidings_app(middleware=kind == "tidings")
+
+
+def _serve(kind: str, port: int) -> None:
+    import uvicorn
+
+    app, _ = _build(kind)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+async def _client(port: int, requests: int) -> tuple[float, float, float]:
+    """Requests/s, median and p99 round trip in microseconds, over one connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n"
+    latencies = []
+    gc.collect()
+    start = time.perf_counter()
+    try:
+        for _ in range(requests):
+            sent = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - sent)
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)]
+    return requests / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6
+
+
+def _start_servers() -> dict[str, tuple[Any, int]]:
+    import socket
+    import subprocess
+    import sys
+
+    servers = {}
+    for name, kind in VARIANTS.items():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port)])
+        servers[name] = (proc, port)
+    return servers
+
+
+async def _served(requests: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    servers = _start_servers()
+    try:
+        for _, port in servers.values():
+            for _ in range(200):
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            await _client(port, 500)  # warm up
+        best: dict[str, tuple[float, float, float]] = {}
+        for _ in range(rounds):
+            for name, (_, port) in servers.items():
+                figures = await _client(port, requests)
+                if name not in best or figures[1] < best[name][1]:
+                    best[name] = figures
+        return best
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait()
+
+
+def _report(title: str, best: dict[str, tuple[float, float, float]]) -> float:
+    print(f"\n{title}")
+    base_median = best["no middleware (bus.emit)"][1]
+    for name, (rate, median, p99) in best.items():
+        extra = (median / base_median - 1) * 100
+        print(
+            f"  {name:<27} {rate:>8,.0f} req/s   median {median:7.1f} us   "
+            f"p99 {p99:7.1f} us   latency {extra:+5.1f}% vs none"
+        )
+    tidings = best["tidings EventsMiddleware"][1]
+    print(f"  tidings' middleware adds {tidings - base_median:+.1f} us to the median")
+    return (tidings / base_median - 1) * 100
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from importlib.metadata import version
 
-    plain, plain_bus = _tidings_app(middleware=False)
-    held, held_bus = _tidings_app(middleware=True)
-    peer, _ = _fastapi_events_app()
-    variants = {
-        "no middleware (bus.emit)": plain,
-        "tidings EventsMiddleware": held,
-        "fastapi-events middleware": peer,
-    }
+    apps = {name: _build(kind) for name, kind in VARIANTS.items()}
     print(
         f"FastAPI {version('fastapi')}, fastapi-events {version('fastapi-events')}, "
-        f"tidings {version('tidings')}: GET / emits one event; {args.requests} requests "
-        f"in a row per round, best of {args.rounds} rounds"
+        f"uvicorn {version('uvicorn')}, tidings {version('tidings')}: GET / emits one "
+        f"event; {args.requests} requests in a row per round, best of {args.rounds} rounds"
     )
     best: dict[str, tuple[float, float, float]] = {}
-    async with plain_bus, held_bus:
-        for app in variants.values():
+    buses = [bus for _, bus in apps.values() if bus is not None]
+    for bus in buses:
+        await bus.start()
+    try:
+        for app, _ in apps.values():
             await _measure(app, 500)  # warm up
         for _ in range(args.rounds):
-            for name, app in variants.items():
+            for name, (app, _) in apps.items():
                 figures = await _measure(app, args.requests)
-                if name not in best or figures[0] > best[name][0]:
+                if name not in best or figures[1] < best[name][1]:
                     best[name] = figures
-            await plain_bus.drain()
-            await held_bus.drain()
-    base_rate, base_median, _ = best["no middleware (bus.emit)"]
-    for name, (rate, median, p99) in best.items():
-        extra = (median / base_median - 1) * 100
-        print(
-            f"  {name:<27} {rate:>8,.0f} req/s   median {median:6.1f} us   "
-            f"p99 {p99:6.1f} us   latency {extra:+5.1f}% vs none"
-        )
-    tidings_median = best["tidings EventsMiddleware"][1]
-    added = (tidings_median / base_median - 1) * 100
-    print(f"\n  {'PASS' if added <= 3 else 'MISS'}  tidings' middleware adds <= 3% (is {added:+.1f}%)")
+            for bus in buses:
+                await bus.drain()
+    finally:
+        for bus in buses:
+            await bus.aclose()
+    in_process = _report("In process (the app's own cost):", best)
+    served = _report(
+        "Served by uvicorn on loopback (what a client sees):",
+        await _served(args.requests, args.rounds),
+    )
+    print()
+    for label, added in (("in process", in_process), ("served", served)):
+        verdict = "PASS" if added <= 3 else "MISS"
+        print(f"  {verdict}  tidings' middleware adds <= 3% latency {label} (is {added:+.1f}%)")
 
 
 if __name__ == "__main__":
@@ -170,4 +273,7 @@ if __name__ == "__main__":
 
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != here]
-    asyncio.run(main())
+    if sys.argv[1:2] == ["--serve"]:
+        _serve(sys.argv[2], int(sys.argv[3]))
+    else:
+        asyncio.run(main())

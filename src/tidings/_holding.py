@@ -17,7 +17,7 @@ logger = logging.getLogger("tidings.asgi")
 _current: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("tidings_hold", default=None)
 
 
-#: The hold of the request being handled in this context, if any.
+#: The innermost hold of the request being handled in this context, if any.
 current = _current.get
 
 
@@ -30,13 +30,23 @@ class Hold:
     subscriptions, context, delay)``: it had something to check).
     """
 
-    __slots__ = ("bus", "items", "open", "status")
+    __slots__ = ("bus", "items", "open", "outer", "status")
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.open = True
         self.status = 200  # of the response, once it starts
         self.items: list[Any] = []
+        #: The hold this one was made inside of (another bus's middleware), if any.
+        self.outer: Hold | None = _current.get()
+
+    @staticmethod
+    def find(bus: Bus) -> Hold | None:
+        """The open hold of ``bus`` in this context, if any."""
+        hold = _current.get()
+        while hold is not None and hold.bus is not bus:
+            hold = hold.outer
+        return hold if hold is not None and hold.open else None
 
     def release(self) -> None:
         """Hand the held events to the bus; from now on, emits go straight to it (a

@@ -371,7 +371,9 @@ class Bus:
                 if subs:
                     if self._holders:
                         hold = _current_hold()
-                        if hold is not None and hold.open and hold.bus is self:
+                        if hold is not None and hold.bus is not self:
+                            hold = _holding.Hold.find(self)  # another bus's, outside
+                        if hold is not None and hold.open:
                             # Held until the response is sent (tidings.asgi); nothing
                             # to check on a plain bus, so not even an envelope yet.
                             hold.items.append(
@@ -513,7 +515,9 @@ class Bus:
         subs, ctx = prepared
         if self._holders:
             hold = _current_hold()
-            if hold is not None and hold.open and hold.bus is self:
+            if hold is not None and hold.bus is not self:
+                hold = _holding.Hold.find(self)
+            if hold is not None and hold.open:
                 # Emitted while a request is handled: validated now, queued once the
                 # response is sent (tidings.asgi).
                 hold.items.append((event, subs, ctx, delay_s))
