@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def require(service: str, host: str, port: int) -> None:
@@ -26,6 +27,26 @@ def require(service: str, host: str, port: int) -> None:
 
 def require_redis() -> None:
     require("Redis", "127.0.0.1", 6379)
+
+
+def require_postgres() -> None:
+    require("PostgreSQL", "127.0.0.1", 5432)
+
+
+def unique_schema() -> str:
+    """A PostgreSQL schema name no other test uses."""
+    return f"tidings_test_{uuid.uuid4().hex[:12]}"
+
+
+async def drop_schema(schema: str, url: str = POSTGRES_URL) -> None:
+    """Drop ``schema`` and everything in it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 def unique_prefix() -> str:

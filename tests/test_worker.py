@@ -17,17 +17,34 @@ from tidings import Bus, ConfigurationError
 from tidings.worker import run_worker
 
 from . import crash_app
-from .services import REDIS_URL, drop_prefix, require_redis, unique_prefix
+from .services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    drop_prefix,
+    drop_schema,
+    require_postgres,
+    require_redis,
+    unique_prefix,
+    unique_schema,
+)
 
 EVENTS = 5000
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The store the worker runs on: a fresh SQLite file, or a key prefix of its own."""
+    """The store the worker runs on: a fresh SQLite file, a key prefix or a schema."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+        return
+    if request.param == "postgres":
+        require_postgres()
+        schema = unique_schema()
+        try:
+            yield f"{POSTGRES_URL}?schema={schema}&lease_s=1&poll_s=0.01"
+        finally:
+            await drop_schema(schema)
         return
     require_redis()
     prefix = unique_prefix()

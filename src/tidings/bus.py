@@ -392,7 +392,18 @@ class Bus:
 
         For the memory backend that means room in the queue; for a durable backend,
         stored. Raises what :meth:`emit` raises, except ``QueueFull``.
+
+        On PostgreSQL, ``connection=`` (an asyncpg connection) or ``session=`` (a
+        SQLAlchemy ``AsyncSession`` on asyncpg) stores the event inside that
+        connection's transaction: it exists, and is delivered, only if the transaction
+        commits (a transactional outbox).
         """
+        outbox = _pop_outbox(kwargs)
+        if outbox is not None and not hasattr(self.backend, "store_with"):
+            raise ConfigurationError(
+                f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
+                f"which only the PostgreSQL backend can do (this bus is on {self.url})"
+            )
         options = _pop_options(kwargs)
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
@@ -407,6 +418,9 @@ class Bus:
         loop = self._loop
         assert loop is not None
         delay = _delay_s(options)
+        if outbox is not None:
+            await self._publish_in(outbox, event, delay)
+            return
         if delay is not None:
             if _get_ident() == self._thread:
                 self.backend.put_later(event, subs, ctx, delay)
@@ -422,6 +436,18 @@ class Bus:
         else:
             fut = asyncio.run_coroutine_threadsafe(self.backend.put_wait(event, subs, ctx), loop)
             await asyncio.wrap_future(fut)
+
+    async def _publish_in(self, outbox: tuple[str, Any], event: Event, delay: float | None) -> None:
+        """Store ``event`` with the caller's connection, in its transaction."""
+        store_with = self.backend.store_with  # type: ignore[attr-defined]
+        kind, handle = outbox
+        if kind == "session":
+            # A SQLAlchemy AsyncSession: its connection, down to the asyncpg one.
+            connection = await handle.connection()
+            raw = await connection.get_raw_connection()
+            handle = raw.driver_connection
+        due = event.timestamp + delay if delay is not None else event.timestamp
+        await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
 
     def _emit_with_options(
         self, name_or_event: str | Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -677,6 +703,14 @@ class Bus:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._loop else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
+
+
+def _pop_outbox(kwargs: dict[str, Any]) -> tuple[str, Any] | None:
+    """``connection=`` or ``session=`` of :meth:`Bus.publish`, if given."""
+    found = [(key, kwargs.pop(key)) for key in ("connection", "session") if key in kwargs]
+    if len(found) > 1:
+        raise ConfigurationError("pass connection= or session=, not both")
+    return found[0] if found else None
 
 
 def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:

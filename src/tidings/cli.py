@@ -37,6 +37,8 @@ app = typer.Typer(
 
 dead_app = typer.Typer(help="List, show, replay and purge dead letters.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead")
+db_app = typer.Typer(help="The store's tables (PostgreSQL).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 _APP_HELP = "The bus, as 'package.module:bus' or 'package.module:make_bus()'."
 _DEBUG_HELP = "Show tracebacks."
@@ -189,6 +191,33 @@ def stats(
         return table
 
     Console().print(_with_bus(target, debug, body))
+
+
+@db_app.command("migrate")
+def db_migrate(
+    target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+) -> None:
+    """Create the store's tables, or bring them up to date."""
+
+    async def run() -> str:
+        bus = load_bus(target)
+        backend: Any = bus.backend
+        if not hasattr(backend, "run_migrations"):
+            raise _fail(f"{bus.url} has no migrations: only a PostgreSQL store has tables to make")
+        backend.migrate = False
+        backend.consume = False
+        await backend.connect()
+        try:
+            ran = await backend.run_migrations()
+        finally:
+            await backend.disconnect()
+        if not ran:
+            return f"schema {backend.schema} is up to date"
+        return f"schema {backend.schema}: ran migration(s) {', '.join(map(str, ran))}"
+
+    _configure_logging(debug)
+    Console().print(_guarded(debug, lambda: asyncio.run(run())))
 
 
 @dead_app.command("list")

@@ -10,12 +10,21 @@ import pytest
 
 from tidings import Bus
 
-from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
+from ..services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    drop_prefix,
+    drop_schema,
+    require_postgres,
+    require_redis,
+    unique_prefix,
+    unique_schema,
+)
 
 BusFactory = Callable[..., Bus]
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack", "redis", "redis-msgpack"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack", "redis", "redis-msgpack", "postgres"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     return name
@@ -36,7 +45,21 @@ async def redis_prefix(backend_name: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def make_bus(backend_name: str, tmp_path: Path, redis_prefix: str) -> BusFactory:
+async def pg_schema(backend_name: str) -> AsyncIterator[str]:
+    """A schema of this test's own on the machine's PostgreSQL, dropped afterwards."""
+    if not backend_name.startswith("postgres"):
+        yield ""
+        return
+    require_postgres()
+    schema = unique_schema()
+    try:
+        yield schema
+    finally:
+        await drop_schema(schema)
+
+
+@pytest.fixture
+def make_bus(backend_name: str, tmp_path: Path, redis_prefix: str, pg_schema: str) -> BusFactory:
     """Make buses on one store: the same file for sqlite, the same key prefix for
     redis, fresh memory otherwise."""
 
@@ -48,6 +71,8 @@ def make_bus(backend_name: str, tmp_path: Path, redis_prefix: str) -> BusFactory
         codec = "msgpack" if backend_name.endswith("msgpack") else "json"
         if backend_name.startswith("redis"):
             url = f"{REDIS_URL}?prefix={redis_prefix}&codec={codec}"
+        elif backend_name.startswith("postgres"):
+            url = f"{POSTGRES_URL}?schema={pg_schema}&codec={codec}"
         else:
             url = f"sqlite:///{tmp_path / 'events.db'}?codec={codec}"
         options.setdefault("backend", url)

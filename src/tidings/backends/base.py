@@ -173,13 +173,17 @@ def backend_from_url(url: str, **options: Any) -> Backend:
         from tidings.backends.sqlite import SQLiteBackend
 
         return SQLiteBackend.from_url(url, **options)
+    if scheme in ("postgres", "postgresql"):
+        from tidings.backends.postgres import PostgresBackend
+
+        return PostgresBackend.from_url(url, **options)
     if scheme in ("redis", "rediss", "unix"):
         from tidings.backends.redis import RedisBackend
 
         return RedisBackend.from_url(url, **options)
     raise ConfigurationError(
-        f"unknown backend URL {redact(url)!r}: expected 'memory://', 'sqlite:///path.db' "
-        "or 'redis://host:port/db'"
+        f"unknown backend URL {redact(url)!r}: expected 'memory://', 'sqlite:///path.db', "
+        "'redis://host:port/db' or 'postgresql://host/db'"
     )
 
 

@@ -1,0 +1,530 @@
+"""PostgreSQL: ``Bus("postgresql://user@host/db")``, with a transactional outbox.
+
+Tables live in one schema (``tidings`` unless ``?schema=`` says otherwise), created and
+migrated on start (``?migrate=false`` to leave that to ``tidings db migrate APP``):
+
+- ``events``: one row per event (payload, headers, creation and due times).
+- ``listeners``: the listeners joined, with their patterns as one regular expression.
+- ``deliveries``: one row per event and listener, made in the transaction that stores
+  the event (fan-out with independent retries). A worker claims a batch with
+  ``FOR UPDATE SKIP LOCKED`` and a lease; any worker takes over expired leases, so no
+  single sweeper has to stay alive. Dead letters stay until purged.
+- ``ticks``: one row per fired cron tick, so several workers fire it once.
+
+``NOTIFY`` wakes consumers when events are stored; it is only a hint, and consumers poll
+as well (every ``poll_s``), so a transaction-pooling proxy without ``LISTEN`` works too.
+
+The outbox: ``await bus.publish(..., connection=conn)`` stores the event with the asyncpg
+connection ``conn``, inside its transaction: the event exists only if that transaction
+commits. ``session=`` takes a SQLAlchemy ``AsyncSession`` on asyncpg the same way.
+
+Needs ``pip install 'tidings[postgres]'`` (asyncpg).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from tidings.backends.base import DeadLetter, redact
+from tidings.backends.durable import Claimed, DurableBackend, ListenerStats, Outcomes, Stored
+from tidings.codec import decode_payload
+from tidings.errors import BackendError, ConfigurationError
+from tidings.events import Event
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["MIGRATIONS", "PostgresBackend", "pattern_regex"]
+
+logger = logging.getLogger("tidings.backends.postgres")
+
+#: The schema's versions, in order; each is run once, in a transaction, and recorded.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE {s}.events (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data BYTEA NOT NULL,
+        headers TEXT,
+        created DOUBLE PRECISION NOT NULL,
+        due DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX events_id ON {s}.events (id);
+    CREATE TABLE {s}.listeners (
+        listener TEXT PRIMARY KEY,
+        names TEXT NOT NULL,
+        regex TEXT NOT NULL,
+        joined DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE {s}.deliveries (
+        listener TEXT NOT NULL,
+        seq BIGINT NOT NULL REFERENCES {s}.events (seq) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        due DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        owner TEXT,
+        dead BOOLEAN NOT NULL DEFAULT FALSE,
+        error TEXT,
+        traceback TEXT,
+        failed_at DOUBLE PRECISION,
+        PRIMARY KEY (listener, seq)
+    );
+    CREATE INDEX deliveries_due ON {s}.deliveries (listener, seq) WHERE NOT dead;
+    CREATE INDEX deliveries_seq ON {s}.deliveries (seq);
+    CREATE TABLE {s}.ticks (
+        schedule TEXT NOT NULL,
+        tick DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (schedule, tick)
+    );
+    """,
+)
+
+_headers_enc = msgspec.json.Encoder()
+_headers_dec = msgspec.json.Decoder(dict[str, str])
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Deleted events are looked for this often (per process).
+_CLEANUP_S = 1.0
+_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
+_INT_OPTIONS = ("batch", "concurrency")
+_STR_OPTIONS = ("codec", "schema")
+
+
+def pattern_regex(patterns: Sequence[str]) -> str:
+    """A PostgreSQL regular expression that ``name || '.'`` matches when ``name``
+    matches one of the event-name ``patterns``."""
+    alternatives = []
+    for pattern in patterns:
+        parts = []
+        for segment in pattern.split("."):
+            if segment == "**":
+                parts.append(r"(?:[^.]*\.)*")
+            else:
+                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in _pieces(segment)]
+                parts.append("".join(pieces) + r"\.")
+        alternatives.append("".join(parts))
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def _pieces(segment: str) -> list[str]:
+    out: list[str] = []
+    for i, chunk in enumerate(segment.split("*")):
+        if i:
+            out.append("*")
+        if chunk:
+            out.append(chunk)
+    return out
+
+
+class PostgresBackend(DurableBackend):
+    """Deliveries in PostgreSQL tables (see the module docstring).
+
+    Args:
+        dsn: an asyncpg connection string (``postgresql://...``).
+        schema: the schema of the tables (created if missing).
+        migrate: create and migrate the tables on start.
+        retention_s: keep events this long after their last delivery (0: delete at once).
+        **options: see :class:`~tidings.backends.durable.DurableBackend`.
+    """
+
+    scheme: ClassVar[str] = "postgresql"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "tidings",
+        migrate: bool = True,
+        retention_s: float = 0.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if not _IDENT.match(schema):
+            raise ConfigurationError(
+                f"a schema name is lower-case letters, digits and '_', not {schema!r}"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self.migrate = migrate
+        self.retention_s = retention_s
+        self._pool: asyncpg.Pool | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._last_cleanup = 0.0
+        self._channel = f"tidings_{schema}"
+        s = schema
+        self._sql_insert = (
+            f"WITH e AS (INSERT INTO {s}.events (id, name, data, headers, created, due) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], "
+            "$5::float8[], $6::float8[]) RETURNING seq, name, due) "
+            f"INSERT INTO {s}.deliveries (listener, seq, due) "
+            f"SELECT l.listener, e.seq, e.due FROM e JOIN {s}.listeners l "
+            "ON (e.name || '.') ~ l.regex"
+        )
+        self._sql_claim = (
+            f"WITH picked AS (SELECT seq FROM {s}.deliveries WHERE listener = $1 "
+            "AND NOT dead AND due <= $2 AND lease_until <= $2 ORDER BY seq LIMIT $3 "
+            f"FOR UPDATE SKIP LOCKED), upd AS (UPDATE {s}.deliveries d "
+            "SET attempt = d.attempt + 1, lease_until = $4, owner = $5 FROM picked "
+            "WHERE d.listener = $1 AND d.seq = picked.seq RETURNING d.seq, d.attempt) "
+            "SELECT upd.seq, upd.attempt, e.id, e.name, e.data, e.headers, e.created "
+            f"FROM upd JOIN {s}.events e ON e.seq = upd.seq ORDER BY upd.seq"
+        )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresBackend:
+        """``postgresql://user:password@host:port/db``; the query may set ``schema``,
+        ``migrate``, ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``codec`` and
+        ``retention_s``; other parameters are asyncpg's."""
+        parts = urlsplit(url)
+        rest = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            try:
+                if key in _FLOAT_OPTIONS:
+                    options[key] = float(value)
+                elif key in _INT_OPTIONS:
+                    options[key] = int(value)
+                elif key in _STR_OPTIONS:
+                    options[key] = value
+                elif key == "migrate":
+                    options[key] = value.lower() not in ("0", "false", "no", "off")
+                else:
+                    rest.append((key, value))
+            except ValueError as exc:
+                raise ConfigurationError(f"bad {key!r} in {redact(url)!r}: {exc}") from exc
+        scheme = "postgresql" if parts.scheme in ("postgres", "postgresql") else parts.scheme
+        dsn = urlunsplit(parts._replace(scheme=scheme, query=urlencode(rest)))
+        return cls(dsn, **options)
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({redact(self.dsn)!r}, schema={self.schema!r})"
+
+    # -- connection -----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        try:
+            import asyncpg
+        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+            raise ImportError(
+                "the PostgreSQL backend needs asyncpg: pip install 'tidings[postgres]'"
+            ) from exc
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=10, timeout=10, command_timeout=60
+            )
+        except Exception as exc:
+            raise BackendError(
+                f"cannot connect to PostgreSQL at {redact(self.dsn)}: {exc}"
+            ) from exc
+        if self.migrate:
+            await self.run_migrations()
+        if self.consume:
+            self._listen_task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def disconnect(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listen_task
+            self._listen_task = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise BackendError("the PostgreSQL backend is not connected (start the bus first)")
+        return self._pool
+
+    async def run_migrations(self) -> list[int]:
+        """Create the schema and run the migrations not yet run; their versions."""
+        s = self.schema
+        async with self._p().acquire() as conn, conn.transaction():
+            # One migrator at a time, across processes.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"tidings:{s}")
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {s}.migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in await conn.fetch(f"SELECT version FROM {s}.migrations")}
+            ran = []
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                await conn.execute(sql.format(s=s))
+                await conn.execute(f"INSERT INTO {s}.migrations (version) VALUES ($1)", version)
+                ran.append(version)
+        return ran
+
+    async def _listen(self) -> None:
+        """Wake the consumers on NOTIFY; reconnect after a loss; give up quietly where
+        LISTEN is not available (polling goes on)."""
+        import asyncpg
+
+        delay = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=10)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self._channel, self._notified)
+                delay = 0.5
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("LISTEN %s unavailable (%s); polling", self._channel, exc)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _notified(self, *_: Any) -> None:
+        for consumer in self._consumers:
+            consumer.wake.set()
+
+    # -- producing ------------------------------------------------------------------
+
+    def _columns(self, records: Sequence[Stored]) -> tuple[list[Any], ...]:
+        return (
+            [r.id for r in records],
+            [r.name for r in records],
+            [r.data for r in records],
+            [_headers_enc.encode(r.headers).decode() if r.headers else None for r in records],
+            [r.created for r in records],
+            [r.due for r in records],
+        )
+
+    async def store(self, records: Sequence[Stored]) -> None:
+        async with self._p().acquire() as conn, conn.transaction():
+            await self.store_with(conn, records)
+
+    async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:
+        """Store events with ``conn``, in its current transaction if it is in one."""
+        await conn.execute(self._sql_insert, *self._columns(records))
+        await conn.execute("SELECT pg_notify($1, '')", self._channel)
+
+    async def join(self, listener: str, names: Sequence[str]) -> None:
+        async with self._p().acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.schema}.listeners (listener, names, regex, joined) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (listener) DO UPDATE "
+                "SET names = excluded.names, regex = excluded.regex",
+                listener,
+                " ".join(names),
+                pattern_regex(names),
+                time.time(),
+            )
+
+    # -- consuming ------------------------------------------------------------------
+
+    async def claim(
+        self, listener: str, names: Sequence[str], limit: int, lease_s: float
+    ) -> list[Claimed]:
+        now = time.time()
+        async with self._p().acquire() as conn:
+            rows = await conn.fetch(
+                self._sql_claim, listener, now, limit, now + lease_s, self.owner
+            )
+        if now - self._last_cleanup > _CLEANUP_S:
+            self._last_cleanup = now
+            await self._cleanup(now)
+        return [
+            Claimed(
+                listener,
+                attempt,
+                Stored(
+                    id_,
+                    name,
+                    data,
+                    _headers_dec.decode(headers) if headers else {},
+                    created,
+                    created,
+                ),
+                seq,
+            )
+            for seq, attempt, id_, name, data, headers, created in rows
+        ]
+
+    async def settle(self, outcomes: Outcomes) -> None:
+        s = self.schema
+        now = time.time()
+        async with self._p().acquire() as conn, conn.transaction():
+            if outcomes.acks:
+                by_listener: dict[str, list[int]] = {}
+                for c in outcomes.acks:
+                    by_listener.setdefault(c.listener, []).append(c.ref)
+                for listener, seqs in by_listener.items():
+                    await conn.execute(
+                        f"DELETE FROM {s}.deliveries WHERE listener = $1 AND seq = ANY($2)",
+                        listener,
+                        seqs,
+                    )
+            if outcomes.retries:
+                await conn.executemany(
+                    f"UPDATE {s}.deliveries SET due = $1, lease_until = 0, owner = NULL "
+                    "WHERE listener = $2 AND seq = $3",
+                    [(now + delay, c.listener, c.ref) for c, delay, _ in outcomes.retries],
+                )
+            if outcomes.burials:
+                await conn.executemany(
+                    f"UPDATE {s}.deliveries SET dead = TRUE, error = $1, traceback = $2, "
+                    "failed_at = $3, lease_until = 0, owner = NULL "
+                    "WHERE listener = $4 AND seq = $5",
+                    [(err, tb, now, c.listener, c.ref) for c, err, tb in outcomes.burials],
+                )
+            if outcomes.releases:
+                await conn.executemany(
+                    f"UPDATE {s}.deliveries SET attempt = GREATEST(attempt - 1, 0), "
+                    "lease_until = 0, owner = NULL WHERE listener = $1 AND seq = $2 "
+                    "AND owner = $3",
+                    [(c.listener, c.ref, self.owner) for c in outcomes.releases],
+                )
+
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> None:
+        until = time.time() + lease_s
+        by_listener: dict[str, list[int]] = {}
+        for c in claimed:
+            by_listener.setdefault(c.listener, []).append(c.ref)
+        async with self._p().acquire() as conn:
+            for listener, seqs in by_listener.items():
+                await conn.execute(
+                    f"UPDATE {self.schema}.deliveries SET lease_until = $1 "
+                    "WHERE listener = $2 AND seq = ANY($3) AND owner = $4",
+                    until,
+                    listener,
+                    seqs,
+                    self.owner,
+                )
+
+    async def _cleanup(self, now: float) -> None:
+        s = self.schema
+        async with self._p().acquire() as conn:
+            await conn.execute(
+                f"DELETE FROM {s}.events e WHERE e.created < $1 AND NOT EXISTS "
+                f"(SELECT 1 FROM {s}.deliveries d WHERE d.seq = e.seq)",
+                now - self.retention_s,
+            )
+            await conn.execute(f"DELETE FROM {s}.ticks WHERE tick < $1", now - 86400)
+
+    async def claim_tick(self, schedule: str, tick: float) -> bool:
+        async with self._p().acquire() as conn:
+            status = await conn.execute(
+                f"INSERT INTO {self.schema}.ticks (schedule, tick) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                schedule,
+                tick,
+            )
+        return bool(status.endswith(" 1"))
+
+    # -- inspecting -----------------------------------------------------------------
+
+    async def list_dead(self, listener: str | None, limit: int) -> list[DeadLetter]:
+        s = self.schema
+        async with self._p().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT d.listener, d.attempt, d.error, d.traceback, d.failed_at, e.id, "
+                f"e.name, e.data, e.headers, e.created FROM {s}.deliveries d "
+                f"JOIN {s}.events e ON e.seq = d.seq WHERE d.dead "
+                "AND ($1::text IS NULL OR d.listener = $1) "
+                "ORDER BY d.failed_at, d.seq LIMIT $2",
+                listener,
+                limit,
+            )
+        out = []
+        for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in rows:
+            args, kwargs, obj = decode_payload(data)
+            event = Event(
+                name,
+                args,
+                kwargs,
+                timestamp=created,
+                headers=_headers_dec.decode(headers) if headers else {},
+                _id=id_,
+                attempt=attempt,
+                obj=obj,
+            )
+            out.append(
+                DeadLetter(
+                    event=event,
+                    listener=lst,
+                    error=error or "",
+                    traceback=tb or "",
+                    attempts=attempt,
+                    failed_at=failed_at or 0.0,
+                )
+            )
+        return out
+
+    def _dead_filter(
+        self, ids: Sequence[str] | None, listener: str | None
+    ) -> tuple[str, list[Any]]:
+        where = "dead AND ($1::text IS NULL OR listener = $1)"
+        params: list[Any] = [listener]
+        if ids is not None:
+            where += f" AND seq IN (SELECT seq FROM {self.schema}.events WHERE id = ANY($2))"
+            params.append(list(ids))
+        return where, params
+
+    async def replay_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        where, params = self._dead_filter(ids, listener)
+        params.append(time.time())
+        async with self._p().acquire() as conn:
+            status = await conn.execute(
+                f"UPDATE {self.schema}.deliveries SET dead = FALSE, attempt = 0, "
+                f"due = ${len(params)}, lease_until = 0, owner = NULL, error = NULL, "
+                f"traceback = NULL WHERE {where}",
+                *params,
+            )
+        for consumer in self._consumers:
+            consumer.wake.set()
+        return int(status.split()[-1])
+
+    async def purge_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        where, params = self._dead_filter(ids, listener)
+        async with self._p().acquire() as conn:
+            status = await conn.execute(
+                f"DELETE FROM {self.schema}.deliveries WHERE {where}", *params
+            )
+        return int(status.split()[-1])
+
+    async def listener_stats(self) -> dict[str, ListenerStats]:
+        s = self.schema
+        now = time.time()
+        async with self._p().acquire() as conn:
+            joined = await conn.fetch(f"SELECT listener FROM {s}.listeners ORDER BY listener")
+            rows = await conn.fetch(
+                "SELECT d.listener, "
+                "COUNT(*) FILTER (WHERE NOT d.dead AND d.due <= $1 AND d.lease_until <= $1), "
+                "COUNT(*) FILTER (WHERE NOT d.dead AND d.lease_until > $1), "
+                "COUNT(*) FILTER (WHERE NOT d.dead AND d.attempt > 0 AND d.due > $1 "
+                "AND d.lease_until <= $1), "
+                "COUNT(*) FILTER (WHERE NOT d.dead AND d.attempt = 0 AND d.due > $1), "
+                "COUNT(*) FILTER (WHERE d.dead), "
+                "MIN(e.created) FILTER (WHERE NOT d.dead) "
+                f"FROM {s}.deliveries d JOIN {s}.events e ON e.seq = d.seq GROUP BY d.listener",
+                now,
+            )
+        out = {r[0]: ListenerStats() for r in joined}
+        for lst, pending, in_flight, retrying, delayed, dead, oldest in rows:
+            out[lst] = ListenerStats(
+                pending=pending,
+                in_flight=in_flight,
+                retrying=retrying,
+                delayed=delayed,
+                dead=dead,
+                oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+            )
+        return out

@@ -1,0 +1,444 @@
+"""What only PostgreSQL shows: the transactional outbox, migrations, NOTIFY and polling,
+leases, fan-out in the storing transaction, and a server restarted mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from typer.testing import CliRunner
+
+from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings._patterns import matches
+from tidings.backends.postgres import PostgresBackend, pattern_regex
+from tidings.cli import app as cli
+from tidings.errors import BackendError
+
+from ..services import POSTGRES_URL, drop_schema, require_postgres, unique_schema
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    require_postgres()
+    name = unique_schema()
+    try:
+        yield name
+    finally:
+        await drop_schema(name)
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _url(schema: str, **options: object) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"schema": schema, "poll_s": 0.01, **options}.items())
+    return f"{POSTGRES_URL}?{query}"
+
+
+PATTERNS = ["user.created", "user.*", "user.**", "**", "*", "order_*", "a.**.z", "a.*.z", "x+y"]
+NAMES = ["user.created", "user.created.email", "user", "order_paid", "order", "a.z", "a.b.z"]
+NAMES += ["a.b.c.z", "x+y", "xxy", "users.created"]
+
+
+async def test_the_sql_pattern_matches_as_tidings_does(db: asyncpg.Connection) -> None:
+    require_postgres()
+    for pattern in PATTERNS:
+        regex = pattern_regex([pattern])
+        for name in NAMES:
+            matched = await db.fetchval("SELECT ($1 || '.') ~ $2", name, regex)
+            assert matched is matches(pattern, name), (pattern, name)
+
+
+async def test_a_rolled_back_transaction_never_delivers(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    seen: list[str] = []
+
+    @listener("user.created")
+    async def welcome(email: str) -> None:
+        seen.append(email)
+
+    async with Bus(_url(schema), listeners=[welcome]) as bus:
+        await db.execute(f"CREATE TABLE {schema}.users (email TEXT)")
+        failed = db.transaction()
+        await failed.start()
+        await db.execute(f"INSERT INTO {schema}.users VALUES ('gone@x.y')")
+        await bus.publish("user.created", email="gone@x.y", connection=db)
+        await failed.rollback()  # the payment failed, say
+        async with db.transaction():
+            await db.execute(f"INSERT INTO {schema}.users VALUES ('ada@x.y')")
+            await bus.publish("user.created", email="ada@x.y", connection=db)
+            await asyncio.sleep(0.1)
+            assert seen == []  # not committed yet: nobody can see it
+        await bus.drain()
+    assert seen == ["ada@x.y"]
+
+
+async def test_a_sqlalchemy_session_is_an_outbox_too(schema: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    seen: list[int] = []
+
+    @listener("order.paid")
+    async def charge(order_id: int) -> None:
+        seen.append(order_id)
+
+    engine = create_async_engine(POSTGRES_URL.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        async with Bus(_url(schema), listeners=[charge]) as bus:
+            async with AsyncSession(engine) as session:
+                await session.execute(text("SELECT 1"))
+                await bus.publish("order.paid", order_id=1, session=session)
+                await session.rollback()
+            async with AsyncSession(engine) as session:
+                await bus.publish("order.paid", order_id=2, session=session)
+                await session.commit()
+            await bus.drain()
+    finally:
+        await engine.dispose()
+    assert seen == [2]
+
+
+async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    a: list[int] = []
+    b: list[int] = []
+
+    @listener("x")
+    async def first(n: int) -> None:
+        a.append(n)
+
+    @listener("*")
+    async def second(n: int) -> None:
+        b.append(n)
+
+    async with Bus(_url(schema), listeners=[first, second]) as bus:
+        for n in range(20):
+            async with db.transaction():
+                await bus.publish("x", n=n, connection=db)
+        await bus.drain()
+    assert sorted(a) == sorted(b) == list(range(20))
+
+
+async def test_outbox_needs_postgres() -> None:
+    async with Bus() as bus:
+        with pytest.raises(ConfigurationError, match="only the PostgreSQL backend"):
+            await bus.publish("x", connection=object())
+
+
+async def test_migrations_run_once_and_are_recorded(schema: str, db: asyncpg.Connection) -> None:
+    backend = PostgresBackend(POSTGRES_URL, schema=schema, migrate=False, consume=False)
+    await backend.connect()
+    try:
+        assert await backend.run_migrations() == [1]
+        assert await backend.run_migrations() == []
+    finally:
+        await backend.disconnect()
+    versions = await db.fetch(f"SELECT version FROM {schema}.migrations")
+    assert [r[0] for r in versions] == [1]
+
+
+def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(schema, migrate="false"))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
+    assert result.exit_code == 0, result.output
+    assert f"schema {schema}: ran migration(s) 1" in result.output
+    result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
+    assert f"schema {schema} is up to date" in result.output
+
+
+async def test_notify_wakes_a_consumer_long_before_it_would_poll(schema: str) -> None:
+    got = asyncio.Event()
+
+    @listener("ping")
+    async def pong() -> None:
+        got.set()
+
+    async with Bus(_url(schema, poll_s=30), listeners=[pong]):
+        await asyncio.sleep(0.3)  # the consumer has polled once and sleeps for 30s
+        async with Bus(_url(schema), consume=False) as producer:
+            began = time.monotonic()
+            await producer.publish("ping")
+        await asyncio.wait_for(got.wait(), 10)
+        assert time.monotonic() - began < 5
+
+
+async def test_without_listen_polling_delivers(schema: str) -> None:
+    got = asyncio.Event()
+
+    @listener("ping")
+    async def pong() -> None:
+        got.set()
+
+    bus = Bus(_url(schema, poll_s=0.05), listeners=[pong])
+    async with bus:
+        backend: PostgresBackend = bus.backend  # type: ignore[assignment]
+        assert backend._listen_task is not None
+        backend._listen_task.cancel()  # as behind a proxy where LISTEN is refused
+        async with Bus(_url(schema), consume=False) as producer:
+            await producer.publish("ping")
+        await asyncio.wait_for(got.wait(), 10)
+
+
+async def test_two_consumers_never_run_a_delivery_twice(schema: str) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def make(tag: str) -> Bus:
+        @listener("job")
+        async def job(n: int) -> None:
+            await asyncio.sleep(0.01)
+            seen.append((tag, n))
+
+        job.qualname = "tests.job"
+        return Bus(_url(schema), listeners=[job])
+
+    a, b = make("a"), make("b")
+    async with a, b:
+        for n in range(300):
+            (a if n % 2 else b).emit("job", n=n)
+        await a.drain()
+        await b.drain()
+    assert sorted(n for _, n in seen) == list(range(300))
+    assert {tag for tag, _ in seen} == {"a", "b"}
+
+
+async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(schema: str) -> None:
+    attempts: list[int] = []
+
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(event: Event) -> None:
+        attempts.append(event.attempt)
+
+    dying = PostgresBackend(POSTGRES_URL, schema=schema, consume=False)
+    async with Bus(dying, listeners=[on_x]) as producer:
+        await producer.publish("x")
+        claimed = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert [c.attempt for c in claimed] == [1]
+    async with Bus(_url(schema), listeners=[on_x]) as bus:
+        await bus.drain()
+    assert attempts == [2]
+
+
+async def test_delivered_events_are_deleted_and_stats_count(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(_url(schema), listeners=[on_x], consume=False) as bus:
+        for _ in range(5):
+            bus.emit("x")
+        bus.emit("x", delay=60)
+        await bus.drain()
+        stats = (await bus.listener_stats())[on_x.qualname]
+        assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
+    backend = PostgresBackend(POSTGRES_URL, schema=schema, poll_s=0.01)
+    async with Bus(backend, listeners=[on_x]) as bus:
+        await bus.drain()
+        await backend._cleanup(time.time())
+    assert await db.fetchval(f"SELECT COUNT(*) FROM {schema}.events") == 1  # the delayed one
+
+
+async def test_unreachable_postgres_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BackendError, match="cannot connect to PostgreSQL"):
+        async with Bus(f"postgresql://postgres:secret@127.0.0.1:{port}/x", consume=False):
+            pass
+
+
+def test_urls() -> None:
+    backend = Bus("postgres://u:secret@db.example/app?schema=events&lease_s=5&batch=9").backend
+    assert isinstance(backend, PostgresBackend)
+    assert backend.schema == "events"
+    assert backend.lease_s == 5.0
+    assert backend.batch == 9
+    assert backend.dsn == "postgresql://u:secret@db.example/app"
+    assert "secret" not in repr(backend)
+    with pytest.raises(ConfigurationError, match="schema name"):
+        Bus("postgresql://db/app?schema=Bad-Name")
+
+
+# -- a private server, restarted mid-stream ----------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class _Server:
+    """A PostgreSQL cluster of the test's own, in a temporary directory, on a free port."""
+
+    def __init__(self, directory: Path, bin_dir: Path) -> None:
+        self.data = directory / "data"
+        self.bin = bin_dir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ)
+        self.env = env
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.user:
+            shutil.chown(directory, "postgres")
+        subprocess.run(
+            [
+                *self.user,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *self.user,
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.data),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                stdout=subprocess.DEVNULL,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the private PostgreSQL did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # SIGKILL the postmaster: a crash, not a shutdown. Its backends notice and
+            # exit; the next start recovers from the write-ahead log.
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            self.proc.wait()
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("PostgreSQL's initdb is not installed; CI needs it", pytrace=False)
+        pytest.skip("PostgreSQL's initdb is not installed")
+    # Not under pytest's tmp_path: the server's user (postgres, when the tests run as
+    # root) must be able to reach it.
+    directory = Path(tempfile.mkdtemp(prefix="tidings-pg-"))
+    try:
+        srv = _Server(directory, bin_dir)
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.kill()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+async def test_every_published_event_survives_a_server_killed_mid_stream(
+    server: _Server,
+) -> None:
+    delivered: set[int] = set()
+    under_way = asyncio.Event()
+
+    @listener("job", concurrency=1)
+    async def job(n: int) -> None:
+        await asyncio.sleep(0.001)  # slower than the producer: a backlog builds up
+        delivered.add(n)
+        if len(delivered) >= 100:
+            under_way.set()
+
+    url = f"postgresql://postgres@127.0.0.1:{server.port}/postgres?poll_s=0.01&lease_s=2"
+    published: list[int] = []
+    refused = 0
+    backlog = 0
+    async with Bus(url, listeners=[job], consume=False) as producer:
+        worker = Bus(url, listeners=[job])
+        await worker.start()
+        try:
+            for n in range(2000):
+                if n == 1000:
+                    await asyncio.wait_for(under_way.wait(), 30)
+                    backlog = n - len(delivered)
+                    server.kill()
+                    began = time.monotonic()
+                    with pytest.raises(BackendError):
+                        await producer.publish("job", n=-1)
+                    assert time.monotonic() - began < 60  # an error, not a hang
+                    server.start()
+                while True:
+                    try:
+                        await producer.publish("job", n=n)
+                        break
+                    except BackendError:
+                        refused += 1
+                        await asyncio.sleep(0.05)
+                published.append(n)
+            for _ in range(6000):
+                if delivered >= set(published):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await worker.aclose(timeout=5)
+    print(
+        f"\nPostgreSQL killed after 1000 of 2000 publishes ({backlog} not yet delivered), "
+        f"{refused} refused while it came back: "
+        f"{len(set(published) - delivered)} of {len(published)} published events lost"
+    )
+    assert set(published) <= delivered
+
+
+def test_the_regex_is_anchored() -> None:
+    assert re.fullmatch(r"\^\(\?:.*\)\$", pattern_regex(["a.*", "b"]))
