@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # Commands set the library's log level, as a program does; tests share a process.
+    logger = logging.getLogger("tidings")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 class Counter:

@@ -21,15 +21,6 @@ from .services import REDIS_URL, drop_prefix_now, require_redis, unique_prefix
 runner = CliRunner(env={"COLUMNS": "250"})
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # The commands set the library's log level, as a program does; tests share a process.
-    logger = logging.getLogger("tidings")
-    level = logger.level
-    yield
-    logger.setLevel(level)
-
-
 def test_demo_runs_and_prints_a_row_per_listener() -> None:
     result = runner.invoke(app, ["demo", "--quiet", "--users", "200"])
     assert result.exit_code == 0, result.output
