@@ -18,8 +18,11 @@ acknowledges the batch with XACK in the same pipeline as its next read. taskiq-r
 (RedisStreamBroker) and FastStream (a stream subscriber per listener, each with its own
 group) run the same job the way their documentation shows: one task or subscriber per
 listener, one publish per event and listener (taskiq) or per event (FastStream).
-Redis is $TIDINGS_BENCH_REDIS, by default redis://127.0.0.1:6379/0; every run uses keys
-of its own and deletes them.
+PostgreSQL: tidings beside procrastinate (a task per listener, deferred once per event
+and listener with defer_async, a worker with concurrency 100).
+Redis is $TIDINGS_BENCH_REDIS, by default redis://127.0.0.1:6379/0, PostgreSQL
+$TIDINGS_BENCH_POSTGRES, by default postgresql://postgres@127.0.0.1:5432/test; every run
+uses keys or a schema of its own and deletes them.
 """
 
 # The processes signal each other through tiny files: blocking writes are fine here.
@@ -43,15 +46,19 @@ BATCH = 500
 # A run that has not made every delivery by then is left out (and said so).
 WAIT_S = 180
 REDIS = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES = os.environ.get("TIDINGS_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 # -- tidings -----------------------------------------------------------------------------
 
 
 def _url(target: str) -> str:
-    """The tidings URL of a run's store: a SQLite file, or a Redis key prefix."""
+    """The tidings URL of a run's store: a SQLite file, a PostgreSQL schema (``pgbench_...``)
+    or a Redis key prefix."""
     if target.endswith(".db"):
         return f"sqlite:///{target}?poll_s=0.005"
+    if target.startswith("pgbench_"):
+        return f"{POSTGRES}?schema={target}&poll_s=0.005"
     return f"{REDIS}?prefix={target}&poll_s=0.005"
 
 
@@ -346,6 +353,68 @@ async def faststream_producer(prefix: str, n: int, listeners: int, out: str) -> 
     Path(out).write_text(repr(start))
 
 
+# -- PostgreSQL: procrastinate --------------------------------------------------------------
+
+
+def _procrastinate(schema: str, listeners: int, done_at: int, out: str) -> tuple[Any, list[Any]]:
+    import procrastinate
+
+    connector = procrastinate.PsycopgConnector(
+        conninfo=POSTGRES, kwargs={"options": f"-c search_path={schema}"}
+    )
+    app = procrastinate.App(connector=connector)
+    count = 0
+    tasks = []
+    for k in range(listeners):
+
+        async def deliver(n: int) -> None:
+            nonlocal count
+            count += 1
+            if count == done_at:
+                Path(out).write_text(repr(time.time()))
+
+        deliver.__name__ = f"bench_listener_{k}"
+        tasks.append(app.task(name=f"bench_listener_{k}")(deliver))
+    return app, tasks
+
+
+async def procrastinate_setup(schema: str, listeners: int) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    app, _ = _procrastinate(schema, listeners, -1, "")
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+
+
+async def procrastinate_worker(schema: str, n: int, listeners: int, out: str) -> None:
+    import logging
+
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
+    app, _ = _procrastinate(schema, listeners, n * listeners, out)
+    async with app.open_async():
+        worker = asyncio.create_task(app.run_worker_async(concurrency=100))
+        Path(out + ".ready").touch()
+        while not Path(out).exists():
+            await asyncio.sleep(0.01)
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+async def procrastinate_producer(schema: str, n: int, listeners: int, out: str) -> None:
+    app, tasks = _procrastinate(schema, listeners, -1, "")
+    async with app.open_async():
+        start = time.time()
+        for i in range(n):
+            for task in tasks:
+                await task.defer_async(n=i)
+    Path(out).write_text(repr(start))
+
+
 ROLES: dict[str, Callable[..., Awaitable[None]]] = {
     "tidings-setup": tidings_setup,
     "tidings-producer": tidings_producer,
@@ -362,10 +431,14 @@ ROLES: dict[str, Callable[..., Awaitable[None]]] = {
     "faststream-setup": faststream_setup,
     "faststream-producer": faststream_producer,
     "faststream-worker": faststream_worker,
+    "procrastinate-setup": procrastinate_setup,
+    "procrastinate-producer": procrastinate_producer,
+    "procrastinate-worker": procrastinate_worker,
 }
 
 KINDS = {
     "sqlite": (("tidings", "tidings"), ("floor", "raw aiosqlite floor")),
+    "postgres": (("tidings", "tidings"), ("procrastinate", "procrastinate")),
     "redis": (
         ("tidings", "tidings"),
         ("redis_floor", "raw redis-py floor"),
@@ -386,9 +459,27 @@ def _drop_redis(prefix: str) -> None:
     r.close()
 
 
+def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(POSTGRES)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
 def measure(store: str, kind: str, n: int, listeners: int) -> float:
     with tempfile.TemporaryDirectory(prefix="tidings-bench-") as tmp:
-        target = str(Path(tmp) / "bench.db") if store == "sqlite" else f"bench-{uuid.uuid4().hex}"
+        if store == "sqlite":
+            target = str(Path(tmp) / "bench.db")
+        elif store == "postgres":
+            target = f"pgbench_{uuid.uuid4().hex[:12]}"
+        else:
+            target = f"bench-{uuid.uuid4().hex}"
         started, finished = str(Path(tmp) / "start"), str(Path(tmp) / "end")
         me = [sys.executable, __file__, "--role"]
         try:
@@ -417,6 +508,8 @@ def measure(store: str, kind: str, n: int, listeners: int) -> float:
         finally:
             if store == "redis":
                 _drop_redis(target)
+            elif store == "postgres":
+                _drop_schema(target)
     return n * listeners / (end - start)
 
 
@@ -424,7 +517,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="events per run")
     parser.add_argument("--listeners", type=int, nargs="*", default=[1, 4])
-    parser.add_argument("--store", nargs="*", default=["sqlite", "redis"], choices=list(KINDS))
+    parser.add_argument(
+        "--store", nargs="*", default=["sqlite", "redis", "postgres"], choices=list(KINDS)
+    )
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure; best counts")
     parser.add_argument("--role", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -455,6 +550,12 @@ def main() -> None:
                     continue
                 ratio = "" if kind == "tidings" else f"  tidings = {ours / rates[kind]:6.2f}x this"
                 print(f"    {label:<22} {rates[kind]:>9,.0f}{ratio}")
+            if store == "postgres" and all(rates.values()):
+                peer = rates["procrastinate"]
+                verdict = "PASS" if ours >= 10_000 else "MISS"
+                print(f"    {verdict}  >= 10,000 deliveries/s (is {ours:,.0f})")
+                verdict = "PASS" if ours >= 10 * peer else "MISS"
+                print(f"    {verdict}  >= 10x procrastinate (is {ours / peer:.1f}x)")
             if store == "redis" and all(rates.values()):
                 floor, taskiq = rates["redis_floor"], rates["taskiq"]
                 verdict = "PASS" if ours >= 0.8 * floor else "MISS"
@@ -464,10 +565,26 @@ def main() -> None:
 
 
 def _describe(store: str) -> str:
+    from importlib.metadata import version as dist
+
     if store == "sqlite":
         import sqlite3
 
         return f"SQLite {sqlite3.sqlite_version}"
+    if store == "postgres":
+        import asyncpg
+
+        async def server_version() -> str:
+            conn = await asyncpg.connect(POSTGRES)
+            try:
+                return str(await conn.fetchval("SHOW server_version"))
+            finally:
+                await conn.close()
+
+        return (
+            f"PostgreSQL {asyncio.run(server_version())} at {POSTGRES}; asyncpg "
+            f"{dist('asyncpg')}, procrastinate {dist('procrastinate')} (psycopg {dist('psycopg')})"
+        )
     import redis
 
     r = redis.Redis.from_url(REDIS)
@@ -475,8 +592,6 @@ def _describe(store: str) -> str:
         version = r.info("server")["redis_version"]
     finally:
         r.close()
-    from importlib.metadata import version as dist
-
     return (
         f"Redis {version} at {REDIS}; redis-py {dist('redis')}, "
         f"taskiq-redis {dist('taskiq-redis')}, FastStream {dist('faststream')}"
