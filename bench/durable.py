@@ -357,7 +357,12 @@ async def faststream_producer(prefix: str, n: int, listeners: int, out: str) -> 
 
 
 def _procrastinate(schema: str, listeners: int, done_at: int, out: str) -> tuple[Any, list[Any]]:
+    import logging
+
     import procrastinate
+
+    # Its warning that the app lives in __main__ (a benchmark's roles do).
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
 
     connector = procrastinate.PsycopgConnector(
         conninfo=POSTGRES, kwargs={"options": f"-c search_path={schema}"}
@@ -392,9 +397,6 @@ async def procrastinate_setup(schema: str, listeners: int) -> None:
 
 
 async def procrastinate_worker(schema: str, n: int, listeners: int, out: str) -> None:
-    import logging
-
-    logging.getLogger("procrastinate").setLevel(logging.ERROR)
     app, _ = _procrastinate(schema, listeners, n * listeners, out)
     async with app.open_async():
         worker = asyncio.create_task(app.run_worker_async(concurrency=100))
