@@ -490,6 +490,8 @@ def measure(store: str, kind: str, n: int, listeners: int) -> float:
                 [*me, f"{kind}-worker", target, str(n), str(listeners), finished]
             )
             while not Path(finished + ".ready").exists():
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the {kind} worker exited before it was ready")
                 time.sleep(0.01)
             subprocess.run(
                 [*me, f"{kind}-producer", target, str(n), str(listeners), started], check=True
@@ -601,4 +603,10 @@ def _describe(store: str) -> str:
 
 
 if __name__ == "__main__":
+    # bench/http.py would hide the standard library's http package from the peers'
+    # imports: look for modules elsewhere than beside this file.
+    from pathlib import Path as _Path
+
+    _here = str(_Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p and str(_Path(p).resolve()) != _here]
     main()

@@ -273,4 +273,12 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    # bench/http.py would hide the standard library's http package from the peers'
+    # imports: look for modules elsewhere than beside this file.
+    from pathlib import Path as _Path
+
+    _here = str(_Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p and str(_Path(p).resolve()) != _here]
     asyncio.run(main())
