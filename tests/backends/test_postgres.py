@@ -40,6 +40,7 @@ async def schema() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def db() -> AsyncIterator[asyncpg.Connection]:
+    require_postgres()
     conn = await asyncpg.connect(POSTGRES_URL)
     try:
         yield conn
@@ -58,7 +59,6 @@ NAMES += ["a.b.c.z", "x+y", "xxy", "users.created"]
 
 
 async def test_the_sql_pattern_matches_as_tidings_does(db: asyncpg.Connection) -> None:
-    require_postgres()
     for pattern in PATTERNS:
         regex = pattern_regex([pattern])
         for name in NAMES:
