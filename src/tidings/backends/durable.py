@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = ["Claimed", "DurableBackend", "ListenerStats", "Outcomes", "Stored"]
+__all__ = ["Claimed", "DurableBackend", "ListenerStats", "Outcomes", "Stored", "dead_letter"]
 
 logger = logging.getLogger("tidings.backends.durable")
 
@@ -92,6 +92,31 @@ class Outcomes:
 
     def __bool__(self) -> bool:
         return bool(self.acks or self.retries or self.burials or self.releases)
+
+
+def dead_letter(
+    record: Stored, listener: str, attempts: int, error: str, traceback: str, failed_at: float
+) -> DeadLetter:
+    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it."""
+    args, kwargs, obj = decode_payload(record.data)
+    event = Event(
+        record.name,
+        args,
+        kwargs,
+        timestamp=record.created,
+        headers=record.headers,
+        _id=record.id,
+        attempt=attempts,
+        obj=obj,
+    )
+    return DeadLetter(
+        event=event,
+        listener=listener,
+        error=error,
+        traceback=traceback,
+        attempts=attempts,
+        failed_at=failed_at,
+    )
 
 
 class _Consumer:

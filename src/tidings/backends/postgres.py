@@ -35,10 +35,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 from tidings.backends.base import DeadLetter, redact
-from tidings.backends.durable import Claimed, DurableBackend, ListenerStats, Outcomes, Stored
-from tidings.codec import decode_payload
+from tidings.backends.durable import (
+    Claimed,
+    DurableBackend,
+    ListenerStats,
+    Outcomes,
+    Stored,
+    dead_letter,
+)
 from tidings.errors import BackendError, ConfigurationError
-from tidings.events import Event
 
 if TYPE_CHECKING:
     import asyncpg
@@ -478,30 +483,24 @@ class PostgresBackend(DurableBackend):
                 listener,
                 limit,
             )
-        out = []
-        for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in rows:
-            args, kwargs, obj = decode_payload(data)
-            event = Event(
-                name,
-                args,
-                kwargs,
-                timestamp=created,
-                headers=_headers_dec.decode(headers) if headers else {},
-                _id=id_,
-                attempt=attempt,
-                obj=obj,
+        return [
+            dead_letter(
+                Stored(
+                    id_,
+                    name,
+                    data,
+                    _headers_dec.decode(headers) if headers else {},
+                    created,
+                    created,
+                ),
+                lst,
+                attempt,
+                error or "",
+                tb or "",
+                failed_at or 0.0,
             )
-            out.append(
-                DeadLetter(
-                    event=event,
-                    listener=lst,
-                    error=error or "",
-                    traceback=tb or "",
-                    attempts=attempt,
-                    failed_at=failed_at or 0.0,
-                )
-            )
-        return out
+            for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in rows
+        ]
 
     def _dead_filter(
         self, ids: Sequence[str] | None, listener: str | None

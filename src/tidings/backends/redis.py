@@ -46,10 +46,15 @@ import msgspec
 
 from tidings._patterns import matches
 from tidings.backends.base import DeadLetter, redact
-from tidings.backends.durable import Claimed, DurableBackend, ListenerStats, Outcomes, Stored
-from tidings.codec import decode_payload
+from tidings.backends.durable import (
+    Claimed,
+    DurableBackend,
+    ListenerStats,
+    Outcomes,
+    Stored,
+    dead_letter,
+)
 from tidings.errors import BackendError, ConfigurationError
-from tidings.events import Event
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -686,27 +691,14 @@ class RedisBackend(DurableBackend):
         for key, h in zip(keys, await pipe.execute(), strict=True):
             if not h:
                 continue
-            record = _unpack(h[b"e"])
-            args, kwargs, obj = decode_payload(record.data)
-            attempts = int(h[b"attempts"])
-            event = Event(
-                record.name,
-                args,
-                kwargs,
-                timestamp=record.created,
-                headers=record.headers,
-                _id=record.id,
-                attempt=attempts,
-                obj=obj,
-            )
             out.append(
-                DeadLetter(
-                    event=event,
-                    listener=self._dead_of(key)[0],
-                    error=h[b"error"].decode(),
-                    traceback=h[b"tb"].decode(),
-                    attempts=attempts,
-                    failed_at=float(h[b"at"]),
+                dead_letter(
+                    _unpack(h[b"e"]),
+                    self._dead_of(key)[0],
+                    int(h[b"attempts"]),
+                    h[b"error"].decode(),
+                    h[b"tb"].decode(),
+                    float(h[b"at"]),
                 )
             )
         return out

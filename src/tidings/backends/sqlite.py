@@ -24,10 +24,15 @@ import msgspec
 
 from tidings._patterns import matches
 from tidings.backends.base import DeadLetter
-from tidings.backends.durable import Claimed, DurableBackend, ListenerStats, Outcomes, Stored
-from tidings.codec import decode_payload
+from tidings.backends.durable import (
+    Claimed,
+    DurableBackend,
+    ListenerStats,
+    Outcomes,
+    Stored,
+    dead_letter,
+)
 from tidings.errors import BackendError, ConfigurationError
-from tidings.events import Event
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -342,41 +347,26 @@ class SQLiteBackend(DurableBackend):
             "AND (? IS NULL OR d.listener = ?) ORDER BY d.failed_at, d.seq LIMIT ?",
             (listener, listener, limit),
         )
-        out = []
-        for (
-            lst,
-            attempt,
-            error,
-            tb,
-            failed_at,
-            id_,
-            name,
-            data,
-            headers,
-            created,
-        ) in await cursor.fetchall():
-            args, kwargs, obj = decode_payload(data)
-            event = Event(
-                name,
-                args,
-                kwargs,
-                timestamp=created,
-                headers=_headers_dec.decode(headers) if headers else {},
-                _id=id_,
-                attempt=attempt,
-                obj=obj,
+        return [
+            dead_letter(
+                Stored(
+                    id_,
+                    name,
+                    data,
+                    _headers_dec.decode(headers) if headers else {},
+                    created,
+                    created,
+                ),
+                lst,
+                attempt,
+                error or "",
+                tb or "",
+                failed_at or 0.0,
             )
-            out.append(
-                DeadLetter(
-                    event=event,
-                    listener=lst,
-                    error=error or "",
-                    traceback=tb or "",
-                    attempts=attempt,
-                    failed_at=failed_at or 0.0,
-                )
+            for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in (
+                await cursor.fetchall()
             )
-        return out
+        ]
 
     def _dead_filter(
         self, ids: Sequence[str] | None, listener: str | None
