@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.errors import ConfigurationError
 from tidings.events import Event
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = ["Backend", "DeadLetter", "backend_from_url", "redact"]
+__all__ = ["Backend", "DeadLetter", "backend_from_url", "redact", "split_options"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +185,40 @@ def backend_from_url(url: str, **options: Any) -> Backend:
         f"unknown backend URL {redact(url)!r}: expected 'memory://', 'sqlite:///path.db', "
         "'redis://host:port/db' or 'postgresql://host/db'"
     )
+
+
+def split_options(
+    url: str,
+    *,
+    floats: tuple[str, ...] = (),
+    ints: tuple[str, ...] = (),
+    strs: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+) -> tuple[str, dict[str, Any]]:
+    """Take tidings' own options out of ``url``'s query: the URL with the rest of its
+    query (the driver's parameters), and the options, converted.
+
+    Raises:
+        ConfigurationError: an option's value does not convert.
+    """
+    parts = urlsplit(url)
+    rest: list[tuple[str, str]] = []
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        try:
+            if key in floats:
+                options[key] = float(value)
+            elif key in ints:
+                options[key] = int(value)
+            elif key in strs:
+                options[key] = value
+            elif key in bools:
+                options[key] = value.lower() not in ("0", "false", "no", "off")
+            else:
+                rest.append((key, value))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad {key!r} in {redact(url)!r}: {exc}") from exc
+    return urlunsplit(parts._replace(query=urlencode(rest))), options
 
 
 def redact(url: str) -> str:

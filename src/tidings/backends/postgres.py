@@ -30,11 +30,12 @@ import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from tidings.backends.base import DeadLetter, redact
+from tidings._patterns import _split
+from tidings.backends.base import DeadLetter, redact, split_options
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,
@@ -117,20 +118,10 @@ def pattern_regex(patterns: Sequence[str]) -> str:
             if segment == "**":
                 parts.append(r"(?:[^.]*\.)*")
             else:
-                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in _pieces(segment)]
+                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in _split(segment)]
                 parts.append("".join(pieces) + r"\.")
         alternatives.append("".join(parts))
     return "^(?:" + "|".join(alternatives) + ")$"
-
-
-def _pieces(segment: str) -> list[str]:
-    out: list[str] = []
-    for i, chunk in enumerate(segment.split("*")):
-        if i:
-            out.append("*")
-        if chunk:
-            out.append(chunk)
-    return out
 
 
 class PostgresBackend(DurableBackend):
@@ -200,25 +191,12 @@ class PostgresBackend(DurableBackend):
         """``postgresql://user:password@host:port/db``; the query may set ``schema``,
         ``migrate``, ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``codec`` and
         ``retention_s``; other parameters are asyncpg's."""
-        parts = urlsplit(url)
-        rest = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            try:
-                if key in _FLOAT_OPTIONS:
-                    options[key] = float(value)
-                elif key in _INT_OPTIONS:
-                    options[key] = int(value)
-                elif key in _STR_OPTIONS:
-                    options[key] = value
-                elif key == "migrate":
-                    options[key] = value.lower() not in ("0", "false", "no", "off")
-                else:
-                    rest.append((key, value))
-            except ValueError as exc:
-                raise ConfigurationError(f"bad {key!r} in {redact(url)!r}: {exc}") from exc
+        rest, ours = split_options(
+            url, floats=_FLOAT_OPTIONS, ints=_INT_OPTIONS, strs=_STR_OPTIONS, bools=("migrate",)
+        )
+        parts = urlsplit(rest)
         scheme = "postgresql" if parts.scheme in ("postgres", "postgresql") else parts.scheme
-        dsn = urlunsplit(parts._replace(scheme=scheme, query=urlencode(rest)))
-        return cls(dsn, **options)
+        return cls(urlunsplit(parts._replace(scheme=scheme)), **options, **ours)
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redact(self.dsn)!r}, schema={self.schema!r})"

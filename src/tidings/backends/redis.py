@@ -40,12 +40,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
 from tidings._patterns import matches
-from tidings.backends.base import DeadLetter, redact
+from tidings.backends.base import DeadLetter, redact, split_options
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,
@@ -282,21 +281,8 @@ class RedisBackend(DurableBackend):
         """``redis://[:password@]host[:port][/db]``; the query may set ``prefix``,
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency`` and ``codec``; other
         parameters are redis-py's."""
-        parts = urlsplit(url)
-        rest = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            try:
-                if key in _FLOAT_OPTIONS:
-                    options[key] = float(value)
-                elif key in _INT_OPTIONS:
-                    options[key] = int(value)
-                elif key in _STR_OPTIONS:
-                    options[key] = value
-                else:
-                    rest.append((key, value))
-            except ValueError as exc:
-                raise ConfigurationError(f"bad {key!r} in {redact(url)!r}: {exc}") from exc
-        return cls(urlunsplit(parts._replace(query=urlencode(rest))), **options)
+        rest, ours = split_options(url, floats=_FLOAT_OPTIONS, ints=_INT_OPTIONS, strs=_STR_OPTIONS)
+        return cls(rest, **options, **ours)
 
     def __repr__(self) -> str:
         return f"RedisBackend({redact(self.url)!r}, prefix={self.prefix!r})"
@@ -589,26 +575,22 @@ class RedisBackend(DurableBackend):
         return out
 
     async def _trim_all(self, now: float) -> None:
-        redis = self._r()
-        names = [n.decode() for n in await redis.smembers(self._k_streams)]
-        keys: list[bytes | str] = [self._stream(n) for n in names]
-        keys += [self._own(lst.decode()) for lst in await redis.hkeys(self._k_listeners)]
         reap = 0
         if now - self._reaped >= _REAP_S:
             self._reaped = now
             reap = _REAP_MS
-        for start in range(0, len(keys), 100):
-            await self._trim(keys=keys[start : start + 100], args=[reap])  # type: ignore[misc]
+        await self.trim(reap_ms=reap)
 
-    async def trim(self) -> int:
-        """Trim every stream of what all its groups have acknowledged; how many entries."""
+    async def trim(self, *, reap_ms: int = 0) -> int:
+        """Trim every stream of what all its groups have acknowledged; how many entries.
+        With ``reap_ms``, also forget consumers idle that long with nothing pending."""
         redis = self._r()
         names = [n.decode() for n in await redis.smembers(self._k_streams)]
         keys: list[bytes | str] = [self._stream(n) for n in names]
         keys += [self._own(lst.decode()) for lst in await redis.hkeys(self._k_listeners)]
         total = 0
         for start in range(0, len(keys), 100):
-            total += int(await self._trim(keys=keys[start : start + 100], args=[0]))  # type: ignore[misc]
+            total += int(await self._trim(keys=keys[start : start + 100], args=[reap_ms]))  # type: ignore[misc]
         return total
 
     async def settle(self, outcomes: Outcomes) -> None:
