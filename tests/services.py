@@ -3,6 +3,7 @@ under ``CI=true``, where every service must be up)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -69,12 +70,4 @@ async def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
 
 def drop_prefix_now(prefix: str, url: str = REDIS_URL) -> None:
     """:func:`drop_prefix`, for code outside an event loop."""
-    from redis import Redis
-
-    redis = Redis.from_url(url)
-    try:
-        keys = list(redis.scan_iter(match=f"{prefix}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            redis.delete(*keys[start : start + 1000])
-    finally:
-        redis.close()
+    asyncio.run(drop_prefix(prefix, url))
