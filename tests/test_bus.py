@@ -162,6 +162,40 @@ async def test_publish_from_another_thread_with_its_own_loop() -> None:
     assert counter.calls == [7]
 
 
+async def test_drain_from_another_loop_waits_on_the_buss_own() -> None:
+    # A test client that runs the app (and its bus) on a loop in a thread of its own.
+    started = threading.Event()
+    release = threading.Event()
+    loop = asyncio.new_event_loop()
+    holder: dict[str, Bus] = {}
+    done: list[int] = []
+
+    @listener("x")
+    async def slow(n: int) -> None:
+        await asyncio.sleep(0.05)
+        done.append(n)
+
+    async def serve() -> None:
+        async with Bus(listeners=[slow]) as bus:
+            holder["bus"] = bus
+            bus.emit("x", n=1)
+            started.set()
+            await asyncio.to_thread(release.wait)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        await asyncio.to_thread(started.wait)
+        await holder["bus"].drain()
+        assert done == [1]
+    finally:
+        release.set()
+        await asyncio.to_thread(thread.join)
+        loop.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        await holder["bus"].drain()
+
+
 async def test_context_variables_reach_sync_and_async_listeners() -> None:
     seen: list[tuple[str, str]] = []
 

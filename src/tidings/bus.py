@@ -281,8 +281,18 @@ class Bus:
         self._start_scheduler()
 
     async def drain(self) -> None:
-        """Wait until every queued, running and retrying delivery has finished."""
-        if self._loop is None:
+        """Wait until every queued, running and retrying delivery has finished.
+
+        May be awaited on another event loop than the bus's (a test client that runs
+        the app in a thread of its own, say).
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        if asyncio.get_running_loop() is not loop:
+            if not loop.is_running():
+                raise RuntimeError("the bus's event loop is not running: nothing can drain")
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
             return
         await self.backend.drain()
         if self._runner is not None:
