@@ -226,6 +226,55 @@ async def test_events_from_different_contexts_each_see_their_own() -> None:
     assert seen == [(n, f"request {n // 2}") for n in range(6)]
 
 
+async def test_equal_but_distinct_context_values_are_never_swapped() -> None:
+    # Two requests each keep a dict of their own in a context variable; the dicts are
+    # equal when the events are emitted, and each listener must see its own.
+    import contextvars
+
+    state: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("state")
+    states: dict[int, dict[str, str]] = {}
+    seen: dict[int, bool] = {}
+
+    @listener("x")
+    async def reads(n: int) -> None:
+        seen[n] = state.get() is states[n]
+
+    async def request(bus: Bus, n: int) -> None:
+        states[n] = {}
+        state.set(states[n])
+        bus.emit("x", n=n)
+        bus.emit("x", n=n + 10)
+        states[n + 10] = states[n]
+
+    async with Bus(listeners=[reads]) as bus:
+        await asyncio.gather(*(request(bus, n) for n in range(3)))
+        await bus.drain()
+    assert seen == dict.fromkeys((0, 1, 2, 10, 11, 12), True)
+
+
+async def test_a_listener_that_emits_sees_and_passes_on_its_context() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="-")
+    seen: list[tuple[str, str]] = []
+
+    @listener("a")
+    async def first(event: Event) -> None:
+        seen.append(("a", var.get()))
+        emitter.emit("b")
+
+    @listener("b")
+    async def second() -> None:
+        seen.append(("b", var.get()))
+
+    async with Bus(listeners=[first, second]) as emitter:
+        for n in range(3):
+            var.set(f"request {n}")
+            emitter.emit("a")
+        await emitter.drain()
+    assert sorted(seen) == sorted([(kind, f"request {n}") for n in range(3) for kind in ("a", "b")])
+
+
 async def test_a_suspended_listener_holds_back_neither_the_others_nor_later_events() -> None:
     release = asyncio.Event()
     order: list[str] = []
@@ -311,6 +360,43 @@ async def test_max_pending_counts_events_however_many_listeners() -> None:
             bus.emit("x")
         await bus.drain()
         bus.emit("x")
+
+
+async def test_payload_keywords_in_any_order_and_more_than_a_listener_names() -> None:
+    got: list[tuple[Any, ...]] = []
+
+    @listener("x")
+    async def none() -> None:
+        got.append(())
+
+    @listener("x")
+    async def two(b: int, a: int) -> None:
+        got.append((b, a))
+
+    @listener("x")
+    async def four(a: int, b: int, c: int, d: int) -> None:
+        got.append((a, b, c, d))
+
+    @listener("x")
+    async def defaults(a: int, z: int = 26) -> None:
+        got.append((a, z))
+
+    @listener("x")
+    async def keyword_only(*, d: int) -> None:
+        got.append((d,))
+
+    @listener("x")
+    async def missing(a: int, y: int) -> None:
+        got.append((a, y))
+
+    async with Bus(listeners=[none, two, four, defaults, keyword_only, missing]) as bus:
+        for _ in range(2):
+            bus.emit("x", d=4, c=3, b=2, a=1)
+        await bus.drain()
+        dead = bus.dead_letters()
+    assert got == [(), (2, 1), (1, 2, 3, 4), (1, 26), (4,)] * 2
+    assert [d.listener.rsplit(".", 1)[-1] for d in dead] == ["missing"] * 2
+    assert all("parameter 'y' is required" in d.error for d in dead)
 
 
 async def test_wrapped_listeners_taking_part_of_the_payload_are_planned() -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
 
-__all__ = ["CallPlan", "Injector", "register_injector"]
+__all__ = ["CallPlan", "Injector", "keyword_caller", "register_injector"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -110,6 +111,7 @@ class CallPlan:
         "_var_kwargs",
         "fn",
         "qualname",
+        "required_names",
         "revivable",
         "simple_names",
         "typed_classes",
@@ -156,6 +158,17 @@ class CallPlan:
         #: The parameter names, when a call with exactly these keywords needs no plan.
         self.simple_names: frozenset[str] | None = (
             frozenset(n for n, _, _, _ in params) if simple else None
+        )
+        #: The parameter names in order, when each may be passed by position and none
+        #: has a default (see :func:`keyword_caller`).
+        self.required_names: tuple[str, ...] | None = (
+            tuple(n for n, _, _, _ in params)
+            if simple
+            and all(
+                kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and not has_default
+                for _, kind, _, has_default in params
+            )
+            else None
         )
 
     def call(self, event: Event) -> Any:
@@ -233,6 +246,34 @@ class CallPlan:
                 kw.append((name, source))
         rest_from = next_arg if self._var_args and positional_open else -1
         return tuple(pos), tuple(kw), rest_from, self._var_kwargs
+
+
+def keyword_caller(
+    fn: Callable[..., Any], names: tuple[str, ...] | None
+) -> Callable[[dict[str, Any]], Any]:
+    """A function calling ``fn`` with a payload's keywords: ``caller(kwargs)``.
+
+    With ``names`` (all of ``fn``'s parameters, each passable by position) the values
+    are taken from the dict and passed by position: keywords ``fn`` does not name are
+    left out, a missing one raises ``KeyError``. That costs a fraction of
+    ``fn(**kwargs)``, which copies the dict and unpacks it again. Without ``names``,
+    ``fn(**kwargs)``: a ``TypeError`` unless the keywords fit the parameters.
+    """
+    if names is None:
+        return lambda kw: fn(**kw)
+    if not names:
+        return lambda kw: fn()
+    if len(names) == 1:
+        (a,) = names
+        return lambda kw: fn(kw[a])
+    if len(names) == 2:
+        a, b = names
+        return lambda kw: fn(kw[a], kw[b])
+    if len(names) == 3:
+        a, b, c = names
+        return lambda kw: fn(kw[a], kw[b], kw[c])
+    take = operator.itemgetter(*names)
+    return lambda kw: fn(*take(kw))
 
 
 def _take(event: Event, source: _Source) -> Any:

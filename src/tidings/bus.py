@@ -17,6 +17,7 @@ from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from tidings import _holding
+from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
@@ -144,6 +145,8 @@ class Bus:
         self._hot = False
         self._routes = self.registry.routes
         self._put_named = backend.put_named
+        # What events emitted on the loop's thread share of the emitter's context.
+        self._contexts = ContextCopies()
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
 
@@ -387,10 +390,17 @@ class Bus:
                             # Held until the response is sent (tidings.asgi); nothing
                             # to check on a plain bus, so not even an envelope yet.
                             hold.items.append(
-                                [subs, _copy_context(), name_or_event, args, kwargs, _time()]
+                                [
+                                    subs,
+                                    self._contexts.copy(),
+                                    name_or_event,
+                                    args,
+                                    kwargs,
+                                    _time(),
+                                ]
                             )
                             return
-                    self._put_named(subs, name_or_event, args, kwargs)
+                    self._put_named(subs, self._contexts.copy(), name_or_event, args, kwargs)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -534,7 +544,8 @@ class Bus:
         if not subs and not durable:
             logger.debug("no listener for event %r; ignored", event.name)
             return None
-        return subs, _copy_context()
+        ctx = self._contexts.copy() if _get_ident() == self._thread else _copy_context()
+        return subs, ctx
 
     def _take_once(self, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
         out: list[Subscription] = []
@@ -609,7 +620,9 @@ class Bus:
         # emit (an instance attribute, found before the method); it hands anything
         # else back to the method.
         fast = (
-            self.backend.fast_emit(self._routes, self._thread, MethodType(Bus.emit, self))
+            self.backend.fast_emit(
+                self._routes, self._thread, MethodType(Bus.emit, self), self._contexts
+            )
             if self._hot and not self._holders  # a held event must meet emit itself
             else None
         )

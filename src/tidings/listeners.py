@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from tidings._binding import CallPlan
+from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
 from tidings.errors import ConfigurationError
@@ -235,8 +235,10 @@ class Subscription:
         pumped = listener.is_async and listener.concurrency is None
         self.pumped = pumped
         fn = listener.plan.fn
-        self.pump_fn: Callable[..., Any] | None = (
-            fn if pumped and self.eager_names is not None and _binds_when_called(fn) else None
+        self.pump_fn: Callable[[dict[str, Any]], Any] | None = (
+            keyword_caller(fn, listener.plan.required_names)
+            if pumped and self.eager_names is not None and _binds_when_called(fn)
+            else None
         )
 
     def unsubscribe(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from contextvars import Context, copy_context
+from contextvars import Context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -19,6 +19,7 @@ from tidings.errors import ConfigurationError
 from tidings.events import Event
 
 if TYPE_CHECKING:
+    from tidings._contexts import ContextCopies
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
@@ -73,16 +74,18 @@ class Backend(ABC):
     def put_named(
         self,
         subs: tuple[Subscription, ...],
+        ctx: Context,
         name: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """Queue a named event, emitted in the caller's context, like :meth:`put`.
+        """Queue a named event, emitted in ``ctx`` (a copy of the caller's context),
+        like :meth:`put`.
 
         The bus's fast path for plain named events: a backend may queue them without
         building the envelope until something reads it.
         """
-        self.put(Event(name, args, kwargs), subs, copy_context())
+        self.put(Event(name, args, kwargs), subs, ctx)
 
     def put_held(self, entries: list[list[Any]]) -> None:
         """Queue named events that were emitted earlier and held until now (see
@@ -100,6 +103,7 @@ class Backend(ABC):
         routes: Mapping[str, tuple[Subscription, ...]],
         thread: int,
         fallback: Callable[..., None],
+        contexts: ContextCopies,
     ) -> Callable[..., None] | None:
         """An ``emit`` function for a bus in its plain state, or ``None`` (the default).
 
@@ -107,7 +111,8 @@ class Backend(ABC):
         (no hooks, no strict checks, no serialization check) and removes it when that
         changes. It may queue a named event whose name is in ``routes``, emitted on the
         thread ``thread`` without options; anything else it hands to ``fallback`` (the
-        bus's own ``emit``) with the same arguments.
+        bus's own ``emit``) with the same arguments. Its events are emitted in
+        ``contexts.copy()`` (which it may inline).
         """
         return None
 

@@ -12,9 +12,11 @@ plain ``await``, with no task and no ``StopIteration``. When a listener really
 suspends, the pump is handed, with that one delivery, to a task of its own, and a new
 pump carries on with the rest of the queue.
 
-A pump runs in a copy of the emitter's context and only takes events whose emitter
-context is the same; a listener that sets a context variable ends the pump, so what one
-delivery sets is never seen by another.
+A pump runs in a copy of the emitter's context and only takes the events that share it
+(events emitted in a row from one context share one copy, see :mod:`tidings._contexts`);
+a listener that sets a context variable ends the pump, so what one delivery sets is
+never seen by another. A listener is called with the payload's values taken by name
+and passed by position (see :func:`tidings._binding.keyword_caller`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, cast
 
+from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter
 from tidings.delivery import _resume
 from tidings.errors import QueueFull
@@ -155,6 +158,7 @@ class MemoryBackend(Backend):
     def put_named(
         self,
         subs: tuple[Subscription, ...],
+        ctx: Context,
         name: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -162,7 +166,7 @@ class MemoryBackend(Backend):
         queue = self._queue
         if len(queue) >= self._room:
             raise self._full(name)
-        queue.append([subs, _copy_context(), name, args, kwargs, _time()])
+        queue.append([subs, ctx, name, args, kwargs, _time()])
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -172,9 +176,11 @@ class MemoryBackend(Backend):
         routes: Mapping[str, tuple[Subscription, ...]],
         thread: int,
         fallback: Callable[..., None],
+        contexts: ContextCopies,
     ) -> Callable[..., None]:
         queue = self._queue
         append = queue.append
+        renew = contexts.renew
 
         # What put_named does, without a method call or an attribute read more than
         # needed: this function is the whole cost of an emit.
@@ -187,7 +193,10 @@ class MemoryBackend(Backend):
             ):
                 subs = routes.get(name_or_event)
                 if subs:
-                    append([subs, _copy_context(), name_or_event, args, kwargs, _time()])
+                    ctx = contexts.shared
+                    if _copy_context() != ctx:
+                        ctx = renew()
+                    append([subs, ctx, name_or_event, args, kwargs, _time()])
                     if not self._scheduled:
                         self._scheduled = True
                         self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -283,8 +292,10 @@ class MemoryBackend(Backend):
                     self._start_other(entry, sub, entry[1])
                 spent += 1
         while queue and len(running) < limit and spent < _BATCH:
-            ctx: Context = queue[0][1]
-            pristine = ctx.copy()
+            # Entries' contexts are only ever copied, never entered: the pump runs in
+            # a copy of its first entry's, and goes on with the entries that share it.
+            pristine: Context = queue[0][1]
+            ctx = pristine.copy()
             state = _PumpState()
             pump = self._pump(ctx, pristine, state, _BATCH - spent)
             try:
@@ -326,7 +337,7 @@ class MemoryBackend(Backend):
         done = 0
         while queue and done < budget:
             entry = queue.popleft()
-            if entry[1] is not ctx and entry[1] != pristine:
+            if entry[1] is not pristine:
                 queue.appendleft(entry)  # another emitter context: another pump
                 return done
             for sub in entry[0]:
@@ -343,10 +354,10 @@ class MemoryBackend(Backend):
                         await sub.listener.plan.call(_event(entry))
                     else:
                         try:
-                            coro = fn(**entry[4])
-                        except TypeError:
-                            # Not exactly the listener's parameters (a subset, say):
-                            # bind through its plan from now on.
+                            coro = fn(entry[4])
+                        except (KeyError, TypeError):
+                            # Keywords that do not fit the listener's parameters as
+                            # they are: bind through its plan from now on.
                             sub.pump_fn = None
                             coro = sub.listener.plan.call(_event(entry))
                         await coro
