@@ -275,6 +275,50 @@ async def test_a_listener_that_emits_sees_and_passes_on_its_context() -> None:
     assert sorted(seen) == sorted([(kind, f"request {n}") for n in range(3) for kind in ("a", "b")])
 
 
+async def test_every_event_once_and_in_order_however_the_deliveries_go() -> None:
+    # Contexts that change every few events, listeners that suspend or set a context
+    # variable now and then, a listener that runs in a thread: each takes a different
+    # way out of the run of deliveries in progress, and nothing may be lost, repeated
+    # or reordered for a listener that never suspends.
+    import contextvars
+
+    var: contextvars.ContextVar[int] = contextvars.ContextVar("var", default=-1)
+    plain: list[tuple[int, int]] = []
+    waited: list[int] = []
+    threaded: list[int] = []
+
+    @listener("x")
+    async def records(n: int) -> None:
+        plain.append((n, var.get()))
+
+    @listener("x")
+    async def sometimes_waits(n: int) -> None:
+        if n % 7 == 0:
+            await asyncio.sleep(0)
+        waited.append(n)
+
+    @listener("x")
+    async def sometimes_sets(n: int) -> None:
+        if n % 5 == 0:
+            var.set(10_000 + n)
+
+    @listener("x")
+    def in_a_thread(n: int) -> None:
+        threaded.append(n)
+
+    async with Bus(
+        listeners=[sometimes_sets, records, sometimes_waits, in_a_thread], concurrency=3
+    ) as bus:
+        for n in range(300):
+            if n % 4 == 0:
+                var.set(n // 4)
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert plain == [(n, n // 4) for n in range(300)]
+    assert sorted(waited) == list(range(300))
+    assert sorted(threaded) == list(range(300))
+
+
 async def test_a_suspended_listener_holds_back_neither_the_others_nor_later_events() -> None:
     release = asyncio.Event()
     order: list[str] = []

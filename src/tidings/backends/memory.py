@@ -29,7 +29,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, cast
 
@@ -314,6 +314,7 @@ class MemoryBackend(Backend):
             entry = where["entry"]
             sub = where["sub"]
             event = _event(entry)
+            self._put_back(where["events"])
             self._requeue_after(entry, sub, pristine)
             task = loop.create_task(
                 self._resume_pump(pump, yielded, event, sub, pristine), context=ctx
@@ -336,44 +337,68 @@ class MemoryBackend(Backend):
         on_success = runner.on_success
         done = 0
         while queue and done < budget:
-            entry = queue.popleft()
-            if entry[1] is not pristine:
-                queue.appendleft(entry)  # another emitter context: another pump
-                return done
-            for sub in entry[0]:
-                done += 1
-                fn = sub.pump_fn
-                if fn is None and not sub.pumped:
-                    self._start_other(entry, sub, pristine)
-                    if len(running) >= limit:
-                        self._requeue_after(entry, sub, pristine)
+            # The events waiting now, taken at once (those emitted meanwhile wait for
+            # the next round); what this pump leaves is put back first in line. While
+            # taken they count as started, not pending.
+            if len(queue) <= budget - done:
+                batch = list(queue)
+                queue.clear()
+            else:
+                batch = [queue.popleft() for _ in range(budget - done)]
+            done += len(batch)
+            events = iter(batch)
+            try:
+                for entry in events:
+                    if entry[1] is not pristine:
+                        # Another emitter context: another pump.
+                        self._put_back(events, entry)
                         return done
-                    continue
-                try:
-                    if fn is None or entry[3]:
-                        await sub.listener.plan.call(_event(entry))
-                    else:
+                    for sub in entry[0]:
+                        fn = sub.pump_fn
+                        if fn is None and not sub.pumped:
+                            self._start_other(entry, sub, pristine)
+                            if len(running) >= limit:
+                                self._put_back(events)
+                                self._requeue_after(entry, sub, pristine)
+                                return done
+                            continue
                         try:
-                            coro = fn(entry[4])
-                        except (KeyError, TypeError):
-                            # Keywords that do not fit the listener's parameters as
-                            # they are: bind through its plan from now on.
-                            sub.pump_fn = None
-                            coro = sub.listener.plan.call(_event(entry))
-                        await coro
-                except Exception as exc:
-                    runner.failed(_event(entry), sub, pristine.copy(), exc)
-                else:
-                    sub.delivered += 1
-                    if on_success or sub.has_success_hooks:
-                        runner.succeeded(_event(entry), sub, counted=True)
-                if state.detached:
-                    return done
-                if ctx != pristine:
-                    # This listener set a context variable: the next ones must not see it.
-                    self._requeue_after(entry, sub, pristine)
-                    return done
+                            if fn is None or entry[3]:
+                                await sub.listener.plan.call(_event(entry))
+                            else:
+                                try:
+                                    coro = fn(entry[4])
+                                except (KeyError, TypeError):
+                                    # Keywords that do not fit the listener's parameters as
+                                    # they are: bind through its plan from now on.
+                                    sub.pump_fn = None
+                                    coro = sub.listener.plan.call(_event(entry))
+                                await coro
+                        except Exception as exc:
+                            runner.failed(_event(entry), sub, pristine.copy(), exc)
+                        else:
+                            sub.delivered += 1
+                            if on_success or sub.has_success_hooks:
+                                runner.succeeded(_event(entry), sub, counted=True)
+                        if state.detached:
+                            return done  # the rest was put back when the pump was detached
+                        if ctx != pristine:
+                            # This listener set a context variable: the next ones must not
+                            # see it.
+                            self._put_back(events)
+                            self._requeue_after(entry, sub, pristine)
+                            return done
+            except BaseException:
+                self._put_back(events)  # a listener raised past Exception
+                raise
         return done
+
+    def _put_back(self, events: Iterator[_Entry], first: _Entry | None = None) -> None:
+        """Put back, first in line and in order, ``first`` and what is left of ``events``."""
+        rest = list(events)
+        if first is not None:
+            rest.insert(0, first)
+        self._queue.extendleft(reversed(rest))
 
     def _requeue_after(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
         """Put back, first in line, the deliveries of ``entry`` after ``sub``'s."""
