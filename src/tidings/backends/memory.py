@@ -4,9 +4,11 @@ At most once: what is queued is lost if the process dies, and drained on a grace
 stop. Deliveries run in queue order; a listener with ``concurrency=1`` sees its events
 in emit order.
 
-Why it is fast: the queue holds one entry per event (not per delivery), and the
-envelope (:class:`~tidings.events.Event`) is only built when something reads it. A
-loop callback drains the queue through a *pump*: one coroutine that awaits the async
+Why it is fast: the queue holds one entry per event (not per delivery), laid out flat
+(a waiting event is no object of its own for the garbage collector to follow and
+promote), and the envelope (:class:`~tidings.events.Event`) is only built when
+something reads it. A loop callback drains the queue through a *pump*: one coroutine
+that takes the waiting events at once and awaits the async
 listeners one after the other, so a listener that finishes without suspending costs a
 plain ``await``, with no task and no ``StopIteration``. When a listener really
 suspends, the pump is handed, with that one delivery, to a task of its own, and a new
@@ -29,7 +31,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,9 +49,11 @@ __all__ = ["MemoryBackend"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
-# A queue entry: [subs, ctx, name, args, kwargs, event or emit timestamp]. A list, so
-# the event built on first need is kept for the other deliveries of the same entry.
-_Entry = list[Any]
+# The queue holds each event as _SLOTS items in a row: subscriptions, the emitter's
+# context (copy), name, args, kwargs, and the emit's timestamp (or the event, once built).
+# Flat, so that a waiting event adds no object the garbage collector has to follow.
+_SLOTS = 6
+_Entry = tuple[Any, Any, Any, Any, Any, Any]
 _GateEntry = tuple[Event, "tuple[Subscription, ...]", Context]
 
 # Deliveries started per loop callback, so a burst never starves other callbacks.
@@ -64,11 +68,15 @@ _get_ident = threading.get_ident
 _no_options = RESERVED_KEYWORDS.isdisjoint
 
 
-def _event(entry: _Entry) -> Event:
-    ev = entry[5]
-    if type(ev) is float:
-        ev = entry[5] = Event(entry[2], entry[3], entry[4], ev)
-    return ev  # type: ignore[no-any-return]
+def _envelope(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], stamp: Any) -> Event:
+    """The event of a queued entry: ``stamp`` itself once built, else built now."""
+    return stamp if type(stamp) is Event else Event(name, args, kwargs, stamp)
+
+
+def _entries(items: Iterable[Any]) -> Iterator[_Entry]:
+    """The queued events of flat queue items, each as a tuple."""
+    it = iter(items)
+    return zip(it, it, it, it, it, it, strict=False)
 
 
 class _Gate:
@@ -83,12 +91,14 @@ class _Gate:
 
 
 class _PumpState:
-    """Set by the flush when the pump's delivery suspended: the pump then stops."""
+    """Set by the flush when the pump's delivery suspended: the pump then stops, and
+    records that delivery's outcome with the event the flush built for it."""
 
-    __slots__ = ("detached",)
+    __slots__ = ("detached", "event")
 
     def __init__(self) -> None:
         self.detached = False
+        self.event: Event | None = None
 
 
 class MemoryBackend(Backend):
@@ -112,9 +122,10 @@ class MemoryBackend(Backend):
     ) -> None:
         self.max_pending = max_pending
         self.concurrency = concurrency
-        self._queue: deque[_Entry] = deque()
+        self._queue: deque[Any] = deque()
         self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
-        self._room = max_pending  # what the queue may hold: max_pending less the backlogs
+        # Queue items (_SLOTS an event) there is room for: max_pending less the backlogs.
+        self._room = max_pending * _SLOTS
         self._running: dict[asyncio.Future[Any], tuple[Event, Subscription]] = {}
         self._gates: dict[Subscription, _Gate] = {}
         self._timers: dict[asyncio.TimerHandle, list[Event]] = {}
@@ -137,7 +148,7 @@ class MemoryBackend(Backend):
 
     def _full(self, name: str) -> QueueFull:
         return QueueFull(
-            f"the in-process queue holds {len(self._queue) + self._backlogged} events "
+            f"the in-process queue holds {len(self._queue) // _SLOTS + self._backlogged} events "
             f"(max_pending={self.max_pending}); cannot queue event {name!r}: await "
             "bus.publish(...) to wait for room, or raise max_pending"
         )
@@ -145,12 +156,12 @@ class MemoryBackend(Backend):
     def put_held(self, entries: list[list[Any]]) -> None:
         # Held entries are already what the queue holds: in they go, all at once.
         queue = self._queue
-        room = self._room - len(queue)
-        if room < len(entries):
-            queue.extend(entries[: max(room, 0)])
+        fits = max((self._room - len(queue)) // _SLOTS, 0)
+        for entry in entries[:fits]:
+            queue.extend(entry)
+        if fits < len(entries):
             self._schedule()
-            raise self._full(entries[max(room, 0)][2])
-        queue.extend(entries)
+            raise self._full(entries[fits][2])
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -166,7 +177,7 @@ class MemoryBackend(Backend):
         queue = self._queue
         if len(queue) >= self._room:
             raise self._full(name)
-        queue.append([subs, ctx, name, args, kwargs, _time()])
+        queue.extend((subs, ctx, name, args, kwargs, _time()))
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -179,7 +190,7 @@ class MemoryBackend(Backend):
         contexts: ContextCopies,
     ) -> Callable[..., None]:
         queue = self._queue
-        append = queue.append
+        extend = queue.extend
         renew = contexts.renew
 
         # What put_named does, without a method call or an attribute read more than
@@ -196,7 +207,7 @@ class MemoryBackend(Backend):
                     ctx = contexts.shared
                     if _copy_context() != ctx:
                         ctx = renew()
-                    append([subs, ctx, name_or_event, args, kwargs, _time()])
+                    extend((subs, ctx, name_or_event, args, kwargs, _time()))
                     if not self._scheduled:
                         self._scheduled = True
                         self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -220,7 +231,7 @@ class MemoryBackend(Backend):
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         # A typed event's listeners bind through their plans: non-empty "args" say so.
         args = event.args if event.obj is None else _TYPED
-        self._queue.append([subs, ctx, event.name, args, event.kwargs, event])
+        self._queue.extend((subs, ctx, event.name, args, event.kwargs, event))
         self._schedule()
 
     def put_later(
@@ -287,14 +298,15 @@ class MemoryBackend(Backend):
         if self._runner.observers:  # type: ignore[union-attr]
             # Each delivery is observed (traced) as the runner starts it: no pump.
             while queue and len(running) < limit and spent < _BATCH:
-                entry = queue.popleft()
-                for sub in entry[0]:
-                    self._start_other(entry, sub, entry[1])
+                subs, emitted, name, args, kwargs, stamp = (queue.popleft() for _ in range(_SLOTS))
+                event = _envelope(name, args, kwargs, stamp)
+                for sub in subs:
+                    self._start_other(event, sub, emitted)
                 spent += 1
         while queue and len(running) < limit and spent < _BATCH:
             # Entries' contexts are only ever copied, never entered: the pump runs in
             # a copy of its first entry's, and goes on with the entries that share it.
-            pristine: Context = queue[0][1]
+            pristine: Context = queue[1]
             ctx = pristine.copy()
             state = _PumpState()
             pump = self._pump(ctx, pristine, state, _BATCH - spent)
@@ -311,11 +323,14 @@ class MemoryBackend(Backend):
             frame = cast("types.CoroutineType[Any, Any, int]", pump).cr_frame
             assert frame is not None
             where = frame.f_locals
-            entry = where["entry"]
             sub = where["sub"]
-            event = _event(entry)
-            self._put_back(where["events"])
-            self._requeue_after(entry, sub, pristine)
+            event = state.event = _envelope(
+                where["name"], where["args"], where["kwargs"], where["stamp"]
+            )
+            self._put_back(where["items"])
+            self._requeue_after(
+                (where["subs"], pristine, event.name, where["args"], where["kwargs"], event), sub
+            )
             task = loop.create_task(
                 self._resume_pump(pump, yielded, event, sub, pristine), context=ctx
             )
@@ -340,72 +355,83 @@ class MemoryBackend(Backend):
             # The events waiting now, taken at once (those emitted meanwhile wait for
             # the next round); what this pump leaves is put back first in line. While
             # taken they count as started, not pending.
-            if len(queue) <= budget - done:
+            take = (budget - done) * _SLOTS
+            if len(queue) <= take:
                 batch = list(queue)
                 queue.clear()
             else:
-                batch = [queue.popleft() for _ in range(budget - done)]
-            done += len(batch)
-            events = iter(batch)
+                batch = [queue.popleft() for _ in range(take)]
+            done += len(batch) // _SLOTS
+            items = iter(batch)
             try:
-                for entry in events:
-                    if entry[1] is not pristine:
+                for subs, emitted, name, args, kwargs, stamp in zip(
+                    items, items, items, items, items, items, strict=False
+                ):
+                    if emitted is not pristine:
                         # Another emitter context: another pump.
-                        self._put_back(events, entry)
+                        self._put_back(items, (subs, emitted, name, args, kwargs, stamp))
                         return done
-                    for sub in entry[0]:
+                    for sub in subs:
                         fn = sub.pump_fn
                         if fn is None and not sub.pumped:
-                            self._start_other(entry, sub, pristine)
+                            stamp = _envelope(name, args, kwargs, stamp)
+                            self._start_other(stamp, sub, pristine)
                             if len(running) >= limit:
-                                self._put_back(events)
-                                self._requeue_after(entry, sub, pristine)
+                                self._put_back(items)
+                                self._requeue_after(
+                                    (subs, pristine, name, args, kwargs, stamp), sub
+                                )
                                 return done
                             continue
                         try:
-                            if fn is None or entry[3]:
-                                await sub.listener.plan.call(_event(entry))
+                            if fn is None or args:
+                                stamp = _envelope(name, args, kwargs, stamp)
+                                await sub.listener.plan.call(stamp)
                             else:
                                 try:
-                                    coro = fn(entry[4])
+                                    coro = fn(kwargs)
                                 except (KeyError, TypeError):
                                     # Keywords that do not fit the listener's parameters as
                                     # they are: bind through its plan from now on.
                                     sub.pump_fn = None
-                                    coro = sub.listener.plan.call(_event(entry))
+                                    stamp = _envelope(name, args, kwargs, stamp)
+                                    coro = sub.listener.plan.call(stamp)
                                 await coro
                         except Exception as exc:
-                            runner.failed(_event(entry), sub, pristine.copy(), exc)
+                            stamp = state.event or _envelope(name, args, kwargs, stamp)
+                            runner.failed(stamp, sub, pristine.copy(), exc)
                         else:
                             sub.delivered += 1
                             if on_success or sub.has_success_hooks:
-                                runner.succeeded(_event(entry), sub, counted=True)
+                                stamp = state.event or _envelope(name, args, kwargs, stamp)
+                                runner.succeeded(stamp, sub, counted=True)
                         if state.detached:
                             return done  # the rest was put back when the pump was detached
                         if ctx != pristine:
                             # This listener set a context variable: the next ones must not
                             # see it.
-                            self._put_back(events)
-                            self._requeue_after(entry, sub, pristine)
+                            self._put_back(items)
+                            self._requeue_after((subs, pristine, name, args, kwargs, stamp), sub)
                             return done
             except BaseException:
-                self._put_back(events)  # a listener raised past Exception
+                self._put_back(items)  # a listener raised past Exception
                 raise
         return done
 
-    def _put_back(self, events: Iterator[_Entry], first: _Entry | None = None) -> None:
-        """Put back, first in line and in order, ``first`` and what is left of ``events``."""
-        rest = list(events)
+    def _put_back(self, items: Iterator[Any], first: _Entry | None = None) -> None:
+        """Put back, first in line and in order, ``first`` and the items left."""
+        rest = list(items)
         if first is not None:
-            rest.insert(0, first)
+            rest[:0] = first
         self._queue.extendleft(reversed(rest))
 
-    def _requeue_after(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
-        """Put back, first in line, the deliveries of ``entry`` after ``sub``'s."""
-        subs = entry[0]
+    def _requeue_after(self, entry: _Entry, sub: Subscription) -> None:
+        """Put back, first in line, the deliveries of ``entry`` after ``sub``'s (in a
+        copy of the entry's context: another pump's)."""
+        subs, pristine, name, args, kwargs, stamp = entry
         rest = subs[subs.index(sub) + 1 :]
         if rest:
-            self._queue.appendleft([rest, pristine.copy(), *entry[2:]])
+            self._queue.extendleft(reversed((rest, pristine.copy(), name, args, kwargs, stamp)))
 
     async def _resume_pump(
         self,
@@ -429,10 +455,9 @@ class MemoryBackend(Backend):
         except TimeoutError as exc:
             runner.failed(event, sub, pristine.copy(), exc)
 
-    def _start_other(self, entry: _Entry, sub: Subscription, pristine: Context) -> None:
+    def _start_other(self, event: Event, sub: Subscription, pristine: Context) -> None:
         """A delivery the runner starts: a sync listener, one whose deliveries pass its
         concurrency gate, or any when deliveries are observed."""
-        event = _event(entry)
         ctx = pristine.copy()
         if sub.listener.concurrency is not None:
             self._gated(event, sub, ctx)
@@ -452,7 +477,7 @@ class MemoryBackend(Backend):
             # Behind earlier deliveries of the same listener: keeps its order.
             gate.backlog.append((event, (sub,), ctx))
             self._backlogged += 1
-            self._room -= 1
+            self._room -= _SLOTS
 
     def _start_gated(self, gate: _Gate, event: Event, sub: Subscription, ctx: Context) -> None:
         fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
@@ -468,7 +493,7 @@ class MemoryBackend(Backend):
             budget -= 1
             event, subs, ctx = gate.backlog.popleft()
             self._backlogged -= 1
-            self._room += 1
+            self._room += _SLOTS
             self._start_gated(gate, event, subs[0], ctx)
         if gate.backlog and gate.running < gate.limit:
             self._loop.call_soon(self._pump_gate, gate)  # type: ignore[union-attr]
@@ -516,7 +541,10 @@ class MemoryBackend(Backend):
     async def aclose(self, timeout_s: float | None) -> list[str]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), timeout_s)
-        undelivered: list[str] = [_event(entry).id for entry in self._queue]
+        undelivered: list[str] = [
+            _envelope(name, args, kwargs, stamp).id
+            for _subs, _ctx, name, args, kwargs, stamp in _entries(self._queue)
+        ]
         for gate in self._gates.values():
             undelivered.extend(event.id for event, _subs, _ctx in gate.backlog)
             gate.backlog.clear()
@@ -531,13 +559,13 @@ class MemoryBackend(Backend):
             await asyncio.gather(*self._running, return_exceptions=True)
         self._queue.clear()
         self._backlogged = 0
-        self._room = self.max_pending
+        self._room = self.max_pending * _SLOTS
         self._retrying = 0
         return list(dict.fromkeys(undelivered))
 
     def stats(self) -> dict[str, Any]:
         return {
-            "pending": sum(len(entry[0]) for entry in self._queue) + self._backlogged,
+            "pending": sum(len(entry[0]) for entry in _entries(self._queue)) + self._backlogged,
             "running": len(self._running),
             "retrying": self._retrying,
             "scheduled": len(self._timers) - self._retrying,
