@@ -252,6 +252,36 @@ async def test_equal_but_distinct_context_values_are_never_swapped() -> None:
     assert seen == dict.fromkeys((0, 1, 2, 10, 11, 12), True)
 
 
+async def test_no_emitters_context_is_kept_alive_once_its_events_ran() -> None:
+    import contextvars
+    import gc
+    import weakref
+
+    class Session:
+        pass
+
+    var: contextvars.ContextVar[Session] = contextvars.ContextVar("session")
+    seen: list[bool] = []
+
+    @listener("x")
+    async def uses(n: int) -> None:
+        seen.append(isinstance(var.get(), Session))
+
+    async with Bus(listeners=[uses]) as bus:
+
+        def request() -> weakref.ref[Session]:
+            session = Session()
+            var.set(session)
+            bus.emit("x", n=1)
+            return weakref.ref(session)
+
+        ref = contextvars.Context().run(request)  # a context only tidings could keep
+        await bus.drain()
+        gc.collect()
+        assert seen == [True]
+        assert ref() is None
+
+
 async def test_a_listener_that_emits_sees_and_passes_on_its_context() -> None:
     import contextvars
 

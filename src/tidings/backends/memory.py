@@ -136,6 +136,7 @@ class MemoryBackend(Backend):
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._contexts: ContextCopies | None = None
 
     async def start(self, runner: Runner) -> None:
         self._runner = runner
@@ -192,6 +193,7 @@ class MemoryBackend(Backend):
         queue = self._queue
         extend = queue.extend
         renew = contexts.renew
+        self._contexts = contexts
 
         # What put_named does, without a method call or an attribute read more than
         # needed: this function is the whole cost of an emit.
@@ -338,6 +340,10 @@ class MemoryBackend(Backend):
             task.add_done_callback(self._done)
         if queue and len(running) < limit:
             self._schedule()
+        elif not queue and self._contexts is not None:
+            # Keep no emitter's context (and its variables' objects) alive once its
+            # events are under way: the next emit makes a new copy.
+            self._contexts.shared = None
         if self._room_waiters or self._idle_waiters:
             self._wake()
 
