@@ -212,3 +212,47 @@ async def test_websockets_are_not_held(bus: Bus, seen: Seen) -> None:
 async def test_on_error_is_checked(bus: Bus) -> None:
     with pytest.raises(ConfigurationError, match="on_error"):
         EventsMiddleware(Starlette(), bus=bus, on_error="later")  # type: ignore[arg-type]
+
+
+async def test_no_requests_context_is_kept_alive_once_its_events_ran() -> None:
+    import gc
+    import weakref
+
+    class Session:
+        pass
+
+    session_var: contextvars.ContextVar[Session] = contextvars.ContextVar("session")
+    refs: list[weakref.ref[Session]] = []
+    seen: list[bool] = []
+
+    @listener("x")
+    async def uses() -> None:
+        seen.append(isinstance(session_var.get(), Session))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = Session()
+        refs.append(weakref.ref(session))
+        session_var.set(session)
+        events.emit("x")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async with Bus(listeners=[uses]) as events:
+        middleware = EventsMiddleware(app, bus=events)
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+        # A request in a task and a context of its own, as a server runs it.
+        task = asyncio.create_task(middleware(scope, receive, send), context=contextvars.Context())
+        await task
+        del task
+        await events.drain()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop lets go of the finished task
+        gc.collect()
+        assert seen == [True]
+        assert refs[0]() is None

@@ -252,7 +252,8 @@ async def test_equal_but_distinct_context_values_are_never_swapped() -> None:
     assert seen == dict.fromkeys((0, 1, 2, 10, 11, 12), True)
 
 
-async def test_no_emitters_context_is_kept_alive_once_its_events_ran() -> None:
+@pytest.mark.parametrize("strict", [False, True])
+async def test_no_emitters_context_is_kept_alive_once_its_events_ran(strict: bool) -> None:
     import contextvars
     import gc
     import weakref
@@ -267,7 +268,7 @@ async def test_no_emitters_context_is_kept_alive_once_its_events_ran() -> None:
     async def uses(n: int) -> None:
         seen.append(isinstance(var.get(), Session))
 
-    async with Bus(listeners=[uses]) as bus:
+    async with Bus(listeners=[uses], strict=strict) as bus:
 
         def request() -> weakref.ref[Session]:
             session = Session()

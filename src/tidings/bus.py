@@ -276,6 +276,7 @@ class Bus:
             on_dead=self.on_dead,
             registry=self.registry,
             observers=self._observers,
+            contexts=self._contexts,
         )
         await self.backend.start(self._runner)
         self._thread = _get_ident()

@@ -24,6 +24,7 @@ from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
 
 if TYPE_CHECKING:
+    from tidings._contexts import ContextCopies
     from tidings.backends.base import Backend
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
@@ -122,10 +123,14 @@ class Runner:
         on_dead: tuple[ErrorHook, ...],
         registry: Registry | None = None,
         observers: Sequence[DeliveryObserver] = (),
+        contexts: ContextCopies | None = None,
     ) -> None:
         self.loop = loop
         #: The bus's listeners (a durable backend consumes for them).
         self.registry = registry
+        #: The copy of the emitter's context the bus's emits share (the in-process
+        #: backend lets go of it once their events are under way).
+        self.contexts = contexts
         self.backend = backend
         self.executor = executor
         self.retry = retry or NO_RETRY

@@ -141,6 +141,7 @@ class MemoryBackend(Backend):
     async def start(self, runner: Runner) -> None:
         self._runner = runner
         self._loop = runner.loop
+        self._contexts = runner.contexts
 
     # -- queueing -------------------------------------------------------------------
 
@@ -193,7 +194,6 @@ class MemoryBackend(Backend):
         queue = self._queue
         extend = queue.extend
         renew = contexts.renew
-        self._contexts = contexts
 
         # What put_named does, without a method call or an attribute read more than
         # needed: this function is the whole cost of an emit.
