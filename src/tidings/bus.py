@@ -145,8 +145,10 @@ class Bus:
         self._hot = False
         self._routes = self.registry.routes
         self._put_named = backend.put_named
-        # What events emitted on the loop's thread share of the emitter's context.
+        # What events emitted on the loop's thread share of the emitter's context (an
+        # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
+        self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
 
@@ -393,7 +395,7 @@ class Bus:
                             hold.items.append(
                                 [
                                     subs,
-                                    self._contexts.copy(),
+                                    self._emitter_context(),
                                     name_or_event,
                                     args,
                                     kwargs,
@@ -401,7 +403,7 @@ class Bus:
                                 ]
                             )
                             return
-                    self._put_named(subs, self._contexts.copy(), name_or_event, args, kwargs)
+                    self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -545,7 +547,7 @@ class Bus:
         if not subs and not durable:
             logger.debug("no listener for event %r; ignored", event.name)
             return None
-        ctx = self._contexts.copy() if _get_ident() == self._thread else _copy_context()
+        ctx = self._emitter_context() if _get_ident() == self._thread else _copy_context()
         return subs, ctx
 
     def _take_once(self, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
