@@ -40,7 +40,16 @@ if TYPE_CHECKING:
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = ["Claimed", "DurableBackend", "ListenerStats", "Outcomes", "Stored", "dead_letter"]
+__all__ = [
+    "Claimed",
+    "DurableBackend",
+    "ListenerStats",
+    "Outcomes",
+    "Stored",
+    "dead_letter",
+    "dead_letter_row",
+    "stored_row",
+]
 
 logger = logging.getLogger("tidings.backends.durable")
 
@@ -117,6 +126,24 @@ def dead_letter(
         attempts=attempts,
         failed_at=failed_at,
     )
+
+
+_headers_dec = msgspec.json.Decoder(dict[str, str])
+
+
+def stored_row(
+    id_: str, name: str, data: bytes, headers: str | None, created: float, due: float
+) -> Stored:
+    """A stored event read back from an SQL row, whose headers are JSON text (or NULL)."""
+    return Stored(id_, name, data, _headers_dec.decode(headers) if headers else {}, created, due)
+
+
+def dead_letter_row(row: Sequence[Any]) -> DeadLetter:
+    """A dead letter read back from an SQL row of ``listener, attempt, error, traceback,
+    failed_at`` (of the delivery) and ``id, name, data, headers, created`` (of its event)."""
+    listener, attempt, error, tb, failed_at, id_, name, data, headers, created = row
+    record = stored_row(id_, name, data, headers, created, created)
+    return dead_letter(record, listener, attempt, error or "", tb or "", failed_at or 0.0)
 
 
 class _Consumer:

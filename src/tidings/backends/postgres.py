@@ -42,7 +42,8 @@ from tidings.backends.durable import (
     ListenerStats,
     Outcomes,
     Stored,
-    dead_letter,
+    dead_letter_row,
+    stored_row,
 )
 from tidings.errors import BackendError, ConfigurationError
 
@@ -99,7 +100,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _headers_enc = msgspec.json.Encoder()
-_headers_dec = msgspec.json.Decoder(dict[str, str])
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
@@ -357,14 +357,7 @@ class PostgresBackend(DurableBackend):
             Claimed(
                 listener,
                 attempt,
-                Stored(
-                    id_,
-                    name,
-                    data,
-                    _headers_dec.decode(headers) if headers else {},
-                    created,
-                    created,
-                ),
+                stored_row(id_, name, data, headers, created, created),
                 seq,
             )
             for seq, attempt, id_, name, data, headers, created in rows
@@ -461,24 +454,7 @@ class PostgresBackend(DurableBackend):
                 listener,
                 limit,
             )
-        return [
-            dead_letter(
-                Stored(
-                    id_,
-                    name,
-                    data,
-                    _headers_dec.decode(headers) if headers else {},
-                    created,
-                    created,
-                ),
-                lst,
-                attempt,
-                error or "",
-                tb or "",
-                failed_at or 0.0,
-            )
-            for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in rows
-        ]
+        return [dead_letter_row(row) for row in rows]
 
     def _dead_filter(
         self, ids: Sequence[str] | None, listener: str | None

@@ -30,7 +30,8 @@ from tidings.backends.durable import (
     ListenerStats,
     Outcomes,
     Stored,
-    dead_letter,
+    dead_letter_row,
+    stored_row,
 )
 from tidings.errors import BackendError, ConfigurationError
 
@@ -77,7 +78,6 @@ CREATE TABLE IF NOT EXISTS tidings_ticks (
 """
 
 _headers_enc = msgspec.json.Encoder()
-_headers_dec = msgspec.json.Decoder(dict[str, str])
 
 # Fan-out reads at most this many new events per claim.
 _FANOUT = 5000
@@ -237,14 +237,7 @@ class SQLiteBackend(DurableBackend):
             Claimed(
                 listener=listener,
                 attempt=leased[seq],
-                record=Stored(
-                    id=id_,
-                    name=name,
-                    data=data,
-                    headers=_headers_dec.decode(headers) if headers else {},
-                    created=created,
-                    due=due,
-                ),
+                record=stored_row(id_, name, data, headers, created, due),
                 ref=seq,
             )
             for seq, id_, name, data, headers, created, due in rows
@@ -347,26 +340,7 @@ class SQLiteBackend(DurableBackend):
             "AND (? IS NULL OR d.listener = ?) ORDER BY d.failed_at, d.seq LIMIT ?",
             (listener, listener, limit),
         )
-        return [
-            dead_letter(
-                Stored(
-                    id_,
-                    name,
-                    data,
-                    _headers_dec.decode(headers) if headers else {},
-                    created,
-                    created,
-                ),
-                lst,
-                attempt,
-                error or "",
-                tb or "",
-                failed_at or 0.0,
-            )
-            for lst, attempt, error, tb, failed_at, id_, name, data, headers, created in (
-                await cursor.fetchall()
-            )
-        ]
+        return [dead_letter_row(row) for row in await cursor.fetchall()]
 
     def _dead_filter(
         self, ids: Sequence[str] | None, listener: str | None
