@@ -103,21 +103,27 @@ class Outcomes:
         return bool(self.acks or self.retries or self.burials or self.releases)
 
 
-def dead_letter(
-    record: Stored, listener: str, attempts: int, error: str, traceback: str, failed_at: float
-) -> DeadLetter:
-    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it."""
-    args, kwargs, obj = decode_payload(record.data)
-    event = Event(
+def _event(
+    record: Stored, args: tuple[Any, ...], kwargs: dict[str, Any], obj: Any, attempt: int
+) -> Event:
+    """The event of ``record`` (its payload decoded), for delivery attempt ``attempt``."""
+    return Event(
         record.name,
         args,
         kwargs,
         timestamp=record.created,
         headers=record.headers,
         _id=record.id,
-        attempt=attempts,
+        attempt=attempt,
         obj=obj,
     )
+
+
+def dead_letter(
+    record: Stored, listener: str, attempts: int, error: str, traceback: str, failed_at: float
+) -> DeadLetter:
+    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it."""
+    event = _event(record, *decode_payload(record.data), attempts)
     return DeadLetter(
         event=event,
         listener=listener,
@@ -512,16 +518,7 @@ class DurableBackend(Backend):
             for name, annotation in revivable:
                 if name in kwargs:
                     kwargs[name] = revive_value(kwargs[name], annotation)
-        return Event(
-            record.name,
-            args,
-            kwargs,
-            timestamp=record.created,
-            headers=record.headers,
-            _id=record.id,
-            attempt=claimed.attempt,
-            obj=obj,
-        )
+        return _event(record, args, kwargs, obj, claimed.attempt)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         claimed = self._inflight.pop((event.id, sub), None)
