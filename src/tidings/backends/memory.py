@@ -74,7 +74,8 @@ def _envelope(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], stamp: A
 
 
 def _entries(items: Iterable[Any]) -> Iterator[_Entry]:
-    """The queued events of flat queue items, each as a tuple."""
+    """The queued events of flat queue items, each as a tuple (``items`` may be an
+    iterator: what is left of it after any event is the items that follow)."""
     it = iter(items)
     return zip(it, it, it, it, it, it, strict=False)
 
@@ -370,9 +371,7 @@ class MemoryBackend(Backend):
             done += len(batch) // _SLOTS
             items = iter(batch)
             try:
-                for subs, emitted, name, args, kwargs, stamp in zip(
-                    items, items, items, items, items, items, strict=False
-                ):
+                for subs, emitted, name, args, kwargs, stamp in _entries(items):
                     if emitted is not pristine:
                         # Another emitter context: another pump.
                         self._put_back(items, (subs, emitted, name, args, kwargs, stamp))
