@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
@@ -101,6 +102,27 @@ async def test_strict_bus_raises_for_unknown_names() -> None:
         assert isinstance(info.value, LookupError)
         with pytest.raises(NoListenersError):
             await bus.publish("nobody.listens")
+
+
+class Names(enum.StrEnum):
+    SIGNED_UP = "user.signed_up"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_str_subclass_names_the_event_its_value_names(strict: bool) -> None:
+    names: list[str] = []
+
+    @listener(Names.SIGNED_UP)
+    async def on_sign_up(event: Event, email: str) -> None:
+        names.append(event.name)
+
+    async with Bus(listeners=[on_sign_up], strict=strict) as bus:
+        bus.emit(Names.SIGNED_UP, email="a@example.com")
+        bus.emit("user.signed_up", email="b@example.com")
+        bus.emit(Names.SIGNED_UP, email="c@example.com", headers={"h": "1"})
+        await bus.publish(Names.SIGNED_UP, email="d@example.com")
+        await bus.drain()
+    assert names == ["user.signed_up"] * 4
 
 
 async def test_publish_waits_for_the_backend_and_delivers() -> None:

@@ -485,6 +485,9 @@ class Bus:
         self._dispatch(event, _delay_s(options))
 
     def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
+        if isinstance(obj, str):
+            # A str subclass (a StrEnum member, say) names the event its value names.
+            return Event(str.__str__(obj), args, kwargs)
         cls = type(obj)
         name = self._typed_ok.get(cls)
         if name is None:

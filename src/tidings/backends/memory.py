@@ -197,15 +197,18 @@ class MemoryBackend(Backend):
         renew = contexts.renew
 
         # What put_named does, without a method call or an attribute read more than
-        # needed: this function is the whole cost of an emit.
+        # needed: this function is the whole cost of an emit. A name that is no key of
+        # the routes (a typed event, unhashable or not) is the method's to handle.
         def emit(name_or_event: Any, /, *args: Any, **kwargs: Any) -> None:
             if (
-                type(name_or_event) is str
-                and (not kwargs or _no_options(kwargs))
+                (not kwargs or _no_options(kwargs))
                 and _get_ident() == thread
                 and len(queue) < self._room
             ):
-                subs = routes.get(name_or_event)
+                try:
+                    subs = routes.get(name_or_event)
+                except TypeError:
+                    subs = None
                 if subs:
                     ctx = contexts.shared
                     if _copy_context() != ctx:
