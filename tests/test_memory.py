@@ -350,6 +350,30 @@ async def test_every_event_once_and_in_order_however_the_deliveries_go() -> None
     assert sorted(threaded) == list(range(300))
 
 
+async def test_a_listener_resumed_in_a_task_emits_to_listeners_that_suspend_too() -> None:
+    # A suspended delivery goes on in a task of its own; what it emits from there is
+    # delivered in its context, by a pump that may be handed to a task in turn: each
+    # delivery still happens once.
+    calls: list[str] = []
+
+    @listener("x")
+    async def waits_then_emits(n: int) -> None:
+        await asyncio.sleep(0)
+        calls.append(f"x {n}")
+        if n < 3:
+            bus.emit("x", n=n + 1)
+
+    @listener("x")
+    async def after(n: int) -> None:
+        await asyncio.sleep(0)
+        calls.append(f"after {n}")
+
+    async with Bus(listeners=[waits_then_emits, after]) as bus:
+        bus.emit("x", n=0)
+        await bus.drain()
+    assert sorted(calls) == sorted(f"{kind} {n}" for n in range(4) for kind in ("x", "after"))
+
+
 async def test_a_suspended_listener_holds_back_neither_the_others_nor_later_events() -> None:
     release = asyncio.Event()
     order: list[str] = []

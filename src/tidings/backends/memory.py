@@ -63,6 +63,7 @@ _BATCH = 8192
 _TYPED = (None,)
 
 _copy_context = contextvars.copy_context
+_DETACHED: contextvars.ContextVar[object] = contextvars.ContextVar("tidings.pump_detached")
 _time = time.time
 _get_ident = threading.get_ident
 _no_options = RESERVED_KEYWORDS.isdisjoint
@@ -324,6 +325,10 @@ class MemoryBackend(Backend):
             spent += 1
             # The delivery the pump was running suspended: it keeps the pump, in a task.
             state.detached = True
+            # And its context no longer equals its pristine copy, which the pump checks
+            # after every delivery anyway: so it sees this without a check of its own.
+            # (A value of this pump's own: the context may hold another pump's already.)
+            ctx.run(_DETACHED.set, state)
             # Where the pump stopped is in its frame: reading it here, on this rare
             # path, spares every delivery two stores.
             frame = cast("types.CoroutineType[Any, Any, int]", pump).cr_frame
@@ -413,9 +418,11 @@ class MemoryBackend(Backend):
                             if on_success or sub.has_success_hooks:
                                 stamp = state.event or _envelope(name, args, kwargs, stamp)
                                 runner.succeeded(stamp, sub, counted=True)
-                        if state.detached:
-                            return done  # the rest was put back when the pump was detached
                         if ctx != pristine:
+                            if state.detached:
+                                # Resumed in a task of its own (the flush marked ``ctx``):
+                                # the rest was put back when the pump was detached.
+                                return done
                             # This listener set a context variable: the next ones must not
                             # see it.
                             self._put_back(items)
