@@ -180,6 +180,25 @@ async def test_outside_requests_emit_goes_straight_to_the_bus(bus: Bus, seen: Se
     assert seen.names == ["startup.done"]
 
 
+async def test_outside_requests_a_plain_bus_keeps_order_and_context(seen: Seen) -> None:
+    # A bus with no per-event checks, whose emit is not replaced while a middleware
+    # holds request events: outside a request, its events are queued as they come.
+    got: list[tuple[str, int, str]] = []
+
+    @listener("**")
+    async def record(event: Event, n: int) -> None:
+        got.append((event.name, n, request_id.get()))
+
+    async with Bus(listeners=[record]) as plain:
+        _app(plain, seen)
+        for n in range(3):
+            request_id.set(f"job {n}")
+            plain.emit("job.done", n=n)
+            plain.emit("job.logged", n=n)
+        await plain.drain()
+    assert got == [(name, n, f"job {n}") for n in range(3) for name in ("job.done", "job.logged")]
+
+
 async def test_websockets_are_not_held(bus: Bus, seen: Seen) -> None:
     during: list[list[str]] = []
 
