@@ -9,7 +9,8 @@ The tree::
      ├── QueueFull                 the bounded in-process queue has no room
      ├── PayloadError              a payload that cannot be serialized or validated (ValueError)
      ├── ListenerError             a listener failed or could not be called
-     │    └── BindingError         the event cannot satisfy the listener's signature (TypeError)
+     │    ├── BindingError         the event cannot satisfy the listener's signature (TypeError)
+     │    └── DeliveryLost         a durable delivery's worker kept stopping while running it
      └── BackendError              a backend failed to store or hand out deliveries
           ├── ConnectionLost
           └── PublishFailed
@@ -25,6 +26,7 @@ __all__ = [
     "BindingError",
     "ConfigurationError",
     "ConnectionLost",
+    "DeliveryLost",
     "ListenerError",
     "NoListenersError",
     "NotStartedError",
@@ -68,6 +70,13 @@ class ListenerError(TidingsError):
 
 class BindingError(ListenerError, TypeError):
     """An event cannot satisfy a listener's signature (a required parameter is missing)."""
+
+
+class DeliveryLost(ListenerError):
+    """A durable delivery was started again and again and never came to an end: its
+    worker stopped (or lost the lease) while running it, each time. It is made a dead
+    letter instead of being run once more (a listener that crashes its process would
+    otherwise crash every worker that takes it)."""
 
 
 class BackendError(TidingsError):

@@ -8,12 +8,14 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 from enum import Enum
+from typing import cast
 
 import msgspec
 import pydantic
 import pytest
 
 from tidings import Event, PayloadError, Retry, listener
+from tidings.backends.durable import DurableBackend
 
 from .conftest import BusFactory
 
@@ -275,3 +277,47 @@ async def test_timeouts_are_per_attempt(make_bus: BusFactory) -> None:
         (dead,) = await bus.list_dead_letters()
     assert attempts == [1, 2]
     assert "timed out" in dead.error
+
+
+async def test_a_delivery_whose_worker_keeps_dying_becomes_a_dead_letter(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    if backend_name == "memory":
+        pytest.skip("in process, no delivery outlives its worker")
+    runs: list[str] = []
+    dead: list[str] = []
+
+    @listener("job")
+    async def survives(event: Event) -> None:
+        runs.append("survives")
+
+    @listener("job")
+    async def crashes(event: Event) -> None:
+        runs.append("crashes")
+
+    async with make_bus(listeners=[survives, crashes], consume=False) as producer:
+        await producer.publish("job")
+        store = cast(DurableBackend, producer.backend)
+        # Workers that claim and die: their leases are neither renewed nor released.
+        # With no retry, a delivery may start 1 + max_lost_runs times.
+        most = 1 + store.max_lost_runs
+        for start in range(1, most + 1):
+            wanted = [crashes] if start == most else [survives, crashes]
+            for fn in wanted:
+                (claimed,) = await store.claim(fn.qualname, fn.names, 10, lease_s=0.01)
+                assert claimed.attempt == start
+            await asyncio.sleep(0.02)  # the leases expire
+
+    worker = make_bus(
+        listeners=[survives, crashes], on_dead=lambda event, fn, exc: dead.append(str(exc))
+    )
+    # Redis reclaims what has been idle for the reclaiming worker's lease.
+    cast(DurableBackend, worker.backend).lease_s = 0.1
+    async with worker as bus:
+        await bus.drain()
+        (letter,) = await bus.list_dead_letters()
+    assert runs == ["survives"]
+    assert letter.listener == crashes.qualname
+    assert letter.error.startswith("DeliveryLost: event ")
+    assert f"was started {most} times for {crashes.qualname}" in letter.error
+    assert dead == [letter.error.removeprefix("DeliveryLost: ")]

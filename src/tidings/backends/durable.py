@@ -33,7 +33,14 @@ import msgspec
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
 from tidings.codec import CODECS, decode_payload, encode_payload, revive_object, revive_value
-from tidings.errors import BackendError, ConfigurationError, PayloadError, PublishFailed, QueueFull
+from tidings.errors import (
+    BackendError,
+    ConfigurationError,
+    DeliveryLost,
+    PayloadError,
+    PublishFailed,
+    QueueFull,
+)
 from tidings.events import Event
 
 if TYPE_CHECKING:
@@ -165,6 +172,14 @@ class _Consumer:
         self.task: asyncio.Task[None] | None = None
 
 
+def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
+    return DeliveryLost(
+        f"event {event.id} ({event.name}) was started {attempt - 1} times for "
+        f"{sub.listener.qualname} and never came to an end: its worker stopped, or lost "
+        "the lease, while running it (does the listener crash or hang its process?)"
+    )
+
+
 class DurableBackend(Backend):
     """A backend whose deliveries live in a store that outlives the process.
 
@@ -182,6 +197,10 @@ class DurableBackend(Backend):
             process); a worker stops claiming at once and leaves them to the next one.
         codec: ``"json"`` (the default) or ``"msgpack"`` for stored payloads; readers
             take either, so it can change while events wait.
+        max_lost_runs: how many more times than its retry policy's attempts a delivery
+            may be started (each start past those lost with its worker, which stopped or
+            lost the lease while running it) before it is a dead letter
+            (``DeliveryLost``) instead of being run again.
     """
 
     durable: ClassVar[bool] = True
@@ -201,6 +220,7 @@ class DurableBackend(Backend):
         listeners: Sequence[str] | None = None,
         drain_on_close: bool = True,
         codec: str = "json",
+        max_lost_runs: int = 5,
     ) -> None:
         if codec not in CODECS:
             raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
@@ -213,6 +233,7 @@ class DurableBackend(Backend):
         self.max_pending = max_pending
         self.listener_patterns = tuple(listeners) if listeners else None
         self.drain_on_close = drain_on_close
+        self.max_lost_runs = max_lost_runs
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -450,11 +471,15 @@ class DurableBackend(Backend):
     def _start_deliveries(self, consumer: _Consumer, batch: list[Claimed]) -> None:
         """Start a batch of deliveries; those that finish at once are acknowledged here."""
         sub = consumer.sub
-        run = self._runner.run  # type: ignore[union-attr]
+        runner = self._runner
+        assert runner is not None
+        run = runner.run
         decode = self._decode
         inflight = self._inflight
         outcomes = self._outcomes  # not swapped by the writer before this returns
         new_context = contextvars.Context
+        # Starts past this many: the runs past the retry policy's were all lost.
+        most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
         for claimed in batch:
             try:
                 event = decode(claimed, sub)
@@ -463,6 +488,10 @@ class DurableBackend(Backend):
                 continue
             key = (claimed.record.id, sub)
             inflight[key] = claimed
+            if claimed.attempt > most:
+                # Recorded as the delivery's last failure: logged, hooks, dead letter.
+                runner.failed(event, sub, new_context(), _lost(event, sub, claimed.attempt))
+                continue
             consumer.running += 1
             fut = run(event, sub, new_context())
             if fut is None:
