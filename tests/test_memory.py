@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tidings import Bus, Event, listener
+from tidings import Bus, Event, Listener, listener
 from tidings.backends.memory import MemoryBackend
 
 from .conftest import Counter
@@ -345,7 +345,9 @@ async def test_every_event_once_and_in_order_however_the_deliveries_go() -> None
                 var.set(n // 4)
             bus.emit("x", n=n)
         await bus.drain()
+        counts = bus.stats()["listeners"]
     assert plain == [(n, n // 4) for n in range(300)]
+    assert list(counts.values()) == [{"delivered": 300, "failed": 0}] * 4
     assert sorted(waited) == list(range(300))
     assert sorted(threaded) == list(range(300))
 
@@ -469,6 +471,10 @@ async def test_payload_keywords_in_any_order_and_more_than_a_listener_names() ->
         got.append(())
 
     @listener("x")
+    async def one(c: int) -> None:
+        got.append((c,))
+
+    @listener("x")
     async def two(b: int, a: int) -> None:
         got.append((b, a))
 
@@ -488,13 +494,27 @@ async def test_payload_keywords_in_any_order_and_more_than_a_listener_names() ->
     async def missing(a: int, y: int) -> None:
         got.append((a, y))
 
-    async with Bus(listeners=[none, two, four, defaults, keyword_only, missing]) as bus:
+    @listener("x")
+    async def missing_one(y: int) -> None:
+        got.append((y,))
+
+    listeners: list[Listener[..., Any]] = [
+        none,
+        one,
+        two,
+        four,
+        defaults,
+        keyword_only,
+        missing,
+        missing_one,
+    ]
+    async with Bus(listeners=listeners) as bus:
         for _ in range(2):
             bus.emit("x", d=4, c=3, b=2, a=1)
         await bus.drain()
         dead = bus.dead_letters()
-    assert got == [(), (2, 1), (1, 2, 3, 4), (1, 26), (4,)] * 2
-    assert [d.listener.rsplit(".", 1)[-1] for d in dead] == ["missing"] * 2
+    assert got == [(), (3,), (2, 1), (1, 2, 3, 4), (1, 26), (4,)] * 2
+    assert [d.listener.rsplit(".", 1)[-1] for d in dead] == ["missing", "missing_one"] * 2
     assert all("parameter 'y' is required" in d.error for d in dead)
 
 

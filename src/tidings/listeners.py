@@ -213,6 +213,7 @@ class Subscription:
         "has_success_hooks",
         "listener",
         "pump_fn",
+        "pump_key",
         "pumped",
         "registry",
     )
@@ -235,10 +236,13 @@ class Subscription:
         pumped = listener.is_async and listener.concurrency is None
         self.pumped = pumped
         fn = listener.plan.fn
-        self.pump_fn: Callable[[dict[str, Any]], Any] | None = (
-            keyword_caller(fn, listener.plan.required_names)
-            if pumped and self.eager_names is not None and _binds_when_called(fn)
-            else None
+        names = listener.plan.required_names
+        in_line = pumped and self.eager_names is not None and _binds_when_called(fn)
+        #: Set when the listener takes exactly one keyword (a common shape): ``pump_fn``
+        #: is then the listener itself, called with that keyword's value.
+        self.pump_key = names[0] if in_line and names is not None and len(names) == 1 else None
+        self.pump_fn: Callable[..., Any] | None = (
+            (fn if self.pump_key is not None else keyword_caller(fn, names)) if in_line else None
         )
 
     def unsubscribe(self) -> None:

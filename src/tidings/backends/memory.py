@@ -401,8 +401,9 @@ class MemoryBackend(Backend):
                                 stamp = _envelope(name, args, kwargs, stamp)
                                 await sub.listener.plan.call(stamp)
                             else:
+                                key = sub.pump_key
                                 try:
-                                    coro = fn(kwargs)
+                                    coro = fn(kwargs) if key is None else fn(kwargs[key])
                                 except (KeyError, TypeError):
                                     # Keywords that do not fit the listener's parameters as
                                     # they are: bind through its plan from now on.
