@@ -270,11 +270,14 @@ async def test_unreachable_postgres_is_a_clear_error() -> None:
 
 
 def test_urls() -> None:
-    backend = Bus("postgres://u:secret@db.example/app?schema=events&lease_s=5&batch=9").backend
+    backend = Bus(
+        "postgres://u:secret@db.example/app?schema=events&lease_s=5&batch=9&max_lost_runs=0"
+    ).backend
     assert isinstance(backend, PostgresBackend)
     assert backend.schema == "events"
     assert backend.lease_s == 5.0
     assert backend.batch == 9
+    assert backend.max_lost_runs == 0
     assert backend.dsn == "postgresql://u:secret@db.example/app"
     assert "secret" not in repr(backend)
     with pytest.raises(ConfigurationError, match="schema name"):

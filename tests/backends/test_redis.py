@@ -399,11 +399,14 @@ async def test_publish_raises_when_redis_is_unreachable(prefix: str) -> None:
 
 
 def test_urls() -> None:
-    backend = Bus("redis://:secret@localhost:6379/2?prefix=app&lease_s=5&batch=10").backend
+    backend = Bus(
+        "redis://:secret@localhost:6379/2?prefix=app&lease_s=5&batch=10&max_lost_runs=1"
+    ).backend
     assert isinstance(backend, RedisBackend)
     assert backend.prefix == "app"
     assert backend.lease_s == 5.0
     assert backend.batch == 10
+    assert backend.max_lost_runs == 1
     assert "secret" not in repr(backend)
     assert backend.url == "redis://:secret@localhost:6379/2"
     with pytest.raises(ConfigurationError, match="prefix"):

@@ -193,10 +193,13 @@ def test_urls() -> None:
     assert isinstance(backend, SQLiteBackend)
     assert backend.path == "some/dir/events.db"
     assert Bus("sqlite:////abs/events.db").backend.path == "/abs/events.db"  # type: ignore[attr-defined]
+    assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
         Bus("sqlite:///x.db?codec=pickle")
+    with pytest.raises(ConfigurationError, match="max_lost_runs must be 0 or more, not -1"):
+        Bus("sqlite:///x.db?max_lost_runs=-1")
     with pytest.raises(ConfigurationError, match="unknown option 'nope'"):
         Bus("sqlite:///x.db?nope=1")
     assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"

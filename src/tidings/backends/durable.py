@@ -224,6 +224,8 @@ class DurableBackend(Backend):
     ) -> None:
         if codec not in CODECS:
             raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
+        if max_lost_runs < 0:
+            raise ConfigurationError(f"max_lost_runs must be 0 or more, not {max_lost_runs}")
         self.codec = codec
         self.consume = consume
         self.concurrency = concurrency

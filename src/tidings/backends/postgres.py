@@ -104,7 +104,7 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
 _FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
-_INT_OPTIONS = ("batch", "concurrency")
+_INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 
 
@@ -189,8 +189,8 @@ class PostgresBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresBackend:
         """``postgresql://user:password@host:port/db``; the query may set ``schema``,
-        ``migrate``, ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``codec`` and
-        ``retention_s``; other parameters are asyncpg's."""
+        ``migrate``, ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
+        ``codec`` and ``retention_s``; other parameters are asyncpg's."""
         rest, ours = split_options(
             url, floats=_FLOAT_OPTIONS, ints=_INT_OPTIONS, strs=_STR_OPTIONS, bools=("migrate",)
         )

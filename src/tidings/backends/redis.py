@@ -223,7 +223,7 @@ _REAP_S = 60.0
 _RELEASED_IDLE_MS = 10 * 365 * 86_400_000
 # Options of ours in the URL's query; the rest go to redis-py.
 _FLOAT_OPTIONS = ("lease_s", "poll_s")
-_INT_OPTIONS = ("batch", "concurrency")
+_INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "prefix")
 
 
@@ -279,7 +279,7 @@ class RedisBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
         """``redis://[:password@]host[:port][/db]``; the query may set ``prefix``,
-        ``lease_s``, ``poll_s``, ``batch``, ``concurrency`` and ``codec``; other
+        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs`` and ``codec``; other
         parameters are redis-py's."""
         rest, ours = split_options(url, floats=_FLOAT_OPTIONS, ints=_INT_OPTIONS, strs=_STR_OPTIONS)
         return cls(rest, **options, **ours)

@@ -119,7 +119,8 @@ class SQLiteBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
-        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``synchronous`` and ``codec``."""
+        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
+        ``synchronous`` and ``codec``."""
         rest = url.split("://", 1)[1]
         path, _, query = rest.partition("?")
         if path.startswith("/"):
@@ -129,7 +130,7 @@ class SQLiteBackend(DurableBackend):
         for key, value in parse_qsl(query, keep_blank_values=True):
             if key in ("lease_s", "poll_s", "busy_timeout_s"):
                 options[key] = float(value)
-            elif key in ("batch", "concurrency"):
+            elif key in ("batch", "concurrency", "max_lost_runs"):
                 options[key] = int(value)
             elif key in ("synchronous", "codec"):
                 options[key] = value
