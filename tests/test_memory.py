@@ -10,6 +10,7 @@ import pytest
 
 from tidings import Bus, Event, Listener, listener
 from tidings.backends.memory import MemoryBackend
+from tidings.testing import capture
 
 from .conftest import Counter
 
@@ -79,6 +80,65 @@ async def test_global_concurrency_limit_bounds_suspended_deliveries() -> None:
         await bus.drain()
         assert bus.stats()["backend"]["pending"] == 0
     assert most == 5
+
+
+async def test_what_waits_behind_a_suspended_delivery_is_counted_and_reported() -> None:
+    # Events 0-4 run in line, 5 suspends and fills the only slot: 6-9 (and the second
+    # listener's delivery of 5) wait, taken from the queue but not started.
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+
+    @listener("x")
+    async def first(n: int) -> None:
+        if n == 5:
+            await release.wait()
+        ran.append(("first", n))
+
+    @listener("x")
+    async def second(n: int) -> None:
+        ran.append(("second", n))
+
+    bus = Bus(listeners=[first, second], concurrency=1)
+    await bus.start()
+    ids: list[str] = []
+    with capture(bus) as seen:
+        for n in range(10):
+            bus.emit("x", n=n)
+    ids = [event.id for event in seen.events]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert ran == [(name, n) for n in range(5) for name in ("first", "second")]
+    assert bus.stats()["backend"] == {
+        "pending": 1 + 4 * 2,
+        "running": 1,
+        "retrying": 0,
+        "scheduled": 0,
+        "dead": 0,
+    }
+    assert sorted(await bus.backend.aclose(0)) == sorted(ids[5:])
+    await bus.aclose(timeout=0)
+
+
+async def test_a_suspended_delivery_leaves_the_rest_in_order_for_the_next_pump() -> None:
+    # Each delivery of a listener that awaits hands the pump to a task; the events
+    # after it wait where they are (not copied back into the queue, which made a burst
+    # of them cost the square of its length) and start in order.
+    order: list[int] = []
+    done = asyncio.Event()
+
+    @listener("x")
+    async def awaits(n: int) -> None:
+        order.append(n)
+        await asyncio.sleep(0)
+        if n == 1999:
+            done.set()
+
+    async with Bus(listeners=[awaits], concurrency=10_000) as bus:
+        for n in range(2000):
+            bus.emit("x", n=n)
+        await done.wait()
+        await bus.drain()
+    assert order == list(range(2000))
 
 
 async def test_listeners_that_do_not_suspend_cost_no_task() -> None:

@@ -12,7 +12,8 @@ that takes the waiting events at once and awaits the async
 listeners one after the other, so a listener that finishes without suspending costs a
 plain ``await``, with no task and no ``StopIteration``. When a listener really
 suspends, the pump is handed, with that one delivery, to a task of its own, and a new
-pump carries on with the rest of the queue.
+pump carries on with the rest, where it is (what a pump took and did not start stays
+first in line, never copied back into the queue).
 
 A pump runs in a copy of the emitter's context and only takes the events that share it
 (events emitted in a row from one context share one copy, see :mod:`tidings._contexts`);
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import operator
 import threading
 import time
 import types
@@ -125,6 +127,12 @@ class MemoryBackend(Backend):
         self.max_pending = max_pending
         self.concurrency = concurrency
         self._queue: deque[Any] = deque()
+        # Work taken from the queue and not yet started, first in line: events (and the
+        # rest of events' deliveries) put back by a pump that stopped early, then what
+        # is left of the last batch taken (flat items; the list, and an iterator on it).
+        self._front: deque[_Entry] = deque()
+        self._head: Iterator[Any] | None = None
+        self._head_batch: list[Any] = []
         self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
         # Queue items (_SLOTS an event) there is room for: max_pending less the backlogs.
         self._room = max_pending * _SLOTS
@@ -297,6 +305,7 @@ class MemoryBackend(Backend):
     def _flush(self) -> None:
         self._scheduled = False
         queue = self._queue
+        front = self._front
         running = self._running
         limit = self.concurrency
         loop = self._loop
@@ -304,16 +313,25 @@ class MemoryBackend(Backend):
         spent = 0
         if self._runner.observers:  # type: ignore[union-attr]
             # Each delivery is observed (traced) as the runner starts it: no pump.
-            while queue and len(running) < limit and spent < _BATCH:
-                subs, emitted, name, args, kwargs, stamp = (queue.popleft() for _ in range(_SLOTS))
+            while len(running) < limit and spent < _BATCH:
+                entry = self._next_entry()
+                if entry is None:
+                    break
+                subs, emitted, name, args, kwargs, stamp = entry
                 event = _envelope(name, args, kwargs, stamp)
                 for sub in subs:
                     self._start_other(event, sub, emitted)
                 spent += 1
-        while queue and len(running) < limit and spent < _BATCH:
-            # Entries' contexts are only ever copied, never entered: the pump runs in
-            # a copy of its first entry's, and goes on with the entries that share it.
-            pristine: Context = queue[1]
+        while len(running) < limit:
+            # The next pump runs in a copy of the first waiting event's context, and
+            # goes on with the events that share it. Entries' contexts are only ever
+            # copied, never entered.
+            if not front:
+                entry = self._next_entry(queue_too=spent < _BATCH)
+                if entry is None:
+                    break
+                front.append(entry)
+            pristine: Context = front[0][1]
             ctx = pristine.copy()
             state = _PumpState()
             pump = self._pump(ctx, pristine, state, _BATCH - spent)
@@ -338,7 +356,7 @@ class MemoryBackend(Backend):
             event = state.event = _envelope(
                 where["name"], where["args"], where["kwargs"], where["stamp"]
             )
-            self._put_back(where["items"])
+            # The events after it stay where they are, for the next pump.
             self._requeue_after(
                 (where["subs"], pristine, event.name, where["args"], where["kwargs"], event), sub
             )
@@ -347,7 +365,7 @@ class MemoryBackend(Backend):
             )
             running[task] = (event, sub)
             task.add_done_callback(self._done)
-        if queue and len(running) < limit:
+        if self._has_work() and len(running) < limit:
             self._schedule()
         elif not queue and self._contexts is not None:
             # Keep no emitter's context (and its variables' objects) alive once its
@@ -356,90 +374,123 @@ class MemoryBackend(Backend):
         if self._room_waiters or self._idle_waiters:
             self._wake()
 
+    def _next_entry(self, *, queue_too: bool = True) -> _Entry | None:
+        """Take the first waiting event: put back, left of the last batch, or (when
+        ``queue_too``) queued."""
+        if self._front:
+            return self._front.popleft()
+        head = self._head
+        if head is not None:
+            for entry in _entries(head):
+                return entry
+            self._head = None
+            self._head_batch = []
+        queue = self._queue
+        if queue and queue_too:
+            return cast(_Entry, tuple(queue.popleft() for _ in range(_SLOTS)))
+        return None
+
+    def _waiting(self) -> list[_Entry]:
+        """The events waiting to start, in order (without taking them)."""
+        waiting = list(self._front)
+        if self._head is not None:
+            batch = self._head_batch
+            waiting.extend(_entries(batch[len(batch) - operator.length_hint(self._head) :]))
+        waiting.extend(_entries(list(self._queue)))
+        return waiting
+
+    def _has_work(self) -> bool:
+        return bool(self._front or self._head is not None or self._queue)
+
     async def _pump(self, ctx: Context, pristine: Context, state: _PumpState, budget: int) -> int:
         # Runs inside ``ctx`` (``pristine`` is an untouched copy of it). Kept flat: this
-        # loop is the cost of every in-process delivery.
+        # loop is the cost of every in-process delivery. Returns the events it took
+        # from the queue.
         queue = self._queue
+        front = self._front
         runner = self._runner
         assert runner is not None
         running = self._running
         limit = self.concurrency
         on_success = runner.on_success
-        done = 0
-        while queue and done < budget:
-            # The events waiting now, taken at once (those emitted meanwhile wait for
-            # the next round); what this pump leaves is put back first in line. While
-            # taken they count as started, not pending.
-            take = (budget - done) * _SLOTS
-            if len(queue) <= take:
-                batch = list(queue)
-                queue.clear()
+        taken = 0
+        while True:
+            entries: Iterable[_Entry]
+            items: Iterator[Any] | None = None
+            if front:
+                # Put back first in line: one at a time, while they share the context.
+                if front[0][1] is not pristine:
+                    return taken
+                entries = (front.popleft(),)
             else:
-                batch = [queue.popleft() for _ in range(take)]
-            done += len(batch) // _SLOTS
-            items = iter(batch)
-            try:
-                for subs, emitted, name, args, kwargs, stamp in _entries(items):
-                    if emitted is not pristine:
-                        # Another emitter context: another pump.
-                        self._put_back(items, (subs, emitted, name, args, kwargs, stamp))
-                        return done
-                    for sub in subs:
-                        fn = sub.pump_fn
-                        if fn is None and not sub.pumped:
-                            stamp = _envelope(name, args, kwargs, stamp)
-                            self._start_other(stamp, sub, pristine)
-                            if len(running) >= limit:
-                                self._put_back(items)
-                                self._requeue_after(
-                                    (subs, pristine, name, args, kwargs, stamp), sub
-                                )
-                                return done
-                            continue
-                        try:
-                            if fn is None or args:
-                                stamp = _envelope(name, args, kwargs, stamp)
-                                await sub.listener.plan.call(stamp)
-                            else:
-                                key = sub.pump_key
-                                try:
-                                    coro = fn(kwargs) if key is None else fn(kwargs[key])
-                                except (KeyError, TypeError):
-                                    # Keywords that do not fit the listener's parameters as
-                                    # they are: bind through its plan from now on.
-                                    sub.pump_fn = None
-                                    stamp = _envelope(name, args, kwargs, stamp)
-                                    coro = sub.listener.plan.call(stamp)
-                                await coro
-                        except Exception as exc:
-                            stamp = state.event or _envelope(name, args, kwargs, stamp)
-                            runner.failed(stamp, sub, pristine.copy(), exc)
-                        else:
-                            sub.delivered += 1
-                            if on_success or sub.has_success_hooks:
-                                stamp = state.event or _envelope(name, args, kwargs, stamp)
-                                runner.succeeded(stamp, sub, counted=True)
-                        if ctx != pristine:
-                            if state.detached:
-                                # Resumed in a task of its own (the flush marked ``ctx``):
-                                # the rest was put back when the pump was detached.
-                                return done
-                            # This listener set a context variable: the next ones must not
-                            # see it.
-                            self._put_back(items)
+                # What is left of the last batch taken, else the events waiting now,
+                # taken at once (those emitted meanwhile wait for the next round). While
+                # taken they count as started, not pending; a pump that stops early
+                # leaves the rest for the next one, where it is.
+                items = self._head
+                if items is None:
+                    if not queue or taken >= budget:
+                        return taken
+                    take = (budget - taken) * _SLOTS
+                    if len(queue) <= take:
+                        batch = list(queue)
+                        queue.clear()
+                    else:
+                        batch = [queue.popleft() for _ in range(take)]
+                    taken += len(batch) // _SLOTS
+                    self._head_batch = batch
+                    items = self._head = iter(batch)
+                entries = _entries(items)
+            for subs, emitted, name, args, kwargs, stamp in entries:
+                if emitted is not pristine:
+                    # Another emitter context: another pump.
+                    front.appendleft((subs, emitted, name, args, kwargs, stamp))
+                    return taken
+                for sub in subs:
+                    fn = sub.pump_fn
+                    if fn is None and not sub.pumped:
+                        stamp = _envelope(name, args, kwargs, stamp)
+                        self._start_other(stamp, sub, pristine)
+                        if len(running) >= limit:
                             self._requeue_after((subs, pristine, name, args, kwargs, stamp), sub)
-                            return done
-            except BaseException:
-                self._put_back(items)  # a listener raised past Exception
-                raise
-        return done
-
-    def _put_back(self, items: Iterator[Any], first: _Entry | None = None) -> None:
-        """Put back, first in line and in order, ``first`` and the items left."""
-        rest = list(items)
-        if first is not None:
-            rest[:0] = first
-        self._queue.extendleft(reversed(rest))
+                            return taken
+                        continue
+                    try:
+                        if fn is None or args:
+                            stamp = _envelope(name, args, kwargs, stamp)
+                            await sub.listener.plan.call(stamp)
+                        else:
+                            key = sub.pump_key
+                            try:
+                                coro = fn(kwargs) if key is None else fn(kwargs[key])
+                            except (KeyError, TypeError):
+                                # Keywords that do not fit the listener's parameters as
+                                # they are: bind through its plan from now on.
+                                sub.pump_fn = None
+                                stamp = _envelope(name, args, kwargs, stamp)
+                                coro = sub.listener.plan.call(stamp)
+                            await coro
+                    except Exception as exc:
+                        stamp = state.event or _envelope(name, args, kwargs, stamp)
+                        runner.failed(stamp, sub, pristine.copy(), exc)
+                    else:
+                        sub.delivered += 1
+                        if on_success or sub.has_success_hooks:
+                            stamp = state.event or _envelope(name, args, kwargs, stamp)
+                            runner.succeeded(stamp, sub, counted=True)
+                    if ctx != pristine:
+                        if state.detached:
+                            # Resumed in a task of its own (the flush marked ``ctx``):
+                            # the rest was left for the next pump when it was detached.
+                            return taken
+                        # This listener set a context variable: the next ones must not
+                        # see it.
+                        self._requeue_after((subs, pristine, name, args, kwargs, stamp), sub)
+                        return taken
+            if items is not None:
+                # The batch is done.
+                self._head = None
+                self._head_batch = []
 
     def _requeue_after(self, entry: _Entry, sub: Subscription) -> None:
         """Put back, first in line, the deliveries of ``entry`` after ``sub``'s (in a
@@ -447,7 +498,7 @@ class MemoryBackend(Backend):
         subs, pristine, name, args, kwargs, stamp = entry
         rest = subs[subs.index(sub) + 1 :]
         if rest:
-            self._queue.extendleft(reversed((rest, pristine.copy(), name, args, kwargs, stamp)))
+            self._front.appendleft((rest, pristine.copy(), name, args, kwargs, stamp))
 
     async def _resume_pump(
         self,
@@ -527,7 +578,7 @@ class MemoryBackend(Backend):
             gate.running -= 1
             if gate.backlog:
                 self._pump_gate(gate)
-        if self._queue:
+        if self._has_work():
             self._schedule()
         self._wake()
 
@@ -543,7 +594,12 @@ class MemoryBackend(Backend):
                     waiter.set_result(None)
 
     def _idle(self) -> bool:
-        return not self._queue and not self._running and not self._retrying and not self._backlogged
+        return (
+            not self._has_work()
+            and not self._running
+            and not self._retrying
+            and not self._backlogged
+        )
 
     async def drain(self) -> None:
         loop = self._loop
@@ -559,7 +615,7 @@ class MemoryBackend(Backend):
             await asyncio.wait_for(self.drain(), timeout_s)
         undelivered: list[str] = [
             _envelope(name, args, kwargs, stamp).id
-            for _subs, _ctx, name, args, kwargs, stamp in _entries(self._queue)
+            for _subs, _ctx, name, args, kwargs, stamp in self._waiting()
         ]
         for gate in self._gates.values():
             undelivered.extend(event.id for event, _subs, _ctx in gate.backlog)
@@ -574,6 +630,9 @@ class MemoryBackend(Backend):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._queue.clear()
+        self._front.clear()
+        self._head = None
+        self._head_batch = []
         self._backlogged = 0
         self._room = self.max_pending * _SLOTS
         self._retrying = 0
@@ -581,7 +640,7 @@ class MemoryBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "pending": sum(len(entry[0]) for entry in _entries(self._queue)) + self._backlogged,
+            "pending": sum(len(entry[0]) for entry in self._waiting()) + self._backlogged,
             "running": len(self._running),
             "retrying": self._retrying,
             "scheduled": len(self._timers) - self._retrying,
