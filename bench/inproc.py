@@ -3,7 +3,8 @@
     uv run --group bench python bench/inproc.py [--n 200000] [--repeat 3]
 
 Deliveries/s is measured from the first emit to the last listener call, for 1 and 5
-trivial async listeners. Every emitter gets the same treatment: emits in a loop, a
+trivial async listeners, and for 1 that awaits once (``asyncio.sleep(0)``, as a listener
+doing I/O would; a tenth of the events). Every emitter gets the same treatment: emits in a loop, a
 yield to the event loop every 1000 emits (so queue-based emitters are not starved), and
 the clock stops when the listeners have been called N x listeners times. Slow peers run
 fewer events (scaled so each run takes about a second). The contenders take turns, one
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
-Runner = Callable[[int, int], Awaitable[float]]
+Runner = Callable[[int, int, bool], Awaitable[float]]
 
 YIELD_EVERY = 1000
 
@@ -44,12 +45,16 @@ class Done:
             self.future.set_result(time.perf_counter())
 
 
-def make_listeners(done: Done, k: int) -> list[Callable[..., Awaitable[None]]]:
+def make_listeners(done: Done, k: int, awaits: bool) -> list[Callable[..., Awaitable[None]]]:
     def one() -> Callable[..., Awaitable[None]]:
         async def on_event(n: int) -> None:
             done.hit()
 
-        return on_event
+        async def awaits_once(n: int) -> None:
+            await asyncio.sleep(0)  # as a listener doing I/O would
+            done.hit()
+
+        return awaits_once if awaits else on_event
 
     return [one() for _ in range(k)]
 
@@ -67,11 +72,11 @@ async def emit_loop(emit: Callable[..., Any], n: int) -> float:
 # -- the contenders ---------------------------------------------------------------------
 
 
-async def run_tidings(n: int, k: int) -> float:
+async def run_tidings(n: int, k: int, awaits: bool) -> float:
     from tidings import Bus, listener
 
     done = Done(n * k)
-    fns = [listener("bench")(fn) for fn in make_listeners(done, k)]
+    fns = [listener("bench")(fn) for fn in make_listeners(done, k, awaits)]
     async with Bus(listeners=fns, max_pending=n * k + 1) as bus:
         emit = bus.emit
         start = await emit_loop(emit, n)
@@ -80,11 +85,11 @@ async def run_tidings(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_litestar(n: int, k: int) -> float:
+async def run_litestar(n: int, k: int, awaits: bool) -> float:
     from litestar.events import SimpleEventEmitter, listener
 
     done = Done(n * k)
-    fns = [listener("bench")(fn) for fn in make_listeners(done, k)]
+    fns = [listener("bench")(fn) for fn in make_listeners(done, k, awaits)]
     async with SimpleEventEmitter(fns) as emitter:
         emit = emitter.emit
         start = await emit_loop(emit, n)
@@ -93,12 +98,12 @@ async def run_litestar(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_pyee(n: int, k: int) -> float:
+async def run_pyee(n: int, k: int, awaits: bool) -> float:
     from pyee.asyncio import AsyncIOEventEmitter
 
     done = Done(n * k)
     ee = AsyncIOEventEmitter()
-    for fn in make_listeners(done, k):
+    for fn in make_listeners(done, k, awaits):
         ee.on("bench", fn)
     emit = ee.emit
     start = await emit_loop(emit, n)
@@ -107,14 +112,14 @@ async def run_pyee(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_pyventus(n: int, k: int) -> float:
+async def run_pyventus(n: int, k: int, awaits: bool) -> float:
     from pyventus.events import AsyncIOEventEmitter, EventLinker
 
     class Linker(EventLinker):
         pass
 
     done = Done(n * k)
-    for fn in make_listeners(done, k):
+    for fn in make_listeners(done, k, awaits):
         Linker.subscribe("bench", event_callback=fn)
     emitter = AsyncIOEventEmitter(event_linker=Linker, debug=False)
     emit = emitter.emit
@@ -125,7 +130,7 @@ async def run_pyventus(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_fastapi_events(n: int, k: int) -> float:
+async def run_fastapi_events(n: int, k: int, awaits: bool) -> float:
     # Outside a request, dispatch() runs the handlers of the middleware identified by a
     # context variable in one asyncio task per event: set what the middleware would set.
     from fastapi_events import handler_store, middleware_identifier
@@ -134,7 +139,7 @@ async def run_fastapi_events(n: int, k: int) -> float:
 
     done = Done(n * k)
     handler = LocalHandler()
-    for fn in make_listeners(done, k):
+    for fn in make_listeners(done, k, awaits):
 
         async def on_event(event: tuple[str, Any], fn: Any = fn) -> None:
             await fn(**event[1])
@@ -155,9 +160,9 @@ async def run_fastapi_events(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_task_per_delivery(n: int, k: int) -> float:
+async def run_task_per_delivery(n: int, k: int, awaits: bool) -> float:
     done = Done(n * k)
-    fns = make_listeners(done, k)
+    fns = make_listeners(done, k, awaits)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -173,9 +178,9 @@ async def run_task_per_delivery(n: int, k: int) -> float:
     return n * k / (end - start)
 
 
-async def run_bare_await(n: int, k: int) -> float:
+async def run_bare_await(n: int, k: int, awaits: bool) -> float:
     done = Done(n * k)
-    fns = make_listeners(done, k)
+    fns = make_listeners(done, k, awaits)
     start = time.perf_counter()
     for i in range(n):
         for fn in fns:
@@ -239,14 +244,19 @@ async def main() -> None:
         for name, entry in CONTENDERS.items()
         if not args.only or any(o in name for o in args.only)
     }
-    results: dict[int, dict[str, float]] = {}
-    for k in (1, 5):
-        results[k] = best = dict.fromkeys(contenders, 0.0)
+    results: dict[tuple[int, bool], dict[str, float]] = {}
+    for k, awaits in ((1, False), (5, False), (1, True)):
+        results[k, awaits] = best = dict.fromkeys(contenders, 0.0)
+        # A listener that awaits suspends every delivery: each contender pays for a
+        # task per delivery then, so all run a tenth of the events.
+        events = args.n // 10 if awaits else args.n
         for _ in range(args.repeat):
             for name, (runner, share) in contenders.items():
                 gc.collect()
-                best[name] = max(best[name], await runner(max(1000, int(args.n * share)), k))
-        print(f"\n{k} async listener(s): deliveries/s (best of {args.repeat} rounds)")
+                rate = await runner(max(1000, int(events * share)), k, awaits)
+                best[name] = max(best[name], rate)
+        label = f"{k} async listener(s)" + (" that await once" if awaits else "")
+        print(f"\n{label}: deliveries/s (best of {args.repeat} rounds)")
         for name, rate in best.items():
             ratio = ""
             if "tidings" in best and name != "tidings":
@@ -256,7 +266,7 @@ async def main() -> None:
     median_ns, p99_ns = await emit_cost(2000)
     print(f"\nbus.emit(): median {median_ns:.0f} ns, p99 {p99_ns:.0f} ns (timed 100 at a time)")
 
-    one = results.get(1, {})
+    one = results.get((1, False), {})
     if "tidings" in one:
         checks = [
             ("tidings >= 1,000,000 deliveries/s (1 listener)", one["tidings"] >= 1_000_000),
