@@ -188,6 +188,47 @@ async def test_listeners_that_do_not_suspend_cost_no_task() -> None:
             loop.set_task_factory(default_factory)
 
 
+async def test_a_listener_that_keeps_suspending_gets_tasks_of_its_own() -> None:
+    # Awaited in line, a delivery that suspends takes its pump along into a task (and
+    # a new pump carries on). A listener that does it again and again has its next
+    # deliveries started one by one instead, each a task only if it suspends, until
+    # one finishes without suspending.
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def recording_factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        **kwargs: Any,
+    ) -> asyncio.Future[Any]:
+        started.append(getattr(coro, "__qualname__", repr(coro)))
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    calls: list[int] = []
+
+    @listener("x")
+    async def sometimes_waits(n: int, waits: bool) -> None:
+        calls.append(n)
+        if waits:
+            await asyncio.sleep(0)
+
+    async with Bus(listeners=[sometimes_waits]) as bus:
+        loop.set_task_factory(recording_factory)
+        try:
+            for n in range(12):
+                bus.emit("x", n=n, waits=n < 4 or n >= 8)
+            await bus.drain()
+        finally:
+            loop.set_task_factory(default_factory)
+        assert bus.stats()["listeners"][sometimes_waits.qualname]["delivered"] == 12
+    assert calls == list(range(12))
+    pump, own = "MemoryBackend._resume_pump", "Runner._resume"
+    assert started == [pump, own, own, own, pump, own, own, own]
+
+
 async def test_dead_letters_keep_the_most_recent() -> None:
     @listener("x")
     async def fails(n: int) -> None:

@@ -212,6 +212,7 @@ class Subscription:
         "failed",
         "has_success_hooks",
         "listener",
+        "parked",
         "pump_fn",
         "pump_key",
         "pumped",
@@ -244,6 +245,9 @@ class Subscription:
         self.pump_fn: Callable[..., Any] | None = (
             (fn if self.pump_key is not None else keyword_caller(fn, names)) if in_line else None
         )
+        #: Set while the in-process backend starts this listener's deliveries one by one
+        #: because the last one it awaited in line suspended: its ``pump_fn`` then.
+        self.parked: tuple[Callable[..., Any] | None] | None = None
 
     def unsubscribe(self) -> None:
         """Remove this listener from its registry (no error if already removed)."""

@@ -13,7 +13,9 @@ listeners one after the other, so a listener that finishes without suspending co
 plain ``await``, with no task and no ``StopIteration``. When a listener really
 suspends, the pump is handed, with that one delivery, to a task of its own, and a new
 pump carries on with the rest, where it is (what a pump took and did not start stays
-first in line, never copied back into the queue).
+first in line, never copied back into the queue). A listener that suspended has its
+next deliveries started one by one (a task each only if it suspends) until one of them
+finishes without suspending: handing a pump over costs more than a task.
 
 A pump runs in a copy of the emitter's context and only takes the events that share it
 (events emitted in a row from one context share one copy, see :mod:`tidings._contexts`);
@@ -356,6 +358,13 @@ class MemoryBackend(Backend):
             event = state.event = _envelope(
                 where["name"], where["args"], where["kwargs"], where["stamp"]
             )
+            # A listener that suspends is likely to again: until one of its deliveries
+            # finishes without suspending, each is started on its own (a task if it
+            # suspends), not awaited in line, which would hand a pump to a task each time.
+            if sub.pumped:
+                sub.parked = (sub.pump_fn,)
+                sub.pumped = False
+                sub.pump_fn = None
             # The events after it stay where they are, for the next pump.
             self._requeue_after(
                 (where["subs"], pristine, event.name, where["args"], where["kwargs"], event), sub
@@ -533,6 +542,11 @@ class MemoryBackend(Backend):
         if fut is not None:
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
+        elif sub.parked is not None:
+            # It finished without suspending: awaited in line again from now on.
+            (sub.pump_fn,) = sub.parked
+            sub.pumped = True
+            sub.parked = None
 
     def _gated(self, event: Event, sub: Subscription, ctx: Context) -> None:
         gate = self._gates.get(sub)
