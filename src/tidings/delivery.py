@@ -246,8 +246,9 @@ class Runner:
         """Record a delivery that returned."""
         if not counted:
             sub.delivered += 1
-        for hook in (*sub.hooks("on_success"), *self.on_success):
-            self._call_hook(hook, event, sub.listener)
+        if self.on_success or sub.has_success_hooks:
+            for hook in (*sub.hooks("on_success"), *self.on_success):
+                self._call_hook(hook, event, sub.listener)
 
     def failed(self, event: Event, sub: Subscription, ctx: Context, exc: BaseException) -> None:
         """Retry a delivery that raised, or make it a dead letter after its last attempt."""
