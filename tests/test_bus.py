@@ -392,6 +392,32 @@ async def test_emit_from_a_thread_raises_queue_full_too() -> None:
             await asyncio.to_thread(bus.emit, "x")
 
 
+async def test_threads_cannot_outrun_max_pending_while_the_loop_is_busy() -> None:
+    # Events from other threads reach the loop in bursts; while it cannot take them,
+    # they count against max_pending all the same, and drain() takes them at once.
+    got: list[int] = []
+    refused: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    def emits() -> None:
+        for n in range(5):
+            try:
+                bus.emit("x", n=n)
+            except QueueFull:
+                refused.append(n)
+
+    async with Bus(listeners=[on_x], max_pending=3) as bus:
+        thread = threading.Thread(target=emits)
+        thread.start()
+        thread.join()  # blocks the loop: nothing is taken meanwhile
+        await bus.drain()
+        assert got == [0, 1, 2]
+    assert refused == [3, 4]
+
+
 async def test_publish_waits_for_room_instead_of_raising() -> None:
     counter = Counter()
 

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -148,6 +149,9 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
+        # Events emitted on other threads, waiting for the loop to take them.
+        self._inbox: deque[tuple[Event, tuple[Subscription, ...], contextvars.Context]] = deque()
+        self._inbox_scheduled = False
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
@@ -300,6 +304,7 @@ class Bus:
                 raise RuntimeError("the bus's event loop is not running: nothing can drain")
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
             return
+        self._take_inbox()  # what other threads emitted is queued first
         await self.backend.drain()
         if self._runner is not None:
             await self._runner.drain_hooks()
@@ -323,6 +328,7 @@ class Bus:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, return_exceptions=True)
             self._scheduler = None
+        self._take_inbox()
         undelivered = await self.backend.aclose(limit)
         self._closed = True
         self._refresh_hot()
@@ -595,24 +601,33 @@ class Bus:
         if _get_ident() == self._thread:
             self.backend.put(event, subs, ctx)
             return
-        if not self.backend.has_room(len(subs)):
+        if not self.backend.has_room(1 + len(self._inbox)):
             raise QueueFull(
                 f"the in-process queue is full; cannot queue event {event.name!r} "
                 "(raise max_pending, or await bus.publish(...) to wait for room)"
             )
-        self._loop.call_soon_threadsafe(self._put_from_thread, event, subs, ctx)  # type: ignore[union-attr]
+        # Handed over in bursts: one wake-up of the loop for the events other threads
+        # emit before it gets to them. An append is atomic, and the flag is cleared
+        # before the inbox is read, so no event waits without a wake-up on its way.
+        self._inbox.append((event, subs, ctx))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
 
-    def _put_from_thread(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
-    ) -> None:
-        try:
-            self.backend.put(event, subs, ctx)
-        except QueueFull:
-            logger.error(
-                "event %s (%s) emitted from a thread found the queue full; dropped",
-                event.id,
-                event.name,
-            )
+    def _take_inbox(self) -> None:
+        self._inbox_scheduled = False
+        inbox = self._inbox
+        put = self.backend.put
+        while inbox:
+            event, subs, ctx = inbox.popleft()
+            try:
+                put(event, subs, ctx)
+            except QueueFull:
+                logger.error(
+                    "event %s (%s) emitted from a thread found the queue full; dropped",
+                    event.id,
+                    event.name,
+                )
 
     def _refresh_hot(self) -> None:
         self._hot = (

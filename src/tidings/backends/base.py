@@ -136,7 +136,7 @@ class Backend(ABC):
 
     @abstractmethod
     def has_room(self, count: int) -> bool:
-        """Whether ``count`` more deliveries fit now (may be read from any thread)."""
+        """Whether ``count`` more events fit now (may be read from any thread)."""
 
     @abstractmethod
     async def drain(self) -> None:

@@ -352,7 +352,7 @@ class DurableBackend(Backend):
         )
 
     def has_room(self, count: int) -> bool:
-        return len(self._buffer) < self.max_pending
+        return len(self._buffer) + count <= self.max_pending
 
     def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         if len(self._buffer) >= self.max_pending:

@@ -158,7 +158,7 @@ class MemoryBackend(Backend):
     # -- queueing -------------------------------------------------------------------
 
     def has_room(self, count: int) -> bool:
-        return len(self._queue) < self._room
+        return len(self._queue) + (count - 1) * _SLOTS < self._room
 
     def _full(self, name: str) -> QueueFull:
         return QueueFull(
