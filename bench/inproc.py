@@ -4,14 +4,15 @@
 
 Deliveries/s is measured from the first emit to the last listener call, for 1 and 5
 trivial async listeners, and for 1 that awaits once (``asyncio.sleep(0)``, as a listener
-doing I/O would; a tenth of the events). Every emitter gets the same treatment: emits in a loop, a
-yield to the event loop every 1000 emits (so queue-based emitters are not starved), and
-the clock stops when the listeners have been called N x listeners times. Slow peers run
-fewer events (scaled so each run takes about a second). The contenders take turns, one
-run each per round, so a slow spell of the machine falls on all of them alike; each
-one's best of ``--repeat`` rounds counts. Then the median cost of one ``bus.emit()``:
-emits are timed a hundred at a time, so the clock's own cost (about 100-200 ns on a
-virtual machine) is not counted as the emit's.
+doing I/O would; a tenth of the events). Every emitter gets the same treatment: emits
+in a loop, a yield to the event loop every 1000 emits (so queue-based emitters are not
+starved), and the clock stops when the listeners have been called N x listeners times.
+Slow peers run fewer events (scaled so each run takes about a second). The contenders
+take turns, one run each per round, so a slow spell of the machine falls on all of them
+alike; each one's best of ``--repeat`` rounds counts. Then the median cost of one
+``bus.emit()``: emits are timed a hundred at a time, so the clock's own cost (about
+100-200 ns on a virtual machine) is not counted as the emit's. Last, deliveries/s of
+events emitted on another thread (tidings alone; the peers are not thread-safe).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import gc
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
@@ -202,6 +204,27 @@ CONTENDERS: dict[str, tuple[Runner, float]] = {
 }
 
 
+async def from_a_thread(n: int) -> float:
+    """Deliveries/s of ``n`` events emitted on another thread (tidings alone: the peers
+    are not safe to call from one), one trivial listener."""
+    from tidings import Bus, listener
+
+    done = Done(n)
+    fns = [listener("bench")(fn) for fn in make_listeners(done, 1, False)]
+    async with Bus(listeners=fns, max_pending=n + 1) as bus:
+
+        def emits() -> None:
+            for i in range(n):
+                bus.emit("bench", n=i)
+
+        start = time.perf_counter()
+        thread = threading.Thread(target=emits)
+        thread.start()
+        end = await done.future
+        thread.join()
+    return n / (end - start)
+
+
 async def emit_cost(samples: int) -> tuple[float, float]:
     """Median and p99 nanoseconds of one ``bus.emit`` on a started bus, one listener:
     over ``samples`` timings of a hundred emits in a row."""
@@ -265,6 +288,11 @@ async def main() -> None:
 
     median_ns, p99_ns = await emit_cost(2000)
     print(f"\nbus.emit(): median {median_ns:.0f} ns, p99 {p99_ns:.0f} ns (timed 100 at a time)")
+    best_thread = 0.0
+    for _ in range(args.repeat):
+        gc.collect()
+        best_thread = max(best_thread, await from_a_thread(args.n // 2))
+    print(f"bus.emit() on another thread: {best_thread:,.0f} deliveries/s (1 listener)")
 
     one = results.get((1, False), {})
     if "tidings" in one:
