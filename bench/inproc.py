@@ -4,15 +4,16 @@
 
 Deliveries/s is measured from the first emit to the last listener call, for 1 and 5
 trivial async listeners, and for 1 that awaits once (``asyncio.sleep(0)``, as a listener
-doing I/O would; a tenth of the events). Every emitter gets the same treatment: emits
-in a loop, a yield to the event loop every 1000 emits (so queue-based emitters are not
-starved), and the clock stops when the listeners have been called N x listeners times.
-Slow peers run fewer events (scaled so each run takes about a second). The contenders
-take turns, one run each per round, so a slow spell of the machine falls on all of them
-alike; each one's best of ``--repeat`` rounds counts. Then the median cost of one
-``bus.emit()``: emits are timed a hundred at a time, so the clock's own cost (about
-100-200 ns on a virtual machine) is not counted as the emit's. Last, deliveries/s of
-events emitted on another thread (tidings alone; the peers are not thread-safe).
+doing I/O would). Every emitter gets the same treatment: emits in a loop, a yield to
+the event loop every 1000 emits (so queue-based emitters are not starved), and the clock
+stops when the listeners have been called N x listeners times. With trivial listeners,
+slow peers run fewer events (scaled so each run takes about a second); with the one
+that awaits, every contender runs a tenth of N. The contenders take turns, one run each
+per round, so a slow spell of the machine falls on all of them alike; each one's best
+of ``--repeat`` rounds counts. Then the median cost of one ``bus.emit()``: emits are
+timed a hundred at a time, so the clock's own cost (about 100-200 ns on a virtual
+machine) is not counted as the emit's. Last, deliveries/s of events emitted on another
+thread (tidings alone; the peers are not thread-safe).
 """
 
 from __future__ import annotations
@@ -271,13 +272,13 @@ async def main() -> None:
     for k, awaits in ((1, False), (5, False), (1, True)):
         results[k, awaits] = best = dict.fromkeys(contenders, 0.0)
         # A listener that awaits suspends every delivery: each contender pays for a
-        # task per delivery then, so all run a tenth of the events.
-        events = args.n // 10 if awaits else args.n
+        # task per delivery then, so all run a tenth of the events, the same number
+        # (a short run flatters: it ends before the garbage collector has much to do).
         for _ in range(args.repeat):
             for name, (runner, share) in contenders.items():
                 gc.collect()
-                rate = await runner(max(1000, int(events * share)), k, awaits)
-                best[name] = max(best[name], rate)
+                events = args.n // 10 if awaits else max(1000, int(args.n * share))
+                best[name] = max(best[name], await runner(events, k, awaits))
         label = f"{k} async listener(s)" + (" that await once" if awaits else "")
         print(f"\n{label}: deliveries/s (best of {args.repeat} rounds)")
         for name, rate in best.items():
