@@ -392,8 +392,7 @@ class MemoryBackend(Backend):
         if head is not None:
             for entry in _entries(head):
                 return entry
-            self._head = None
-            self._head_batch = []
+            self._drop_head()
         queue = self._queue
         if queue and queue_too:
             return cast(_Entry, tuple(queue.popleft() for _ in range(_SLOTS)))
@@ -407,6 +406,10 @@ class MemoryBackend(Backend):
             waiting.extend(_entries(batch[len(batch) - operator.length_hint(self._head) :]))
         waiting.extend(_entries(list(self._queue)))
         return waiting
+
+    def _drop_head(self) -> None:
+        self._head = None
+        self._head_batch = []
 
     def _has_work(self) -> bool:
         return bool(self._front or self._head is not None or self._queue)
@@ -497,9 +500,7 @@ class MemoryBackend(Backend):
                         self._requeue_after((subs, pristine, name, args, kwargs, stamp), sub)
                         return taken
             if items is not None:
-                # The batch is done.
-                self._head = None
-                self._head_batch = []
+                self._drop_head()  # the batch is done
 
     def _requeue_after(self, entry: _Entry, sub: Subscription) -> None:
         """Put back, first in line, the deliveries of ``entry`` after ``sub``'s (in a
@@ -645,8 +646,7 @@ class MemoryBackend(Backend):
             await asyncio.gather(*self._running, return_exceptions=True)
         self._queue.clear()
         self._front.clear()
-        self._head = None
-        self._head_batch = []
+        self._drop_head()
         self._backlogged = 0
         self._room = self.max_pending * _SLOTS
         self._retrying = 0
