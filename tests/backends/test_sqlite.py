@@ -198,6 +198,8 @@ def test_urls() -> None:
         Bus("sqlite://")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
         Bus("sqlite:///x.db?codec=pickle")
+    with pytest.raises(ConfigurationError, match=r"bad 'max_lost_runs' in 'sqlite:///x\.db"):
+        Bus("sqlite:///x.db?max_lost_runs=many")
     with pytest.raises(ConfigurationError, match="max_lost_runs must be 0 or more, not -1"):
         Bus("sqlite:///x.db?max_lost_runs=-1")
     with pytest.raises(ConfigurationError, match="unknown option 'nope'"):

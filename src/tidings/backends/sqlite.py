@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
 from tidings._patterns import matches
-from tidings.backends.base import DeadLetter
+from tidings.backends.base import DeadLetter, split_options
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,
@@ -121,22 +121,20 @@ class SQLiteBackend(DurableBackend):
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
         ``synchronous`` and ``codec``."""
-        rest = url.split("://", 1)[1]
-        path, _, query = rest.partition("?")
+        path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
         if not path:
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
-        for key, value in parse_qsl(query, keep_blank_values=True):
-            if key in ("lease_s", "poll_s", "busy_timeout_s"):
-                options[key] = float(value)
-            elif key in ("batch", "concurrency", "max_lost_runs"):
-                options[key] = int(value)
-            elif key in ("synchronous", "codec"):
-                options[key] = value
-            else:
-                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
-        return cls(path, **options)
+        rest, ours = split_options(
+            url,
+            floats=("lease_s", "poll_s", "busy_timeout_s"),
+            ints=("batch", "concurrency", "max_lost_runs"),
+            strs=("synchronous", "codec"),
+        )
+        for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
+            raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+        return cls(path, **{**options, **ours})
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({self.path!r})"
