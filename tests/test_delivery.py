@@ -196,6 +196,35 @@ async def test_timeout_fails_the_attempt_and_counts_towards_retries() -> None:
     assert "timed out after 0.01s" in dead.error
 
 
+async def test_a_listener_that_suspends_again_and_again_can_time_out_or_fail() -> None:
+    # Past its first suspension, a delivery's coroutine is driven by delegation: a
+    # timeout must still reach it (and run its cleanup), and its error be recorded.
+    cleaned: list[str] = []
+
+    @listener("x", timeout=0.05)
+    async def hangs_later() -> None:
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append("hangs_later")
+
+    @listener("x")
+    async def fails_later() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        raise ValueError("late")
+
+    async with Bus(listeners=[hangs_later, fails_later]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        dead = {letter.listener.rsplit(".", 1)[-1]: letter.error for letter in bus.dead_letters()}
+    assert cleaned == ["hangs_later"]
+    assert "timed out after 0.05s" in dead["hangs_later"]
+    assert "ValueError: late" in dead["fails_later"]
+
+
 async def test_bus_default_timeout_applies_to_sync_listeners_too() -> None:
     release = threading.Event()
 

@@ -97,6 +97,10 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
             except StopIteration as stop:
                 return stop.value
         else:
+            if value is None:
+                # What a task sends: from here on the coroutine is driven by delegation,
+                # with no Python step of this loop per resume.
+                return (yield from coro)
             try:
                 yielded = coro.send(value)
             except StopIteration as stop:
