@@ -588,14 +588,16 @@ class MemoryBackend(Backend):
             logger.error(
                 "delivery task of %s raised", sub.listener.qualname, exc_info=fut.exception()
             )
-        gate = self._gates.get(sub)
-        if gate is not None and sub.listener.concurrency is not None:
-            gate.running -= 1
-            if gate.backlog:
-                self._pump_gate(gate)
-        if self._has_work():
+        if sub.listener.concurrency is not None:
+            gate = self._gates.get(sub)
+            if gate is not None:
+                gate.running -= 1
+                if gate.backlog:
+                    self._pump_gate(gate)
+        if not self._scheduled and self._has_work():
             self._schedule()
-        self._wake()
+        if self._room_waiters or self._idle_waiters:
+            self._wake()
 
     def _wake(self) -> None:
         while self._room_waiters and len(self._queue) < self._room:
