@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import gc
 import logging
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -165,6 +168,57 @@ async def test_emit_from_threads_delivers_everything_in_the_emitters_context() -
         mine = [c for c in counter.calls if isinstance(c, tuple) and c[0] == thread]
         assert [c[1] for c in mine] == list(range(200))  # per-thread order kept
         assert {c[2] for c in mine} == {f"req-{thread}"}
+
+
+async def test_a_thread_that_changes_its_context_between_emits_is_seen_as_it_was() -> None:
+    # Emits in a row from one thread share a copy of its context while it stays the
+    # same; a change makes a new one, and no event sees another's.
+    seen: list[tuple[int, str]] = []
+
+    @listener("from.thread")
+    async def on_event(n: int) -> None:
+        seen.append((n, request_id.get()))
+
+    async with Bus(listeners=[on_event]) as bus:
+
+        def work() -> None:
+            for n in range(300):
+                if n % 7 == 0:
+                    request_id.set(f"req-{n // 7}")
+                bus.emit("from.thread", n=n)
+
+        await asyncio.to_thread(contextvars.Context().run, work)
+        await bus.drain()
+    assert seen == [(n, f"req-{n // 7}") for n in range(300)]
+
+
+async def test_no_context_of_a_thread_is_kept_alive_once_its_events_ran() -> None:
+    class Session:
+        pass
+
+    session_var: contextvars.ContextVar[Session] = contextvars.ContextVar("session")
+    seen: list[bool] = []
+
+    @listener("x")
+    async def uses(n: int) -> None:
+        seen.append(isinstance(session_var.get(), Session))
+
+    def request() -> weakref.ref[Session]:
+        session = Session()
+        session_var.set(session)
+        bus.emit("x", n=1)
+        return weakref.ref(session)
+
+    async with Bus(listeners=[uses]) as bus:
+        # A pool's thread outlives the request it ran.
+        with ThreadPoolExecutor(1) as pool:
+            ref = await asyncio.get_running_loop().run_in_executor(
+                pool, contextvars.Context().run, request
+            )
+            await bus.drain()
+            gc.collect()
+            assert seen == [True]
+            assert ref() is None
 
 
 async def test_publish_from_another_thread_with_its_own_loop() -> None:

@@ -556,8 +556,9 @@ class Bus:
         if not subs and not durable:
             logger.debug("no listener for event %r; ignored", event.name)
             return None
-        ctx = self._emitter_context() if _get_ident() == self._thread else _copy_context()
-        return subs, ctx
+        if _get_ident() == self._thread:
+            return subs, self._emitter_context()
+        return subs, _copy_context() if durable else self._contexts.copy_elsewhere()
 
     def _take_once(self, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
         out: list[Subscription] = []

@@ -379,7 +379,7 @@ class MemoryBackend(Backend):
         elif not queue and self._contexts is not None:
             # Keep no emitter's context (and its variables' objects) alive once its
             # events are under way: the next emit makes a new copy.
-            self._contexts.shared = None
+            self._contexts.release()
         if self._room_waiters or self._idle_waiters:
             self._wake()
 
