@@ -411,6 +411,13 @@ class Bus:
                             return
                     self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
                     return
+            elif self._hot and not self._holders:
+                # Another thread, on a plain bus: nothing to check either.
+                subs = self._routes.get(name_or_event)
+                if subs:
+                    event = Event(name_or_event, args, kwargs)
+                    self._to_inbox(event, subs, self._contexts.copy_elsewhere())
+                    return
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
@@ -601,7 +608,13 @@ class Bus:
             return
         if _get_ident() == self._thread:
             self.backend.put(event, subs, ctx)
-            return
+        else:
+            self._to_inbox(event, subs, ctx)
+
+    def _to_inbox(
+        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+    ) -> None:
+        """Hand an event emitted on another thread over to the loop's."""
         if not self.backend.has_room(1 + len(self._inbox)):
             raise QueueFull(
                 f"the in-process queue is full; cannot queue event {event.name!r} "
