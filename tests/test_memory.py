@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -243,6 +244,30 @@ async def test_dead_letters_keep_the_most_recent() -> None:
         dead = bus.dead_letters()
         assert bus.stats()["backend"]["dead"] == 5
     assert [d.event.kwargs["n"] for d in dead] == [15, 16, 17, 18, 19]
+
+
+async def test_nothing_starts_once_aclose_reported_it_undelivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started: list[int] = []
+    running = asyncio.Event()
+
+    @listener("x")
+    async def stuck(n: int) -> None:
+        started.append(n)
+        running.set()
+        await asyncio.Event().wait()
+
+    bus = Bus(listeners=[stuck], concurrency=1)
+    await bus.start()
+    bus.emit("x", n=0)
+    bus.emit("x", n=1)  # waits for the first, which never ends
+    await running.wait()
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        await bus.aclose(timeout=0.05)
+    # Cancelling the first made room for the second: it must not start all the same.
+    assert started == [0]
+    assert "2 undelivered" in caplog.text
 
 
 async def test_aclose_reports_delayed_and_retrying_events_as_undelivered(

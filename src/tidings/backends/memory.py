@@ -144,6 +144,7 @@ class MemoryBackend(Backend):
         self._retrying = 0
         self._dead: deque[DeadLetter] = deque(maxlen=max_dead_letters)
         self._scheduled = False
+        self._stopped = False  # closed: no delivery starts any more
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._runner: Runner | None = None
@@ -154,6 +155,7 @@ class MemoryBackend(Backend):
         self._runner = runner
         self._loop = runner.loop
         self._contexts = runner.contexts
+        self._stopped = False
 
     # -- queueing -------------------------------------------------------------------
 
@@ -306,6 +308,8 @@ class MemoryBackend(Backend):
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._stopped:
+            return
         queue = self._queue
         front = self._front
         running = self._running
@@ -630,10 +634,9 @@ class MemoryBackend(Backend):
     async def aclose(self, timeout_s: float | None) -> list[str]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), timeout_s)
-        undelivered: list[str] = [
-            _envelope(name, args, kwargs, stamp).id
-            for _subs, _ctx, name, args, kwargs, stamp in self._waiting()
-        ]
+        # Nothing starts from now on, not even what a cancelled delivery makes room for.
+        self._stopped = True
+        undelivered: list[str] = []
         for gate in self._gates.values():
             undelivered.extend(event.id for event, _subs, _ctx in gate.backlog)
             gate.backlog.clear()
@@ -646,6 +649,11 @@ class MemoryBackend(Backend):
             undelivered.append(event.id)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        # Waiting, including what was queued while the running ones were cancelled.
+        undelivered.extend(
+            _envelope(name, args, kwargs, stamp).id
+            for _subs, _ctx, name, args, kwargs, stamp in self._waiting()
+        )
         self._queue.clear()
         self._front.clear()
         self._drop_head()
