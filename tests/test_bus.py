@@ -472,6 +472,33 @@ async def test_threads_cannot_outrun_max_pending_while_the_loop_is_busy() -> Non
     assert refused == [3, 4]
 
 
+async def test_aclose_reports_events_from_threads_that_still_wait_for_room(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = asyncio.Event()
+    seen: list[int] = []
+
+    @listener("x")
+    async def stuck(n: int) -> None:
+        seen.append(n)
+        started.set()
+        await asyncio.Event().wait()
+
+    bus = Bus(listeners=[stuck], max_pending=1, concurrency=1)
+    await bus.start()
+    bus.emit("x", n=0)
+    await started.wait()  # runs, and holds the only place to run
+    thread = threading.Thread(target=bus.emit, args=("x",), kwargs={"n": 2})
+    thread.start()
+    thread.join()  # blocks the loop: the event waits in the inbox
+    bus.emit("x", n=1)  # fills the queue before the loop takes the inbox
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        await bus.aclose(timeout=0.05)
+    assert seen == [0]
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "3 undelivered" in error.getMessage()
+
+
 async def test_publish_waits_for_room_instead_of_raising() -> None:
     counter = Counter()
 

@@ -5,6 +5,7 @@ subscriptions its name resolves to."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -152,6 +153,8 @@ class Bus:
         # Events emitted on other threads, waiting for the loop to take them.
         self._inbox: deque[tuple[Event, tuple[Subscription, ...], contextvars.Context]] = deque()
         self._inbox_scheduled = False
+        # Set while the inbox's first event waits for room in the backend.
+        self._inbox_waiter: asyncio.Task[None] | None = None
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
@@ -304,7 +307,7 @@ class Bus:
                 raise RuntimeError("the bus's event loop is not running: nothing can drain")
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
             return
-        self._take_inbox()  # what other threads emitted is queued first
+        await self._empty_inbox()  # what other threads emitted is queued first
         await self.backend.drain()
         if self._runner is not None:
             await self._runner.drain_hooks()
@@ -328,8 +331,17 @@ class Bus:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, return_exceptions=True)
             self._scheduler = None
-        self._take_inbox()
-        undelivered = await self.backend.aclose(limit)
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty_inbox(), limit)
+        if self._inbox_waiter is not None:
+            # Still no room: what other threads emitted stays out of a closing backend.
+            self._inbox_waiter.cancel()
+            await asyncio.gather(self._inbox_waiter, return_exceptions=True)
+        left = [event.id for event, _subs, _ctx in self._inbox]
+        self._inbox.clear()
+        undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
+        undelivered.extend(left)
         self._closed = True
         self._refresh_hot()
         if undelivered:
@@ -630,18 +642,45 @@ class Bus:
 
     def _take_inbox(self) -> None:
         self._inbox_scheduled = False
+        if self._inbox_waiter is not None:
+            return  # the first waits for room; the rest follow it
         inbox = self._inbox
+        if self._closed:
+            # Emitted on another thread as the bus closed, and handed over too late.
+            while inbox:
+                event = inbox.popleft()[0]
+                logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
+            return
         put = self.backend.put
         while inbox:
-            event, subs, ctx = inbox.popleft()
+            event, subs, ctx = inbox[0]
             try:
                 put(event, subs, ctx)
             except QueueFull:
-                logger.error(
-                    "event %s (%s) emitted from a thread found the queue full; dropped",
-                    event.id,
-                    event.name,
-                )
+                # The loop's own emits filled the queue first. Room was counted for this
+                # one when it was emitted: it waits for room rather than be dropped.
+                self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
+                return
+            inbox.popleft()
+
+    async def _wait_for_room(self) -> None:
+        event, subs, ctx = self._inbox[0]
+        try:
+            await self.backend.put_wait(event, subs, ctx)
+        except Exception:
+            logger.exception(
+                "event %s (%s) emitted from a thread could not be queued", event.id, event.name
+            )
+        finally:
+            self._inbox_waiter = None
+        self._inbox.popleft()
+        self._take_inbox()
+
+    async def _empty_inbox(self) -> None:
+        """Queue what other threads emitted, waiting for room if need be."""
+        self._take_inbox()
+        while self._inbox_waiter is not None:
+            await asyncio.wait({self._inbox_waiter})
 
     def _refresh_hot(self) -> None:
         self._hot = (

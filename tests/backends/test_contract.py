@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import threading
 import uuid
 from decimal import Decimal
 from enum import Enum
@@ -71,6 +72,30 @@ async def test_every_listener_gets_every_event_once(make_bus: BusFactory) -> Non
         await bus.drain()
     assert sorted(a) == list(range(200))
     assert sorted(b) == list(range(200))
+
+
+async def test_what_other_threads_handed_over_is_never_dropped(make_bus: BusFactory) -> None:
+    # Events emitted on other threads wait for the loop in an inbox, where they count
+    # against max_pending. When the loop's own emits fill the queue before it takes
+    # them, they wait for room: emit() accepted them, so they must not be lost.
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    def emits() -> None:
+        for n in range(2):
+            bus.emit("x", n=n)
+
+    async with make_bus(listeners=[on_x], max_pending=3) as bus:
+        thread = threading.Thread(target=emits)
+        thread.start()
+        thread.join()  # blocks the loop: the thread's events wait in the inbox
+        for n in range(10, 13):
+            bus.emit("x", n=n)  # the loop's own fill the queue
+        await bus.drain()
+    assert sorted(got) == [0, 1, 10, 11, 12]
 
 
 async def test_a_retrying_listener_never_reruns_the_others(make_bus: BusFactory) -> None:
