@@ -28,6 +28,34 @@ def test_kwargs_receives_everything_and_args_the_rest() -> None:
     assert plan(f).call(Event("x", (1, 2, 3), {"k": "v"})) == (1, (2, 3), {"k": "v"})
 
 
+def test_kwargs_beside_named_parameters_gets_the_other_keywords() -> None:
+    def f(user_id: int, *, event: Event, **rest: Any) -> Any:
+        return user_id, event.name, rest
+
+    payload = {"user_id": 1, "email": "a@b.c", "event": "a payload key"}
+    assert plan(f).call(Event("x", (), payload)) == (1, "x", {"email": "a@b.c"})
+    assert plan(f).call(Event("x", (2,), {"email": "a@b.c"})) == (2, "x", {"email": "a@b.c"})
+
+
+async def test_a_listener_with_kwargs_beside_a_named_parameter_gets_every_keyword() -> None:
+    got: list[Any] = []
+
+    @listener("user.created")
+    async def on_async(user_id: int, **rest: Any) -> None:
+        got.append((user_id, rest))
+
+    @listener("user.created")
+    def on_sync(user_id: int, **rest: Any) -> None:
+        got.append((user_id, rest))
+
+    async with Bus(listeners=[on_async, on_sync]) as bus:
+        bus.emit("user.created", user_id=1, email="a@b.c")
+        bus.emit("user.created", user_id=2)
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert sorted(got, key=repr) == sorted([(1, {"email": "a@b.c"})] * 2 + [(2, {})] * 2, key=repr)
+
+
 def test_envelope_and_defaults() -> None:
     def f(event: Event, name: str = "anon") -> Any:
         return event.name, event.attempt, name

@@ -34,7 +34,9 @@ _ARG, _KW, _ENVELOPE, _OBJ, _FIELD = range(5)
 _PLAIN: tuple[Any, ...] = (inspect.Parameter.empty, Any, object, str, int, float, bool, None)
 
 _Source = tuple[int, Any]
-_Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, bool]
+# Positional sources, keyword sources, where *args starts (-1: no *args), and for a
+# **kwargs the parameter names it never takes (None: no **kwargs).
+_Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, frozenset[str] | None]
 
 
 #: ``injector(fn, signature, qualname)``: ``None`` to leave the function alone, or the
@@ -160,10 +162,12 @@ class CallPlan:
             frozenset(n for n, _, _, _ in params) if simple else None
         )
         #: The parameter names in order, when each may be passed by position and none
-        #: has a default (see :func:`keyword_caller`).
+        #: has a default, and there is no ``*args`` or ``**kwargs`` that other keywords
+        #: would be for (see :func:`keyword_caller`).
         self.required_names: tuple[str, ...] | None = (
             tuple(n for n, _, _, _ in params)
             if simple
+            and not (self._var_args or self._var_kwargs)
             and all(
                 kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and not has_default
                 for _, kind, _, has_default in params
@@ -189,14 +193,16 @@ class CallPlan:
         recipe = self._cache.get(key)
         if recipe is None:
             recipe = self._cache[key] = self._plan(event)
-        pos_src, kw_src, rest_from, all_kwargs = recipe
+        pos_src, kw_src, rest_from, named = recipe
         args = [_take(event, s) for s in pos_src]
         if rest_from >= 0:
             args.extend(event.args[rest_from:])
         kw = {name: _take(event, s) for name, s in kw_src}
-        if all_kwargs:
+        if named is not None:
+            # **kwargs: the keywords no named parameter takes.
             for k, v in kwargs.items():
-                kw.setdefault(k, v)
+                if k not in named:
+                    kw[k] = v
         return self.fn(*args, **kw)
 
     def check(self, event: Event) -> None:
@@ -208,7 +214,6 @@ class CallPlan:
     def _plan(self, event: Event) -> _Recipe:
         pos: list[_Source] = []
         kw: list[tuple[str, _Source]] = []
-        used_kw: set[str] = set()
         next_arg = 0
         positional_open = True
         obj = event.obj
@@ -223,7 +228,6 @@ class CallPlan:
                 next_arg += 1
             elif kind is not inspect.Parameter.POSITIONAL_ONLY and name in event.kwargs:
                 source = (_KW, name)
-                used_kw.add(name)
             elif obj is not None and hasattr(obj, name):
                 source = (_FIELD, name)
             if source is None:
@@ -245,7 +249,14 @@ class CallPlan:
             else:
                 kw.append((name, source))
         rest_from = next_arg if self._var_args and positional_open else -1
-        return tuple(pos), tuple(kw), rest_from, self._var_kwargs
+        named = (
+            frozenset(
+                n for n, kind, _, _ in self._params if kind is not inspect.Parameter.POSITIONAL_ONLY
+            )
+            if self._var_kwargs
+            else None
+        )
+        return tuple(pos), tuple(kw), rest_from, named
 
 
 def keyword_caller(
