@@ -225,6 +225,41 @@ async def test_a_listener_that_suspends_again_and_again_can_time_out_or_fail() -
     assert "ValueError: late" in dead["fails_later"]
 
 
+@pytest.mark.parametrize("suspends", [False, True])
+async def test_a_listener_that_raises_cancelled_error_itself_fails_alone(suspends: bool) -> None:
+    # Awaiting a future that was cancelled raises CancelledError in the listener: a
+    # failure of that delivery, not a cancellation of the bus's work.
+    ran: list[int] = []
+    cancelled = asyncio.get_running_loop().create_future()
+    cancelled.cancel()
+
+    @listener("x")
+    async def awaits_a_cancelled_future(n: int) -> None:
+        if suspends:
+            await asyncio.sleep(0)
+        if n == 0:
+            await cancelled
+
+    @listener("x", concurrency=1)
+    async def eager_too(n: int) -> None:
+        if n == 1:
+            await cancelled
+
+    @listener("x")
+    async def other(n: int) -> None:
+        ran.append(n)
+
+    async with Bus(listeners=[awaits_a_cancelled_future, eager_too, other]) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        await asyncio.wait_for(bus.drain(), 5)
+        dead = sorted(
+            (d.event.kwargs["n"], d.listener.rsplit(".", 1)[-1]) for d in bus.dead_letters()
+        )
+    assert ran == [0, 1, 2]
+    assert dead == [(0, "awaits_a_cancelled_future"), (1, "eager_too")]
+
+
 async def test_bus_default_timeout_applies_to_sync_listeners_too() -> None:
     release = threading.Event()
 

@@ -107,6 +107,13 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
                 return stop.value
 
 
+def cancelled_from_outside() -> bool:
+    """Whether the running task is being cancelled, rather than handed a
+    ``CancelledError`` that a listener raised (awaiting a cancelled future, say)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Runner:
     """Runs deliveries for a bus and reports each outcome to the backend.
 
@@ -167,7 +174,8 @@ class Runner:
                 if self.on_success or sub.has_success_hooks:
                     self.succeeded(event, sub, counted=True)
                 return None
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # (Nothing cancels an eager start: a CancelledError is the listener's.)
                 self.failed(event, sub, ctx, exc)
                 return None
             return self.loop.create_task(self._resume(coro, yielded, event, sub, ctx), context=ctx)
@@ -175,7 +183,7 @@ class Runner:
         if listener.inline:
             try:
                 ctx.run(listener.plan.call, event)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 self.failed(event, sub, ctx, exc)
             else:
                 self.succeeded(event, sub)
@@ -224,7 +232,9 @@ class Runner:
             else:
                 async with asyncio.timeout(timeout):
                     await _resume(coro, yielded)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+                raise
             self.failed(event, sub, ctx, exc)
         else:
             self.succeeded(event, sub)
@@ -239,7 +249,9 @@ class Runner:
                 # The thread cannot be stopped; the delivery fails and its result is dropped.
                 async with asyncio.timeout(timeout):
                     await call
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+                raise
             self.failed(event, sub, ctx, exc)
         else:
             self.succeeded(event, sub)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter
-from tidings.delivery import _resume
+from tidings.delivery import _resume, cancelled_from_outside
 from tidings.errors import QueueFull
 from tidings.events import RESERVED_KEYWORDS, Event
 
@@ -307,6 +307,15 @@ class MemoryBackend(Backend):
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
+        try:
+            self._flush_now()
+        except BaseException:
+            # Whatever went wrong (it is logged by the loop), the rest still runs.
+            if self._has_work():
+                self._schedule()
+            raise
+
+    def _flush_now(self) -> None:
         self._scheduled = False
         if self._stopped:
             return
@@ -486,7 +495,9 @@ class MemoryBackend(Backend):
                                 stamp = _envelope(name, args, kwargs, stamp)
                                 coro = sub.listener.plan.call(stamp)
                             await coro
-                    except Exception as exc:
+                    except (Exception, asyncio.CancelledError) as exc:
+                        if state.detached and cancelled_from_outside():
+                            raise  # the task this pump was handed to is cancelled
                         stamp = state.event or _envelope(name, args, kwargs, stamp)
                         runner.failed(stamp, sub, pristine.copy(), exc)
                     else:
