@@ -10,7 +10,17 @@ import pydantic
 import pytest
 
 import tidings
-from tidings import Bus, ConfigurationError, Event, Registry, listener, register_event
+from tidings import (
+    BindingError,
+    Bus,
+    ConfigurationError,
+    Event,
+    PayloadError,
+    QueueFull,
+    Registry,
+    listener,
+    register_event,
+)
 
 from .conftest import Counter
 
@@ -71,6 +81,42 @@ async def test_once_delivers_one_event_then_unsubscribes() -> None:
         await bus.drain()
         assert bus.listeners() == []
     assert counter.calls == [0]
+
+
+async def test_an_emit_that_is_refused_uses_no_once_listener_up() -> None:
+    got: list[object] = []
+    release = asyncio.Event()
+
+    @listener("block")
+    async def blocker() -> None:
+        await release.wait()
+
+    @listener("report.due", once=True)
+    async def first(value: object) -> None:
+        got.append(value)
+
+    @listener("report.due")
+    async def also(value: object) -> None:
+        pass
+
+    async with Bus(
+        listeners=[blocker, first, also], max_pending=1, strict=True, check_serializable=True
+    ) as bus:
+        with pytest.raises(PayloadError):
+            bus.emit("report.due", value=object())
+        with pytest.raises(BindingError):
+            bus.emit("report.due")  # no value for either listener
+        bus.emit("block")  # max_pending=1: the queue is full until the loop runs
+        with pytest.raises(QueueFull):
+            bus.emit("report.due", value=1)
+        release.set()
+        await bus.drain()
+        assert [lst.qualname for lst in bus.listeners()] == [
+            lst.qualname for lst in (blocker, first, also)
+        ]  # and in its place
+        bus.emit("report.due", value=2)
+        await bus.drain()
+    assert got == [2]
 
 
 def test_max_listeners() -> None:

@@ -49,6 +49,8 @@ _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
 _no_options = RESERVED_KEYWORDS.isdisjoint
+# The ``once`` subscriptions an emit took, with where they were in their registries.
+_Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
 _MAX_IDS_LOGGED = 100
 
@@ -462,7 +464,21 @@ class Bus:
         prepared = self._prepare(event)
         if prepared is None:
             return
-        subs, ctx = prepared
+        subs, ctx, taken = prepared
+        try:
+            await self._publish_prepared(event, subs, ctx, options, outbox)
+        except Exception:
+            self._put_back(taken)
+            raise
+
+    async def _publish_prepared(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        options: dict[str, Any],
+        outbox: tuple[str, Any] | None,
+    ) -> None:
         loop = self._loop
         assert loop is not None
         delay = _delay_s(options)
@@ -536,7 +552,9 @@ class Bus:
             )
         return Event(name, (), {}, obj=obj)
 
-    def _prepare(self, event: Event) -> tuple[tuple[Subscription, ...], contextvars.Context] | None:
+    def _prepare(
+        self, event: Event
+    ) -> tuple[tuple[Subscription, ...], contextvars.Context, _Taken] | None:
         if self._loop is None or self._closed:
             if self.disabled:
                 logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
@@ -558,8 +576,6 @@ class Bus:
         subs = registry._cache.get(event.name)
         if subs is None:
             subs = registry.resolve(event.name)
-        if registry.has_once:
-            subs = self._take_once(subs)
         durable = self.backend.durable
         if not subs and self.strict and not durable:
             raise NoListenersError(f"no listener subscribes to event {event.name!r}")
@@ -572,26 +588,38 @@ class Bus:
                 sub.listener.plan.check(event)
         for hook in self._emit_hooks:
             hook(event)
+        taken: _Taken = []
+        if registry.has_once:
+            subs = self._take_once(subs, taken)  # last: an emit refused above takes none
         if not subs and not durable:
             logger.debug("no listener for event %r; ignored", event.name)
             return None
         if _get_ident() == self._thread:
-            return subs, self._emitter_context()
-        return subs, _copy_context() if durable else self._contexts.copy_elsewhere()
+            return subs, self._emitter_context(), taken
+        return subs, _copy_context() if durable else self._contexts.copy_elsewhere(), taken
 
-    def _take_once(self, subs: tuple[Subscription, ...]) -> tuple[Subscription, ...]:
+    def _take_once(self, subs: tuple[Subscription, ...], taken: _Taken) -> tuple[Subscription, ...]:
         out: list[Subscription] = []
         for sub in subs:
-            if sub.listener.once and not sub.registry._remove(sub):
-                continue  # another emit took it first
+            if sub.listener.once:
+                index = sub.registry._take(sub)
+                if index is None:
+                    continue  # another emit took it first
+                taken.append((sub, index))
             out.append(sub)
         return tuple(out)
+
+    @staticmethod
+    def _put_back(taken: _Taken) -> None:
+        """Subscribe again the ``once`` listeners an emit took and could not queue for."""
+        for sub, index in reversed(taken):
+            sub.registry._put_back(sub, index)
 
     def _dispatch(self, event: Event, delay_s: float | None) -> None:
         prepared = self._prepare(event)
         if prepared is None:
             return
-        subs, ctx = prepared
+        subs, ctx, taken = prepared
         if self._holders:
             hold = _current_hold()
             if hold is not None and hold.bus is not self:
@@ -601,7 +629,11 @@ class Bus:
                 # response is sent (tidings.asgi).
                 hold.items.append((event, subs, ctx, delay_s))
                 return
-        self._hand_over(event, subs, ctx, delay_s)
+        try:
+            self._hand_over(event, subs, ctx, delay_s)
+        except Exception:
+            self._put_back(taken)
+            raise
 
     def _hand_over(
         self,

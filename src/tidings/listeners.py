@@ -387,13 +387,24 @@ class Registry:
         return out
 
     def _remove(self, sub: Subscription) -> bool:
+        return self._take(sub) is not None
+
+    def _take(self, sub: Subscription) -> int | None:
+        """Remove ``sub``; where it was, or ``None`` if it was not here (any more)."""
         with self._lock:
             try:
-                self._subs.remove(sub)
+                index = self._subs.index(sub)
             except ValueError:
-                return False
+                return None
+            del self._subs[index]
             self._invalidate()
-            return True
+            return index
+
+    def _put_back(self, sub: Subscription, index: int) -> None:
+        """Subscribe ``sub`` again where :meth:`_take` took it from."""
+        with self._lock:
+            self._subs.insert(index, sub)
+            self._invalidate()
 
     def _invalidate(self) -> None:
         registry: Registry | None = self
