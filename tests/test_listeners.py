@@ -119,6 +119,27 @@ async def test_an_emit_that_is_refused_uses_no_once_listener_up() -> None:
     assert got == [2]
 
 
+async def test_a_callable_objects_attributes_are_not_the_listeners_options() -> None:
+    got: list[str] = []
+
+    class WebhookSender:
+        def __init__(self) -> None:
+            self.timeout = 0.001  # its HTTP timeout, not the delivery's
+            self.retry = 3
+            self.once = True
+
+        async def __call__(self, url: str) -> None:
+            await asyncio.sleep(0.01)
+            got.append(url)
+
+    sender = listener("user.created")(WebhookSender())
+    assert (sender.timeout, sender.retry, sender.once) == (None, None, False)
+    async with Bus(listeners=[sender]) as bus:
+        bus.emit("user.created", url="https://example.com/a")
+        bus.emit("user.created", url="https://example.com/b")
+    assert got == ["https://example.com/a", "https://example.com/b"]
+
+
 def test_max_listeners() -> None:
     registry = Registry(max_listeners=2)
     for _ in range(2):

@@ -97,6 +97,9 @@ class Listener(Generic[P, R]):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
         if concurrency is not None and concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
+        # First, so that what the function (or callable object) carries as attributes
+        # never stands in for the listener's own options.
+        functools.update_wrapper(self, fn)
         self.fn = fn
         self.qualname = _qualname(fn)
         self.names = tuple(validate_name(n) for n in names)
@@ -121,7 +124,6 @@ class Listener(Generic[P, R]):
             if name is not None:
                 types[name] = cls
         self.types = types
-        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
