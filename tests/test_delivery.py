@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -258,6 +259,43 @@ async def test_a_listener_that_raises_cancelled_error_itself_fails_alone(suspend
         )
     assert ran == [0, 1, 2]
     assert dead == [(0, "awaits_a_cancelled_future"), (1, "eager_too")]
+
+
+async def test_a_listeners_own_timeout_error_is_its_own_not_a_delivery_timeout() -> None:
+    @listener("sync.remote")
+    async def pull() -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.001)  # its own TimeoutError
+
+    @listener("sync.remote", timeout=10)
+    async def pull_in_time() -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.001)
+
+    async with Bus(listeners=[pull, pull_in_time]) as bus:
+        bus.emit("sync.remote")
+        await bus.drain()
+        dead = bus.dead_letters()
+    assert len(dead) == 2
+    for letter in dead:
+        assert "timed out after" not in letter.error
+        assert "wait_for" in letter.traceback
+
+
+async def test_a_sync_listeners_timeout_counts_from_when_a_thread_runs_it() -> None:
+    # One thread for four deliveries: the last waits for three others, which is no
+    # part of its own time.
+    runs: list[int] = []
+
+    @listener("job", timeout=0.3)
+    def work(n: int) -> None:
+        time.sleep(0.1)
+        runs.append(n)
+
+    async with Bus(listeners=[work], sync_workers=1) as bus:
+        for n in range(4):
+            bus.emit("job", n=n)
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert runs == [0, 1, 2, 3]
 
 
 async def test_bus_default_timeout_applies_to_sync_listeners_too() -> None:

@@ -107,6 +107,11 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
                 return stop.value
 
 
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def cancelled_from_outside() -> bool:
     """Whether the running task is being cancelled, rather than handed a
     ``CancelledError`` that a listener raised (awaiting a cancelled future, say)."""
@@ -226,14 +231,18 @@ class Runner:
         ctx: Context,
     ) -> None:
         timeout = sub.listener.timeout or self.timeout
+        deadline = None
         try:
             if timeout is None:
                 await _resume(coro, yielded)
             else:
-                async with asyncio.timeout(timeout):
+                deadline = asyncio.timeout(timeout)
+                async with deadline:
                     await _resume(coro, yielded)
         except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+            if deadline is not None and deadline.expired():
+                exc = self.timed_out(sub, exc)
+            elif isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
                 raise
             self.failed(event, sub, ctx, exc)
         else:
@@ -241,16 +250,30 @@ class Runner:
 
     async def _in_thread(self, event: Event, sub: Subscription, ctx: Context) -> None:
         timeout = sub.listener.timeout or self.timeout
+        loop = self.loop
+        deadline = None
         try:
-            call = self.loop.run_in_executor(self.executor, ctx.run, sub.listener.plan.call, event)
             if timeout is None:
-                await call
+                await loop.run_in_executor(self.executor, ctx.run, sub.listener.plan.call, event)
             else:
+                began = loop.create_future()
+
+                def call() -> Any:
+                    loop.call_soon_threadsafe(_set_if_pending, began)
+                    return ctx.run(sub.listener.plan.call, event)
+
+                running = loop.run_in_executor(self.executor, call)
+                # The timeout counts from when a thread starts the call, not while the
+                # call waits for a free thread.
+                await asyncio.wait((began, running), return_when=asyncio.FIRST_COMPLETED)
                 # The thread cannot be stopped; the delivery fails and its result is dropped.
-                async with asyncio.timeout(timeout):
-                    await call
+                deadline = asyncio.timeout(timeout)
+                async with deadline:
+                    await running
         except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+            if deadline is not None and deadline.expired():
+                exc = self.timed_out(sub, exc)
+            elif isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
                 raise
             self.failed(event, sub, ctx, exc)
         else:
@@ -266,14 +289,18 @@ class Runner:
             for hook in (*sub.hooks("on_success"), *self.on_success):
                 self._call_hook(hook, event, sub.listener)
 
+    def timed_out(self, sub: Subscription, exc: BaseException) -> TimeoutError:
+        """The error of a delivery its timeout ended (``exc``: what ended it)."""
+        timeout = sub.listener.timeout or self.timeout
+        error = TimeoutError(f"listener {sub.listener.qualname} timed out after {timeout}s")
+        error.__cause__ = exc
+        return error
+
     def failed(self, event: Event, sub: Subscription, ctx: Context, exc: BaseException) -> None:
         """Retry a delivery that raised, or make it a dead letter after its last attempt."""
         listener = sub.listener
         sub.failed += 1
         retry = listener.retry or self.retry
-        if isinstance(exc, TimeoutError) and not str(exc):
-            timeout = listener.timeout or self.timeout
-            exc = TimeoutError(f"listener {listener.qualname} timed out after {timeout}s")
         attempt = event.attempt
         retryable = not isinstance(exc, BindingError) and isinstance(exc, retry.on)
         error_hooks = (*sub.hooks("on_error"), *self.on_error)

@@ -541,11 +541,14 @@ class MemoryBackend(Backend):
         if timeout is None:
             await _resume(pump, yielded)
             return
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 await _resume(pump, yielded)
         except TimeoutError as exc:
-            runner.failed(event, sub, pristine.copy(), exc)
+            if not deadline.expired():
+                raise
+            runner.failed(event, sub, pristine.copy(), runner.timed_out(sub, exc))
 
     def _start_other(self, event: Event, sub: Subscription, pristine: Context) -> None:
         """A delivery the runner starts: a sync listener, one whose deliveries pass its
