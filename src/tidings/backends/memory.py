@@ -74,8 +74,12 @@ _no_options = RESERVED_KEYWORDS.isdisjoint
 
 
 def _envelope(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], stamp: Any) -> Event:
-    """The event of a queued entry: ``stamp`` itself once built, else built now."""
-    return stamp if type(stamp) is Event else Event(name, args, kwargs, stamp)
+    """The event of a queued entry: ``stamp`` itself once built, else built now. (The
+    fast emit queues a ``str`` subclass, a ``StrEnum`` member, as it is: its event is
+    named with the plain value.)"""
+    if type(stamp) is Event:
+        return stamp
+    return Event(name if type(name) is str else str.__str__(name), args, kwargs, stamp)
 
 
 def _entries(items: Iterable[Any]) -> Iterator[_Entry]:
