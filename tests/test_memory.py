@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tidings import Bus, Event, Listener, listener
+from tidings import Bus, Event, Listener, NotStartedError, listener
 from tidings.backends.memory import MemoryBackend
 from tidings.testing import capture
 
@@ -268,6 +268,25 @@ async def test_nothing_starts_once_aclose_reported_it_undelivered(
     # Cancelling the first made room for the second: it must not start all the same.
     assert started == [0]
     assert "2 undelivered" in caplog.text
+
+
+async def test_a_publish_waiting_for_room_when_the_bus_closes_raises() -> None:
+    running = asyncio.Event()
+
+    @listener("x")
+    async def stuck(n: int) -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    bus = Bus(listeners=[stuck], max_pending=1, concurrency=1)
+    await bus.start()
+    bus.emit("x", n=1)
+    await running.wait()
+    bus.emit("x", n=2)  # fills the queue
+    waiting = asyncio.create_task(bus.publish("x", n=3))  # waits while aclose drains
+    await bus.aclose(timeout=0.05)
+    with pytest.raises(NotStartedError, match="closed while it waited for room"):
+        await waiting
 
 
 async def test_aclose_reports_delayed_and_retrying_events_as_undelivered(

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter
 from tidings.delivery import _resume, cancelled_from_outside
-from tidings.errors import QueueFull
+from tidings.errors import NotStartedError, QueueFull
 from tidings.events import RESERVED_KEYWORDS, Event
 
 if TYPE_CHECKING:
@@ -245,10 +245,16 @@ class MemoryBackend(Backend):
         self._force(event, subs, ctx)
 
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        while len(self._queue) >= self._room and (self._queue or self._backlogged):
+        while not self._stopped and len(self._queue) >= self._room:
+            if not (self._queue or self._backlogged):
+                break
             waiter = self._loop.create_future()  # type: ignore[union-attr]
             self._room_waiters.append(waiter)
             await waiter
+        if self._stopped:
+            raise NotStartedError(
+                f"cannot queue event {event.name!r}: the bus closed while it waited for room"
+            )
         self._force(event, subs, ctx)
 
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
@@ -652,8 +658,13 @@ class MemoryBackend(Backend):
     async def aclose(self, timeout_s: float | None) -> list[str]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), timeout_s)
-        # Nothing starts from now on, not even what a cancelled delivery makes room for.
+        # Nothing starts from now on, not even what a cancelled delivery makes room for;
+        # and what waits for room is told it will never get any.
         self._stopped = True
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room_waiters.clear()
         undelivered: list[str] = []
         for gate in self._gates.values():
             undelivered.extend(event.id for event, _subs, _ctx in gate.backlog)
