@@ -374,6 +374,29 @@ async def test_hooks_at_bus_registry_and_listener_level() -> None:
     ]
 
 
+async def test_drain_waits_for_what_async_hooks_emit() -> None:
+    alerts: list[str] = []
+
+    async def on_dead(event: Event, lst: Listener[..., Any], exc: BaseException) -> None:
+        await asyncio.sleep(0)
+        bus.emit("alert", what=event.name)
+
+    @listener("x")
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    @listener("alert")
+    async def alert(what: str) -> None:
+        await asyncio.sleep(0)
+        alerts.append(what)
+
+    bus = Bus(listeners=[fails, alert], on_dead=on_dead)
+    async with bus:
+        bus.emit("x")
+        await bus.drain()
+        assert alerts == ["x"]
+
+
 async def test_a_raising_hook_is_logged_and_harmless(caplog: pytest.LogCaptureFixture) -> None:
     counter = Counter()
 

@@ -309,10 +309,14 @@ class Bus:
                 raise RuntimeError("the bus's event loop is not running: nothing can drain")
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
             return
-        await self._empty_inbox()  # what other threads emitted is queued first
-        await self.backend.drain()
-        if self._runner is not None:
-            await self._runner.drain_hooks()
+        runner = self._runner
+        while True:
+            await self._empty_inbox()  # what other threads emitted is queued first
+            await self.backend.drain()
+            if runner is None or not runner.hooks_running:
+                return
+            # Async hooks may emit: their events are waited for too.
+            await runner.drain_hooks()
 
     async def aclose(self, timeout: float | timedelta | None = None) -> None:
         """Drain (for at most ``timeout`` seconds, default ``shutdown_timeout``) and stop.

@@ -354,6 +354,11 @@ class Runner:
         if not task.cancelled() and task.exception() is not None:
             logger.error("hook task raised", exc_info=task.exception())
 
+    @property
+    def hooks_running(self) -> bool:
+        """Whether async hooks are still running."""
+        return bool(self._hook_tasks)
+
     async def drain_hooks(self) -> None:
         """Wait for hooks that are still running."""
         while self._hook_tasks:
