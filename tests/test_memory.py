@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tidings import Bus, Event, Listener, NotStartedError, listener
+from tidings import Bus, Event, Listener, NotStartedError, QueueFull, listener
 from tidings.backends.memory import MemoryBackend
 from tidings.testing import capture
 
@@ -268,6 +268,32 @@ async def test_nothing_starts_once_aclose_reported_it_undelivered(
     # Cancelling the first made room for the second: it must not start all the same.
     assert started == [0]
     assert "2 undelivered" in caplog.text
+
+
+async def test_max_pending_counts_what_waits_behind_a_suspended_delivery() -> None:
+    # A pump takes the waiting events at once; those it could not start yet (the only
+    # place to run is taken) still wait, and count against max_pending.
+    release = asyncio.Event()
+    suspended = asyncio.Event()
+
+    @listener("x")
+    async def slow(n: int) -> None:
+        if n == 1:
+            suspended.set()
+            await release.wait()
+
+    bus = Bus(listeners=[slow], max_pending=3, concurrency=1)
+    await bus.start()
+    for n in range(3):
+        bus.emit("x", n=n)
+    await suspended.wait()  # 0 ran, 1 holds the only place, 2 waits
+    bus.emit("x", n=3)
+    bus.emit("x", n=4)
+    with pytest.raises(QueueFull, match="holds 3 events"):
+        bus.emit("x", n=5)
+    assert bus.stats()["backend"]["pending"] == 3
+    release.set()
+    await bus.aclose()
 
 
 async def test_a_publish_waiting_for_room_when_the_bus_closes_raises() -> None:

@@ -140,7 +140,9 @@ class MemoryBackend(Backend):
         self._head: Iterator[Any] | None = None
         self._head_batch: list[Any] = []
         self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
-        # Queue items (_SLOTS an event) there is room for: max_pending less the backlogs.
+        self._held = 0  # queue items' worth of work taken and not started (see _hold_room)
+        # Queue items (_SLOTS an event) there is room for: max_pending less the backlogs
+        # and what pumps took and did not start.
         self._room = max_pending * _SLOTS
         self._running: dict[asyncio.Future[Any], tuple[Event, Subscription]] = {}
         self._gates: dict[Subscription, _Gate] = {}
@@ -168,7 +170,8 @@ class MemoryBackend(Backend):
 
     def _full(self, name: str) -> QueueFull:
         return QueueFull(
-            f"the in-process queue holds {len(self._queue) // _SLOTS + self._backlogged} events "
+            f"the in-process queue holds "
+            f"{(len(self._queue) + self._held) // _SLOTS + self._backlogged} events "
             f"(max_pending={self.max_pending}); cannot queue event {name!r}: await "
             "bus.publish(...) to wait for room, or raise max_pending"
         )
@@ -397,6 +400,7 @@ class MemoryBackend(Backend):
             )
             running[task] = (event, sub)
             task.add_done_callback(self._done)
+        self._hold_room()
         if self._has_work() and len(running) < limit:
             self._schedule()
         elif not queue and self._contexts is not None:
@@ -433,6 +437,15 @@ class MemoryBackend(Backend):
     def _drop_head(self) -> None:
         self._head = None
         self._head_batch = []
+
+    def _hold_room(self) -> None:
+        """Count what pumps took and did not start (put back, or left of the last batch
+        taken) against ``max_pending``, as of the end of a flush: it waits as much as
+        what is still in the queue."""
+        head = self._head
+        held = len(self._front) * _SLOTS + (operator.length_hint(head) if head is not None else 0)
+        self._room += self._held - held
+        self._held = held
 
     def _has_work(self) -> bool:
         return bool(self._front or self._head is not None or self._queue)
@@ -687,6 +700,7 @@ class MemoryBackend(Backend):
         self._front.clear()
         self._drop_head()
         self._backlogged = 0
+        self._held = 0
         self._room = self.max_pending * _SLOTS
         self._retrying = 0
         return list(dict.fromkeys(undelivered))
