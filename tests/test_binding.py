@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tidings import BindingError, Bus, Event, listener
 from tidings._binding import CallPlan
+
+if TYPE_CHECKING:
+    from decimal import Decimal  # for type checkers only: unresolvable at run time
+
+
+@dataclasses.dataclass
+class OrderPaid:
+    __event_name__ = "order.paid"
+    order_id: int
 
 
 def plan(fn: Any) -> CallPlan:
@@ -120,3 +130,58 @@ def test_positional_arguments_fill_parameters_in_order() -> None:
 
     assert plan(f).call(Event("x", (1, 2))) == (1, 2, 3)
     assert plan(f).call(Event("x", (1,), {"b": 5})) == (1, 5, 3)
+
+
+async def test_a_typed_event_reaches_any_object_and_optional_annotations() -> None:
+    got: dict[str, Any] = {}
+
+    @listener(OrderPaid)
+    def by_any(order_id: Any) -> None:
+        got["any"] = order_id
+
+    @listener(OrderPaid)
+    def by_object(order_id: object) -> None:
+        got["object"] = order_id
+
+    @listener(OrderPaid)
+    def optional(order: OrderPaid | None = None, event: Event | None = None) -> None:
+        got["optional"] = (order, event and event.name)
+
+    async with Bus(listeners=[by_any, by_object, optional]) as bus:
+        bus.emit(OrderPaid(7))
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert got == {"any": 7, "object": 7, "optional": (OrderPaid(7), "order.paid")}
+
+
+async def test_annotations_are_resolved_one_by_one_when_one_cannot_be() -> None:
+    got: list[Any] = []
+
+    @listener(OrderPaid)
+    def on_paid(order: OrderPaid, amount: Decimal | None = None) -> None:
+        got.append(order)
+
+    async with Bus(listeners=[on_paid]) as bus:
+        bus.emit(OrderPaid(7))
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert got == [OrderPaid(7)]
+
+
+async def test_a_typed_event_class_defined_in_a_function_binds_by_its_name() -> None:
+    @dataclasses.dataclass
+    class Shipped:
+        __event_name__ = "order.shipped"
+        order_id: int
+
+    got: list[Any] = []
+
+    @listener(Shipped)
+    def on_shipped(shipment: Shipped) -> None:  # "Shipped": not resolvable from here
+        got.append(shipment)
+
+    async with Bus(listeners=[on_shipped]) as bus:
+        bus.emit(Shipped(3))
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert got == [Shipped(3)]

@@ -14,11 +14,14 @@ the function once, at registration, into one that takes only the event's paramet
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import inspect
 import operator
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
@@ -88,19 +91,81 @@ def _signature(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
     try:
         return inspect.signature(fn, eval_str=True)
     except (NameError, TypeError, SyntaxError):
-        # Annotations that cannot be resolved yet are compared by their text below.
+        # Some annotation cannot be resolved (a name imported for type checkers only,
+        # say): resolve the others one by one; the rest are compared by their text.
         try:
-            return inspect.signature(fn)
+            sig = inspect.signature(fn)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"cannot read the signature of {qualname}: {exc}") from exc
+        return _resolve_each(fn, sig)
     except ValueError as exc:
         raise ConfigurationError(f"cannot read the signature of {qualname}: {exc}") from exc
 
 
+def _resolve_each(fn: Callable[..., Any], sig: inspect.Signature) -> inspect.Signature:
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    target = inspect.unwrap(target)
+    namespace = getattr(target, "__globals__", None)
+    if namespace is None:  # a callable object: its __call__'s module
+        call = getattr(type(target), "__call__", None)  # noqa: B004
+        namespace = getattr(call, "__globals__", {})
+    params = []
+    for p in sig.parameters.values():
+        annotation = p.annotation
+        if isinstance(annotation, str):
+            # What inspect.signature(eval_str=True) does, one annotation at a time.
+            with contextlib.suppress(Exception):
+                annotation = eval(annotation, namespace)
+        params.append(p.replace(annotation=annotation))
+    return sig.replace(parameters=params)
+
+
+def _optional_of(annotation: Any) -> Any:
+    """``X`` for ``X | None`` or ``Optional[X]`` (also as text), else the annotation."""
+    if isinstance(annotation, str):
+        text = annotation.replace(" ", "")
+        if text.startswith("Optional[") and text.endswith("]"):
+            return text[len("Optional[") : -1]
+        parts = [part for part in text.split("|") if part != "None"]
+        return parts[0] if len(parts) == 1 else annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
 def _is_envelope(annotation: Any) -> bool:
+    annotation = _optional_of(annotation)
     if annotation is Event:
         return True
     return isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Event"
+
+
+def _typed_class(annotation: Any) -> type[Any] | None:
+    """The class a parameter's annotation names, if a typed event could be one."""
+    annotation = _optional_of(annotation)
+    if (
+        isinstance(annotation, type)
+        and annotation is not Event
+        and annotation is not object
+        and annotation is not Any
+    ):
+        return annotation
+    return None
+
+
+def _takes_object(annotation: Any, obj: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` takes the typed event ``obj``."""
+    cls = _typed_class(annotation)
+    if cls is not None:
+        return isinstance(obj, cls)
+    # An annotation that could not be resolved (a class defined in a function, with
+    # postponed annotations): compared by name.
+    annotation = _optional_of(annotation)
+    return isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == type(obj).__name__
 
 
 class CallPlan:
@@ -139,8 +204,9 @@ class CallPlan:
             else:
                 ann = p.annotation
                 params.append((p.name, p.kind, ann, p.default is not inspect.Parameter.empty))
-                if isinstance(ann, type) and ann is not Event:
-                    typed.append(ann)
+                cls = _typed_class(ann)
+                if cls is not None:
+                    typed.append(cls)
         self._params = tuple(params)
         self.typed_classes = tuple(typed)
         #: Parameters whose JSON form may need converting back to their annotated type
@@ -221,7 +287,7 @@ class CallPlan:
             source: _Source | None = None
             if _is_envelope(ann):
                 source = (_ENVELOPE, None)
-            elif obj is not None and isinstance(ann, type) and isinstance(obj, ann):
+            elif obj is not None and _takes_object(ann, obj):
                 source = (_OBJ, None)
             elif kind in _POSITIONAL and positional_open and next_arg < len(event.args):
                 source = (_ARG, next_arg)
