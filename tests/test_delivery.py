@@ -173,6 +173,10 @@ def test_retry_backoff_grows_and_is_capped() -> None:
         assert 0.5 <= jittered.delay_for(1) <= 1.5
 
 
+def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:
+    assert Retry(attempts=5000, backoff=1, max_backoff=60, jitter=0).delay_for(1100) == 60
+
+
 def test_retry_rejects_nonsense() -> None:
     with pytest.raises(ConfigurationError, match="attempts"):
         Retry(attempts=0)

@@ -33,6 +33,8 @@ from tidings._patterns import is_pattern, matches, validate_name
         ("a.**.z", "a.b.c.z", True),
         ("a.**.z", "a.b.c", False),
         ("a.b", "a.b.c", False),
+        ("log.*", "log.line\nbreak", True),
+        ("*", "a\nb", True),
     ],
 )
 def test_matches(pattern: str, name: str, expected: bool) -> None:

@@ -36,7 +36,9 @@ def is_pattern(name: str) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _segment_regex(segment: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if part == "*" else re.escape(part) for part in _split(segment)))
+    return re.compile(
+        "".join(".*" if part == "*" else re.escape(part) for part in _split(segment)), re.DOTALL
+    )
 
 
 def _split(segment: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import types
 from collections.abc import Callable, Coroutine, Generator, Sequence
@@ -60,7 +61,10 @@ class Retry:
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = _secs(self.backoff) * self.factor ** (attempt - 1)
+        try:
+            base = _secs(self.backoff) * self.factor ** (attempt - 1)
+        except OverflowError:  # far past the cap
+            base = math.inf
         base = min(base, _secs(self.max_backoff))
         if self.jitter:
             base *= 1 + random.uniform(-self.jitter, self.jitter)
