@@ -177,6 +177,11 @@ def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:
     assert Retry(attempts=5000, backoff=1, max_backoff=60, jitter=0).delay_for(1100) == 60
 
 
+def test_a_bus_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="the bus's timeout must be positive"):
+        Bus(timeout=0)
+
+
 def test_retry_rejects_nonsense() -> None:
     with pytest.raises(ConfigurationError, match="attempts"):
         Retry(attempts=0)

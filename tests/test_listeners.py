@@ -140,6 +140,21 @@ async def test_a_callable_objects_attributes_are_not_the_listeners_options() -> 
     assert got == ["https://example.com/a", "https://example.com/b"]
 
 
+def test_subscribing_a_listener_with_names_or_options_of_its_own_is_an_error() -> None:
+    @listener("a")
+    def on_a() -> None:
+        pass
+
+    registry = Registry()
+    with pytest.raises(ConfigurationError, match=r"fn=listener\.fn"):
+        registry.subscribe("b", fn=on_a)
+    with pytest.raises(ConfigurationError, match=r"fn=listener\.fn"):
+        registry.subscribe(fn=on_a, retry=3)
+    registry.subscribe("b", fn=on_a.fn)
+    registry.subscribe(fn=on_a)
+    assert [s.listener.names for s in registry.subscriptions()] == [("b",), ("a",)]
+
+
 def test_max_listeners() -> None:
     registry = Registry(max_listeners=2)
     for _ in range(2):
@@ -229,6 +244,22 @@ def test_two_classes_under_one_name_is_a_configuration_error() -> None:
         Registry([one, two])
 
 
+async def test_two_classes_emitted_under_one_name_is_a_configuration_error() -> None:
+    @dataclasses.dataclass
+    class Other:
+        __event_name__ = "user.created"
+        email: str
+
+    @listener("user.created")  # by name: binds no class
+    async def audit(event: Event) -> None:
+        pass
+
+    async with Bus(listeners=[audit]) as bus:
+        bus.emit(UserCreated(email="a"))
+        with pytest.raises(ConfigurationError, match=r"'user\.created' is bound to UserCreated"):
+            bus.emit(Other(email="b"))
+
+
 async def test_typed_event_errors() -> None:
     class NoName:
         pass
@@ -249,6 +280,13 @@ def test_register_event_names_a_class_without_touching_it() -> None:
     register_event(Shipped, "parcel.shipped")
     with pytest.raises(ConfigurationError, match="already registered"):
         register_event(Shipped, "parcel.sent")
+
+    @dataclasses.dataclass
+    class Sent:
+        parcel: str
+
+    with pytest.raises(ConfigurationError, match=r"already registered for .*Shipped"):
+        register_event(Sent, "parcel.shipped")
 
     @listener(Shipped)
     async def on_shipped(s: Shipped) -> None:

@@ -33,7 +33,15 @@ from tidings.errors import (
     QueueFull,
 )
 from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
-from tidings.listeners import ErrorHook, Listener, Registry, Subscription, SuccessHook, _hooks
+from tidings.listeners import (
+    ErrorHook,
+    Listener,
+    Registry,
+    Subscription,
+    SuccessHook,
+    _hooks,
+    _seconds,
+)
 from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
@@ -123,7 +131,7 @@ class Bus:
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.strict = strict
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        self.timeout = _seconds(timeout, "the bus's timeout")
         self.check_serializable = check_serializable or backend.durable
         self.shutdown_timeout = (
             shutdown_timeout.total_seconds()
@@ -544,6 +552,9 @@ class Bus:
                     "tidings.register_event(cls, name)"
                 )
             bound = self.registry.event_class(name)
+            if bound is None:
+                # Bound by no listener: the first class emitted under the name is.
+                bound = next((c for c, n in self._typed_ok.items() if n == name), None)
             if bound is not None and bound is not cls:
                 raise ConfigurationError(
                     f"event {name!r} is bound to {bound.__qualname__}, not {cls.__qualname__}"

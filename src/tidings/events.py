@@ -29,13 +29,22 @@ def register_event(cls: type[Any], name: str) -> None:
     """Give a class an event name without setting ``__event_name__`` on it.
 
     Raises:
-        ConfigurationError: the class is already registered under another name.
+        ConfigurationError: the class is already registered under another name, or
+            another class under this one.
     """
     current = _registered.get(cls)
     if current is not None and current != name:
         raise ConfigurationError(
             f"{cls.__qualname__} is already registered as event {current!r}, not {name!r}"
         )
+    for other, other_name in list(_registered.items()):
+        if other_name == name and other is not cls:
+            if (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ConfigurationError(
+                    f"event {name!r} is already registered for {other.__qualname__}, "
+                    f"not {cls.__qualname__}"
+                )
+            del _registered[other]  # the same class, defined again (a reloaded module)
     _registered[cls] = name
 
 

@@ -349,9 +349,21 @@ class Registry:
     def subscribe(
         self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it."""
-        item = fn if isinstance(fn, Listener) else listener(*names, **options)(fn)
-        return self.add(item)
+        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it.
+
+        Raises:
+            ConfigurationError: ``fn`` is a listener already, and names or options are
+                given too (its own are used: subscribe ``fn.fn`` to give others).
+        """
+        if isinstance(fn, Listener):
+            if names or options:
+                raise ConfigurationError(
+                    f"{fn.qualname} is a listener of {', '.join(map(repr, fn.names))} "
+                    "already, with its own options: subscribe it without names or options, "
+                    "or subscribe its function (fn=listener.fn) with these"
+                )
+            return self.add(fn)
+        return self.add(listener(*names, **options)(fn))
 
     def include(self, registry: Registry) -> None:
         """Route this registry's events to ``registry``'s listeners too.
