@@ -457,6 +457,28 @@ async def test_strict_bus_raises_binding_errors_at_emit() -> None:
         bus.emit("user.created", phone="+1")
 
 
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_plain_function_that_returns_a_coroutine_has_it_awaited(inline: bool) -> None:
+    # A sync wrapper of an async function (a decorator that does not mark its wrapper
+    # as async, a lambda): what it returns is the listener's work.
+    done: list[int] = []
+
+    async def handle(n: int) -> None:
+        await asyncio.sleep(0)
+        if n == 2:
+            raise ValueError("two")
+        done.append(n)
+
+    on_x = listener("x", inline=inline)(lambda n: handle(n))
+    async with Bus(listeners=[on_x]) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        await bus.drain()
+        (dead,) = bus.dead_letters()
+    assert sorted(done) == [0, 1]
+    assert "ValueError: two" in dead.error
+
+
 async def test_sync_listeners_run_in_threads_unless_inline() -> None:
     threads: dict[str, int] = {}
 

@@ -10,6 +10,7 @@ they are ``inline``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import random
@@ -191,14 +192,18 @@ class Runner:
         listener = sub.listener
         if listener.inline:
             try:
-                ctx.run(listener.plan.call, event)
+                result = ctx.run(listener.plan.call, event)
             except (Exception, asyncio.CancelledError) as exc:
                 self.failed(event, sub, ctx, exc)
-            else:
-                self.succeeded(event, sub)
+                return None
+            if inspect.isawaitable(result):
+                # A plain function that returns a coroutine (a sync wrapper of an async
+                # function, say): its work is that coroutine.
+                return self.loop.create_task(self._run_sync(event, sub, ctx, result), context=ctx)
+            self.succeeded(event, sub)
             return None
         # The thread enters the context; the task that awaits it must not.
-        return self.loop.create_task(self._in_thread(event, sub, ctx))
+        return self.loop.create_task(self._run_sync(event, sub, ctx))
 
     def _run_observed(
         self, event: Event, sub: Subscription, ctx: Context
@@ -252,13 +257,25 @@ class Runner:
         else:
             self.succeeded(event, sub)
 
-    async def _in_thread(self, event: Event, sub: Subscription, ctx: Context) -> None:
+    async def _run_sync(
+        self, event: Event, sub: Subscription, ctx: Context, returned: Any = None
+    ) -> None:
+        """Run a sync listener in a thread and await what it returns if that is awaitable
+        (a coroutine); or with ``returned``, only await that."""
         timeout = sub.listener.timeout or self.timeout
         loop = self.loop
         deadline = None
         try:
-            if timeout is None:
-                await loop.run_in_executor(self.executor, ctx.run, sub.listener.plan.call, event)
+            if returned is not None:
+                deadline = asyncio.timeout(timeout)
+                async with deadline:
+                    await returned
+            elif timeout is None:
+                result = await loop.run_in_executor(
+                    self.executor, ctx.run, sub.listener.plan.call, event
+                )
+                if inspect.isawaitable(result):
+                    await result
             else:
                 began = loop.create_future()
 
@@ -273,7 +290,9 @@ class Runner:
                 # The thread cannot be stopped; the delivery fails and its result is dropped.
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
-                    await running
+                    result = await running
+                    if inspect.isawaitable(result):
+                        await result
         except (Exception, asyncio.CancelledError) as exc:
             if deadline is not None and deadline.expired():
                 exc = self.timed_out(sub, exc)
