@@ -275,3 +275,49 @@ async def test_no_requests_context_is_kept_alive_once_its_events_ran() -> None:
         gc.collect()
         assert seen == [True]
         assert refs[0]() is None
+
+
+@pytest.mark.parametrize("plain", [True, False])
+async def test_what_a_request_emitted_past_max_pending_waits_for_room(plain: bool) -> None:
+    # Emitted inside the request, so accepted: at release, what does not fit in the
+    # queue waits for room instead of being dropped.
+    got: list[int] = []
+
+    @listener("row")
+    async def store(n: int) -> None:
+        await asyncio.sleep(0)
+        got.append(n)
+
+    async with Bus(listeners=[store], max_pending=2, check_serializable=not plain) as bus:
+
+        async def many(request: Request) -> Response:
+            for n in range(7):
+                bus.emit("row", n=n)
+            return PlainTextResponse("ok")
+
+        app = EventsMiddleware(Starlette(routes=[Route("/", many)]), bus=bus)
+        async with _client(app) as client:
+            assert (await client.get("/")).status_code == 200
+        await bus.drain()
+    assert sorted(got) == list(range(7))
+
+
+async def test_what_a_request_emitted_as_the_bus_closed_is_reported_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("row")
+    async def store(n: int) -> None:
+        pass
+
+    bus = Bus(listeners=[store])
+    await bus.start()
+
+    async def closes(request: Request) -> Response:
+        bus.emit("row", n=1)
+        await bus.aclose()
+        return PlainTextResponse("ok")
+
+    app = EventsMiddleware(Starlette(routes=[Route("/", closes)]), bus=bus)
+    async with _client(app) as client:
+        assert (await client.get("/")).status_code == 200
+    assert "the bus closed before the response was sent: 1 event(s)" in caplog.text

@@ -7,6 +7,8 @@ import contextvars
 import logging
 from typing import TYPE_CHECKING, Any
 
+from tidings.events import Event
+
 if TYPE_CHECKING:
     from tidings.bus import Bus
 
@@ -48,37 +50,59 @@ class Hold:
             hold = hold.outer
         return hold if hold is not None and hold.open else None
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Hand the held events to the bus; from now on, emits go straight to it (a
-        task the request spawned may emit after the response)."""
+        task the request spawned may emit after the response). What does not fit in
+        the queue waits for room: the request emitted it, so it was accepted."""
         self.open = False
         items = self.items
         if not items:
             return
         self.items = []
         bus = self.bus
+        if not bus.started:
+            logger.error(
+                "the bus closed before the response was sent: %d event(s) the request "
+                "emitted are dropped (%s)",
+                len(items),
+                ", ".join(_name(item) for item in items),
+            )
+            return
         plain: list[list[Any]] = []
         for item in items:
             if type(item) is list:
                 plain.append(item)
                 continue
             if plain:
-                self._put_held(plain)
+                await self._put_held(plain)
                 plain = []
+            event, subs, ctx, delay_s = item
             try:
-                bus._hand_over(*item)
+                if delay_s is None and not bus.backend.has_room(1):
+                    await bus.backend.put_wait(event, subs, ctx)
+                else:
+                    bus._hand_over(event, subs, ctx, delay_s)
             except Exception:
                 logger.exception(
                     "event %s (%s), held until the response was sent, could not be queued",
-                    item[0].id,
-                    item[0].name,
+                    event.id,
+                    event.name,
                 )
         if plain:
-            self._put_held(plain)
+            await self._put_held(plain)
 
-    def _put_held(self, entries: list[list[Any]]) -> None:
+    async def _put_held(self, entries: list[list[Any]]) -> None:
+        backend = self.bus.backend
         try:
-            self.bus.backend.put_held(entries)
+            if backend.has_room(len(entries)):
+                backend.put_held(entries)
+                return
+            for entry in entries:
+                if backend.has_room(1):
+                    backend.put_held([entry])
+                else:
+                    subs, ctx, name, args, kwargs, stamp = entry
+                    await backend.put_wait(Event(name, args, kwargs, stamp), subs, ctx)
         except Exception:
             logger.exception(
                 "events held until the response was sent could not all be queued (%s)",

@@ -75,7 +75,7 @@ class EventsMiddleware:
                 if not message.get("more_body", False) and hold.open and hold.status < 500:
                     # The response is out: what it emitted may run now. (A 5xx response
                     # may come from an error handler: wait to see whether the app raised.)
-                    hold.release()
+                    await hold.release()
             elif kind == "http.response.start":
                 hold.status = message["status"]
 
@@ -85,11 +85,11 @@ class EventsMiddleware:
         except BaseException:
             if hold.open:
                 if self.on_error == "send":
-                    hold.release()
+                    await hold.release()
                 else:
                     hold.drop()
             raise
         finally:
             _leave(token)
         if hold.open:
-            hold.release()
+            await hold.release()
