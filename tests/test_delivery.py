@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -175,6 +176,34 @@ def test_retry_backoff_grows_and_is_capped() -> None:
 
 def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:
     assert Retry(attempts=5000, backoff=1, max_backoff=60, jitter=0).delay_for(1100) == 60
+
+
+@pytest.mark.parametrize("kind", ["in line", "concurrency 1", "thread", "inline"])
+async def test_a_retry_starts_from_the_emitters_context_not_what_the_attempt_set(
+    kind: str,
+) -> None:
+    mark: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="clean")
+    seen: list[str] = []
+
+    def attempt(event: Event) -> None:
+        seen.append(mark.get())
+        mark.set(f"set by attempt {event.attempt}")
+        if event.attempt == 1:
+            raise ValueError("once")
+
+    async def attempt_async(event: Event) -> None:
+        attempt(event)
+
+    options: dict[str, Any] = {"retry": Retry(attempts=2, backoff=0, jitter=0)}
+    if kind == "concurrency 1":
+        options["concurrency"] = 1
+    if kind == "inline":
+        options["inline"] = True
+    fn = attempt_async if kind in ("in line", "concurrency 1") else attempt
+    async with Bus(listeners=[listener("x", **options)(fn)]) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert seen == ["clean", "clean"]
 
 
 def test_a_bus_timeout_must_be_positive() -> None:

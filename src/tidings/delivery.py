@@ -168,17 +168,19 @@ class Runner:
             self.run = self._run_observed  # type: ignore[method-assign]
 
     def run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
-        """Start one delivery in ``ctx`` (the delivery's own copy of the emitter's
-        context). ``None`` if it already finished, else the task running it."""
+        """Start one delivery in a copy of ``ctx`` (the delivery's own copy of the
+        emitter's context: a retry starts from it again, not from what the attempt set).
+        ``None`` if it already finished, else the task running it."""
         fn = sub.eager_fn
         if fn is not None:
             kwargs = event.kwargs
+            run_ctx = ctx.copy()
             try:
                 if kwargs.keys() == sub.eager_names and not event.args and event.obj is None:
                     coro = fn(**kwargs)
                 else:
                     coro = sub.listener.plan.call(event)
-                yielded = ctx.run(coro.send, None)
+                yielded = run_ctx.run(coro.send, None)
             except StopIteration:
                 sub.delivered += 1
                 if self.on_success or sub.has_success_hooks:
@@ -188,18 +190,23 @@ class Runner:
                 # (Nothing cancels an eager start: a CancelledError is the listener's.)
                 self.failed(event, sub, ctx, exc)
                 return None
-            return self.loop.create_task(self._resume(coro, yielded, event, sub, ctx), context=ctx)
+            return self.loop.create_task(
+                self._resume(coro, yielded, event, sub, ctx), context=run_ctx
+            )
         listener = sub.listener
         if listener.inline:
+            run_ctx = ctx.copy()
             try:
-                result = ctx.run(listener.plan.call, event)
+                result = run_ctx.run(listener.plan.call, event)
             except (Exception, asyncio.CancelledError) as exc:
                 self.failed(event, sub, ctx, exc)
                 return None
             if inspect.isawaitable(result):
                 # A plain function that returns a coroutine (a sync wrapper of an async
                 # function, say): its work is that coroutine.
-                return self.loop.create_task(self._run_sync(event, sub, ctx, result), context=ctx)
+                return self.loop.create_task(
+                    self._run_sync(event, sub, ctx, result), context=run_ctx
+                )
             self.succeeded(event, sub)
             return None
         # The thread enters the context; the task that awaits it must not.
@@ -265,6 +272,7 @@ class Runner:
         timeout = sub.listener.timeout or self.timeout
         loop = self.loop
         deadline = None
+        run = ctx.copy().run
         try:
             if returned is not None:
                 deadline = asyncio.timeout(timeout)
@@ -272,7 +280,7 @@ class Runner:
                     await returned
             elif timeout is None:
                 result = await loop.run_in_executor(
-                    self.executor, ctx.run, sub.listener.plan.call, event
+                    self.executor, run, sub.listener.plan.call, event
                 )
                 if inspect.isawaitable(result):
                     await result
@@ -281,7 +289,7 @@ class Runner:
 
                 def call() -> Any:
                     loop.call_soon_threadsafe(_set_if_pending, began)
-                    return ctx.run(sub.listener.plan.call, event)
+                    return run(sub.listener.plan.call, event)
 
                 running = loop.run_in_executor(self.executor, call)
                 # The timeout counts from when a thread starts the call, not while the
