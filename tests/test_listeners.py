@@ -61,6 +61,8 @@ def test_decorated_functions_stay_callable() -> None:
 def test_listener_options_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="no event name"):
         listener()(lambda: None)
+    with pytest.raises(ConfigurationError, match="a timeout cannot apply"):
+        listener("x", inline=True, timeout=1)(lambda: None)
     with pytest.raises(ConfigurationError, match="concurrency"):
         listener("x", concurrency=0)(lambda: None)
     with pytest.raises(ConfigurationError, match="not a listener"):

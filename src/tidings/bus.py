@@ -76,7 +76,8 @@ class Bus:
             ``QueueFull`` past it).
         concurrency: deliveries that may be suspended at once, all listeners together.
         retry: the default :class:`Retry` for listeners that set none (default: no retry).
-        timeout: the default per-attempt timeout in seconds for listeners that set none.
+        timeout: the default per-attempt timeout in seconds for listeners that set none
+            (not for ``inline`` sync listeners: nothing can interrupt them).
         on_error, on_success, on_dead: hooks called for every listener.
         check_serializable: reject at emit, with ``PayloadError``, a payload a durable
             backend could not store (always on for durable backends).

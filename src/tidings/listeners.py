@@ -116,6 +116,11 @@ class Listener(Generic[P, R]):
         self.plan = CallPlan(fn, self.qualname)
         # The plan may call a wrapper (injected dependencies), which is async.
         self.is_async = _is_async_callable(self.plan.fn)
+        if inline and self.timeout is not None and not self.is_async:
+            raise ConfigurationError(
+                f"listener {self.qualname} runs inline, on the event loop, where nothing "
+                "can interrupt it: a timeout cannot apply (run it in a thread instead)"
+            )
         # Typed-event classes this listener ties to a name: subscribed by class, or
         # annotated on a parameter.
         types: dict[str, type[Any]] = {}
