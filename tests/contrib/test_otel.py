@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -11,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings import Bus, ConfigurationError, Event, Listener, Retry, listener
 from tidings.contrib.otel import instrument
 
 
@@ -187,3 +189,30 @@ async def test_instrument_once_and_before_the_bus_starts() -> None:
     async with Bus() as started:
         with pytest.raises(ConfigurationError, match="before the bus starts"):
             instrument(started)
+
+
+async def test_traced_deliveries_keep_to_the_concurrency_limit() -> None:
+    tracing = Tracing()
+    active = 0
+    peak = 0
+    done: list[int] = []
+
+    def make() -> Listener[..., Any]:
+        async def suspends(n: int) -> None:
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            await asyncio.sleep(0)
+            active -= 1
+            done.append(n)
+
+        return listener("x")(suspends)
+
+    bus = Bus(listeners=[make() for _ in range(3)], concurrency=2)
+    instrument(bus, tracer_provider=tracing.provider)
+    async with bus:
+        for n in range(5):
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert peak == 2
+    assert sorted(done) == sorted(list(range(5)) * 3)

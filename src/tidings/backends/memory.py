@@ -349,6 +349,10 @@ class MemoryBackend(Backend):
                 event = _envelope(name, args, kwargs, stamp)
                 for sub in subs:
                     self._start_other(event, sub, emitted)
+                    if len(running) >= limit:
+                        # The rest of this event's deliveries wait for room, first in line.
+                        self._requeue_after((subs, emitted, name, args, kwargs, event), sub)
+                        break
                 spent += 1
         while len(running) < limit:
             # The next pump runs in a copy of the first waiting event's context, and
