@@ -38,6 +38,8 @@ async def test_capture_records_emitted_events_in_order() -> None:
     events.assert_not_emitted("before")
     events.assert_not_emitted("after")
     assert events.named("user.created")[2].obj == UserCreated(email="c@example.com")
+    typed = events.assert_emitted("user.created", email="c@example.com")  # by its field
+    assert typed.obj == UserCreated(email="c@example.com")
 
 
 async def test_capture_assertions_explain_what_was_emitted() -> None:

@@ -41,14 +41,15 @@ class Captured:
     ) -> Event:
         """Assert ``name`` was emitted (with these arguments, if given); return the last match.
 
+        For a typed event, the keywords are compared with its fields.
+
         Raises:
             AssertionError: no such event, or not ``times`` of them.
         """
         found = [
             e
             for e in self.named(name)
-            if (not args or e.args == args)
-            and all(k in e.kwargs and e.kwargs[k] == v for k, v in kwargs.items())
+            if (not args or e.args == args) and all(_has(e, k, v) for k, v in kwargs.items())
         ]
         wanted = f"{name!r}" + (f" with {args or ''}{kwargs or ''}" if args or kwargs else "")
         if not found:
@@ -92,3 +93,9 @@ else:
         """A started in-process bus with ``check_serializable=True``; closed after."""
         async with Bus(check_serializable=True) as bus:
             yield bus
+
+
+def _has(event: Event, key: str, value: Any) -> bool:
+    if event.obj is not None:
+        return hasattr(event.obj, key) and getattr(event.obj, key) == value
+    return key in event.kwargs and event.kwargs[key] == value
