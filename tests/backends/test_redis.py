@@ -264,15 +264,17 @@ async def test_200k_events_through_two_listeners_leave_the_stream_trimmed(
         await bus.drain()
         await backend.trim()
         after_len = await redis.xlen(stream)
+        stream_bytes = await redis.memory_usage(stream) or 0
     after = (await redis.info("memory"))["used_memory"]
     print(
         f"\n{events} events x 2 listeners: XLEN 0 before, {peak_len} at its peak, {after_len} "
         f"after; used_memory {before / 1e6:.1f} MB before, {peak_memory / 1e6:.1f} MB at the "
-        f"peak, {after / 1e6:.1f} MB after"
+        f"peak, {after / 1e6:.1f} MB after (the stream: {stream_bytes} bytes)"
     )
     assert counts == [events, events]
     assert after_len == 0
-    assert after - before < 5_000_000
+    # The stream's own memory: the server's total moves with whatever else uses it.
+    assert stream_bytes < 100_000
 
 
 def _free_port() -> int:
