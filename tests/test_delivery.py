@@ -172,6 +172,10 @@ def test_retry_backoff_grows_and_is_capped() -> None:
     jittered = Retry(backoff=1, jitter=0.5)
     for _ in range(100):
         assert 0.5 <= jittered.delay_for(1) <= 1.5
+    capped = Retry(attempts=10, backoff=1, max_backoff=4, jitter=0.5)
+    waits = [capped.delay_for(5) for _ in range(200)]
+    assert max(waits) <= 4
+    assert min(waits) < 4  # still spread out below the cap
 
 
 def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:

@@ -43,7 +43,8 @@ class Retry:
         attempts: tries in all, the first included (1 means never retry).
         backoff: seconds (or a ``timedelta``) before the second try; doubled by
             ``factor`` for each further one, capped at ``max_backoff``.
-        jitter: a fraction of the wait added or taken at random (0.1 = +/-10%).
+        jitter: a fraction of the wait added or taken at random (0.1 = +/-10%), never
+            past ``max_backoff``.
         on: the exception types worth retrying; any other fails at once.
     """
 
@@ -66,9 +67,12 @@ class Retry:
             base = _secs(self.backoff) * self.factor ** (attempt - 1)
         except OverflowError:  # far past the cap
             base = math.inf
-        base = min(base, _secs(self.max_backoff))
+        cap = _secs(self.max_backoff)
+        base = min(base, cap)
         if self.jitter:
-            base *= 1 + random.uniform(-self.jitter, self.jitter)
+            # Jittered below the cap too (so waits that reached it still spread out),
+            # never above it.
+            base = min(base * (1 + random.uniform(-self.jitter, self.jitter)), cap)
         return max(base, 0.0)
 
 
