@@ -180,6 +180,7 @@ def test_retry_backoff_grows_and_is_capped() -> None:
 
 def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:
     assert Retry(attempts=5000, backoff=1, max_backoff=60, jitter=0).delay_for(1100) == 60
+    assert Retry(attempts=5000, backoff=0, max_backoff=60, jitter=0).delay_for(1100) == 0
 
 
 @pytest.mark.parametrize("kind", ["in line", "concurrency 1", "thread", "inline"])
@@ -510,6 +511,30 @@ async def test_a_plain_function_that_returns_a_coroutine_has_it_awaited(inline: 
         (dead,) = bus.dead_letters()
     assert sorted(done) == [0, 1]
     assert "ValueError: two" in dead.error
+
+
+@pytest.mark.parametrize("concurrency", [None, 1])
+async def test_the_coroutine_a_plain_function_returns_runs_in_its_emitters_context(
+    concurrency: int | None,
+) -> None:
+    mark: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="unset")
+    seen: list[tuple[int, str]] = []
+
+    async def work(n: int) -> None:
+        await asyncio.sleep(0)
+        seen.append((n, mark.get()))
+
+    on_x = listener("x", concurrency=concurrency)(lambda n: work(n))
+    async with Bus(listeners=[on_x]) as bus:
+
+        async def emit(n: int) -> None:
+            mark.set(f"emitter {n}")
+            bus.emit("x", n=n)
+
+        for n in range(3):
+            await asyncio.create_task(emit(n))
+        await bus.drain()
+    assert sorted(seen) == [(n, f"emitter {n}") for n in range(3)]
 
 
 async def test_sync_listeners_run_in_threads_unless_inline() -> None:

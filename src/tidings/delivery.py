@@ -10,7 +10,6 @@ they are ``inline``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import random
@@ -63,10 +62,12 @@ class Retry:
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        try:
-            base = _secs(self.backoff) * self.factor ** (attempt - 1)
-        except OverflowError:  # far past the cap
-            base = math.inf
+        base = _secs(self.backoff)
+        if base:
+            try:
+                base *= self.factor ** (attempt - 1)
+            except OverflowError:  # far past the cap
+                base = math.inf
         cap = _secs(self.max_backoff)
         base = min(base, cap)
         if self.jitter:
@@ -205,7 +206,7 @@ class Runner:
             except (Exception, asyncio.CancelledError) as exc:
                 self.failed(event, sub, ctx, exc)
                 return None
-            if inspect.isawaitable(result):
+            if asyncio.iscoroutine(result):
                 # A plain function that returns a coroutine (a sync wrapper of an async
                 # function, say): its work is that coroutine.
                 return self.loop.create_task(
@@ -213,8 +214,9 @@ class Runner:
                 )
             self.succeeded(event, sub)
             return None
-        # The thread enters the context; the task that awaits it must not.
-        return self.loop.create_task(self._run_sync(event, sub, ctx))
+        # The thread runs in a copy of its own; the task awaiting it (and what the
+        # listener may return) in another.
+        return self.loop.create_task(self._run_sync(event, sub, ctx), context=ctx.copy())
 
     def _run_observed(
         self, event: Event, sub: Subscription, ctx: Context
@@ -286,7 +288,7 @@ class Runner:
                 result = await loop.run_in_executor(
                     self.executor, run, sub.listener.plan.call, event
                 )
-                if inspect.isawaitable(result):
+                if asyncio.iscoroutine(result):
                     await result
             else:
                 began = loop.create_future()
@@ -303,7 +305,7 @@ class Runner:
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
                     result = await running
-                    if inspect.isawaitable(result):
+                    if asyncio.iscoroutine(result):
                         await result
         except (Exception, asyncio.CancelledError) as exc:
             if deadline is not None and deadline.expired():
