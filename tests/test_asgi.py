@@ -321,3 +321,51 @@ async def test_what_a_request_emitted_as_the_bus_closed_is_reported_dropped(
     async with _client(app) as client:
         assert (await client.get("/")).status_code == 200
     assert "the bus closed before the response was sent: 1 event(s)" in caplog.text
+
+
+async def test_a_request_handled_on_another_loop_waits_for_room_too() -> None:
+    # The app runs on a loop of its own, in a thread, as a test client's does.
+    got: list[int] = []
+
+    @listener("row")
+    async def store(n: int) -> None:
+        await asyncio.sleep(0)
+        got.append(n)
+
+    async with Bus(listeners=[store], max_pending=1, check_serializable=True) as bus:
+
+        async def many(request: Request) -> Response:
+            for n in range(5):
+                bus.emit("row", n=n)
+            return PlainTextResponse("ok")
+
+        app = EventsMiddleware(Starlette(routes=[Route("/", many)]), bus=bus)
+
+        async def request() -> int:
+            async with _client(app) as client:
+                return (await client.get("/")).status_code
+
+        assert await asyncio.to_thread(asyncio.run, request()) == 200
+        await bus.drain()
+    assert sorted(got) == list(range(5))
+
+
+async def test_a_failed_request_gives_back_the_once_listeners_its_events_took() -> None:
+    got: list[int] = []
+
+    @listener("x", once=True)
+    async def first(n: int) -> None:
+        got.append(n)
+
+    async with Bus(listeners=[first], check_serializable=True) as bus:
+
+        async def fails(request: Request) -> Response:
+            bus.emit("x", n=1)
+            raise RuntimeError("the handler failed")
+
+        app = EventsMiddleware(Starlette(routes=[Route("/", fails)]), bus=bus)
+        async with _client(app) as client:
+            assert (await client.get("/")).status_code == 500
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert got == [2]

@@ -157,6 +157,35 @@ def test_subscribing_a_listener_with_names_or_options_of_its_own_is_an_error() -
     assert [s.listener.names for s in registry.subscriptions()] == [("b",), ("a",)]
 
 
+async def test_a_publish_cancelled_while_it_waits_for_room_uses_no_once_listener_up() -> None:
+    running = asyncio.Event()
+    release = asyncio.Event()
+    got: list[int] = []
+
+    @listener("busy")
+    async def busy() -> None:
+        running.set()
+        await release.wait()
+
+    @listener("x", once=True)
+    async def first(n: int) -> None:
+        got.append(n)
+
+    async with Bus(listeners=[busy, first], max_pending=1, concurrency=1) as bus:
+        bus.emit("busy")
+        await running.wait()
+        bus.emit("busy")  # the queue is full now
+        waiting = asyncio.create_task(bus.publish("x", n=1))
+        await asyncio.wait([waiting], timeout=0.05)  # still waiting for room
+        waiting.cancel()  # the caller gives up before it was accepted
+        await asyncio.gather(waiting, return_exceptions=True)
+        release.set()
+        await bus.drain()
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert got == [2]
+
+
 def test_max_listeners() -> None:
     registry = Registry(max_listeners=2)
     for _ in range(2):

@@ -3,10 +3,12 @@ response is sent (see :mod:`tidings.asgi`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 from typing import TYPE_CHECKING, Any
 
+from tidings.errors import QueueFull
 from tidings.events import Event
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ class Hold:
     ``items`` holds, in emit order, named events of a plain bus as lists (``[subscriptions,
     the emitter's context, name, args, kwargs, time of the emit]``, see
     ``Backend.put_held``) and events the bus checked and enveloped as tuples (``(event,
-    subscriptions, context, delay)``: it had something to check).
+    subscriptions, context, delay, the once-listeners it took)``: it had something to
+    check).
     """
 
     __slots__ = ("bus", "items", "open", "outer", "status")
@@ -76,12 +79,12 @@ class Hold:
             if plain:
                 await self._put_held(plain)
                 plain = []
-            event, subs, ctx, delay_s = item
+            event, subs, ctx, delay_s, _taken = item
             try:
-                if delay_s is None and not bus.backend.has_room(1):
-                    await bus.backend.put_wait(event, subs, ctx)
-                else:
+                try:
                     bus._hand_over(event, subs, ctx, delay_s)
+                except QueueFull:
+                    await self._wait_for_room(event, subs, ctx)
             except Exception:
                 logger.exception(
                     "event %s (%s), held until the response was sent, could not be queued",
@@ -102,16 +105,29 @@ class Hold:
                     backend.put_held([entry])
                 else:
                     subs, ctx, name, args, kwargs, stamp = entry
-                    await backend.put_wait(Event(name, args, kwargs, stamp), subs, ctx)
+                    await self._wait_for_room(Event(name, args, kwargs, stamp), subs, ctx)
         except Exception:
             logger.exception(
                 "events held until the response was sent could not all be queued (%s)",
                 ", ".join(entry[2] for entry in entries),
             )
 
+    async def _wait_for_room(self, event: Event, subs: Any, ctx: Any) -> None:
+        bus = self.bus
+        put = bus.backend.put_wait(event, subs, ctx)
+        loop = bus._loop
+        if loop is None or asyncio.get_running_loop() is loop:
+            await put
+        else:  # the app runs on a loop of its own (a test client's thread)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
+
     def drop(self) -> None:
-        """Forget the held events (the request failed)."""
+        """Forget the held events (the request failed), and give back the once-listeners
+        they took."""
         self.open = False
+        for item in self.items:
+            if type(item) is tuple:
+                self.bus._put_back(item[4])
         if self.items:
             logger.info(
                 "the request failed: %d event(s) it emitted are dropped (%s)",

@@ -77,7 +77,7 @@ class Bus:
         concurrency: deliveries that may be suspended at once, all listeners together.
         retry: the default :class:`Retry` for listeners that set none (default: no retry).
         timeout: the default per-attempt timeout in seconds for listeners that set none
-            (not for ``inline`` sync listeners: nothing can interrupt them).
+            (not for the call of an ``inline`` sync listener: nothing can interrupt it).
         on_error, on_success, on_dead: hooks called for every listener.
         check_serializable: reject at emit, with ``PayloadError``, a payload a durable
             backend could not store (always on for durable backends).
@@ -480,6 +480,12 @@ class Bus:
         subs, ctx, taken = prepared
         try:
             await self._publish_prepared(event, subs, ctx, options, outbox)
+        except asyncio.CancelledError:
+            # Cancelled while it waited: in memory, that means before it was queued; a
+            # durable backend may have it stored already.
+            if not self.backend.durable:
+                self._put_back(taken)
+            raise
         except Exception:
             self._put_back(taken)
             raise
@@ -626,7 +632,7 @@ class Bus:
         return tuple(out)
 
     @staticmethod
-    def _put_back(taken: _Taken) -> None:
+    def _put_back(taken: _Taken) -> None:  # also called for held events that are dropped
         """Subscribe again the ``once`` listeners an emit took and could not queue for."""
         for sub, index in reversed(taken):
             sub.registry._put_back(sub, index)
@@ -643,7 +649,7 @@ class Bus:
             if hold is not None and hold.open:
                 # Emitted while a request is handled: validated now, queued once the
                 # response is sent (tidings.asgi).
-                hold.items.append((event, subs, ctx, delay_s))
+                hold.items.append((event, subs, ctx, delay_s, taken))
                 return
         try:
             self._hand_over(event, subs, ctx, delay_s)
