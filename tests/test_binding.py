@@ -144,14 +144,23 @@ async def test_a_typed_event_reaches_any_object_and_optional_annotations() -> No
         got["object"] = order_id
 
     @listener(OrderPaid)
+    def no_such_field(payload: object) -> None:
+        got["no field"] = payload
+
+    @listener(OrderPaid)
     def optional(order: OrderPaid | None = None, event: Event | None = None) -> None:
         got["optional"] = (order, event and event.name)
 
-    async with Bus(listeners=[by_any, by_object, optional]) as bus:
+    async with Bus(listeners=[by_any, by_object, no_such_field, optional]) as bus:
         bus.emit(OrderPaid(7))
         await bus.drain()
         assert bus.dead_letters() == []
-    assert got == {"any": 7, "object": 7, "optional": (OrderPaid(7), "order.paid")}
+    assert got == {
+        "any": 7,
+        "object": 7,
+        "no field": OrderPaid(7),  # an "anything" annotation: the object itself
+        "optional": (OrderPaid(7), "order.paid"),
+    }
 
 
 async def test_annotations_are_resolved_one_by_one_when_one_cannot_be() -> None:

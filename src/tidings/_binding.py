@@ -296,6 +296,8 @@ class CallPlan:
                 source = (_KW, name)
             elif obj is not None and hasattr(obj, name):
                 source = (_FIELD, name)
+            elif obj is not None and _optional_of(ann) in (Any, object):
+                source = (_OBJ, None)  # no field of its name: the object itself
             if source is None:
                 if has_default:
                     positional_open = False
