@@ -3,7 +3,6 @@ response is sent (see :mod:`tidings.asgi`)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 from typing import TYPE_CHECKING, Any
@@ -84,7 +83,7 @@ class Hold:
                 try:
                     bus._hand_over(event, subs, ctx, delay_s)
                 except QueueFull:
-                    await self._wait_for_room(event, subs, ctx)
+                    await bus._put_wait(event, subs, ctx)
             except Exception:
                 logger.exception(
                     "event %s (%s), held until the response was sent, could not be queued",
@@ -105,21 +104,12 @@ class Hold:
                     backend.put_held([entry])
                 else:
                     subs, ctx, name, args, kwargs, stamp = entry
-                    await self._wait_for_room(Event(name, args, kwargs, stamp), subs, ctx)
+                    await self.bus._put_wait(Event(name, args, kwargs, stamp), subs, ctx)
         except Exception:
             logger.exception(
                 "events held until the response was sent could not all be queued (%s)",
                 ", ".join(entry[2] for entry in entries),
             )
-
-    async def _wait_for_room(self, event: Event, subs: Any, ctx: Any) -> None:
-        bus = self.bus
-        put = bus.backend.put_wait(event, subs, ctx)
-        loop = bus._loop
-        if loop is None or asyncio.get_running_loop() is loop:
-            await put
-        else:  # the app runs on a loop of its own (a test client's thread)
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
 
     def drop(self) -> None:
         """Forget the held events (the request failed), and give back the once-listeners

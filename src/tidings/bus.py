@@ -510,15 +510,20 @@ class Bus:
             else:
                 loop.call_soon_threadsafe(self.backend.put_later, event, subs, ctx, delay)
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            await self.backend.put_wait(event, subs, ctx)
+        await self._put_wait(event, subs, ctx)
+
+    async def _put_wait(
+        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+    ) -> None:
+        """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
+        test client's, in a thread of its own)."""
+        loop = self._loop
+        assert loop is not None
+        put = self.backend.put_wait(event, subs, ctx)
+        if asyncio.get_running_loop() is loop:
+            await put
         else:
-            fut = asyncio.run_coroutine_threadsafe(self.backend.put_wait(event, subs, ctx), loop)
-            await asyncio.wrap_future(fut)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
 
     async def _publish_in(self, outbox: tuple[str, Any], event: Event, delay: float | None) -> None:
         """Store ``event`` with the caller's connection, in its transaction."""
