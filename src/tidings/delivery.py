@@ -262,11 +262,10 @@ class Runner:
                 async with deadline:
                     await _resume(coro, yielded)
         except (Exception, asyncio.CancelledError) as exc:
-            if deadline is not None and deadline.expired():
-                exc = self.timed_out(sub, exc)
-            elif isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+            error = self._failure_of(sub, exc, deadline)
+            if error is None:
                 raise
-            self.failed(event, sub, ctx, exc)
+            self.failed(event, sub, ctx, error)
         else:
             self.succeeded(event, sub)
 
@@ -308,11 +307,10 @@ class Runner:
                     if asyncio.iscoroutine(result):
                         await result
         except (Exception, asyncio.CancelledError) as exc:
-            if deadline is not None and deadline.expired():
-                exc = self.timed_out(sub, exc)
-            elif isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+            error = self._failure_of(sub, exc, deadline)
+            if error is None:
                 raise
-            self.failed(event, sub, ctx, exc)
+            self.failed(event, sub, ctx, error)
         else:
             self.succeeded(event, sub)
 
@@ -325,6 +323,17 @@ class Runner:
         if self.on_success or sub.has_success_hooks:
             for hook in (*sub.hooks("on_success"), *self.on_success):
                 self._call_hook(hook, event, sub.listener)
+
+    def _failure_of(
+        self, sub: Subscription, exc: BaseException, deadline: asyncio.Timeout | None
+    ) -> BaseException | None:
+        """What a delivery task that raised ``exc`` records: its timeout when ``deadline``
+        ended it, else ``exc``; ``None`` when the task itself is cancelled (re-raise)."""
+        if deadline is not None and deadline.expired():
+            return self.timed_out(sub, exc)
+        if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+            return None
+        return exc
 
     def timed_out(self, sub: Subscription, exc: BaseException) -> TimeoutError:
         """The error of a delivery its timeout ended (``exc``: what ended it)."""
