@@ -248,9 +248,11 @@ class MemoryBackend(Backend):
         self._force(event, subs, ctx)
 
     async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        while not self._stopped and len(self._queue) >= self._room:
-            if not (self._queue or self._backlogged):
-                break
+        while (
+            not self._stopped
+            and len(self._queue) >= self._room
+            and (self._queue or self._backlogged)
+        ):
             waiter = self._loop.create_future()  # type: ignore[union-attr]
             self._room_waiters.append(waiter)
             await waiter
