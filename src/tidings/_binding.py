@@ -173,6 +173,7 @@ class CallPlan:
 
     __slots__ = (
         "_cache",
+        "_named",
         "_params",
         "_var_args",
         "_var_kwargs",
@@ -208,6 +209,15 @@ class CallPlan:
                 if cls is not None:
                     typed.append(cls)
         self._params = tuple(params)
+        # For a **kwargs: the names it never takes (a named parameter's, but for one
+        # that is positional-only).
+        self._named = (
+            frozenset(
+                n for n, kind, _, _ in params if kind is not inspect.Parameter.POSITIONAL_ONLY
+            )
+            if self._var_kwargs
+            else None
+        )
         self.typed_classes = tuple(typed)
         #: Parameters whose JSON form may need converting back to their annotated type
         #: when the event comes from a durable backend (datetime, UUID, dataclasses...).
@@ -317,14 +327,7 @@ class CallPlan:
             else:
                 kw.append((name, source))
         rest_from = next_arg if self._var_args and positional_open else -1
-        named = (
-            frozenset(
-                n for n, kind, _, _ in self._params if kind is not inspect.Parameter.POSITIONAL_ONLY
-            )
-            if self._var_kwargs
-            else None
-        )
-        return tuple(pos), tuple(kw), rest_from, named
+        return tuple(pos), tuple(kw), rest_from, self._named
 
 
 def keyword_caller(
