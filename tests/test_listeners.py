@@ -176,7 +176,8 @@ async def test_a_publish_cancelled_while_it_waits_for_room_uses_no_once_listener
         await running.wait()
         bus.emit("busy")  # the queue is full now
         waiting = asyncio.create_task(bus.publish("x", n=1))
-        await asyncio.wait([waiting], timeout=0.05)  # still waiting for room
+        await asyncio.wait([waiting], timeout=0.05)
+        assert not waiting.done()  # it waits for room
         waiting.cancel()  # the caller gives up before it was accepted
         await asyncio.gather(waiting, return_exceptions=True)
         release.set()
