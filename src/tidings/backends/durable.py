@@ -615,7 +615,9 @@ class DurableBackend(Backend):
         try:
             await self.store([record for record, _, _ in batch])
         except Exception as exc:
-            if not self.refuses(exc):
+            # (Through a translated error to the driver's own.)
+            cause = exc.__cause__ if isinstance(exc, BackendError) else None
+            if not self.refuses(cause if isinstance(cause, Exception) else exc):
                 raise
             if len(batch) == 1:
                 self._refused(batch[0], exc)
@@ -767,7 +769,11 @@ class DurableBackend(Backend):
         try:
             while self._alone and not self._stopping:
                 self._paused = True
-                while self._tasks and not self._stopping:
+                # Quiet: no other delivery runs, and every outcome is written (a crash
+                # must not take an ack with it).
+                while (
+                    self._tasks or self._outcomes or not self._writer_idle.is_set()
+                ) and not self._stopping:
                     self._progress.clear()
                     await self._progress.wait()
                 if self._stopping:
@@ -889,6 +895,7 @@ class DurableBackend(Backend):
         while not (self._closing and not self._outcomes):
             if not self._outcomes:
                 self._writer_idle.set()
+                self._progress.set()
                 await self._writer_wake.wait()
                 self._writer_wake.clear()
                 continue
