@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidings._loading import load_bus
+from tidings.backends.durable import DurableBackend
 from tidings.bus import Bus
 from tidings.demo import DemoResult, run_demo
 from tidings.errors import TidingsError
@@ -173,9 +174,13 @@ def emit(
     name: str = typer.Argument(..., help="The event name."),
     json_payload: str = typer.Option("{}", "--json", help="Keyword arguments, as a JSON object."),
     delay: float = typer.Option(0.0, help="Deliver after this many seconds."),
+    allow_none: bool = typer.Option(
+        False, "--allow-none", help="Succeed even when no listener takes the event."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus)."""
+    """Publish one event (stored for the workers on a durable bus); fails when the
+    store knows no listener that takes it, unless --allow-none."""
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
@@ -183,14 +188,24 @@ def emit(
     if not isinstance(kwargs, dict):
         raise _fail("--json must be a JSON object of keyword arguments")
 
-    async def body(bus: Bus) -> None:
+    async def body(bus: Bus) -> list[str] | None:
         if delay:
             await bus.publish(name, delay=delay, **kwargs)
         else:
             await bus.publish(name, **kwargs)
+        backend = bus.backend
+        return await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
 
-    _with_bus(target, debug, body)
-    Console().print(f"emitted {name!r}", highlight=False)
+    takers = _with_bus(target, debug, body)
+    if takers is None:
+        Console().print(f"emitted {name!r}", highlight=False)
+        return
+    Console().print(f"emitted {name!r}: stored for {len(takers)} listeners", highlight=False)
+    if not takers and not allow_none:
+        raise _fail(
+            f"no listener joined on the store takes {name!r} (a listener receives the events "
+            "stored after it joined); --allow-none to accept that"
+        )
 
 
 @app.command()

@@ -476,6 +476,11 @@ class PostgresBackend(DurableBackend):
                 renewed.update((listener, r[0]) for r in rows)
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
 
+    async def joined(self) -> dict[str, list[str]]:
+        async with self._p().acquire() as conn:
+            rows = await conn.fetch(f"SELECT listener, names FROM {self.schema}.listeners")
+        return {r[0]: r[1].split() for r in rows}
+
     async def forget(self, listener: str) -> bool:
         s = self.schema
         async with self._p().acquire() as conn, conn.transaction():

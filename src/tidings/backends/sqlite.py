@@ -378,6 +378,10 @@ class SQLiteBackend(DurableBackend):
                 renewed.update((lst, seq) for lst, seq in await cursor.fetchall())
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
 
+    async def joined(self) -> dict[str, list[str]]:
+        cursor = await self._connected().execute("SELECT listener, names FROM tidings_listeners")
+        return {listener: names.split() for listener, names in await cursor.fetchall()}
+
     async def forget(self, listener: str) -> bool:
         async with self._write() as db:
             await db.execute("DELETE FROM tidings_deliveries WHERE listener = ?", (listener,))
