@@ -201,6 +201,7 @@ def test_urls() -> None:
     assert backend.path == "some/dir/events.db"
     assert Bus("sqlite:////abs/events.db").backend.path == "/abs/events.db"  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
+    assert Bus("sqlite:///x.db?stale_listener_s=60").backend.stale_listener_s == 60  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):

@@ -109,7 +109,7 @@ _headers_enc = msgspec.json.Encoder()
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
-_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
+_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s", "stale_listener_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.

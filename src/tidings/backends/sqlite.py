@@ -136,7 +136,7 @@ class SQLiteBackend(DurableBackend):
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``synchronous`` and ``codec``."""
+        ``stale_listener_s``, ``synchronous`` and ``codec``."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -144,7 +144,7 @@ class SQLiteBackend(DurableBackend):
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
         rest, ours = split_options(
             url,
-            floats=("lease_s", "poll_s", "busy_timeout_s"),
+            floats=("lease_s", "poll_s", "busy_timeout_s", "stale_listener_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
         )
