@@ -501,6 +501,19 @@ async def test_a_timed_out_sync_listener_is_retried_once_its_thread_returned(
     assert overlapped == [False]
 
 
+async def test_put_wait_with_a_delay_delivers_later(make_bus: BusFactory) -> None:
+    got = asyncio.Event()
+
+    @listener("later")
+    async def later() -> None:
+        got.set()
+
+    async with make_bus(listeners=[later]) as bus:
+        subs = bus.registry.resolve("later")
+        await bus.backend.put_wait(Event("later"), subs, contextvars.copy_context(), 0.01)
+        await asyncio.wait_for(got.wait(), 10)
+
+
 async def test_publish_with_a_delay_returns_once_stored(
     make_bus: BusFactory, backend_name: str
 ) -> None:
