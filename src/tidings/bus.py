@@ -12,13 +12,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-from tidings import _holding
+from tidings import _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
@@ -51,6 +51,7 @@ logger = logging.getLogger("tidings.bus")
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M")
+T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
@@ -390,6 +391,53 @@ class Bus:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    # -- from sync code -------------------------------------------------------------
+
+    # The background thread running the bus's loop while in ``with bus:``.
+    _loop_thread: _sync.LoopThread | None = None
+
+    def __enter__(self) -> Bus:
+        """Start the bus on an event loop of its own, in a background thread, for
+        scripts and sync frameworks: ``emit`` then works from any thread, and
+        :meth:`publish_sync` / :meth:`run_sync` wait on the bus from sync code.
+
+        Raises:
+            ConfigurationError: the bus is started already.
+            What :meth:`start` raises (a store that cannot be opened, say).
+        """
+        return _sync.enter(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drain (for at most ``shutdown_timeout`` seconds), close, stop the thread."""
+        _sync.leave(self)
+
+    def publish_sync(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`publish`, from sync code: return once the backend accepted the
+        event (stored, on a durable backend). Not on the bus's own loop's thread.
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+            What :meth:`publish` raises.
+        """
+        self.run_sync(self.publish(name_or_event, *args, **kwargs))
+
+    def run_sync(self, awaitable: Awaitable[T], /) -> T:
+        """Run an awaitable of this bus (``bus.drain()``, ``bus.list_dead_letters()``...)
+        on its event loop from sync code, in a copy of the caller's context, and return
+        its result. The bus runs in another thread (``with bus:``, or an app's loop).
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+        """
+        return _sync.run(self, awaitable)
 
     # -- emitting -------------------------------------------------------------------
 
