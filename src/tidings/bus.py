@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-from tidings import _holding, _sync
+from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
@@ -87,6 +87,9 @@ class Bus:
         consume: with a durable backend, also run the listeners in this process (the
             default); ``False`` makes a producer-only bus, and ``tidings worker`` runs
             them elsewhere.
+        debug: log each emit, each delivery's start and end (with its duration) and
+            each retry at DEBUG on ``tidings.debug`` (default: ``TIDINGS_DEBUG``, read
+            here; off costs nothing).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class Bus:
         shutdown_timeout: float | timedelta = 30.0,
         sync_workers: int | None = None,
         consume: bool = True,
+        debug: bool | None = None,
     ) -> None:
         #: Where deliveries wait, for messages (a URL's password is never shown).
         self.url = (
@@ -170,6 +174,8 @@ class Bus:
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
+        if _debug.enabled(debug):
+            _debug.install(self)
 
     # -- listeners ------------------------------------------------------------------
 
