@@ -587,3 +587,31 @@ async def test_many_failures_at_once_keep_the_bus_healthy() -> None:
         bus.emit("x", n=2000)
         await bus.drain()
     assert len(ok.calls) == 501
+
+
+async def test_a_retried_attempt_is_one_line_and_the_traceback_comes_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("order.paid", retry=FAST)
+    async def charge(order_id: int) -> None:
+        raise RuntimeError(f"card declined for {order_id}")
+
+    with caplog.at_level(logging.INFO, logger="tidings"):
+        async with Bus(listeners=[charge]) as bus:
+            bus.emit("order.paid", order_id=7)
+            await bus.drain()
+    records = [r for r in caplog.records if r.name == "tidings.delivery"]
+    assert [(r.levelno, r.exc_info is not None) for r in records] == [
+        (logging.WARNING, False),
+        (logging.WARNING, False),
+        (logging.ERROR, True),
+    ]
+    assert "attempt 1/3: RuntimeError: card declined for 7; retrying" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="tidings"):
+        async with Bus(listeners=[charge]) as bus:
+            bus.emit("order.paid", order_id=8)
+            await bus.drain()
+    retried = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(retried) == 2
+    assert all(r.exc_info is not None for r in retried)

@@ -352,15 +352,19 @@ class Runner:
         error_hooks = (*sub.hooks("on_error"), *self.on_error)
         if retryable and attempt < retry.attempts:
             delay = retry.delay_for(attempt)
+            # One line per attempt; the traceback once, at the dead letter (or with DEBUG).
             logger.warning(
-                "delivery of event %s (%s) to %s failed on attempt %d/%d; retrying in %.3fs",
+                "delivery of event %s (%s) to %s failed on attempt %d/%d: %s: %s; "
+                "retrying in %.3fs",
                 event.id,
                 event.name,
                 listener.qualname,
                 attempt,
                 retry.attempts,
+                type(exc).__qualname__,
+                exc,
                 delay,
-                exc_info=exc,
+                exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
             )
             for hook in error_hooks:
                 self._call_hook(hook, event, listener, exc)
