@@ -839,8 +839,14 @@ class Bus:
         return [sub.listener for sub in self.registry.subscriptions()]
 
     def dead_letters(self) -> list[DeadLetter]:
-        """Recent dead letters (deliveries that failed their last attempt), oldest first."""
-        return self.backend.dead_letters()
+        """Recent dead letters (deliveries that failed their last attempt), oldest first.
+
+        Those the backend raised on when handed them are kept by the bus, and listed too.
+        """
+        kept = self._runner.kept if self._runner is not None else []
+        if not kept:
+            return self.backend.dead_letters()
+        return sorted([*self.backend.dead_letters(), *kept], key=lambda d: d.failed_at)
 
     async def list_dead_letters(
         self, *, listener: str | None = None, limit: int = 100
@@ -849,7 +855,7 @@ class Bus:
         backend = self.backend
         if isinstance(backend, DurableBackend):
             return await backend.list_dead(listener, limit)
-        dead = [d for d in backend.dead_letters() if listener is None or d.listener == listener]
+        dead = [d for d in self.dead_letters() if listener is None or d.listener == listener]
         return dead[:limit]
 
     async def replay_dead_letters(
@@ -866,7 +872,8 @@ class Bus:
             raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
         subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
         count = 0
-        for letter in backend.take_dead(ids, listener):
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        for letter in [*backend.take_dead(ids, listener), *kept]:
             sub = subs.get(letter.listener)
             if sub is None:
                 logger.warning(
@@ -888,7 +895,8 @@ class Bus:
             return await backend.purge_dead(ids, listener)
         if not isinstance(backend, MemoryBackend):
             raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
-        return len(backend.take_dead(ids, listener))
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        return len(backend.take_dead(ids, listener)) + len(kept)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
