@@ -12,9 +12,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -32,7 +33,7 @@ from tidings.errors import (
     PayloadError,
     QueueFull,
 )
-from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
+from tidings.events import Event, event_name_of
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -42,6 +43,7 @@ from tidings.listeners import (
     _hooks,
     _seconds,
 )
+from tidings.options import EmitOptions
 from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
@@ -57,7 +59,6 @@ _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
-_no_options = RESERVED_KEYWORDS.isdisjoint
 # The ``once`` subscriptions an emit took, with where they were in their registries.
 _Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
@@ -263,11 +264,8 @@ class Bus:
             await asyncio.sleep(max(0.0, tick - time.time()))
             try:
                 if await self.backend.claim_tick(entry.key, tick):
-                    await self.publish(
-                        entry.name,
-                        *entry.args,
-                        headers={"tidings-cron-tick": repr(tick)},
-                        **entry.kwargs,
+                    await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                        entry.name, *entry.args, **entry.kwargs
                     )
             except Exception:
                 logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
@@ -450,23 +448,20 @@ class Bus:
     def emit(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Queue an event for its listeners and return at once; safe from any thread.
 
-        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``) or a
-        typed event object. The keywords ``delay`` (seconds or ``timedelta``), ``at``
-        (a ``datetime``), ``headers`` (a ``dict[str, str]``) and ``key`` are options.
+        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``, every
+        keyword included) or a typed event object. Options (a delay, headers...) travel
+        apart: ``bus.options(delay=60).emit(...)``.
 
         Raises:
             NotStartedError: the bus is not started, or closed.
+            EmitError: the event name cannot be emitted (empty, a wildcard,
+                whitespace or control characters, over 255 UTF-8 bytes).
             QueueFull: the in-process queue is full.
             NoListenersError: strict bus, and nothing listens to the name.
             BindingError: strict bus, and a listener cannot be called with the event.
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        # Options are found with one C call rather than as keyword-only parameters,
-        # which make every call bind slower.
-        if kwargs and not _no_options(kwargs):
-            self._emit_with_options(name_or_event, args, kwargs)
-            return
         if type(name_or_event) is str:
             # The common case, kept flat: a started plain bus, on its loop's thread.
             if self._hot and _get_ident() == self._thread:
@@ -508,26 +503,67 @@ class Bus:
         """Like :meth:`emit`, but wait until the backend has accepted the event.
 
         For the memory backend that means room in the queue; for a durable backend,
-        stored. Raises what :meth:`emit` raises, except ``QueueFull``.
-
-        On PostgreSQL, ``connection=`` (an asyncpg connection) or ``session=`` (a
-        SQLAlchemy ``AsyncSession`` on asyncpg) stores the event inside that
-        connection's transaction: it exists, and is delivered, only if the transaction
-        commits (a transactional outbox).
+        stored. Raises what :meth:`emit` raises, except ``QueueFull``. Every keyword is
+        payload; options travel apart: ``await bus.options(delay=60).publish(...)``.
         """
-        outbox = _pop_outbox(kwargs)
+        await self._publish(None, name_or_event, args, kwargs)
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        key: Any = None,
+        headers: Mapping[str, str] | None = None,
+        connection: Any = None,
+        session: Any = None,
+    ) -> EmitOptions:
+        """Options for an emit, apart from its payload: ``bus.options(delay=60).emit(
+        "report.due", key="r1")`` (there ``key="r1"`` is payload).
+
+        Args:
+            delay: seconds (or a ``timedelta``) before delivery; 0 or less means now.
+            at: an aware ``datetime`` to deliver at (one that has passed means now).
+            key: the ordering key (reserved for per-key ordering).
+            headers: the event's headers, strings to strings.
+            connection: an asyncpg connection: ``publish`` stores the event inside its
+                transaction (PostgreSQL), so it exists only if the transaction commits.
+            session: the same with a SQLAlchemy ``AsyncSession`` on asyncpg.
+
+        Raises:
+            EmitError: a delay that is not finite, a naive ``at=``, both of them, or
+                headers that are not strings (or cannot be encoded).
+            ConfigurationError: both ``connection=`` and ``session=``.
+        """
+        return EmitOptions(
+            self,
+            delay=delay,
+            at=at,
+            key=key,
+            headers=headers,
+            connection=connection,
+            session=session,
+        )
+
+    async def _publish(
+        self,
+        options: EmitOptions | None,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        outbox = None if options is None else options.outbox
         if outbox is not None and not hasattr(self.backend, "store_with"):
             raise ConfigurationError(
                 f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
                 f"which only the PostgreSQL backend can do (this bus is on {self.url})"
             )
-        options = _pop_options(kwargs)
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
+        if options is not None and options.headers:
+            event.headers = dict(options.headers)
         prepared = self._prepare(event)
         if prepared is None:
             return
@@ -549,7 +585,7 @@ class Bus:
         event: Event,
         subs: tuple[Subscription, ...],
         ctx: contextvars.Context,
-        options: dict[str, Any],
+        options: EmitOptions | None,
         outbox: tuple[str, Any] | None,
     ) -> None:
         loop = self._loop
@@ -591,22 +627,29 @@ class Bus:
         due = event.timestamp + delay if delay is not None else event.timestamp
         await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
 
-    def _emit_with_options(
-        self, name_or_event: str | Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def _emit_with(
+        self,
+        options: EmitOptions,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        options = _pop_options(kwargs)
+        """``emit`` with options (see :meth:`options`)."""
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
-        self._dispatch(event, _delay_s(options))
+        if options.headers:
+            event.headers = dict(options.headers)
+        self._dispatch(event, options.due_in())
 
     def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
         if isinstance(obj, str):
             # A str subclass (a StrEnum member, say) names the event its value names.
             return Event(str.__str__(obj), args, kwargs)
+        if isinstance(obj, Enum) and isinstance(obj.value, str):
+            # A plain Enum member names the event its value names, as a StrEnum does.
+            return Event(obj.value, args, kwargs)
         cls = type(obj)
         name = self._typed_ok.get(cls)
         if name is None:
@@ -923,43 +966,6 @@ class Bus:
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
 
 
-def _pop_outbox(kwargs: dict[str, Any]) -> tuple[str, Any] | None:
-    """``connection=`` or ``session=`` of :meth:`Bus.publish`, if given."""
-    found = [(key, kwargs.pop(key)) for key in ("connection", "session") if key in kwargs]
-    if len(found) > 1:
-        raise ConfigurationError("pass connection= or session=, not both")
-    return found[0] if found else None
-
-
-def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key in RESERVED_KEYWORDS:
-        if key in kwargs:
-            options[key] = kwargs.pop(key)
-    headers = options.get("headers")
-    if headers is not None and not (
-        isinstance(headers, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-    ):
-        raise PayloadError(f"headers must be a dict of str to str, not {headers!r}")
-    if "delay" in options and "at" in options:
-        raise ConfigurationError("pass delay= or at=, not both")
-    return options
-
-
-def _delay_s(options: dict[str, Any]) -> float | None:
-    if "delay" in options:
-        delay = options["delay"]
-        if isinstance(delay, timedelta):
-            return max(delay.total_seconds(), 0.0)
-        if isinstance(delay, int | float) and not isinstance(delay, bool):
-            return max(float(delay), 0.0)
-        raise ConfigurationError(f"delay= takes seconds or a timedelta, not {delay!r}")
-    if "at" in options:
-        at = options["at"]
-        if not isinstance(at, datetime):
-            raise ConfigurationError(f"at= takes a datetime, not {at!r}")
-        if at.tzinfo is None:
-            at = at.astimezone()  # naive means local time
-        return max((at - datetime.now(UTC)).total_seconds(), 0.0)
-    return None
+def _delay_s(options: EmitOptions | None) -> float | None:
+    """Seconds from now until an event with these options is due, or ``None``."""
+    return None if options is None else options.due_in()

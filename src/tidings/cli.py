@@ -204,23 +204,45 @@ def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     name: str = typer.Argument(..., help="The event name."),
-    json_payload: str = typer.Option("{}", "--json", help="Keyword arguments, as a JSON object."),
-    delay: float = typer.Option(0.0, help="Deliver after this many seconds."),
+    json_payload: str = typer.Option(
+        "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
+    ),
+    delay: float | None = typer.Option(None, help="Deliver after this many seconds."),
+    at: str | None = typer.Option(
+        None, help="Deliver at this time: ISO 8601 with a UTC offset (2030-01-01T09:00+00:00)."
+    ),
+    key: str | None = typer.Option(None, help="The event's ordering key."),
+    headers: list[str] = typer.Option(  # noqa: B008
+        [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus)."""
+    """Publish one event (stored for the workers on a durable bus).
+
+    --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    """
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
         raise _fail(f"--json is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise _fail("--json must be a JSON object of keyword arguments")
+    header_map: dict[str, str] = {}
+    for item in headers:
+        header, sep, value = item.partition("=")
+        if not sep or not header:
+            raise _fail(f"--header takes NAME=VALUE, not {item!r}")
+        header_map[header] = value
+    when: dt.datetime | None = None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
     async def body(bus: Bus) -> None:
-        if delay:
-            await bus.publish(name, delay=delay, **kwargs)
-        else:
-            await bus.publish(name, **kwargs)
+        options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
+        await options.publish(name, **kwargs)
 
     _with_bus(target, debug, body)
     Console().print(f"emitted {name!r}", highlight=False)
