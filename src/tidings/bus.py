@@ -594,22 +594,24 @@ class Bus:
         if outbox is not None:
             await self._publish_in(outbox, event, delay)
             return
-        if delay is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay)
-            else:
-                loop.call_soon_threadsafe(self.backend.put_later, event, subs, ctx, delay)
-            return
-        await self._put_wait(event, subs, ctx)
+        await self._put_wait(event, subs, ctx, delay)
 
     async def _put_wait(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None = None,
     ) -> None:
         """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
         test client's, in a thread of its own)."""
         loop = self._loop
         assert loop is not None
-        put = self.backend.put_wait(event, subs, ctx)
+        put = (
+            self.backend.put_wait(event, subs, ctx)
+            if delay_s is None
+            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)
+        )
         if asyncio.get_running_loop() is loop:
             await put
         else:

@@ -117,8 +117,15 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising."""
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising;
+        with ``delay_s``, like :meth:`put_later` (a durable backend returns once stored)."""
 
     @abstractmethod
     def put_later(

@@ -242,7 +242,18 @@ class MemoryBackend(Backend):
             raise self._full(event.name)
         self._force(event, subs, ctx)
 
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        if delay_s is not None:
+            if self._stopped:
+                raise NotStartedError(f"cannot queue event {event.name!r}: the bus is closed")
+            self.put_later(event, subs, ctx, delay_s)
+            return
         while (
             not self._stopped
             and len(self._queue) >= self._room
