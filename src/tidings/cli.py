@@ -89,6 +89,9 @@ def worker(
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds running deliveries get to finish on SIGTERM/SIGINT."
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Run the listeners of a durable bus until SIGTERM or SIGINT."""
@@ -100,18 +103,35 @@ def worker(
         console.print(f"tidings worker: {count} listener(s) on {bus.url}", highlight=False)
 
     bus = _guarded(debug, lambda: load_bus(target))
-    _guarded(
-        debug,
-        lambda: asyncio.run(
-            run_worker(
-                bus,
-                concurrency=concurrency,
-                listeners=listeners or None,
-                shutdown_timeout_s=shutdown_timeout,
-                on_ready=ready,
-            )
-        ),
+    work = run_worker(
+        bus,
+        concurrency=concurrency,
+        listeners=listeners or None,
+        shutdown_timeout_s=shutdown_timeout,
+        on_ready=ready,
     )
+    if metrics_port is not None:
+        work = _with_metrics(bus, metrics_port, work, console)
+    _guarded(debug, lambda: asyncio.run(work))
+
+
+async def _with_metrics(
+    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+) -> None:
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    from tidings.metrics import instrument, serve
+
+    try:
+        server = await serve(instrument(bus), port=port)
+    except BaseException:
+        work.close()
+        raise
+    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    try:
+        await work
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @app.command("listeners")
