@@ -134,6 +134,9 @@ def worker(
     log_deliveries: bool = typer.Option(
         False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
     """Run the listeners of a durable bus until SIGTERM or SIGINT."""
@@ -142,18 +145,35 @@ def worker(
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tidings").setLevel("DEBUG" if debug else log_level.upper())
     bus = _guarded(debug, lambda: load_bus(target))
-    _guarded(
-        debug,
-        lambda: asyncio.run(
-            run_worker(
-                bus,
-                concurrency=concurrency,
-                listeners=listeners or None,
-                shutdown_timeout_s=shutdown_timeout,
-                log_deliveries=log_deliveries,
-            )
-        ),
+    work = run_worker(
+        bus,
+        concurrency=concurrency,
+        listeners=listeners or None,
+        shutdown_timeout_s=shutdown_timeout,
+        log_deliveries=log_deliveries,
     )
+    if metrics_port is not None:
+        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
+    _guarded(debug, lambda: asyncio.run(work))
+
+
+async def _with_metrics(
+    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+) -> None:
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    from tidings.metrics import instrument, serve
+
+    try:
+        server = await serve(instrument(bus), port=port)
+    except BaseException:
+        work.close()
+        raise
+    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    try:
+        await work
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
