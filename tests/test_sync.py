@@ -212,3 +212,15 @@ async def test_a_bus_started_on_a_running_loop_cannot_also_run_in_a_thread() -> 
     async with Bus() as bus:
         with pytest.raises(ConfigurationError, match="started already"), bus:
             pass
+
+
+def test_a_sync_wait_on_a_bus_whose_loop_stopped_raises_instead_of_hanging() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        bus = Bus()
+        loop.run_until_complete(bus.start())  # the loop stops running here, bus open
+        with pytest.raises(NotStartedError, match="event loop is not running"):
+            bus.publish_sync("x")
+        loop.run_until_complete(bus.aclose())
+    finally:
+        loop.close()
