@@ -118,10 +118,10 @@ def test_a_wsgi_app_served_by_threads_emits_and_every_event_is_delivered(
     assert bus_threads() == []
 
 
-def test_errors_at_start_raise_in_the_calling_thread(tmp_path: Path) -> None:
-    # A directory where the database file should be: the store cannot be opened.
-    bus = Bus(f"sqlite:///{tmp_path}")
-    with pytest.raises(BackendError), bus:
+def test_errors_at_start_raise_in_the_calling_thread() -> None:
+    # Nothing listens on port 1: the store cannot be reached.
+    bus = Bus("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(BackendError, match="cannot connect to PostgreSQL"), bus:
         pytest.fail("the block must not run")
     assert not bus.started
     assert bus_threads() == []
