@@ -14,7 +14,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from tidings import _processes
 from tidings._binding import CallPlan, keyword_caller
@@ -93,7 +93,7 @@ class Listener(Generic[P, R]):
         on_success: SuccessHook | Iterable[SuccessHook] | None = None,
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
-        executor: str = "thread",
+        executor: Literal["thread", "process"] = "thread",
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -167,7 +167,7 @@ def listener(
     on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
-    executor: str = ...,
+    executor: Literal["thread", "process"] = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
