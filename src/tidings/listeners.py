@@ -14,8 +14,9 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from tidings import _processes
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
@@ -92,6 +93,7 @@ class Listener(Generic[P, R]):
         on_success: SuccessHook | Iterable[SuccessHook] | None = None,
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
+        executor: Literal["thread", "process"] = "thread",
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -114,6 +116,23 @@ class Listener(Generic[P, R]):
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.plan = CallPlan(fn, self.qualname)
+        #: Where a sync listener runs: ``"thread"`` (the bus's thread pool) or
+        #: ``"process"`` (a pool of worker processes, see :mod:`tidings._processes`).
+        self.executor = executor
+        if executor == "process":
+            _processes.check(
+                fn,
+                self.qualname,
+                is_async=_is_async_callable(fn),
+                inline=inline,
+                injected=self.plan.fn is not fn,
+            )
+            self.plan.fn = _processes.InProcess(fn, self.qualname)
+        elif executor != "thread":
+            raise ConfigurationError(
+                f"executor of listener {self.qualname} must be 'thread' or 'process', "
+                f"not {executor!r}"
+            )
         # The plan may call a wrapper (injected dependencies), which is async.
         self.is_async = _is_async_callable(self.plan.fn)
         if inline and self.timeout is not None and not self.is_async:
@@ -148,6 +167,7 @@ def listener(
     on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
+    executor: Literal["thread", "process"] = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -159,7 +179,9 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
     ``timedelta``, per attempt), ``concurrency`` (deliveries of this listener running at
     once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
-    ``inline`` (run a sync function on the event loop instead of a thread), and
+    ``inline`` (run a sync function on the event loop instead of a thread),
+    ``executor="process"`` (run a sync function in a pool of worker processes: for
+    CPU-bound work; it must be defined at the top level of a module), and
     ``on_error`` / ``on_success`` / ``on_dead`` hooks.
 
     Raises:
