@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,24 @@ async def test_a_queue_that_refuses_makes_dead_letters_after_the_retries(
     assert all(d.attempts == 2 for d in dead)
     assert dead[0].error.startswith(f"ForwardError: SQS queue {url} did not take")
     assert sum(batches.sizes) == 6
+
+
+async def test_a_durable_store_forwards_to_sqs_in_batches(
+    endpoint: str, client: Any, tmp_path: Path
+) -> None:
+    url = await _queue(client)
+    session = get_session()
+    batches = Batches(session)
+    hook = _sqs(endpoint, url, session)
+    async with Bus(f"sqlite:///{tmp_path / 'sqs.db'}?poll_s=0.01", listeners=[hook]) as bus:
+        for n in range(30):
+            bus.emit("order.paid", order_id=n)
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    assert sum(batches.sizes) == 30
+    assert max(batches.sizes) <= 10
+    assert len(batches.sizes) < 30  # the store's claimed deliveries share calls
+    messages = await _receive(client, url, 30)
+    assert sorted(json.loads(m["Body"])["payload"]["kwargs"]["order_id"] for m in messages) == list(
+        range(30)
+    )

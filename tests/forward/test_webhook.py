@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,19 @@ def test_the_signature_covers_timestamp_and_body() -> None:
     assert sign(SECRET, "1", b"{}").startswith("sha256=")
     assert not forward.verify_signature(SECRET, b"{}", {"Tidings-Timestamp": "soon"})
     assert Event("x").name == "x"
+
+
+async def test_a_webhook_forwards_from_a_durable_store(receiver: Receiver, tmp_path: Path) -> None:
+    receiver.statuses = [500]
+    hook = forward.webhook(
+        receiver.url, "order.*", secret=SECRET, retry=Retry(attempts=2, backoff=0)
+    )
+    async with Bus(f"sqlite:///{tmp_path / 'hooks.db'}?poll_s=0.01", listeners=[hook]) as bus:
+        for n in range(5):
+            await bus.publish("order.paid", order_id=n)
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    bodies = [json.loads(r.body) for r in receiver.requests]
+    assert len(bodies) == 6  # one attempt answered 500, and was made again
+    assert sorted({b["payload"]["kwargs"]["order_id"] for b in bodies}) == [0, 1, 2, 3, 4]
+    assert all(forward.verify_signature(SECRET, r.body, r.headers) for r in receiver.requests)
