@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,28 @@ async def _publish_with_headers(
 def test_a_bridge_needs_names() -> None:
     with pytest.raises(ConfigurationError, match=r"bridge\(memory://\) forwards no event name"):
         forward.bridge("memory://")
+
+
+@dataclasses.dataclass
+class Paid:
+    __event_name__ = "order.paid"
+    order_id: int
+
+
+async def test_a_typed_event_crosses_a_bridge_from_a_durable_store(tmp_path: Path) -> None:
+    got: list[Paid] = []
+
+    @listener(Paid)
+    def keep(paid: Paid) -> None:
+        got.append(paid)
+
+    url = f"sqlite:///{tmp_path / 'typed.db'}?poll_s=0.01"
+    async with Bus(listeners=[keep]) as target:
+        bridge = forward.bridge(target, Paid, retry=1)
+        async with Bus(url, listeners=[bridge]) as source:
+            await source.publish(Paid(order_id=3))
+            await source.drain()
+            assert await source.list_dead_letters() == []
+        await target.drain()
+        assert target.dead_letters() == []
+    assert got == [Paid(order_id=3)]

@@ -14,7 +14,7 @@ import msgspec
 
 from tidings.codec import encode_payload
 from tidings.events import Event
-from tidings.listeners import Listener
+from tidings.listeners import Listener, _names
 
 __all__ = ["Forwarder", "event_json", "listener_name"]
 
@@ -70,8 +70,11 @@ class Forwarder(ABC, Generic[C]):
         if connection is not None:
             await self._close(connection)
 
-    def listener(self, names: Sequence[str], name: str, **options: Any) -> Listener[..., Any]:
-        """This forwarder as a listener of ``names``, whose qualified name is ``name``."""
+    def listener(
+        self, names: Sequence[str | type[Any]], name: str, **options: Any
+    ) -> Listener[..., Any]:
+        """This forwarder as a listener of ``names`` (names, patterns or typed-event
+        classes), whose qualified name is ``name``."""
         forwarder = self
 
         async def forward(event: Event) -> None:
@@ -86,7 +89,10 @@ class Forwarder(ABC, Generic[C]):
         forward.__qualname__ = forward.__name__ = name
         forward.aclose = forwarder.aclose  # type: ignore[attr-defined]
         forward.forwarder = forwarder  # type: ignore[attr-defined]
-        return Listener(forward, names, **options)
+        # A typed-event class among the names makes a durable store hand the forwarder
+        # the event's object, not its fields.
+        str_names, typed = _names(names)
+        return Listener(forward, str_names, typed=typed, **options)
 
 
 def event_json(event: Event) -> bytes:

@@ -55,7 +55,7 @@ class Bridge(Forwarder["Bus"]):
 
 
 def bridge(
-    target: str | Bus, *names: str, name: str | None = None, **options: Any
+    target: str | Bus, *names: str | type[Any], name: str | None = None, **options: Any
 ) -> Listener[..., Any]:
     """A listener that publishes each event of ``names`` on another bus, with its payload
     and headers: an in-process bus feeding a durable store, or one broker feeding another.
@@ -68,7 +68,7 @@ def bridge(
     Args:
         target: the other bus's URL (a producer-only bus is opened on first use and
             closed with this bus), or a started :class:`~tidings.Bus` (left to its owner).
-        names: the event names or patterns to forward.
+        names: the event names, patterns or typed-event classes to forward.
         name: the listener's name (default ``bridge(<url>)``); keep it stable, a durable
             store tracks deliveries by it.
         options: other listener options (``retry``, ``concurrency``, ``on_dead``...).

@@ -129,7 +129,7 @@ class SQS(Forwarder[_Connection]):
 
 def sqs(
     queue_url: str,
-    *names: str,
+    *names: str | type[Any],
     region: str | None = None,
     endpoint_url: str | None = None,
     session: Any = None,
@@ -153,7 +153,7 @@ def sqs(
 
     Args:
         queue_url: the queue's URL.
-        names: the event names or patterns to forward.
+        names: the event names, patterns or typed-event classes to forward.
         region: the AWS region (default: botocore's configuration).
         endpoint_url: another endpoint (a local SQS, say).
         session: an aiobotocore session (default: a new one).

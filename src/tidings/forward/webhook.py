@@ -129,7 +129,7 @@ class Webhook(Forwarder["httpx.AsyncClient"]):
 
 def webhook(
     url: str,
-    *names: str,
+    *names: str | type[Any],
     secret: str | bytes | None,
     headers: Mapping[str, str] | None = None,
     timeout: float | timedelta = 10.0,
@@ -148,7 +148,7 @@ def webhook(
 
     Args:
         url: where to POST.
-        names: the event names or patterns to forward.
+        names: the event names, patterns or typed-event classes to forward.
         secret: the shared secret to sign with; ``None`` sends unsigned requests
             (it must be given, so an unsigned webhook is a choice).
         headers: extra headers for every request (an ``Authorization``, say).
