@@ -69,9 +69,11 @@ async def _publish_with_headers(
         await bus.publish("report.due", *args, headers=headers, **kwargs)
 
 
-def test_a_bridge_needs_names() -> None:
-    with pytest.raises(ConfigurationError, match=r"bridge\(memory://\) forwards no event name"):
-        forward.bridge("memory://")
+def test_a_bridge_needs_names_and_a_bus_that_outlives_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"bridge\(sqlite:///.*\) forwards no event name"):
+        forward.bridge(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ConfigurationError, match="pass the started Bus itself"):
+        forward.bridge("memory://", "order.*")
 
 
 @dataclasses.dataclass

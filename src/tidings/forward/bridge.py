@@ -74,10 +74,15 @@ def bridge(
         options: other listener options (``retry``, ``concurrency``, ``on_dead``...).
 
     Raises:
-        ConfigurationError: no names.
+        ConfigurationError: no names, or a ``memory://`` URL (pass that bus instead).
     """
     if isinstance(target, str):
         where = listener_name("bridge", redact(target))
+        if target.split("://", 1)[0].lower() == "memory":
+            raise ConfigurationError(
+                f"{where} would publish into a new in-process bus that nothing listens "
+                "to: pass the started Bus itself, forward.bridge(other_bus, ...)"
+            )
     else:
         where = f"bridge({target.url})"
     if not names:
