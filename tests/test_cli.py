@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -400,3 +401,52 @@ def test_worker_log_level_hides_what_is_below_it(sqlite_url: str) -> None:
     assert " delivered event " not in log
     assert "failed on attempt 1/2" in log
     assert log.count("Traceback") == 1
+
+
+def test_emit_json_is_the_payload_and_options_are_flags(app_url: str) -> None:
+    payload = '{"order_id": -1, "delay": 86400, "key": "k", "headers": "h", "at": "noon"}'
+    args = ["emit", APP, "order.paid", "--json", payload, "--header", "trace=t1", "--key", "o1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": -2}'])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["emit", APP, "order.paid", "--json", '{"order_id": -3}', "--delay", "3600"]
+    )
+    assert result.exit_code == 0, result.output
+
+    async def work() -> list[Any]:
+        async with cli_app.make_bus() as bus:
+            await bus.drain()
+            letters = await bus.list_dead_letters(listener=f"{cli_app.__name__}.charge")
+            stats = await bus.listener_stats()
+        assert stats[f"{cli_app.__name__}.charge"].delayed == 1  # the --delay 3600 one
+        return letters
+
+    letters = asyncio.run(work())
+    # Delivered at once: the JSON's "delay" is the listener's, not an option.
+    assert sorted(d.event.kwargs["order_id"] for d in letters) == [-2, -1]
+    (first,) = [d for d in letters if d.event.kwargs["order_id"] == -1]
+    assert first.event.kwargs == {
+        "order_id": -1,
+        "delay": 86400,
+        "key": "k",
+        "headers": "h",
+        "at": "noon",
+    }
+    assert dict(first.event.headers) == {"trace": "t1"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--header", "novalue"], "--header takes NAME=VALUE"),
+        (["--at", "tomorrow"], "--at is not an ISO 8601 time"),
+        (["--at", "2030-01-01T09:00"], "aware datetime"),
+        (["--delay", "nan"], "finite"),
+    ],
+)
+def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
+    assert result.exit_code == 1, result.output
+    assert message in result.output

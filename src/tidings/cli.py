@@ -134,6 +134,9 @@ def worker(
     log_deliveries: bool = typer.Option(
         False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
     """Run the listeners of a durable bus until SIGTERM or SIGINT."""
@@ -142,18 +145,35 @@ def worker(
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tidings").setLevel("DEBUG" if debug else log_level.upper())
     bus = _guarded(debug, lambda: load_bus(target))
-    _guarded(
-        debug,
-        lambda: asyncio.run(
-            run_worker(
-                bus,
-                concurrency=concurrency,
-                listeners=listeners or None,
-                shutdown_timeout_s=shutdown_timeout,
-                log_deliveries=log_deliveries,
-            )
-        ),
+    work = run_worker(
+        bus,
+        concurrency=concurrency,
+        listeners=listeners or None,
+        shutdown_timeout_s=shutdown_timeout,
+        log_deliveries=log_deliveries,
     )
+    if metrics_port is not None:
+        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
+    _guarded(debug, lambda: asyncio.run(work))
+
+
+async def _with_metrics(
+    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+) -> None:
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    from tidings.metrics import instrument, serve
+
+    try:
+        server = await serve(instrument(bus), port=port)
+    except BaseException:
+        work.close()
+        raise
+    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    try:
+        await work
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -204,23 +224,45 @@ def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     name: str = typer.Argument(..., help="The event name."),
-    json_payload: str = typer.Option("{}", "--json", help="Keyword arguments, as a JSON object."),
-    delay: float = typer.Option(0.0, help="Deliver after this many seconds."),
+    json_payload: str = typer.Option(
+        "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
+    ),
+    delay: float | None = typer.Option(None, help="Deliver after this many seconds."),
+    at: str | None = typer.Option(
+        None, help="Deliver at this time: ISO 8601 with a UTC offset (2030-01-01T09:00+00:00)."
+    ),
+    key: str | None = typer.Option(None, help="The event's ordering key."),
+    headers: list[str] = typer.Option(  # noqa: B008
+        [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus)."""
+    """Publish one event (stored for the workers on a durable bus).
+
+    --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    """
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
         raise _fail(f"--json is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise _fail("--json must be a JSON object of keyword arguments")
+    header_map: dict[str, str] = {}
+    for item in headers:
+        header, sep, value = item.partition("=")
+        if not sep or not header:
+            raise _fail(f"--header takes NAME=VALUE, not {item!r}")
+        header_map[header] = value
+    when: dt.datetime | None = None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
     async def body(bus: Bus) -> None:
-        if delay:
-            await bus.publish(name, delay=delay, **kwargs)
-        else:
-            await bus.publish(name, **kwargs)
+        options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
+        await options.publish(name, **kwargs)
 
     _with_bus(target, debug, body)
     Console().print(f"emitted {name!r}", highlight=False)

@@ -171,6 +171,9 @@ class Runner:
         #: Deliveries the backend raised on when handed a retry or a dead letter, kept
         #: here as dead letters (oldest first) rather than lost.
         self.kept: list[DeadLetter] = []
+        #: Deliveries ``(event id, subscription)`` whose task was cancelled while their
+        #: sync listener's thread still ran: not to be handed to another worker yet.
+        self.abandoned: set[tuple[str, Subscription]] = set()
         self.observers = tuple(observers)
         # Observed deliveries not finished yet: (id(event), sub) -> (event, finishers).
         self._observed: dict[tuple[int, Subscription], tuple[Event, list[Any]]] = {}
@@ -284,15 +287,17 @@ class Runner:
         loop = self.loop
         deadline = None
         run = ctx.copy().run
+        # The thread's call, awaited through a shield: it cannot be stopped, so its end
+        # is still known after a timeout or a cancellation.
+        running: asyncio.Future[Any] | None = None
         try:
             if returned is not None:
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
                     await returned
             elif timeout is None:
-                result = await loop.run_in_executor(
-                    self.executor, run, sub.listener.plan.call, event
-                )
+                running = loop.run_in_executor(self.executor, run, sub.listener.plan.call, event)
+                result = await asyncio.shield(running)
                 if asyncio.iscoroutine(result):
                     await result
             else:
@@ -306,19 +311,40 @@ class Runner:
                 # The timeout counts from when a thread starts the call, not while the
                 # call waits for a free thread.
                 await asyncio.wait((began, running), return_when=asyncio.FIRST_COMPLETED)
-                # The thread cannot be stopped; the delivery fails and its result is dropped.
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
-                    result = await running
+                    result = await asyncio.shield(running)
                     if asyncio.iscoroutine(result):
                         await result
         except (Exception, asyncio.CancelledError) as exc:
             error = self._failure_of(sub, exc, deadline)
+            if running is not None and not running.done():
+                await self._outlive(running, event, sub, stopping=error is None)
             if error is None:
                 raise
             self.failed(event, sub, ctx, error)
         else:
             self.succeeded(event, sub)
+
+    async def _outlive(
+        self, running: asyncio.Future[Any], event: Event, sub: Subscription, *, stopping: bool
+    ) -> None:
+        """A sync listener's thread outlives its delivery's task (a timeout, or the bus
+        stopping). A timed-out delivery is retried (or buried) only once the thread has
+        returned, so one delivery never runs twice at once; a stopping one is marked
+        ``abandoned``, so a durable backend does not hand it to another worker while
+        the thread still runs (its lease expires once this process has exited)."""
+        key = (event.id, sub)
+        if not stopping:
+            try:
+                await asyncio.wait([running])
+                return
+            except asyncio.CancelledError:
+                self.abandoned.add(key)
+                running.add_done_callback(lambda _f: self.abandoned.discard(key))
+                raise
+        self.abandoned.add(key)
+        running.add_done_callback(lambda _f: self.abandoned.discard(key))
 
     # -- outcomes -------------------------------------------------------------------
 
