@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -50,23 +49,19 @@ async def test_a_bridge_into_a_bus_object_keeps_the_payload_and_headers(tmp_path
         bridge = forward.bridge(target, "report.*", retry=Retry(attempts=2, backoff=0))
         assert bridge.qualname == "tidings.forward.bridge(memory://)"
         async with Bus(url, listeners=[bridge]) as source:
-            await _publish_with_headers(source, {"traceparent": "00-abc"}, 3, report="r1")
+            await source.options(headers={"traceparent": "00-abc"}).publish(
+                "report.due", 3, report="r1", headers="payload too"
+            )
             await source.drain()
         await target.drain()
         assert target.started  # the caller's bus stays the caller's
     (event,) = got
-    assert (event.name, event.args, event.kwargs) == ("report.due", (3,), {"report": "r1"})
+    assert (event.name, event.args, event.kwargs) == (
+        "report.due",
+        (3,),
+        {"report": "r1", "headers": "payload too"},
+    )
     assert event.headers == {"traceparent": "00-abc"}
-
-
-async def _publish_with_headers(
-    bus: Bus, headers: dict[str, str], *args: Any, **kwargs: Any
-) -> None:
-    with_options = getattr(bus, "options", None)
-    if with_options is not None:
-        await with_options(headers=headers).publish("report.due", *args, **kwargs)
-    else:
-        await bus.publish("report.due", *args, headers=headers, **kwargs)
 
 
 def test_a_bridge_needs_names_and_a_bus_that_outlives_it(tmp_path: Path) -> None:

@@ -43,15 +43,10 @@ class Bridge(Forwarder["Bus"]):
             kwargs: dict[str, Any] = {}
         else:
             args, kwargs = (event.name, *event.args), event.kwargs
-        headers = dict(event.headers)
-        if not headers:
+        if event.headers:
+            await bus.options(headers=dict(event.headers)).publish(*args, **kwargs)
+        else:
             await bus.publish(*args, **kwargs)
-            return
-        with_options = getattr(bus, "options", None)
-        if with_options is not None:
-            await with_options(headers=headers).publish(*args, **kwargs)
-        else:  # a bus whose publish takes headers= among its keywords
-            await bus.publish(*args, headers=headers, **kwargs)
 
 
 def bridge(
