@@ -222,6 +222,15 @@ def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> 
     assert any("ValueError: order -1 cannot be charged" in line for line in lines)
 
 
+def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-1])
+    terminal = CliRunner(env={"COLUMNS": "40", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = terminal.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    assert any(event_id in line for line in result.output.splitlines()), result.output
+    assert any("tests.cli_app.charge" in line for line in result.output.splitlines())
+
+
 def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
     # 17 events: two of their ids share a first hex digit, whichever ids they get.
     ids = _dead_ids(sqlite_url, list(range(-17, 0)))

@@ -381,8 +381,21 @@ class Bus:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)
             except TimeoutError:
                 logger.error("bus closed before its hooks finished")
+        await self._close_listeners()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_listeners(self) -> None:
+        """Close what listeners hold open once their deliveries are over: a listener
+        function with an async ``aclose`` (a forwarder's connections) is closed here."""
+        for sub in self.registry.subscriptions():
+            close = getattr(sub.listener.fn, "aclose", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception:
+                logger.exception("closing listener %s raised", sub.listener.qualname)
 
     async def __aenter__(self) -> Bus:
         await self.start()
