@@ -213,6 +213,40 @@ def stats(
     Console().print(_with_bus(target, debug, body))
 
 
+@app.command()
+def dashboard(
+    target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    host: str = typer.Option("127.0.0.1", help="The address to listen on."),
+    port: int = typer.Option(8000, help="The port to listen on."),
+    allow_actions: bool = typer.Option(
+        False, "--allow-actions", help="Let visitors replay and purge dead letters."
+    ),
+    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+) -> None:
+    """Serve the web dashboard of a bus (read only unless --allow-actions)."""
+    from tidings import dashboard as web
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise _fail(
+            "the dashboard's server needs uvicorn: pip install 'tidings[dashboard]'"
+        ) from None
+    bus = _guarded(debug, lambda: load_bus(target))
+    backend: Any = bus.backend
+    if hasattr(backend, "consume"):
+        backend.consume = False  # a viewer: the workers run the listeners
+    page = web.app(bus, auth=(lambda request: "act") if allow_actions else None)
+    Console(stderr=True).print(
+        f"tidings dashboard of {bus.url} on http://{host}:{port}/"
+        + ("" if allow_actions else " (read only)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    _configure_logging(debug)
+    _guarded(debug, lambda: uvicorn.run(page, host=host, port=port, log_level="warning"))
+
+
 @db_app.command("migrate")
 def db_migrate(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
