@@ -462,3 +462,43 @@ def _start_dashboard(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+# -- the terminal's live table (tidings stats --watch) ----------------------------------
+
+
+def test_stats_watch_refreshes_a_live_table(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tidings.cli import app as cli
+
+    url = f"sqlite:///{tmp_path}/events.db"
+
+    async def publish() -> None:
+        async with Bus(url, listeners=[cli_app.charge], consume=False) as bus:
+            await bus.publish("order.paid", order_id=1)
+
+    asyncio.run(publish())
+    runner = CliRunner(env={"COLUMNS": "250", "TIDINGS_TEST_URL": url})
+    result = runner.invoke(
+        cli,
+        ["stats", "tests.cli_app:make_bus()", "--watch", "--refreshes", "3", "--interval", "0.01"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "backlog/s" in result.output
+    row = next(line for line in result.output.splitlines() if cli_app.charge.qualname in line)
+    # pending 1; the backlog did not move between refreshes
+    assert row.split("│")[2].strip() == "1"
+    assert row.split("│")[8].strip() == "+0.0"
+
+
+def test_watch_rates_are_per_second_between_readings() -> None:
+    from tidings.backends.durable import ListenerStats
+    from tidings.dashboard.live import Watch
+
+    watch = Watch("sqlite:///x.db")
+    watch.add({"a": ListenerStats(pending=10, dead=1)}, at=100.0)
+    assert watch.rates("a") is None
+    watch.add({"a": ListenerStats(pending=4, retrying=2, dead=5)}, at=102.0)
+    assert watch.rates("a") == (-2.0, 2.0)
+    assert watch.rates("b") is None

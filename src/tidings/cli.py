@@ -188,8 +188,16 @@ def emit(
 def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live, with rates."),
+    interval: float = typer.Option(1.0, min=0.01, help="With --watch, seconds between refreshes."),
+    refreshes: int | None = typer.Option(
+        None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
+    ),
 ) -> None:
     """What waits per listener: pending, in flight, retrying, delayed, dead."""
+    if watch:
+        _watch_stats(target, debug, interval, refreshes)
+        return
 
     async def body(bus: Bus) -> Table:
         figures = await bus.listener_stats()
@@ -211,6 +219,29 @@ def stats(
         return table
 
     Console().print(_with_bus(target, debug, body))
+
+
+def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | None) -> None:
+    """``stats --watch``: the per-listener figures as a live table, with rates."""
+    from contextlib import suppress
+
+    from rich.live import Live
+
+    from tidings.dashboard.live import Watch
+
+    async def body(bus: Bus) -> None:
+        watch = Watch(bus.url)
+        with Live(watch.table(), console=Console(), auto_refresh=False) as live:
+            done = 0
+            while refreshes is None or done < refreshes:
+                if done:
+                    await asyncio.sleep(interval)
+                watch.add(await bus.listener_stats())
+                live.update(watch.table(), refresh=True)
+                done += 1
+
+    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _with_bus(target, debug, body)
 
 
 @app.command()
