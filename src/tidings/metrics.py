@@ -201,7 +201,7 @@ class Metrics(Collector):
             future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
             figures = await asyncio.wrap_future(future)
         self._store = {
-            name: (s.pending + s.retrying, s.oldest_age_s, s.dead) for name, s in figures.items()
+            name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()
         }
         self._read_at = time.monotonic()
 
@@ -285,7 +285,7 @@ class Metrics(Collector):
 
         pending = GaugeMetricFamily(
             "tidings_listener_pending",
-            "Deliveries waiting in the store (due now, or to be retried).",
+            "Deliveries due and waiting in the store for a worker.",
             labels=["listener"],
         )
         oldest = GaugeMetricFamily(
