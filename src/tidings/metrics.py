@@ -200,9 +200,7 @@ class Metrics(Collector):
         else:
             future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
             figures = await asyncio.wrap_future(future)
-        self._store = {
-            name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()
-        }
+        self._store = {name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()}
         self._read_at = time.monotonic()
 
     async def scrape(self) -> bytes:
