@@ -47,7 +47,9 @@ try:
         Metric,
     )
     from prometheus_client.registry import Collector
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    if exc.name != "prometheus_client":
+        raise
     raise ImportError(
         "tidings.metrics needs prometheus_client: pip install 'tidings[prometheus]'"
     ) from exc
