@@ -72,6 +72,15 @@ def shop() -> Shop:
     return _shop
 
 
+async def publish_later(bus: Bus, delay_s: float, name: str, **payload: Any) -> None:
+    """Publish ``name`` to be delivered in ``delay_s`` seconds."""
+    options = getattr(bus, "options", None)
+    if options is not None:  # options apart from the payload
+        await options(delay=delay_s).publish(name, **payload)
+    else:
+        await bus.publish(name, delay=delay_s, **payload)
+
+
 def _client(dashboard: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=dashboard), base_url="http://t")
 
@@ -231,7 +240,7 @@ async def test_schedules_show_their_last_and_next_ticks() -> None:
 async def test_delayed_counts_what_waits_for_later(tmp_path: Path, shop: Shop) -> None:
     bus = Bus(f"sqlite:///{tmp_path}/events.db", listeners=[ship], consume=False)
     async with bus, _client(app(bus)) as client:
-        await bus.publish("order.paid", order_id=1, delay=600)
+        await publish_later(bus, 600, "order.paid", order_id=1)
         body = (await client.get("/api/delayed")).json()
     assert body["listeners"][ship.qualname]["delayed"] == 1
 
@@ -338,6 +347,7 @@ async def test_in_chromium(store_url: str, screenshots: Path, shop: Shop, chromi
     from playwright.async_api import async_playwright, expect
 
     bus = Bus(store_url, listeners=[ship, audit])
+    bus.schedule("*/5 * * * *", "report.due")
     kind = "sqlite" if store_url.startswith("sqlite") else "redis"
     dashboard = app(bus, auth=lambda request: "act")
     server, task, base = await _serve(dashboard)  # its lifespan starts the bus
@@ -400,7 +410,24 @@ async def test_in_chromium(store_url: str, screenshots: Path, shop: Shop, chromi
 
                 await page.goto(base + f"#/listener/{ship.qualname}")
                 await expect(page.locator("#failures")).to_contain_text("no stock for order 103")
+                # A traceback opened stays open while the page refreshes.
+                opened = page.locator("#failures details").first
+                await opened.locator("summary").click()
+                for _ in range(2):
+                    async with page.expect_response(lambda r: "api/listener" in r.url):
+                        pass
+                await expect(opened).to_have_attribute("open", "")
+                await expect(opened).to_contain_text("raise ValueError")
                 await page.screenshot(path=str(screenshots / f"listener-{kind}.png"))
+
+                # Schedules, and deliveries waiting for later.
+                await page.goto(base + "#/schedules")
+                await expect(page.locator("#schedules")).to_contain_text("*/5 * * * *")
+                await expect(page.locator("#schedules")).to_contain_text("report.due")
+                await publish_later(bus, 600, "order.paid", order_id=999)
+                await page.goto(base + "#/delayed")
+                delayed_row = page.locator("#delayed tr", has_text=ship.qualname)
+                await expect(delayed_row.locator("td").nth(1)).to_have_text("1")
             finally:
                 await browser.close()
     finally:

@@ -147,10 +147,10 @@ async function overview() {
 
 // -- one listener ----------------------------------------------------------------------
 
-function failureBlock(f) {
+function failureBlock(f, kind) {
   return `<tr><td>${when(f.failed_at)}</td><td class="name">${esc(f.event_id)}</td><td>${esc(f.name)}</td>
     <td class="num">${esc(f.attempt ?? f.attempts)}</td><td class="error">${esc(f.error)}</td></tr>
-    <tr class="detail"><td colspan="5"><details><summary>traceback</summary><pre>${esc(f.traceback)}</pre></details></td></tr>`;
+    <tr class="detail"><td colspan="5"><details data-key="${kind} ${esc(f.event_id)} ${esc(f.attempt ?? f.attempts)} ${esc(f.failed_at)}"><summary>traceback</summary><pre>${esc(f.traceback)}</pre></details></td></tr>`;
 }
 
 async function listenerPage(name) {
@@ -168,10 +168,10 @@ async function listenerPage(name) {
     </div>
     <div class="figures"><div>deliveries/s ${rate(l.rates, "ok", true)}</div><div>failures/s ${rate(l.rates, "fail", true)}</div></div>
     <h2>Recent failures in this process</h2>
-    ${l.sees_failures ? (l.failures.length ? `<table id="failures">${head}<tbody>${l.failures.map(failureBlock).join("")}</tbody></table>` : `<p class="note">None yet.</p>`)
+    ${l.sees_failures ? (l.failures.length ? `<table id="failures">${head}<tbody>${l.failures.map((f) => failureBlock(f, "failure")).join("")}</tbody></table>` : `<p class="note">None yet.</p>`)
       : `<p class="note">Failures are recorded when the dashboard is made before the bus starts.</p>`}
     <h2>Dead letters <a href="#/dead?listener=${encodeURIComponent(l.name)}">(search all)</a></h2>
-    ${l.dead_letters.length ? `<table id="listener-dead">${head}<tbody>${l.dead_letters.map(failureBlock).join("")}</tbody></table>` : `<p class="note">None.</p>`}`;
+    ${l.dead_letters.length ? `<table id="listener-dead">${head}<tbody>${l.dead_letters.map((d) => failureBlock(d, "dead")).join("")}</tbody></table>` : `<p class="note">None.</p>`}`;
 }
 
 // -- dead letters ----------------------------------------------------------------------
@@ -395,8 +395,13 @@ function route() {
     a.classList.toggle("active", a.dataset.nav === nav);
   });
   const show = async () => {
+    // A refresh redraws the page: tracebacks someone opened stay open.
+    const open = new Set([...page.querySelectorAll("details[open]")].map((d) => d.dataset.key));
     try {
       await view();
+      page.querySelectorAll("details[data-key]").forEach((d) => {
+        if (open.has(d.dataset.key)) d.open = true;
+      });
     } catch (err) {
       page.innerHTML = `<p class="error">Could not load: ${esc(err.message)}</p>`;
     }
