@@ -25,7 +25,16 @@ from tidings.dashboard import Access, Request, app
 
 from . import cli_app
 from .conftest import Counter
-from .services import REDIS_URL, drop_prefix, require_redis, unique_prefix
+from .services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    drop_prefix,
+    drop_schema,
+    require_postgres,
+    require_redis,
+    unique_prefix,
+    unique_schema,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -287,6 +296,59 @@ def test_the_wheel_ships_the_static_files(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("index.html", "app.js", "app.css"):
         assert f"tidings/dashboard/static/{name}" in names
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
+async def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A store of the test's own on each backend."""
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+    elif request.param == "redis":
+        require_redis()
+        prefix = unique_prefix()
+        try:
+            yield f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
+        finally:
+            await drop_prefix(prefix)
+    else:
+        require_postgres()
+        schema = unique_schema()
+        try:
+            yield f"{POSTGRES_URL}?schema={schema}&poll_s=0.01"
+        finally:
+            await drop_schema(schema)
+
+
+async def test_every_backend_shows_searches_replays_and_purges(any_url: str, shop: Shop) -> None:
+    shop.fail_for.update({1, 2, 3})
+    bus = Bus(any_url, listeners=[ship])
+    async with bus, _client(app(bus, auth=lambda r: "act")) as client:
+        for n in (1, 2, 3, 4):
+            await bus.publish("order.paid", order_id=n)
+        await bus.drain()
+        rows = (await client.get("/api/overview")).json()["listeners"]
+        assert [(r["name"], r["dead"], r["delivered"]) for r in rows] == [(ship.qualname, 3, 1)]
+        found = (await client.get("/api/dead", params={"error": "order 2"})).json()
+        assert [d["payload"]["kwargs"] for d in found["letters"]] == [{"order_id": 2}]
+        shop.fail_for.clear()
+        replayed = await client.post(
+            "/api/dead/replay", json={"filter": {"error": "order 2"}}, headers=ACT
+        )
+        assert replayed.json() == {"count": 1}
+        await shop.shipped.wait_for(2)
+        letters = (await client.get("/api/dead")).json()["letters"]
+        purged = await client.post(
+            "/api/dead/purge",
+            json={
+                "letters": [{"event_id": d["event_id"], "listener": d["listener"]} for d in letters]
+            },
+            headers=ACT,
+        )
+        assert purged.json() == {"count": 2}
+        assert (await client.get("/api/dead")).json()["total"] == 0
+    assert sorted(shop.shipped.calls, key=str) == [2, 4]
 
 
 # -- in a real browser ------------------------------------------------------------------
