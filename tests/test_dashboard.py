@@ -267,19 +267,36 @@ async def test_metrics_are_served_beside_the_pages(shop: Shop) -> None:
     )
 
 
-async def test_mounted_under_a_prefix() -> None:
+def _starlette_site(dashboard: Any) -> Any:
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
+    return Starlette(routes=[Mount("/tidings", app=dashboard)])
+
+
+def _litestar_site(dashboard: Any) -> Any:
+    from litestar import Litestar, asgi
+    from litestar.types import Receive, Scope, Send
+
+    @asgi("/tidings", is_mount=True, copy_scope=True)
+    async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
+        await dashboard(scope, receive, send)
+
+    return Litestar(route_handlers=[mounted])
+
+
+@pytest.mark.parametrize("site", [_starlette_site, _litestar_site])
+async def test_mounted_under_a_prefix(site: Any) -> None:
     bus = Bus()
-    site = Starlette(routes=[Mount("/tidings", app=app(bus))])
-    async with bus, _client(site) as client:
+    async with bus, _client(site(app(bus))) as client:
         bare = await client.get("/tidings")
         page = await client.get("/tidings/")
+        script = await client.get("/tidings/static/app.js")
         api = await client.get("/tidings/api/overview")
     assert bare.status_code == 307
     assert bare.headers["location"].endswith("/tidings/")
     assert page.status_code == 200
+    assert script.status_code == 200
     assert api.json()["bus"] == "memory://"
 
 

@@ -86,8 +86,13 @@ class Dashboard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
+        if len(path) > 1:
+            path = path.rstrip("/")  # Litestar's mounts add one
+        raw = scope.get("raw_path") or b""
+        if path == "/" and raw and not raw.endswith(b"/"):
+            path = ""  # the page's relative links need the slash: redirect
         try:
-            await self._handle(scope, path or "", receive, send)
+            await self._handle(scope, path, receive, send)
         except _HTTPError as exc:
             await _send_json(send, {"error": str(exc)}, exc.status)
         except (TidingsError, ValueError) as exc:
@@ -136,8 +141,9 @@ class Dashboard:
         method = scope.get("method", "GET")
         if path == "":
             # Relative links need the trailing slash.
-            location = scope.get("root_path", "") + "/"
-            await _send(send, 307, b"", [(b"location", location.encode())])
+            raw = scope.get("raw_path") or b""
+            location = (raw.decode("latin-1") if raw else scope.get("root_path", "")) + "/"
+            await _send(send, 307, b"", [(b"location", location.encode("latin-1"))])
             return
         access = await self._access(scope, path)
         if access is None:
