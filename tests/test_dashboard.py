@@ -11,10 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -37,6 +38,7 @@ from .services import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -366,6 +368,36 @@ async def test_every_backend_shows_searches_replays_and_purges(any_url: str, sho
         assert purged.json() == {"count": 2}
         assert (await client.get("/api/dead")).json()["total"] == 0
     assert sorted(shop.shipped.calls, key=str) == [2, 4]
+
+
+async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
+    # As `with Bus(...)` runs one, or an app that serves the dashboard on a loop of its own.
+    require_redis()
+    prefix = unique_prefix()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+
+    async def there(work: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
+
+    shop.fail_for.add(1)
+    bus = Bus(f"{REDIS_URL}?prefix={prefix}&poll_s=0.01", listeners=[ship])
+    try:
+        await there(bus.start())
+        await there(bus.publish("order.paid", order_id=1))
+        await there(bus.drain())
+        async with _client(app(bus, auth=lambda r: "act")) as client:
+            rows = (await client.get("/api/overview")).json()["listeners"]
+            purged = await client.post("/api/dead/purge", json={"filter": {}}, headers=ACT)
+        assert rows[0]["dead"] == 1
+        assert purged.json() == {"count": 1}
+    finally:
+        await there(bus.aclose())
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+        await drop_prefix(prefix)
 
 
 # -- in a real browser ------------------------------------------------------------------

@@ -237,7 +237,10 @@ class Dashboard:
         act = self.bus.replay_dead_letters if path == "dead/replay" else self.bus.purge_dead_letters
         for listener, ids in _data.by_listener(pairs).items():
             for start in range(0, len(ids), 500):
-                count += await act(ids=ids[start : start + 500], listener=listener or None)
+                chunk = ids[start : start + 500]
+                count += await _data.on_bus_loop(
+                    self.bus, act(ids=chunk, listener=listener or None)
+                )
         logger.info("dashboard: %s of %d dead letter(s)", path.split("/")[1], count)
         return {"count": count}
 

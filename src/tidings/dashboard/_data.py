@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
     from tidings.events import Event
     from tidings.listeners import Listener
 
-__all__ = ["DeadFilter", "Sampler", "Snapshot"]
+__all__ = ["DeadFilter", "Sampler", "Snapshot", "on_bus_loop"]
+
+T = TypeVar("T")
 
 # Dead letters read from the store to search, at most.
 MAX_DEAD_SCANNED = 100_000
@@ -29,6 +32,15 @@ _SAMPLES = 300
 _SAMPLE_EVERY_S = 1.0
 # Failures seen in this process kept for the listener pages.
 _FAILURES = 200
+
+
+async def on_bus_loop(bus: Bus, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` on the bus's event loop, whichever loop serves the dashboard (a
+    bus run by ``with Bus(...)`` has a loop of its own, in a thread)."""
+    loop = bus._loop
+    if loop is None or loop is asyncio.get_running_loop():
+        return await work
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
 
 
 def _json(value: Any) -> Any:
@@ -127,7 +139,9 @@ class DeadFilter:
 
 async def search_dead(bus: Bus, where: DeadFilter) -> list[DeadLetter]:
     """The dead letters ``where`` matches, newest first."""
-    letters = await bus.list_dead_letters(listener=where.listener or None, limit=MAX_DEAD_SCANNED)
+    letters = await on_bus_loop(
+        bus, bus.list_dead_letters(listener=where.listener or None, limit=MAX_DEAD_SCANNED)
+    )
     found = [letter for letter in letters if where(letter)]
     found.reverse()
     return found
@@ -243,7 +257,7 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
             snap = snapshots[name] = Snapshot(name, list(sub.listener.names))
         snap.delivered += sub.delivered
         snap.failed += sub.failed
-    for name, s in (await bus.listener_stats()).items():
+    for name, s in (await on_bus_loop(bus, bus.listener_stats())).items():
         snap = snapshots.get(name)
         if snap is None:
             snap = snapshots[name] = Snapshot(name, [])
@@ -282,12 +296,12 @@ async def delayed(bus: Bus, within_s: float) -> dict[str, Any]:
     backend can list them (``list_delayed(within_s, limit)``)."""
     per_listener = {
         name: {"delayed": s.delayed, "retrying": s.retrying}
-        for name, s in sorted((await bus.listener_stats()).items())
+        for name, s in sorted((await on_bus_loop(bus, bus.listener_stats())).items())
     }
     listing = getattr(bus.backend, "list_delayed", None)
     events: list[dict[str, Any]] | None = None
     if listing is not None:
-        events = [_json(item) for item in await listing(within_s, 100)]
+        events = [_json(item) for item in await on_bus_loop(bus, listing(within_s, 100))]
     elif not bus.backend.durable:
         counters = bus.backend.stats()
         per_listener = {
