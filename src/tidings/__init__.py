@@ -13,6 +13,7 @@ from tidings.errors import (
     ConfigurationError,
     ConnectionLost,
     DeliveryLost,
+    EmitError,
     ListenerError,
     NoListenersError,
     NotStartedError,
@@ -23,6 +24,7 @@ from tidings.errors import (
 )
 from tidings.events import Event, register_event
 from tidings.listeners import Listener, Registry, Subscription, listener
+from tidings.options import EmitOptions
 from tidings.schedule import Schedule
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "ConnectionLost",
     "DeadLetter",
     "DeliveryLost",
+    "EmitError",
+    "EmitOptions",
     "Event",
     "Listener",
     "ListenerError",

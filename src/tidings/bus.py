@@ -12,13 +12,14 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-from tidings import _holding
+from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
@@ -32,7 +33,7 @@ from tidings.errors import (
     PayloadError,
     QueueFull,
 )
-from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
+from tidings.events import Event, event_name_of
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -42,6 +43,7 @@ from tidings.listeners import (
     _hooks,
     _seconds,
 )
+from tidings.options import EmitOptions
 from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
@@ -51,12 +53,12 @@ logger = logging.getLogger("tidings.bus")
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M")
+T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
-_no_options = RESERVED_KEYWORDS.isdisjoint
 # The ``once`` subscriptions an emit took, with where they were in their registries.
 _Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
@@ -86,6 +88,9 @@ class Bus:
         consume: with a durable backend, also run the listeners in this process (the
             default); ``False`` makes a producer-only bus, and ``tidings worker`` runs
             them elsewhere.
+        debug: log each emit, each delivery's start and end (with its duration) and
+            each retry at DEBUG on ``tidings.debug`` (default: ``TIDINGS_DEBUG``, read
+            here; off costs nothing).
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Bus:
         shutdown_timeout: float | timedelta = 30.0,
         sync_workers: int | None = None,
         consume: bool = True,
+        debug: bool | None = None,
     ) -> None:
         #: Where deliveries wait, for messages (a URL's password is never shown).
         self.url = (
@@ -169,6 +175,8 @@ class Bus:
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
+        if _debug.enabled(debug):
+            _debug.install(self)
 
     # -- listeners ------------------------------------------------------------------
 
@@ -256,11 +264,8 @@ class Bus:
             await asyncio.sleep(max(0.0, tick - time.time()))
             try:
                 if await self.backend.claim_tick(entry.key, tick):
-                    await self.publish(
-                        entry.name,
-                        *entry.args,
-                        headers={"tidings-cron-tick": repr(tick)},
-                        **entry.kwargs,
+                    await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                        entry.name, *entry.args, **entry.kwargs
                     )
             except Exception:
                 logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
@@ -391,28 +396,72 @@ class Bus:
     ) -> None:
         await self.aclose()
 
+    # -- from sync code -------------------------------------------------------------
+
+    # The background thread running the bus's loop while in ``with bus:``.
+    _loop_thread: _sync.LoopThread | None = None
+
+    def __enter__(self) -> Bus:
+        """Start the bus on an event loop of its own, in a background thread, for
+        scripts and sync frameworks: ``emit`` then works from any thread, and
+        :meth:`publish_sync` / :meth:`run_sync` wait on the bus from sync code.
+
+        Raises:
+            ConfigurationError: the bus is started already.
+            What :meth:`start` raises (a store that cannot be opened, say).
+        """
+        return _sync.enter(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drain (for at most ``shutdown_timeout`` seconds), close, stop the thread."""
+        _sync.leave(self)
+
+    def publish_sync(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`publish`, from sync code: return once the backend accepted the
+        event (stored, on a durable backend). Not on the bus's own loop's thread.
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+            What :meth:`publish` raises.
+        """
+        self.run_sync(self.publish(name_or_event, *args, **kwargs))
+
+    def run_sync(self, awaitable: Awaitable[T], /) -> T:
+        """Run an awaitable of this bus (``bus.drain()``, ``bus.list_dead_letters()``...)
+        on its event loop from sync code, in a copy of the caller's context, and return
+        its result. The bus runs in another thread (``with bus:``, or an app's loop).
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+        """
+        return _sync.run(self, awaitable)
+
     # -- emitting -------------------------------------------------------------------
 
     def emit(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Queue an event for its listeners and return at once; safe from any thread.
 
-        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``) or a
-        typed event object. The keywords ``delay`` (seconds or ``timedelta``), ``at``
-        (a ``datetime``), ``headers`` (a ``dict[str, str]``) and ``key`` are options.
+        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``, every
+        keyword included) or a typed event object. Options (a delay, headers...) travel
+        apart: ``bus.options(delay=60).emit(...)``.
 
         Raises:
             NotStartedError: the bus is not started, or closed.
+            EmitError: the event name cannot be emitted (empty, a wildcard,
+                whitespace or control characters, over 255 UTF-8 bytes).
             QueueFull: the in-process queue is full.
             NoListenersError: strict bus, and nothing listens to the name.
             BindingError: strict bus, and a listener cannot be called with the event.
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        # Options are found with one C call rather than as keyword-only parameters,
-        # which make every call bind slower.
-        if kwargs and not _no_options(kwargs):
-            self._emit_with_options(name_or_event, args, kwargs)
-            return
         if type(name_or_event) is str:
             # The common case, kept flat: a started plain bus, on its loop's thread.
             if self._hot and _get_ident() == self._thread:
@@ -454,26 +503,67 @@ class Bus:
         """Like :meth:`emit`, but wait until the backend has accepted the event.
 
         For the memory backend that means room in the queue; for a durable backend,
-        stored. Raises what :meth:`emit` raises, except ``QueueFull``.
-
-        On PostgreSQL, ``connection=`` (an asyncpg connection) or ``session=`` (a
-        SQLAlchemy ``AsyncSession`` on asyncpg) stores the event inside that
-        connection's transaction: it exists, and is delivered, only if the transaction
-        commits (a transactional outbox).
+        stored. Raises what :meth:`emit` raises, except ``QueueFull``. Every keyword is
+        payload; options travel apart: ``await bus.options(delay=60).publish(...)``.
         """
-        outbox = _pop_outbox(kwargs)
+        await self._publish(None, name_or_event, args, kwargs)
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        key: Any = None,
+        headers: Mapping[str, str] | None = None,
+        connection: Any = None,
+        session: Any = None,
+    ) -> EmitOptions:
+        """Options for an emit, apart from its payload: ``bus.options(delay=60).emit(
+        "report.due", key="r1")`` (there ``key="r1"`` is payload).
+
+        Args:
+            delay: seconds (or a ``timedelta``) before delivery; 0 or less means now.
+            at: an aware ``datetime`` to deliver at (one that has passed means now).
+            key: the ordering key (reserved for per-key ordering).
+            headers: the event's headers, strings to strings.
+            connection: an asyncpg connection: ``publish`` stores the event inside its
+                transaction (PostgreSQL), so it exists only if the transaction commits.
+            session: the same with a SQLAlchemy ``AsyncSession`` on asyncpg.
+
+        Raises:
+            EmitError: a delay that is not finite, a naive ``at=``, both of them, or
+                headers that are not strings (or cannot be encoded).
+            ConfigurationError: both ``connection=`` and ``session=``.
+        """
+        return EmitOptions(
+            self,
+            delay=delay,
+            at=at,
+            key=key,
+            headers=headers,
+            connection=connection,
+            session=session,
+        )
+
+    async def _publish(
+        self,
+        options: EmitOptions | None,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        outbox = None if options is None else options.outbox
         if outbox is not None and not hasattr(self.backend, "store_with"):
             raise ConfigurationError(
                 f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
                 f"which only the PostgreSQL backend can do (this bus is on {self.url})"
             )
-        options = _pop_options(kwargs)
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
+        if options is not None and options.headers:
+            event.headers = dict(options.headers)
         prepared = self._prepare(event)
         if prepared is None:
             return
@@ -495,7 +585,7 @@ class Bus:
         event: Event,
         subs: tuple[Subscription, ...],
         ctx: contextvars.Context,
-        options: dict[str, Any],
+        options: EmitOptions | None,
         outbox: tuple[str, Any] | None,
     ) -> None:
         loop = self._loop
@@ -504,22 +594,24 @@ class Bus:
         if outbox is not None:
             await self._publish_in(outbox, event, delay)
             return
-        if delay is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay)
-            else:
-                loop.call_soon_threadsafe(self.backend.put_later, event, subs, ctx, delay)
-            return
-        await self._put_wait(event, subs, ctx)
+        await self._put_wait(event, subs, ctx, delay)
 
     async def _put_wait(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None = None,
     ) -> None:
         """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
         test client's, in a thread of its own)."""
         loop = self._loop
         assert loop is not None
-        put = self.backend.put_wait(event, subs, ctx)
+        put = (
+            self.backend.put_wait(event, subs, ctx)
+            if delay_s is None
+            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)
+        )
         if asyncio.get_running_loop() is loop:
             await put
         else:
@@ -537,22 +629,29 @@ class Bus:
         due = event.timestamp + delay if delay is not None else event.timestamp
         await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
 
-    def _emit_with_options(
-        self, name_or_event: str | Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def _emit_with(
+        self,
+        options: EmitOptions,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        options = _pop_options(kwargs)
+        """``emit`` with options (see :meth:`options`)."""
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
-        self._dispatch(event, _delay_s(options))
+        if options.headers:
+            event.headers = dict(options.headers)
+        self._dispatch(event, options.due_in())
 
     def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
         if isinstance(obj, str):
             # A str subclass (a StrEnum member, say) names the event its value names.
             return Event(str.__str__(obj), args, kwargs)
+        if isinstance(obj, Enum) and isinstance(obj.value, str):
+            # A plain Enum member names the event its value names, as a StrEnum does.
+            return Event(obj.value, args, kwargs)
         cls = type(obj)
         name = self._typed_ok.get(cls)
         if name is None:
@@ -785,8 +884,14 @@ class Bus:
         return [sub.listener for sub in self.registry.subscriptions()]
 
     def dead_letters(self) -> list[DeadLetter]:
-        """Recent dead letters (deliveries that failed their last attempt), oldest first."""
-        return self.backend.dead_letters()
+        """Recent dead letters (deliveries that failed their last attempt), oldest first.
+
+        Those the backend raised on when handed them are kept by the bus, and listed too.
+        """
+        kept = self._runner.kept if self._runner is not None else []
+        if not kept:
+            return self.backend.dead_letters()
+        return sorted([*self.backend.dead_letters(), *kept], key=lambda d: d.failed_at)
 
     async def list_dead_letters(
         self, *, listener: str | None = None, limit: int = 100
@@ -795,7 +900,7 @@ class Bus:
         backend = self.backend
         if isinstance(backend, DurableBackend):
             return await backend.list_dead(listener, limit)
-        dead = [d for d in backend.dead_letters() if listener is None or d.listener == listener]
+        dead = [d for d in self.dead_letters() if listener is None or d.listener == listener]
         return dead[:limit]
 
     async def replay_dead_letters(
@@ -812,7 +917,8 @@ class Bus:
             raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
         subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
         count = 0
-        for letter in backend.take_dead(ids, listener):
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        for letter in [*backend.take_dead(ids, listener), *kept]:
             sub = subs.get(letter.listener)
             if sub is None:
                 logger.warning(
@@ -834,7 +940,8 @@ class Bus:
             return await backend.purge_dead(ids, listener)
         if not isinstance(backend, MemoryBackend):
             raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
-        return len(backend.take_dead(ids, listener))
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        return len(backend.take_dead(ids, listener)) + len(kept)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
@@ -861,43 +968,6 @@ class Bus:
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
 
 
-def _pop_outbox(kwargs: dict[str, Any]) -> tuple[str, Any] | None:
-    """``connection=`` or ``session=`` of :meth:`Bus.publish`, if given."""
-    found = [(key, kwargs.pop(key)) for key in ("connection", "session") if key in kwargs]
-    if len(found) > 1:
-        raise ConfigurationError("pass connection= or session=, not both")
-    return found[0] if found else None
-
-
-def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key in RESERVED_KEYWORDS:
-        if key in kwargs:
-            options[key] = kwargs.pop(key)
-    headers = options.get("headers")
-    if headers is not None and not (
-        isinstance(headers, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-    ):
-        raise PayloadError(f"headers must be a dict of str to str, not {headers!r}")
-    if "delay" in options and "at" in options:
-        raise ConfigurationError("pass delay= or at=, not both")
-    return options
-
-
-def _delay_s(options: dict[str, Any]) -> float | None:
-    if "delay" in options:
-        delay = options["delay"]
-        if isinstance(delay, timedelta):
-            return max(delay.total_seconds(), 0.0)
-        if isinstance(delay, int | float) and not isinstance(delay, bool):
-            return max(float(delay), 0.0)
-        raise ConfigurationError(f"delay= takes seconds or a timedelta, not {delay!r}")
-    if "at" in options:
-        at = options["at"]
-        if not isinstance(at, datetime):
-            raise ConfigurationError(f"at= takes a datetime, not {at!r}")
-        if at.tzinfo is None:
-            at = at.astimezone()  # naive means local time
-        return max((at - datetime.now(UTC)).total_seconds(), 0.0)
-    return None
+def _delay_s(options: EmitOptions | None) -> float | None:
+    """Seconds from now until an event with these options is due, or ``None``."""
+    return None if options is None else options.due_in()

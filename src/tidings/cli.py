@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import tempfile
@@ -17,9 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidings._loading import load_bus
+from tidings.backends.base import DeadLetter
 from tidings.bus import Bus
 from tidings.demo import DemoResult, run_demo
-from tidings.errors import TidingsError
+from tidings.errors import ConfigurationError, TidingsError
+from tidings.listeners import Listener
 from tidings.worker import run_worker
 
 T = TypeVar("T")
@@ -79,6 +82,42 @@ def _with_bus(target: str, debug: bool, body: Callable[[Bus], Coroutine[Any, Any
     return _guarded(debug, lambda: asyncio.run(run()))
 
 
+def _print_table(table: Table) -> None:
+    """Print ``table`` without ever cutting a cell of a column that does not wrap (ids,
+    names): as wide as it needs in a pipe or a CI log, at least that wide in a terminal."""
+    console = Console()
+    needed = console.measure(table, options=console.options.update_width(1_000_000))
+    width = needed.minimum if console.is_terminal else needed.maximum
+    if width > console.width or not console.is_terminal:
+        console = Console(width=max(width, 1))
+    console.print(table)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(msgspec.json.format(msgspec.json.encode(value, enc_hook=_json_default), indent=2))
+
+
+def _json_default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # a pydantic model in a typed event
+    if callable(dump):
+        return dump(mode="json")
+    return repr(value)
+
+
+def _require_store(bus: Bus) -> None:
+    """Refuse a bus whose deliveries live only in the memory of the process running it."""
+    if not bus.backend.durable:
+        raise ConfigurationError(
+            f"{bus.url} keeps its deliveries and dead letters in the memory of the process "
+            "that runs the bus, and this command runs in a process of its own, where there "
+            "are none to show: read bus.stats() or await bus.list_dead_letters() in the app, "
+            "or give the bus a durable URL (sqlite:///events.db, redis://..., postgresql://...)"
+        )
+
+
+_JSON_HELP = "Print JSON instead of a table."
+
+
 @app.command()
 def worker(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
@@ -89,29 +128,32 @@ def worker(
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds running deliveries get to finish on SIGTERM/SIGINT."
     ),
+    log_level: str = typer.Option(
+        "INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR: the least a log line shows."
+    ),
+    log_deliveries: bool = typer.Option(
+        False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
+    ),
     metrics_port: int | None = typer.Option(
         None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
     ),
-    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
     """Run the listeners of a durable bus until SIGTERM or SIGINT."""
+    if log_level.upper() not in _LOG_LEVELS:
+        raise _fail(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tidings").setLevel(logging.DEBUG if debug else logging.INFO)
-    console = Console(stderr=True)
-
-    def ready(count: int) -> None:
-        console.print(f"tidings worker: {count} listener(s) on {bus.url}", highlight=False)
-
+    logging.getLogger("tidings").setLevel("DEBUG" if debug else log_level.upper())
     bus = _guarded(debug, lambda: load_bus(target))
     work = run_worker(
         bus,
         concurrency=concurrency,
         listeners=listeners or None,
         shutdown_timeout_s=shutdown_timeout,
-        on_ready=ready,
+        log_deliveries=log_deliveries,
     )
     if metrics_port is not None:
-        work = _with_metrics(bus, metrics_port, work, console)
+        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
     _guarded(debug, lambda: asyncio.run(work))
 
 
@@ -134,16 +176,23 @@ async def _with_metrics(
         await server.wait_closed()
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @app.command("listeners")
 def listeners_(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """List a bus's listeners and their options."""
     bus = _guarded(debug, lambda: load_bus(target))
+    if json_out:
+        _print_json([_listener_json(bus, lst) for lst in bus.listeners()])
+        return
     table = Table(title=f"listeners on {bus.url}")
     for column in ("listener", "events", "kind", "retry", "timeout", "concurrency"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "listener")
     for lst in bus.listeners():
         retry = lst.retry or bus.retry
         timeout = lst.timeout or bus.timeout
@@ -155,30 +204,65 @@ def listeners_(
             f"{timeout:g}s" if timeout else "-",
             str(lst.concurrency or "-"),
         )
-    Console().print(table)
+    _print_table(table)
+
+
+def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
+    retry = lst.retry or bus.retry
+    return {
+        "listener": lst.qualname,
+        "events": list(lst.names),
+        "async": lst.is_async,
+        "once": lst.once,
+        "attempts": retry.attempts if retry else None,
+        "timeout_s": lst.timeout or bus.timeout,
+        "concurrency": lst.concurrency,
+    }
 
 
 @app.command()
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     name: str = typer.Argument(..., help="The event name."),
-    json_payload: str = typer.Option("{}", "--json", help="Keyword arguments, as a JSON object."),
-    delay: float = typer.Option(0.0, help="Deliver after this many seconds."),
+    json_payload: str = typer.Option(
+        "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
+    ),
+    delay: float | None = typer.Option(None, help="Deliver after this many seconds."),
+    at: str | None = typer.Option(
+        None, help="Deliver at this time: ISO 8601 with a UTC offset (2030-01-01T09:00+00:00)."
+    ),
+    key: str | None = typer.Option(None, help="The event's ordering key."),
+    headers: list[str] = typer.Option(  # noqa: B008
+        [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus)."""
+    """Publish one event (stored for the workers on a durable bus).
+
+    --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    """
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
         raise _fail(f"--json is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise _fail("--json must be a JSON object of keyword arguments")
+    header_map: dict[str, str] = {}
+    for item in headers:
+        header, sep, value = item.partition("=")
+        if not sep or not header:
+            raise _fail(f"--header takes NAME=VALUE, not {item!r}")
+        header_map[header] = value
+    when: dt.datetime | None = None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
     async def body(bus: Bus) -> None:
-        if delay:
-            await bus.publish(name, delay=delay, **kwargs)
-        else:
-            await bus.publish(name, **kwargs)
+        options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
+        await options.publish(name, **kwargs)
 
     _with_bus(target, debug, body)
     Console().print(f"emitted {name!r}", highlight=False)
@@ -187,6 +271,7 @@ def emit(
 @app.command()
 def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live, with rates."),
     interval: float = typer.Option(1.0, min=0.01, help="With --watch, seconds between refreshes."),
@@ -199,10 +284,16 @@ def stats(
         _watch_stats(target, debug, interval, refreshes)
         return
 
-    async def body(bus: Bus) -> Table:
+    async def body(bus: Bus) -> Table | None:
+        _require_store(bus)
         figures = await bus.listener_stats()
+        if json_out:
+            _print_json(
+                [{"listener": n, **dataclasses.asdict(s)} for n, s in sorted(figures.items())]
+            )
+            return None
         table = Table(title=f"deliveries on {bus.url}")
-        table.add_column("listener", overflow="fold")
+        table.add_column("listener", no_wrap=True)
         for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
             table.add_column(column, justify="right")
         for listener, s in sorted(figures.items()):
@@ -218,7 +309,9 @@ def stats(
             )
         return table
 
-    Console().print(_with_bus(target, debug, body))
+    table = _with_bus(target, debug, body)
+    if table is not None:
+        _print_table(table)
 
 
 def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | None) -> None:
@@ -310,15 +403,20 @@ def dead_list(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     limit: int = typer.Option(100, min=1, help="At most this many."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """List dead letters, oldest first."""
 
-    async def body(bus: Bus) -> Table:
+    async def body(bus: Bus) -> Table | None:
+        _require_store(bus)
         letters = await bus.list_dead_letters(listener=listener, limit=limit)
+        if json_out:
+            _print_json([_letter_json(d, traceback=False) for d in letters])
+            return None
         table = Table(title=f"{len(letters)} dead letter(s) on {bus.url}")
         for column in ("event id", "event", "listener", "attempts", "failed at", "error"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "error")
         for d in letters:
             table.add_row(
                 d.event.id,
@@ -330,23 +428,33 @@ def dead_list(
             )
         return table
 
-    Console().print(_with_bus(target, debug, body))
+    table = _with_bus(target, debug, body)
+    if table is not None:
+        _print_table(table)
+
+
+_ID_HELP = "The event id, or any start of it that no other dead letter's id shares."
 
 
 @dead_app.command("show")
 def dead_show(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_id: str = typer.Argument(..., help="The event id."),
+    event_id: str = typer.Argument(..., help=_ID_HELP),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Show one event's dead letters: payload, error and traceback."""
 
-    async def body(bus: Bus) -> list[Any]:
-        return [d for d in await bus.list_dead_letters(limit=1_000_000) if d.event.id == event_id]
+    async def body(bus: Bus) -> list[DeadLetter]:
+        _require_store(bus)
+        letters = await bus.list_dead_letters(limit=1_000_000)
+        (full_id,) = _full_ids(letters, [event_id])
+        return [d for d in letters if d.event.id == full_id]
 
     letters = _with_bus(target, debug, body)
-    if not letters:
-        raise _fail(f"no dead letter of event {event_id!r}")
+    if json_out:
+        _print_json([_letter_json(d, traceback=True) for d in letters])
+        return
     console = Console()
     for d in letters:
         console.print(f"[bold]{d.event.name}[/] {d.event.id} -> {d.listener}", highlight=False)
@@ -360,16 +468,19 @@ def dead_show(
 @dead_app.command("replay")
 def dead_replay(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_ids: list[str] = typer.Option([], "--id", help="Only these event ids."),  # noqa: B008
+    event_ids: list[str] = typer.Option([], "--id", help=f"Only these events. {_ID_HELP}"),  # noqa: B008
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Deliver dead letters again, with fresh attempts."""
 
     async def body(bus: Bus) -> int:
+        _require_store(bus)
         letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
-        ids = [d.event.id for d in letters if not event_ids or d.event.id in event_ids]
-        ids = list(dict.fromkeys(ids))
+        if event_ids:
+            ids = _full_ids(letters, event_ids)
+        else:
+            ids = list(dict.fromkeys(d.event.id for d in letters))
         replayed = 0
         with Progress(
             TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), transient=True
@@ -388,7 +499,7 @@ def dead_replay(
 @dead_app.command("purge")
 def dead_purge(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_ids: list[str] = typer.Option([], "--id", help="Only these event ids."),  # noqa: B008
+    event_ids: list[str] = typer.Option([], "--id", help=f"Only these events. {_ID_HELP}"),  # noqa: B008
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
@@ -398,10 +509,57 @@ def dead_purge(
         typer.confirm("Delete every dead letter?", abort=True)
 
     async def body(bus: Bus) -> int:
-        return await bus.purge_dead_letters(ids=event_ids or None, listener=listener)
+        _require_store(bus)
+        ids = None
+        if event_ids:
+            letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
+            ids = _full_ids(letters, event_ids)
+        return await bus.purge_dead_letters(ids=ids, listener=listener)
 
     count = _with_bus(target, debug, body)
     Console().print(f"purged {count} dead letter(s)")
+
+
+def _full_ids(letters: list[DeadLetter], given: list[str]) -> list[str]:
+    """The event ids of ``letters`` that the ``given`` ids or id prefixes name, once each.
+
+    Raises:
+        ConfigurationError: one names no dead letter, or the start of several events' ids.
+    """
+    known = list(dict.fromkeys(d.event.id for d in letters))
+    found: list[str] = []
+    for prefix in given:
+        if not prefix:
+            raise ConfigurationError("an empty event id names no dead letter")
+        matches = [prefix] if prefix in known else [i for i in known if i.startswith(prefix)]
+        if not matches:
+            raise ConfigurationError(f"no dead letter of an event whose id starts with {prefix!r}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (", ..." if len(matches) > 10 else "")
+            raise ConfigurationError(
+                f"{prefix!r} is the start of {len(matches)} dead events' ids ({shown}): "
+                "give more of the id"
+            )
+        found.append(matches[0])
+    return list(dict.fromkeys(found))
+
+
+def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "event_id": d.event.id,
+        "event": d.event.name,
+        "listener": d.listener,
+        "attempts": d.attempts,
+        "failed_at": dt.datetime.fromtimestamp(d.failed_at, dt.UTC).isoformat(),
+        "error": d.error,
+        "args": list(d.event.args),
+        "kwargs": d.event.kwargs,
+        "obj": d.event.obj,
+        "headers": dict(d.event.headers),
+    }
+    if traceback:
+        out["traceback"] = d.traceback
+    return out
 
 
 def _when(timestamp: float) -> str:

@@ -6,6 +6,7 @@ The tree::
      ├── ConfigurationError        a bus, registry or listener set up wrongly
      ├── NotStartedError           emit/publish before start or after close (RuntimeError)
      ├── NoListenersError          nothing listens to a name on a strict bus (LookupError)
+     ├── EmitError                 an emit's event name or options cannot be used (ValueError)
      ├── QueueFull                 the bounded in-process queue has no room
      ├── PayloadError              a payload that cannot be serialized or validated (ValueError)
      ├── ListenerError             a listener failed or could not be called
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLost",
     "DeliveryLost",
+    "EmitError",
     "ListenerError",
     "NoListenersError",
     "NotStartedError",
@@ -51,6 +53,11 @@ class NotStartedError(TidingsError, RuntimeError):
 
 class NoListenersError(TidingsError, LookupError):
     """A strict bus was asked to emit an event that no listener subscribes to."""
+
+
+class EmitError(TidingsError, ValueError):
+    """An event name or emit option that cannot be used (an empty name, a wildcard, a
+    delay that is not finite, a naive ``at=``...); nothing was queued."""
 
 
 class QueueFull(TidingsError):

@@ -20,7 +20,7 @@ from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
 from tidings.errors import ConfigurationError
-from tidings.events import Event, event_name_of
+from tidings.events import Event, check_event_name, event_name_of
 
 __all__ = [
     "ErrorHook",
@@ -282,6 +282,10 @@ class Registry:
         on_error, on_success, on_dead: hooks for every listener in this registry.
     """
 
+    #: The most event names whose resolution is kept; past it the oldest are resolved
+    #: again when next emitted (a true LRU would cost a write on every emit).
+    max_routes = 10_000
+
     def __init__(
         self,
         listeners: Iterable[Listener[..., Any]] = (),
@@ -440,12 +444,24 @@ class Registry:
     # -- reading --------------------------------------------------------------------
 
     def resolve(self, name: str) -> tuple[Subscription, ...]:
-        """The subscriptions an event called ``name`` reaches, in subscription order."""
+        """The subscriptions an event called ``name`` reaches, in subscription order.
+
+        Raises:
+            EmitError: ``name`` is no event name (see :func:`tidings.events.check_event_name`).
+        """
         found = self._cache.get(name)
         if found is None:
+            # Checked here, once per name: what is cached may be emitted without a check.
+            check_event_name(name)
             with self._lock:
                 found = tuple(self._walk(name))
-                self._cache[name] = found
+                cache = self._cache
+                if len(cache) >= self.max_routes:
+                    # Bounded, so that endless distinct names never grow memory.
+                    oldest = next(iter(cache))
+                    del cache[oldest]
+                    self.routes.pop(oldest, None)
+                cache[name] = found
                 if not self.has_once:
                     self.routes[name] = found
         return found

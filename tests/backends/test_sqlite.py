@@ -181,7 +181,7 @@ async def test_stats_count_what_waits(tmp_path: Path) -> None:
     async with Bus(_url(tmp_path), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
     assert stats.pending == 5

@@ -318,3 +318,29 @@ async def test_the_scenarios_of_litestars_events_page_with_the_plugin() -> None:
         ("ada@example.com", "welcome"),
     ]
     assert support == ["deleted"]
+
+
+@pytest.mark.parametrize("with_plugin", [True, False])
+async def test_payload_keywords_named_like_options_reach_the_listener(with_plugin: bool) -> None:
+    invalidated: list[tuple[str, int]] = []
+
+    @listener("cache_invalidated")
+    async def drop_from_cache(key: str, delay: int) -> None:
+        invalidated.append((key, delay))
+
+    @post("/cache/{k:str}")
+    async def invalidate(k: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        request.app.emit("cache_invalidated", key=k, delay=60)
+
+    bus = Bus()
+    extra: dict[str, Any] = (
+        {"plugins": [TidingsPlugin(bus)]}
+        if with_plugin
+        else {"event_emitter_backend": Backend.using(bus)}
+    )
+    app = Litestar(route_handlers=[invalidate], listeners=[drop_from_cache], **extra)
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/cache/user-1")).status_code == 201
+        await bus.drain()
+        assert invalidated == [("user-1", 60)]
+        assert bus.dead_letters() == []

@@ -110,15 +110,22 @@ class Backend(ABC):
         The bus installs it as its ``emit`` while nothing needs to see each event
         (no hooks, no strict checks, no serialization check) and removes it when that
         changes. It may queue a named event whose name is in ``routes``, emitted on the
-        thread ``thread`` without options; anything else it hands to ``fallback`` (the
+        thread ``thread`` (every keyword is payload); anything else it hands to ``fallback`` (the
         bus's own ``emit``) with the same arguments. Its events are emitted in
         ``contexts.copy()`` (which it may inline).
         """
         return None
 
     @abstractmethod
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising."""
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising;
+        with ``delay_s``, like :meth:`put_later` (a durable backend returns once stored)."""
 
     @abstractmethod
     def put_later(
