@@ -349,6 +349,8 @@ async def test_every_backend_shows_searches_replays_and_purges(any_url: str, sho
         await bus.drain()
         rows = (await client.get("/api/overview")).json()["listeners"]
         assert [(r["name"], r["dead"], r["delivered"]) for r in rows] == [(ship.qualname, 3, 1)]
+        if any_url.startswith(("sqlite", "postgres")):  # stores that say when a worker claimed
+            assert rows[0]["last_seen"] is not None
         found = (await client.get("/api/dead", params={"error": "order 2"})).json()
         assert [d["payload"]["kwargs"] for d in found["letters"]] == [{"order_id": 2}]
         shop.fail_for.clear()

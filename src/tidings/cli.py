@@ -323,6 +323,7 @@ def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | Non
     from tidings.dashboard.live import Watch
 
     async def body(bus: Bus) -> None:
+        _require_store(bus)
         watch = Watch(bus.url)
         with Live(watch.table(), console=Console(), auto_refresh=False) as live:
             done = 0

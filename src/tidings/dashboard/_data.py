@@ -227,6 +227,7 @@ class Snapshot:
     delayed: int = 0
     dead: int = 0
     oldest_age_s: float | None = None
+    last_seen: float | None = None
     delivered: int = 0
     failed: int = 0
 
@@ -241,6 +242,7 @@ class Snapshot:
             "delayed": self.delayed,
             "dead": self.dead,
             "oldest_age_s": self.oldest_age_s,
+            "last_seen": self.last_seen,
             "delivered": self.delivered,
             "failed": self.failed,
         }
@@ -267,6 +269,7 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
         snap.delayed = s.delayed
         snap.dead = s.dead
         snap.oldest_age_s = s.oldest_age_s
+        snap.last_seen = getattr(s, "last_seen", None)
     return sorted(snapshots.values(), key=lambda s: s.name)
 
 

@@ -15,6 +15,11 @@ function esc(value) {
   })[c]);
 }
 
+// A dotted name may wrap after its dots, not inside a word.
+function dotted(name) {
+  return esc(name).replace(/\./g, ".<wbr>");
+}
+
 function when(seconds) {
   if (seconds === null || seconds === undefined) return "-";
   const d = new Date(seconds * 1000);
@@ -122,11 +127,12 @@ async function overview() {
   setMode(data.can_act);
   const rows = data.listeners.map((l) => `
     <tr data-listener="${esc(l.name)}">
-      <td class="name"><a href="#/listener/${encodeURIComponent(l.name)}">${esc(l.name)}</a></td>
+      <td class="name"><a href="#/listener/${encodeURIComponent(l.name)}">${dotted(l.name)}</a></td>
       <td>${esc(l.events.join(", "))}</td>
       ${num(l.pending)}${num(l.in_flight)}${num(l.retrying, "bad")}${num(l.delayed)}
       <td class="num ${l.dead ? "bad" : "zero"}" data-col="dead">${l.dead ? `<a href="#/dead?listener=${encodeURIComponent(l.name)}">${l.dead}</a>` : 0}</td>
       <td class="num">${age(l.oldest_age_s)}</td>
+      <td class="num" data-col="last-seen">${l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-"}</td>
       <td class="num" data-col="delivered">${esc(l.delivered)}</td>
       <td class="num ${l.failed ? "bad" : "zero"}" data-col="failed">${esc(l.failed)}</td>
       <td>${rate(l.rates, "ok")}</td>
@@ -134,14 +140,14 @@ async function overview() {
     </tr>`).join("");
   page.innerHTML = `
     <h1>Listeners</h1>
-    <p class="note">Pending, in flight, retrying, delayed, dead and the oldest age are read from
-    the store. ${data.counts_here ? "Delivered, failed and the rates are this process's." :
+    <p class="note">Pending, in flight, retrying, delayed, dead, the oldest age and when a worker
+    last claimed are read from the store. ${data.counts_here ? "Delivered, failed and the rates are this process's." :
       "Delivered, failed and the rates count only listeners running in this process (none here: the workers run them)."}</p>
     <table id="listeners">
       <thead><tr><th>listener</th><th>events</th><th class="num">pending</th><th class="num">in flight</th>
       <th class="num">retrying</th><th class="num">delayed</th><th class="num">dead</th><th class="num">oldest</th>
-      <th class="num">delivered</th><th class="num">failed</th><th class="num">deliveries/s</th><th class="num">failures/s</th></tr></thead>
-      <tbody>${rows || `<tr><td colspan="12" class="note">No listener.</td></tr>`}</tbody>
+      <th class="num" title="when a worker last claimed for it">last seen</th><th class="num">delivered</th><th class="num">failed</th><th class="num">deliveries/s</th><th class="num">failures/s</th></tr></thead>
+      <tbody>${rows || `<tr><td colspan="13" class="note">No listener.</td></tr>`}</tbody>
     </table>`;
 }
 
@@ -164,6 +170,7 @@ async function listenerPage(name) {
     <div class="figures">
       ${figure("pending", l.pending)}${figure("in flight", l.in_flight)}${figure("retrying", l.retrying)}
       ${figure("delayed", l.delayed)}${figure("dead", l.dead)}${figure("oldest", age(l.oldest_age_s))}
+      ${figure("last seen", l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-")}
       ${figure("delivered", l.delivered)}${figure("failed", l.failed)}
     </div>
     <div class="figures"><div>deliveries/s ${rate(l.rates, "ok", true)}</div><div>failures/s ${rate(l.rates, "fail", true)}</div></div>
