@@ -273,8 +273,16 @@ def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live, with rates."),
+    interval: float = typer.Option(1.0, min=0.01, help="With --watch, seconds between refreshes."),
+    refreshes: int | None = typer.Option(
+        None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
+    ),
 ) -> None:
     """What waits per listener: pending, in flight, retrying, delayed, dead."""
+    if watch:
+        _watch_stats(target, debug, interval, refreshes)
+        return
 
     async def body(bus: Bus) -> Table | None:
         _require_store(bus)
@@ -304,6 +312,64 @@ def stats(
     table = _with_bus(target, debug, body)
     if table is not None:
         _print_table(table)
+
+
+def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | None) -> None:
+    """``stats --watch``: the per-listener figures as a live table, with rates."""
+    from contextlib import suppress
+
+    from rich.live import Live
+
+    from tidings.dashboard.live import Watch
+
+    async def body(bus: Bus) -> None:
+        _require_store(bus)
+        watch = Watch(bus.url)
+        with Live(watch.table(), console=Console(), auto_refresh=False) as live:
+            done = 0
+            while refreshes is None or done < refreshes:
+                if done:
+                    await asyncio.sleep(interval)
+                watch.add(await bus.listener_stats())
+                live.update(watch.table(), refresh=True)
+                done += 1
+
+    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _with_bus(target, debug, body)
+
+
+@app.command()
+def dashboard(
+    target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    host: str = typer.Option("127.0.0.1", help="The address to listen on."),
+    port: int = typer.Option(8000, help="The port to listen on."),
+    allow_actions: bool = typer.Option(
+        False, "--allow-actions", help="Let visitors replay and purge dead letters."
+    ),
+    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+) -> None:
+    """Serve the web dashboard of a bus (read only unless --allow-actions)."""
+    from tidings import dashboard as web
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise _fail(
+            "the dashboard's server needs uvicorn: pip install 'tidings[dashboard]'"
+        ) from None
+    bus = _guarded(debug, lambda: load_bus(target))
+    backend: Any = bus.backend
+    if hasattr(backend, "consume"):
+        backend.consume = False  # a viewer: the workers run the listeners
+    page = web.app(bus, auth=(lambda request: "act") if allow_actions else None)
+    Console(stderr=True).print(
+        f"tidings dashboard of {bus.url} on http://{host}:{port}/"
+        + ("" if allow_actions else " (read only)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    _configure_logging(debug)
+    _guarded(debug, lambda: uvicorn.run(page, host=host, port=port, log_level="warning"))
 
 
 @db_app.command("migrate")

@@ -47,7 +47,9 @@ try:
         Metric,
     )
     from prometheus_client.registry import Collector
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    if exc.name != "prometheus_client":
+        raise
     raise ImportError(
         "tidings.metrics needs prometheus_client: pip install 'tidings[prometheus]'"
     ) from exc
@@ -200,9 +202,7 @@ class Metrics(Collector):
         else:
             future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
             figures = await asyncio.wrap_future(future)
-        self._store = {
-            name: (s.pending + s.retrying, s.oldest_age_s, s.dead) for name, s in figures.items()
-        }
+        self._store = {name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()}
         self._read_at = time.monotonic()
 
     async def scrape(self) -> bytes:
@@ -285,7 +285,7 @@ class Metrics(Collector):
 
         pending = GaugeMetricFamily(
             "tidings_listener_pending",
-            "Deliveries waiting in the store (due now, or to be retried).",
+            "Deliveries due and waiting in the store for a worker.",
             labels=["listener"],
         )
         oldest = GaugeMetricFamily(
