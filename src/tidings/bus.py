@@ -968,6 +968,20 @@ class Bus:
             )
         return out
 
+    async def forget_listener(self, name: str) -> bool:
+        """Remove a listener (by qualified name) from the durable store: its deliveries
+        are deleted and it keeps no event stored; whether it was joined. A bus that
+        runs it joins it again when it starts.
+
+        Raises:
+            ConfigurationError: the bus is not on a durable store.
+            BackendError: the store failed.
+        """
+        backend = self.backend
+        if not isinstance(backend, DurableBackend):
+            raise ConfigurationError(f"{self.url} keeps no listeners to forget")
+        return await backend.forget(name)
+
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""
         per_listener = {
