@@ -19,12 +19,14 @@ from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
+import msgspec
+
 from tidings import _holding
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
-from tidings.codec import check_serializable
+from tidings.codec import check_serializable, decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
@@ -58,6 +60,8 @@ _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
+# An event handed over from another thread: subscriptions, context and delay.
+_Handed = tuple[Event, tuple[Subscription, ...], contextvars.Context, float | None]
 # The ``once`` subscriptions an emit took, with where they were in their registries.
 _Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
@@ -162,8 +166,9 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them.
-        self._inbox: deque[tuple[Event, tuple[Subscription, ...], contextvars.Context]] = deque()
+        # Events emitted on other threads, waiting for the loop to take them (with their
+        # delay, if any).
+        self._inbox: deque[_Handed] = deque()
         self._inbox_scheduled = False
         # Set while the inbox's first event waits for room in the backend.
         self._inbox_waiter: asyncio.Task[None] | None = None
@@ -351,7 +356,7 @@ class Bus:
             # Still no room: what other threads emitted stays out of a closing backend.
             self._inbox_waiter.cancel()
             await asyncio.gather(self._inbox_waiter, return_exceptions=True)
-        left = [event.id for event, _subs, _ctx in self._inbox]
+        left = [entry[0].id for entry in self._inbox]
         self._inbox.clear()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
@@ -438,7 +443,7 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._to_inbox(event, subs, self._contexts.copy_elsewhere())
+                    self._to_inbox(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -712,24 +717,26 @@ class Bus:
         ctx: contextvars.Context,
         delay_s: float | None,
     ) -> None:
-        if delay_s is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay_s)
-            else:
-                self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
-                    self.backend.put_later, event, subs, ctx, delay_s
-                )
-            return
-        if _get_ident() == self._thread:
-            self.backend.put(event, subs, ctx)
+        if _get_ident() != self._thread:
+            if self.backend.serializes_at_put:
+                # Encoded here, on the emitting thread: a payload that cannot be stored
+                # is this emit's error, and what the caller changes later is not stored.
+                event = _frozen(event)
+            self._to_inbox(event, subs, ctx, delay_s)
+        elif delay_s is not None:
+            self.backend.put_later(event, subs, ctx, delay_s)
         else:
-            self._to_inbox(event, subs, ctx)
+            self.backend.put(event, subs, ctx)
 
     def _to_inbox(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None,
     ) -> None:
         """Hand an event emitted on another thread over to the loop's."""
-        if not self.backend.has_room(1 + len(self._inbox)):
+        if delay_s is None and not self.backend.has_room(1 + len(self._inbox)):
             raise QueueFull(
                 f"the in-process queue is full; cannot queue event {event.name!r} "
                 "(raise max_pending, or await bus.publish(...) to wait for room)"
@@ -737,7 +744,7 @@ class Bus:
         # Handed over in bursts: one wake-up of the loop for the events other threads
         # emit before it gets to them. An append is atomic, and the flag is cleared
         # before the inbox is read, so no event waits without a wake-up on its way.
-        self._inbox.append((event, subs, ctx))
+        self._inbox.append((event, subs, ctx, delay_s))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
@@ -753,20 +760,28 @@ class Bus:
                 event = inbox.popleft()[0]
                 logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
             return
-        put = self.backend.put
+        backend = self.backend
         while inbox:
-            event, subs, ctx = inbox[0]
+            event, subs, ctx, delay_s = inbox[0]
             try:
-                put(event, subs, ctx)
+                if delay_s is None:
+                    backend.put(event, subs, ctx)
+                else:
+                    backend.put_later(event, subs, ctx, delay_s)
             except QueueFull:
                 # The loop's own emits filled the queue first. Room was counted for this
                 # one when it was emitted: it waits for room rather than be dropped.
                 self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
                 return
+            except Exception:
+                # This one event's failure; it never stalls the events behind it.
+                logger.exception(
+                    "event %s (%s) emitted from a thread could not be queued", event.id, event.name
+                )
             inbox.popleft()
 
     async def _wait_for_room(self) -> None:
-        event, subs, ctx = self._inbox[0]
+        event, subs, ctx, _delay = self._inbox[0]
         try:
             await self.backend.put_wait(event, subs, ctx)
         except Exception:
@@ -907,3 +922,13 @@ class Bus:
 def _delay_s(options: EmitOptions | None) -> float | None:
     """Seconds from now until an event with these options is due, or ``None``."""
     return None if options is None else options.due_in()
+
+
+def _frozen(event: Event) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now.
+
+    Raises:
+        PayloadError: the payload cannot be serialized.
+    """
+    args, kwargs, obj = decode_payload(encode_payload(event))
+    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)
