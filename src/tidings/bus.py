@@ -226,7 +226,8 @@ class Bus:
         several workers on one durable store.
 
         Raises:
-            ConfigurationError: not a cron expression, or a bad event name.
+            ConfigurationError: not a cron expression, one that never fires
+                (``0 0 30 2 *``), or a bad event name.
         """
         entry = Schedule(cron, name, args, kwargs)
         self._schedules.append(entry)
@@ -254,9 +255,10 @@ class Bus:
             self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
 
     async def _run_schedules(self, schedules: list[Schedule]) -> None:
-        now = time.time()
-        due = {i: entry.next_after(now) for i, entry in enumerate(schedules)}
-        while True:
+        due: dict[int, float] = {}
+        for i, entry in enumerate(schedules):
+            self._plan_tick(due, i, entry, time.time())
+        while due:
             i = min(due, key=due.__getitem__)
             entry, tick = schedules[i], due[i]
             await asyncio.sleep(max(0.0, tick - time.time()))
@@ -267,7 +269,16 @@ class Bus:
                     )
             except Exception:
                 logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
-            due[i] = entry.next_after(tick)
+            self._plan_tick(due, i, entry, tick)
+
+    @staticmethod
+    def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> None:
+        """Set schedule ``i``'s next tick; one that has none stops alone, logged."""
+        try:
+            due[i] = entry.next_after(after)
+        except Exception:
+            due.pop(i, None)
+            logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
 
     # -- lifecycle ------------------------------------------------------------------
 
