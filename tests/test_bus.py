@@ -83,7 +83,59 @@ async def test_emit_after_close_says_the_bus_is_closed() -> None:
         bus.emit("x")
     with pytest.raises(NotStartedError, match="closed"):
         bus.emit("x")
-    with pytest.raises(NotStartedError, match="closed"):
+
+
+async def test_a_closed_bus_starts_again_with_its_listeners_and_dead_letters() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        if n < 0:
+            raise ValueError("negative")
+        counter.add(n)
+
+    bus = Bus(listeners=[on_x])
+    async with bus:
+        bus.emit("x", n=-1)
+        bus.emit("x", n=1)
+    # Started again (as by a second test client of one app): every event gets through.
+    async with bus:
+        for n in range(2, 500):
+            bus.emit("x", n=n)
+        await bus.publish("x", n=500)
+    assert counter.calls == list(range(1, 501))
+    assert [d.event.kwargs for d in bus.dead_letters()] == [{"n": -1}]
+
+
+def test_a_closed_bus_starts_again_on_another_event_loop(tmp_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    @listener("x")
+    def on_x(n: int, event: Event) -> None:
+        seen.append((event.name, n))
+
+    for url in ("memory://", f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01"):
+        bus = Bus(url, listeners=[on_x])
+        for n in range(3):  # each run on an event loop of its own, as a test client's
+
+            async def run(n: int = n, bus: Bus = bus) -> None:
+                async with bus:
+                    bus.emit("x", n=n)
+                    await bus.drain()
+
+            asyncio.run(run())
+    assert seen == [("x", 0), ("x", 1), ("x", 2)] * 2
+
+
+async def test_a_closed_bus_on_a_durable_backend_object_says_to_give_a_url(
+    tmp_path: Path,
+) -> None:
+    from tidings.backends.sqlite import SQLiteBackend
+
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db")))
+    async with bus:
+        pass
+    with pytest.raises(NotStartedError, match="give the bus a URL"):
         await bus.start()
 
 

@@ -119,17 +119,23 @@ class Bus:
             if backend is None
             else repr(backend)
         )
+        remake: Callable[[], Backend] | None = None
         if backend is None or isinstance(backend, str):
             options: dict[str, Any] = {"max_pending": max_pending}
             if backend and not backend.startswith("memory"):
                 options["consume"] = consume
             else:
                 options["concurrency"] = concurrency
-            backend = backend_from_url(backend or "memory://", **options)
+            url = backend or "memory://"
+            backend = backend_from_url(url, **options)
+            # A durable backend does not start twice: a bus that starts again after
+            # aclose() makes its backend anew from the URL.
+            remake = lambda: backend_from_url(url, **options)  # noqa: E731
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
         elif not consume and hasattr(backend, "consume"):
             backend.consume = False
+        self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
@@ -290,11 +296,16 @@ class Bus:
     async def start(self) -> None:
         """Start handing deliveries to listeners on the running event loop.
 
+        A bus closed with :meth:`aclose` may start again (an app's lifespan that runs
+        twice, as two test clients of one app do): what it delivered, its listeners and
+        the in-process dead letters stay; a durable backend made from a URL is made anew.
+
         Raises:
-            NotStartedError: the bus was closed (a bus starts once).
+            NotStartedError: closed, on a durable backend given as an object (it cannot
+                start twice: give the bus its URL instead).
         """
         if self._closed:
-            raise NotStartedError("this bus is closed; create a new Bus to start again")
+            self._reopen()
         if self._loop is not None:
             return
         loop = asyncio.get_running_loop()
@@ -317,6 +328,29 @@ class Bus:
         self._loop = loop
         self._refresh_hot()
         self._start_scheduler()
+
+    def _reopen(self) -> None:
+        """Make a closed bus ready to start again."""
+        backend = self.backend
+        if backend.durable:
+            if self._remake is None:
+                raise NotStartedError(
+                    f"this bus is closed, and its backend ({self.url}) cannot start again: "
+                    "create a new Bus, or give the bus a URL so it can make a new backend"
+                )
+            consume = getattr(backend, "consume", True)
+            backend = self._remake()
+            if hasattr(backend, "consume"):
+                backend.consume = consume
+            self.backend = backend
+            self._put_named = backend.put_named
+        self._closed = False
+        self._loop = None
+        self._thread = 0
+        self._inbox.clear()
+        self._inbox_scheduled = False
+        self._inbox_waiter = None
+        self._scheduler = None
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished.
