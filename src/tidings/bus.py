@@ -159,6 +159,8 @@ class Bus:
         self._closed = False
         self._typed_ok: dict[type[Any], str] = {}
         self._emit_hooks: list[Callable[[Event], None]] = []
+        # Told of each event the ASGI middleware dropped after the hooks above saw it.
+        self._drop_hooks: list[Callable[[Event], None]] = []
         # Told of every delivery (tracing); the runner takes them when the bus starts.
         self._observers: list[DeliveryObserver] = []
         # Payload checks by event name (see schema); while empty, emit never looks.
