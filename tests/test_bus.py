@@ -587,7 +587,7 @@ async def test_bus_level_listener_and_subscribe() -> None:
     async def on_a() -> None:
         counter.add("a")
 
-    handle = bus.subscribe("b", fn=lambda: counter.add("b"))
+    handle = bus.subscribe(lambda: counter.add("b"), "b")
     async with bus:
         bus.emit("a")
         bus.emit("b")

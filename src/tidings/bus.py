@@ -193,10 +193,12 @@ class Bus:
         return self.registry.listener(*names, **options)
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` (a function or a listener); ``.unsubscribe()`` undoes it."""
-        return self.registry.subscribe(*names, fn=fn, **options)
+        """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
+        names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
+        ``.unsubscribe()`` undoes it."""
+        return self.registry.subscribe(fn, *names, **options)
 
     def include(self, registry: Registry) -> None:
         """Add a registry's listeners (and later changes to it) to this bus."""

@@ -325,7 +325,7 @@ class Registry:
         if not isinstance(item, Listener):
             raise ConfigurationError(
                 f"{item!r} is not a listener: decorate it with @listener('event.name') "
-                "or use registry.subscribe('event.name', fn)"
+                "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
             self._check_types(item.types, item.qualname)
@@ -356,20 +356,28 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it.
+        """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
+        "user.created", retry=3)`` (the function first, then names, then the options of
+        ``@listener``). Returns a handle whose ``unsubscribe()`` undoes it.
 
         Raises:
-            ConfigurationError: ``fn`` is a listener already, and names or options are
-                given too (its own are used: subscribe ``fn.fn`` to give others).
+            ConfigurationError: ``fn`` is not callable (names come after it), or is a
+                listener already and names or options are given too (its own are used:
+                subscribe ``fn.fn`` to give others).
         """
+        if isinstance(fn, str) or not callable(fn):
+            raise ConfigurationError(
+                f"subscribe() takes the function first, then the names "
+                f"(subscribe(fn, 'event.name')), not {fn!r} first"
+            )
         if isinstance(fn, Listener):
             if names or options:
                 raise ConfigurationError(
                     f"{fn.qualname} is a listener of {', '.join(map(repr, fn.names))} "
                     "already, with its own options: subscribe it without names or options, "
-                    "or subscribe its function (fn=listener.fn) with these"
+                    "or subscribe its function (listener.fn) with these"
                 )
             return self.add(fn)
         return self.add(listener(*names, **options)(fn))

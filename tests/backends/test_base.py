@@ -43,3 +43,17 @@ async def test_a_bus_shows_no_credential_in_its_url_repr_or_connection_error() -
     assert "127.0.0.1:1" in message
     for secret in ("hunter2", "s3cret", "t0ken"):
         assert secret not in message
+
+
+def test_the_tests_keep_off_the_redis_database_apps_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from .. import services
+
+    monkeypatch.delenv("TIDINGS_TEST_REDIS", raising=False)
+    fresh = importlib.reload(services)
+    try:
+        assert fresh.REDIS_URL == "redis://127.0.0.1:6379/15"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(services)

@@ -195,7 +195,7 @@ async def test_overrides_of_a_bound_app_reach_listeners_subscribed_later() -> No
     async with Bus() as bus:
         bind(bus, app)
         try:
-            bus.subscribe("user.created", fn=welcome)
+            bus.subscribe(welcome, "user.created")
             bus.emit("user.created", email="a@b.c")
             await bus.drain()
         finally:
@@ -348,7 +348,7 @@ async def test_a_callable_object_listener_takes_dependencies_too() -> None:
             seen.append((email, mailer.name))
 
     async with Bus() as bus:
-        bus.subscribe("user.created", fn=Welcome())
+        bus.subscribe(Welcome(), "user.created")
         bus.emit("user.created", email="a@b.c")
         await bus.drain()
     assert seen == [("a@b.c", "object")]
@@ -397,7 +397,7 @@ async def test_the_tidings_bus_fixture_beside_a_module_level_app(
     from fastapi.testclient import TestClient
 
     seen: list[int] = []
-    tidings_bus.subscribe("n", fn=seen.append)
+    tidings_bus.subscribe(seen.append, "n")
     tidings_bus.emit("n", run)
     await tidings_bus.drain()
     assert seen == [run]

@@ -75,7 +75,7 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
         self._subscriptions: list[Subscription] = []
         for item in listeners:
             self._subscriptions.append(
-                self.bus.registry.subscribe(*sorted(item.event_ids), fn=_original(item.fn))
+                self.bus.registry.subscribe(_original(item.fn), *sorted(item.event_ids))
             )
 
     @classmethod
