@@ -753,3 +753,12 @@ async def test_a_thread_emit_that_fails_on_the_loop_is_logged_and_stalls_nothing
     for event_id, message in zip(ids, errors, strict=True):
         assert event_id in message
         assert "could not be queued" in message
+
+
+async def test_aclose_takes_its_timeout_by_keyword_only() -> None:
+    bus = Bus()
+    await bus.start()
+    with pytest.raises(TypeError, match=r"aclose\(timeout=5\)"):
+        await bus.aclose(5)
+    await bus.aclose(object())  # what a framework's shutdown hook passes: ignored
+    assert not bus.started

@@ -222,8 +222,8 @@ async def test_nested_registries_like_routers() -> None:
 
     bus = Bus()
     bus.include(users)
-    with pytest.raises(ConfigurationError, match="one place"):
-        Bus().include(users)
+    with pytest.raises(ConfigurationError, match="cannot include itself"):
+        admin.include(users)
     async with bus:
         bus.emit("user.created")
     assert counter.calls == ["user.created"]
@@ -362,3 +362,42 @@ async def test_subscribe_takes_the_function_first_positionally() -> None:
         bus.emit("b")
         await bus.drain()
     assert seen == ["listener a", "function b", "function c"]
+
+
+async def test_one_registry_serves_several_buses() -> None:
+    seen: list[tuple[str, int]] = []
+    shared = Registry()
+
+    @shared.listener("order.paid")
+    async def paid(order_id: int) -> None:
+        seen.append(("paid", order_id))
+
+    async with Bus() as first, Bus() as second:
+        first.include(shared)
+        second.include(shared)
+        with pytest.raises(ConfigurationError, match="already included here"):
+            second.include(shared)
+        first.emit("order.paid", order_id=1)
+        second.emit("order.paid", order_id=2)
+        await first.drain()
+        await second.drain()
+
+        # Changed once, seen by both.
+        @shared.listener("order.paid")
+        async def refund(order_id: int) -> None:
+            seen.append(("refund", order_id))
+
+        second.emit("order.paid", order_id=3)
+        first.emit("order.paid", order_id=4)
+        await first.drain()
+        await second.drain()
+    assert sorted(seen) == [
+        ("paid", 1),
+        ("paid", 2),
+        ("paid", 3),
+        ("paid", 4),
+        ("refund", 3),
+        ("refund", 4),
+    ]
+    with pytest.raises(ConfigurationError, match="cannot include itself"):
+        shared.include(first.registry)

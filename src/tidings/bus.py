@@ -379,11 +379,22 @@ class Bus:
             # Async hooks may emit: their events are waited for too.
             await runner.drain_hooks()
 
-    async def aclose(self, timeout: float | timedelta | None = None) -> None:
+    async def aclose(
+        self, _app: object = None, /, *, timeout: float | timedelta | None = None
+    ) -> None:
         """Drain (for at most ``timeout`` seconds, default ``shutdown_timeout``) and stop.
 
         What could not be delivered in time is cancelled and logged once, by event id.
+        ``timeout`` is keyword-only, and a positional argument is ignored: frameworks
+        pass their app to shutdown hooks (Litestar's ``on_shutdown=[bus.aclose]``). With
+        Litestar, prefer :class:`~tidings.contrib.litestar.TidingsPlugin`, which also
+        starts the bus.
+
+        Raises:
+            TypeError: a number given positionally (write ``aclose(timeout=5)``).
         """
+        if isinstance(_app, int | float | timedelta):
+            raise TypeError(f"aclose() takes its timeout by keyword: aclose(timeout={_app!r})")
         if self._loop is None or self._closed:
             self._closed = True
             return
