@@ -450,3 +450,14 @@ def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) ->
     result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
     assert result.exit_code == 1, result.output
     assert message in result.output
+
+
+def test_demo_help_wraps_at_the_terminals_width_only() -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("A welcome mail"))
+    paragraph = lines[start : lines.index("", start)]
+    assert "dead letters" in paragraph[-1]
+    # No line broken mid-sentence where the source broke it: all but the last are full.
+    assert all(len(line) > 60 for line in paragraph[:-1]), paragraph

@@ -600,7 +600,16 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-@app.command()
+# One string without line breaks: the help shows a docstring's line breaks as they are.
+_DEMO_HELP = (
+    "Emit a burst of sign-ups to four listeners and show what each one did.\n\n"
+    "A welcome mail (async), an audit log (sync, on 'user.*'), a CRM sync that fails on "
+    "its first attempt for one user in five and succeeds on a retry, and a trial grant "
+    "that fails for good for users of a retired plan (dead letters)."
+)
+
+
+@app.command(help=_DEMO_HELP)
 def demo(
     users: int = typer.Option(5000, min=1, help="Sign-ups to emit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's logs."),

@@ -136,7 +136,7 @@ class SQLiteBackend(DurableBackend):
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``synchronous`` and ``codec``."""
+        ``synchronous``, ``codec`` and ``create_dirs`` (make a missing directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -147,9 +147,15 @@ class SQLiteBackend(DurableBackend):
             floats=("lease_s", "poll_s", "busy_timeout_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
+            bools=("create_dirs",),
         )
         for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
             raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+        if not ours.pop("create_dirs", False) and not Path(path).parent.is_dir():
+            raise ConfigurationError(
+                f"{url!r}: the directory {str(Path(path).parent)!r} does not exist "
+                "(create it, or add ?create_dirs=true)"
+            )
         return cls(path, **{**options, **ours})
 
     def __repr__(self) -> str:
