@@ -25,6 +25,12 @@ def fails(out: str) -> None:
     raise ValueError("no such invoice")
 
 
+@listener("envelope", executor="process")
+def envelope(event: Event, out: str) -> None:
+    seen = f"{event.name} {event.id} {event.attempt} {dict(event.headers)}"
+    Path(out, "envelope").write_text(seen)
+
+
 @listener("slow", executor="process", timeout=0.2)
 def slow() -> None:
     time.sleep(1)
@@ -41,6 +47,15 @@ def test_a_listener_runs_in_another_process(tmp_path: Path) -> None:
     assert [int(r[1]) for _, r in sorted(results.items())] == [0, 1, 4, 9]
     assert {int(r[0]) for r in results.values()}.isdisjoint({os.getpid()})
     assert square(3, str(tmp_path)) is None  # still a plain function when called
+
+
+def test_a_listener_taking_the_envelope_gets_it_in_its_process(tmp_path: Path) -> None:
+    ids: list[str] = []
+    with Bus(listeners=[envelope], on_success=lambda e, lst: ids.append(e.id)) as bus:
+        bus.emit("envelope", out=str(tmp_path))
+        bus.run_sync(bus.drain())
+        assert bus.dead_letters() == []
+    assert (tmp_path / "envelope").read_text() == f"envelope {ids[0]} 1 {{}}"
 
 
 def test_a_failing_listener_is_retried_then_dead_lettered(tmp_path: Path) -> None:

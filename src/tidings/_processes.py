@@ -21,7 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import msgspec
+
 from tidings.errors import ConfigurationError
+from tidings.events import Event
 
 __all__ = ["InProcess", "check", "shutdown"]
 
@@ -78,7 +81,17 @@ class InProcess:
                     f"its name, but {self.module}.{self.name} does not name it"
                 )
             self.found = True
+        args = tuple(_portable(a) for a in args)
+        kwargs = {k: _portable(v) for k, v in kwargs.items()}
         return _get_pool().submit(_call, self.module, self.name, args, kwargs).result()
+
+
+def _portable(value: Any) -> Any:
+    """``value``, made picklable if it is the envelope (whose empty headers are a
+    read-only view, which pickle refuses), with its id."""
+    if isinstance(value, Event) and not isinstance(value.headers, dict):
+        return msgspec.structs.replace(value, _id=value.id, headers=dict(value.headers))
+    return value
 
 
 def _resolve(module: str, name: str) -> Any:
