@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -128,3 +132,42 @@ def test_a_function_its_module_does_not_name_fails_its_delivery_clearly() -> Non
     (error,) = dead
     assert isinstance(error, ConfigurationError)
     assert f"{__name__}.no_such_function does not name it" in str(error)
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from tidings import Bus, listener
+
+
+@listener("work", executor="process")
+def work(out: str) -> None:
+    Path(out).write_text(str(os.getpid()))
+
+
+if __name__ == "__main__":
+    with Bus(listeners=[work]) as bus:
+        bus.emit("work", out=sys.argv[1])
+        bus.run_sync(bus.drain())
+        os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no shutdown of the pool
+"""
+
+
+def test_worker_processes_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_SCRIPT))
+    out = tmp_path / "pid"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == -9, done.stderr
+    worker = int(out.read_text())
+    try:
+        fd = os.pidfd_open(worker)
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        exited, _, _ = select.select([fd], [], [], 30)  # readable once it has exited
+    finally:
+        os.close(fd)
+    assert exited, f"worker process {worker} outlived its parent"

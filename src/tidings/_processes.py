@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import os
+import select
 import threading
+import time
 import types
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -112,9 +115,31 @@ def _get_pool() -> ProcessPoolExecutor:
     if pool is None:
         with _lock:
             if _pool is None:
-                _pool = ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
+                _pool = ProcessPoolExecutor(
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_watch_parent,
+                    initargs=(os.getpid(),),
+                )
             pool = _pool
     return pool
+
+
+def _watch_parent(parent: int) -> None:
+    """Run in each worker process: exit when the process that started it is gone. A
+    parent killed outright (SIGKILL, or SIGTERM with no handler) never tells its
+    workers, which would wait for calls forever."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)  # Linux: readable once the parent has exited
+        except (AttributeError, OSError):
+            while os.getppid() == parent:
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tidings-parent-watch", daemon=True).start()
 
 
 def shutdown() -> None:
