@@ -232,7 +232,7 @@ class CallPlan:
         self._converters: dict[str, Callable[[Any], Any]] = {}
         for name, _, ann, _ in params:
             if any(ann is a for a in _ANY) or isinstance(ann, str) or _is_envelope(ann):
-                continue  # (a text annotation could not be resolved: nothing to check)
+                continue  # (text: an annotation that could not be resolved, unchecked)
             try:
                 self._converters[name] = converter(ann)
             except TypeError:
@@ -301,11 +301,7 @@ class CallPlan:
         """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature, or
         if a value would not fit its parameter's annotation once read back from a store
         (what :meth:`revive` would refuse)."""
-        key = (len(event.args), *event.kwargs, type(event.obj))
-        recipe = self._cache.get(key)
-        if recipe is None:
-            recipe = self._cache[key] = self._plan(event)
-        for (kind, ref), name in recipe[4]:
+        for (kind, ref), name in self._recipe(event)[4]:
             value = event.args[ref] if kind == _ARG else event.kwargs[ref]
             try:
                 stored = as_stored(value)
@@ -327,11 +323,7 @@ class CallPlan:
                 names the listener, the parameter and the value), or the event lacks a
                 required parameter.
         """
-        key = (len(event.args), *event.kwargs, type(event.obj))
-        recipe = self._cache.get(key)
-        if recipe is None:
-            recipe = self._cache[key] = self._plan(event)
-        checks = recipe[4]
+        checks = self._recipe(event)[4]
         if not checks:
             return
         args = list(event.args)
@@ -348,6 +340,13 @@ class CallPlan:
                 kwargs[ref] = converted
         event.args = tuple(args)
         event.kwargs = kwargs
+
+    def _recipe(self, event: Event) -> _Recipe:
+        key = (len(event.args), *event.kwargs, type(event.obj))
+        recipe = self._cache.get(key)
+        if recipe is None:
+            recipe = self._cache[key] = self._plan(event)
+        return recipe
 
     def _unfit(self, event: Event, name: str, value: Any, exc: Exception) -> BindingError:
         annotation = next(ann for n, _, ann, _ in self._params if n == name)
