@@ -151,7 +151,9 @@ class Bus:
             else float(shutdown_timeout)
         )
         self.sync_workers = sync_workers
-        self.disabled = os.environ.get("TIDINGS_DISABLE", "") not in ("", "0")
+        #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
+        #: each time the bus starts.
+        self.disabled = _disabled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -187,13 +189,13 @@ class Bus:
     # -- listeners ------------------------------------------------------------------
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result on this bus."""
         return self.registry.listener(*names, **options)
 
     def subscribe(
-        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
         """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
         names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
@@ -213,13 +215,23 @@ class Bus:
         emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
 
         ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
-        on the model class. A payload that does not validate raises
-        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError``); nothing is queued.
+        on the model class. The payload is the keyword arguments, or one positional
+        dict. A payload that does not validate raises
+        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError`` whose ``__cause__``
+        is pydantic's ``ValidationError``); nothing is queued.
 
         Raises:
-            ConfigurationError: not a pydantic model class, or a pattern for ``name``.
+            ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
+                event name (a bare ``@bus.schema`` on the class).
         """
         from tidings.contrib.pydantic import validator
+
+        if not isinstance(name, str):
+            shown = getattr(name, "__name__", repr(name))
+            raise ConfigurationError(
+                f"schema() takes the event name first: @bus.schema('event.name') on "
+                f"{shown}, or bus.schema('event.name', {shown})"
+            )
 
         def register(model: M) -> M:
             self._schemas[name] = validator(name, model)
@@ -312,6 +324,7 @@ class Bus:
             self._reopen()
         if self._loop is not None:
             return
+        self.disabled = _disabled()
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
         self._runner = Runner(
@@ -977,6 +990,27 @@ class Bus:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._loop else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _disabled() -> bool:
+    """``TIDINGS_DISABLE`` as a boolean.
+
+    Raises:
+        ConfigurationError: a value that is neither true nor false.
+    """
+    value = os.environ.get("TIDINGS_DISABLE", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"TIDINGS_DISABLE={value!r} is not a boolean: 1/true/yes/on disables emitting, "
+        "0/false/no/off (or unset) enables it"
+    )
 
 
 def _delay_s(options: EmitOptions | None) -> float | None:

@@ -14,6 +14,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
+from enum import Enum
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from tidings._binding import CallPlan, keyword_caller
@@ -139,7 +140,7 @@ class Listener(Generic[P, R]):
 
 @overload
 def listener(
-    *names: str | type[Any],
+    *names: str | Enum | type[Any],
     retry: Retry | int | None = ...,
     timeout: float | timedelta | None = ...,
     concurrency: int | None = ...,
@@ -151,9 +152,11 @@ def listener(
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
-    *names: str | type[Any], **options: Any
+    *names: str | Enum | type[Any], **options: Any
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
-def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+def listener(
+    *names: str | Enum | type[Any], **options: Any
+) -> Callable[[Callable[P, R]], Listener[P, R]]:
     """Subscribe a sync or async function to event names, patterns or typed-event classes.
 
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
@@ -177,7 +180,7 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     return decorate
 
 
-def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+def _names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
     str_names: list[str] = []
     typed: list[type[Any]] = []
     for n in names:
@@ -190,8 +193,14 @@ def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]
                 )
             str_names.append(event_name)
             typed.append(n)
-        else:
+        elif isinstance(n, str):
             str_names.append(n)
+        elif isinstance(n, Enum) and isinstance(n.value, str):
+            str_names.append(n.value)  # a plain Enum member names what its value names
+        else:
+            raise ConfigurationError(
+                f"an event name is a string (or an Enum member whose value is one), not {n!r}"
+            )
     return str_names, typed
 
 
@@ -343,7 +352,7 @@ class Registry:
             return sub
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result in this registry."""
         make = listener(*names, **options)
@@ -356,7 +365,7 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
         """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
         "user.created", retry=3)`` (the function first, then names, then the options of
