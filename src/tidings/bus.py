@@ -794,7 +794,7 @@ class Bus:
             if self.backend.serializes_at_put:
                 # Encoded here, on the emitting thread: a payload that cannot be stored
                 # is this emit's error, and what the caller changes later is not stored.
-                event = _frozen(event)
+                event = _frozen(event, getattr(self.backend, "codec", "json"))
             self._to_inbox(event, subs, ctx, delay_s)
         elif delay_s is not None:
             self.backend.put_later(event, subs, ctx, delay_s)
@@ -1018,11 +1018,12 @@ def _delay_s(options: EmitOptions | None) -> float | None:
     return None if options is None else options.due_in()
 
 
-def _frozen(event: Event) -> Event:
-    """A copy of ``event`` (same id) whose payload is what it encodes to now.
+def _frozen(event: Event, codec: str) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
+    backend's format (so it is stored as it would have been).
 
     Raises:
         PayloadError: the payload cannot be serialized.
     """
-    args, kwargs, obj = decode_payload(encode_payload(event))
+    args, kwargs, obj = decode_payload(encode_payload(event, codec))
     return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)
