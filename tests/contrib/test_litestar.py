@@ -383,3 +383,15 @@ async def test_on_shutdown_may_close_the_bus() -> None:
     async with AsyncTestClient(app):
         assert bus.started
     assert not bus.started
+
+
+async def test_the_emitter_backend_alone_takes_tidings_listeners_too() -> None:
+    seen: list[str] = []
+
+    @tidings_listener("user_created")
+    async def welcome(email: str) -> None:
+        seen.append(email)
+
+    async with Backend([welcome]) as emitter:  # type: ignore[list-item]
+        emitter.emit("user_created", email="ada@example.com")
+    assert seen == ["ada@example.com"]
