@@ -20,7 +20,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
-from tidings.errors import ConfigurationError
+from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
 
 __all__ = [
@@ -48,6 +48,15 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if seconds <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
     return seconds
+
+
+def _pattern(name: str, qualname: str) -> str:
+    """``name`` if some event name could match it (no whitespace or control
+    characters, at most 255 bytes), else a ``ConfigurationError``."""
+    try:
+        return check_event_name(name, pattern=True)
+    except EmitError as exc:
+        raise ConfigurationError(f"listener {qualname}: {exc}; no event could match it") from exc
 
 
 def _is_async_callable(fn: Any) -> bool:
@@ -103,7 +112,7 @@ class Listener(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.qualname = _qualname(fn)
-        self.names = tuple(validate_name(n) for n in names)
+        self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
