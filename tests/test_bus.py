@@ -802,3 +802,19 @@ def test_tidings_disable_that_is_no_boolean_is_a_clear_error(
     monkeypatch.setenv("TIDINGS_DISABLE", "maybe")
     with pytest.raises(ConfigurationError, match="TIDINGS_DISABLE='maybe' is not a boolean"):
         Bus()
+
+
+async def test_a_bus_closed_before_it_started_still_starts(tmp_path: Path) -> None:
+    from tidings.backends.sqlite import SQLiteBackend
+
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db"), poll_s=0.01), listeners=[on_x])
+    await bus.aclose()
+    async with bus:
+        await bus.publish("x")
+        await counter.wait_for(1)

@@ -349,7 +349,7 @@ class Bus:
     def _reopen(self) -> None:
         """Make a closed bus ready to start again."""
         backend = self.backend
-        if backend.durable:
+        if backend.durable and self._loop is not None:  # it ran: it cannot start again
             if self._remake is None:
                 raise NotStartedError(
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
