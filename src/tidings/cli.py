@@ -20,6 +20,7 @@ from rich.table import Table
 
 from tidings._loading import load_bus
 from tidings.backends.base import DeadLetter
+from tidings.backends.durable import DurableBackend
 from tidings.bus import Bus
 from tidings.demo import DemoResult, run_demo
 from tidings.errors import ConfigurationError, TidingsError
@@ -264,11 +265,15 @@ def emit(
     headers: list[str] = typer.Option(  # noqa: B008
         [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
     ),
+    allow_none: bool = typer.Option(
+        False, "--allow-none", help="Succeed even when no listener takes the event."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Publish one event (stored for the workers on a durable bus).
 
     --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    Fails when the store knows no listener that takes it, unless --allow-none.
     """
     try:
         kwargs = msgspec.json.decode(json_payload)
@@ -289,12 +294,22 @@ def emit(
         except ValueError:
             raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
-    async def body(bus: Bus) -> None:
+    async def body(bus: Bus) -> list[str] | None:
         options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
         await options.publish(name, **kwargs)
+        backend = bus.backend
+        return await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
 
-    _with_bus(target, debug, body)
-    Console().print(f"emitted {name!r}", highlight=False)
+    takers = _with_bus(target, debug, body)
+    if takers is None:
+        Console().print(f"emitted {name!r}", highlight=False)
+        return
+    Console().print(f"emitted {name!r}: stored for {len(takers)} listeners", highlight=False)
+    if not takers and not allow_none:
+        raise _fail(
+            f"no listener joined on the store takes {name!r} (a listener receives the events "
+            "stored after it joined); --allow-none to accept that"
+        )
 
 
 @app.command()

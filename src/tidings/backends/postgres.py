@@ -109,7 +109,7 @@ _headers_enc = msgspec.json.Encoder()
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
-_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
+_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s", "stale_listener_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.
@@ -475,6 +475,11 @@ class PostgresBackend(DurableBackend):
                 )
                 renewed.update((listener, r[0]) for r in rows)
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
+
+    async def joined(self) -> dict[str, list[str]]:
+        async with self._p().acquire() as conn:
+            rows = await conn.fetch(f"SELECT listener, names FROM {self.schema}.listeners")
+        return {r[0]: r[1].split() for r in rows}
 
     async def forget(self, listener: str) -> bool:
         s = self.schema
