@@ -73,6 +73,7 @@ class Stored(msgspec.Struct, array_like=True):
     headers: dict[str, str]
     created: float
     due: float
+    version: int = 1
 
 
 class Claimed(msgspec.Struct):
@@ -83,6 +84,7 @@ class Claimed(msgspec.Struct):
     record: Stored
     #: The broker's own handle for the delivery (a row key, a stream entry id...).
     ref: Any = None
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class ListenerStats:
     delayed: int = 0
     dead: int = 0
     oldest_age_s: float | None = None
+    last_seen: float | None = None
 
 
 @dataclass(slots=True)
