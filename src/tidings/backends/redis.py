@@ -121,7 +121,7 @@ _SWEEP_S = 60.0
 # Consumers idle this long with nothing pending are forgotten.
 _REAP_MS = 3_600_000
 # Due retries and delayed events are looked for at least this often (a producer wakes
-# readers up for one due sooner than the rest).
+# readers up for one due sooner than that, and sooner than the rest).
 _MOVE_S = 1.0
 # The longest a consumer blocks in one read.
 _BLOCK_S = 1.0
@@ -402,6 +402,7 @@ class RedisBackend(DurableBackend):
             _strings(spec),
             f"{self.prefix}:r:",
             _strings([v for item in later for v in item]),
+            repr(time.time() + _MOVE_S),
         )
 
     async def _prepare(self, names: set[str]) -> None:
@@ -521,7 +522,7 @@ class RedisBackend(DurableBackend):
                 return claimed
             if self._drain_gen and consumer.idle_gen < self._drain_gen:
                 return claimed  # a drain waits to hear that this consumer is idle
-            claimed = await self._block(reader, consumer.wake, limit, lease_s)
+            claimed = await self._block(reader, consumer, limit, lease_s)
             if claimed or consumer.wake.is_set() or self._stopping:
                 return claimed
 
@@ -641,10 +642,10 @@ class RedisBackend(DurableBackend):
         return self._swept + _SWEEP_S - now
 
     async def _block(
-        self, reader: _Reader, wake: asyncio.Event, limit: int, lease_s: float
+        self, reader: _Reader, consumer: Any, limit: int, lease_s: float
     ) -> list[Claimed]:
-        """Wait on Redis for new entries of ``reader``, until the next periodic work is due
-        or ``wake`` is set."""
+        """Wait on Redis for new entries of ``reader``, until the next periodic work is due,
+        or ``consumer`` is woken to stop or to say it is idle to a drain."""
         now = time.monotonic()
         wait_s = min(
             _BLOCK_S,
@@ -673,20 +674,30 @@ class RedisBackend(DurableBackend):
                 *(b">",) * len(keys),
             )
         )
-        woken = asyncio.ensure_future(wake.wait())
+        wake = consumer.wake
         try:
-            await asyncio.wait((read, woken), return_when=asyncio.FIRST_COMPLETED)
             while not read.done():
-                # Woken: end the read early (it returns what it has, nothing is lost).
-                # Again until it ends: the unblock may come before the read blocks.
+                woken = asyncio.ensure_future(wake.wait())
+                try:
+                    await asyncio.wait((read, woken), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if read.done():
+                    break
+                if self._stopping or (self._drain_gen and consumer.idle_gen < self._drain_gen):
+                    break
+                # Woken for room, or for events this process stored: the read sees those
+                # in Redis, and ending it early would only delay the next event.
+                wake.clear()
+            while not read.done():
+                # Stopping or draining: end the read early (it returns what it has,
+                # nothing is lost). Again until it ends: the unblock may come first.
                 await self._r().client_unblock(reader.blocker_id)
                 await asyncio.wait((read,), timeout=0.01)
         except BaseException:
             read.cancel()
             await self._drop_blocker(reader)
             raise
-        finally:
-            woken.cancel()
         try:
             reply = read.result()
         except Exception as exc:
@@ -861,7 +872,7 @@ class RedisBackend(DurableBackend):
             if any(op[0] != 3 for op in group_ops):
                 self._dirty.add(stream)
         stale = await self._settle(  # type: ignore[misc]
-            keys=[self._k_dead], args=[self.owner, repr(now), _strings(spec)]
+            keys=[self._k_dead], args=[self.owner, repr(now), _strings(spec), repr(now + _MOVE_S)]
         )
         if stale:
             logger.warning(

@@ -1,6 +1,7 @@
 -- Write delivery outcomes back, each only if this consumer (ARGV[1]) still owns the
 -- entry: a worker whose lease expired never settles what another one took over.
--- KEYS[1]: the dead letters' sorted set. ARGV[2]: now (epoch seconds).
+-- KEYS[1]: the dead letters' sorted set. ARGV[2]: now (epoch seconds). ARGV[4]: a time
+-- before which a retry may come due before its reader looks again.
 -- ARGV[3]: strings, each behind its length ('>I'): per stream and group, the stream,
 -- the group, the first and last id, how many outcomes, then each: its kind and id, and
 -- 0 ack: nothing more;
@@ -37,8 +38,8 @@ while pos <= #blob do
       local first = redis.call('ZRANGE', f[6], 0, 0, 'WITHSCORES')[2]
       redis.call('HSET', f[1], '_k', f[2], 'e', f[3], 'a', f[4])
       redis.call('ZADD', f[6], f[5], f[1])
-      if first == nil or tonumber(f[5]) < tonumber(first) then
-        redis.call('XADD', f[2], '*', 'w', '1')  -- due before what its reader waits for
+      if (first == nil or tonumber(f[5]) < tonumber(first)) and tonumber(f[5]) < tonumber(ARGV[4]) then
+        redis.call('XADD', f[2], '*', 'w', '1')  -- due soon, before what its reader waits for
       end
       acks[#acks + 1] = id
     elseif kind == '2' then

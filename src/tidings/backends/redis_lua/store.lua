@@ -8,6 +8,7 @@
 -- ARGV[2]: per stream of KEYS[4..]: its name, how many groups it has, their names.
 -- ARGV[3]: the start of a listener's own stream's key.
 -- ARGV[4]: the delayed events: item key, stream index, due time, entry; one after another.
+-- ARGV[5]: a time before which a delayed event may come due before a reader looks again.
 -- A stream that does not exist (new, or lost with the server's data) gets its groups
 -- before its first entry, and each listener a wake-up entry in its own stream, so a
 -- blocked reader starts reading it. Returns 1 when the marker was missing: the server
@@ -58,8 +59,8 @@ if ARGV[4] ~= '' then
     local k, due, entry = tonumber(nxt()), nxt(), nxt()
     redis.call('HSET', item, '_k', KEYS[k + 3], 'e', entry)
     redis.call('ZADD', KEYS[3], due, item)
-    if tonumber(due) < first then
-      -- Due before whatever a blocked reader waits for: wake the listeners up.
+    if tonumber(due) < first and tonumber(due) < tonumber(ARGV[5]) then
+      -- Due soon, before whatever a blocked reader waits for: wake the listeners up.
       first = tonumber(due)
       for _, g in ipairs(groups[k]) do
         redis.call('XADD', ARGV[3] .. g, '*', 'w', '1')
