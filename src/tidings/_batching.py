@@ -18,6 +18,7 @@ import contextvars
 import inspect
 import logging
 import math
+import re
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -149,9 +150,11 @@ class Batcher(Generic[T]):
             await asyncio.gather(*self._sending, return_exceptions=True)
 
 
-def _element(fn: Callable[..., Any], qualname: str) -> type[Any] | None:
+def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) -> type[Any] | None:
     """What each item of the batch a listener takes is: ``None`` for events (``Event``
-    envelopes), else the typed-event class its parameter's ``list[...]`` names.
+    envelopes), else the typed-event class its parameter's ``list[...]`` names (an
+    annotation left as text, naming a class defined in a function, is matched by name
+    with the classes in ``typed``, those the listener subscribes to).
 
     Raises:
         ConfigurationError: the function does not take one list of either.
@@ -170,6 +173,16 @@ def _element(fn: Callable[..., Any], qualname: str) -> type[Any] | None:
             f"{len(required)} required parameter(s)"
         )
     annotation = required[0].annotation
+    if isinstance(annotation, str):
+        match = re.fullmatch(
+            r"\s*(?:\w+\.)*(?:list|List|Sequence)\[\s*([\w.]+)\s*\]\s*", annotation
+        )
+        name = match.group(1).rsplit(".", 1)[-1] if match else None
+        if name in ("Event", "Any"):
+            return None
+        for cls in typed:
+            if cls.__name__ == name:
+                return cls
     if annotation in (inspect.Parameter.empty, list, Any, Sequence):
         return None
     if get_origin(annotation) in (list, Sequence) and len(get_args(annotation)) == 1:
@@ -215,6 +228,7 @@ class Batching:
         concurrency: the listener's ``concurrency`` (events in flight at once, in
             batches; ``None`` makes it ``size``).
         inline: call a sync function on the event loop instead of in a thread.
+        typed: the typed-event classes the listener subscribes to.
 
     Raises:
         ConfigurationError: an option out of range, or a function that does not take
@@ -232,6 +246,7 @@ class Batching:
         timeout: float | None,
         concurrency: int | None,
         inline: bool,
+        typed: Sequence[type[Any]] = (),
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigurationError(
@@ -254,7 +269,7 @@ class Batching:
         self.inline = inline
         #: ``None``: the listener gets ``Event`` envelopes; else the typed-event class
         #: whose objects it gets.
-        self.element = _element(fn, qualname)
+        self.element = _element(fn, qualname, typed)
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004
         )

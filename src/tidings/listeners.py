@@ -119,7 +119,7 @@ class Listener(Generic[P, R]):
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         #: A batch listener's batching (its function takes a list of events), else None.
-        self.batching = self._batching(batch, batch_wait, executor)
+        self.batching = self._batching(batch, batch_wait, executor, typed)
         if self.batching is not None:
             # Each delivery waits for its batch, once: the batch's call is what the
             # listener's retry policy and timeout apply to.
@@ -162,7 +162,11 @@ class Listener(Generic[P, R]):
         self.types = types
 
     def _batching(
-        self, batch: int | None, batch_wait: float | timedelta | None, executor: str
+        self,
+        batch: int | None,
+        batch_wait: float | timedelta | None,
+        executor: str,
+        typed: Sequence[type[Any]],
     ) -> Batching | None:
         if batch is None:
             if batch_wait is not None:
@@ -183,6 +187,7 @@ class Listener(Generic[P, R]):
             timeout=self.timeout,
             concurrency=self.concurrency,
             inline=self.inline,
+            typed=typed,
         )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
