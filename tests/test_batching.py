@@ -68,6 +68,19 @@ def test_batch_options_out_of_range_are_refused_at_registration(
         listener("page.viewed", **options)(fn)
 
 
+def test_a_batch_listener_takes_no_injected_parameters() -> None:
+    from fastapi import Depends
+
+    def connection() -> object:
+        return object()
+
+    def handle(events: list[Event], db: object = Depends(connection)) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"injected parameters \(Depends\)"):
+        listener("page.viewed", batch=10)(handle)
+
+
 def test_a_batch_listener_lets_a_batch_be_in_flight_and_stays_callable() -> None:
     @listener("page.viewed", batch=50)
     def views(events: list[Event]) -> int:
