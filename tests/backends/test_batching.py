@@ -73,20 +73,27 @@ async def test_a_failing_batch_is_retried_whole_then_each_event_is_a_dead_letter
 
 async def test_a_typed_batch_gets_the_objects(make_bus: BusFactory) -> None:
     batches: list[list[OrderPaid]] = []
+    by_name: list[list[OrderPaid]] = []
 
     @listener(OrderPaid, batch=2, batch_wait=3600)
     async def paid(orders: list[OrderPaid]) -> None:
         batches.append(orders)
 
-    async with make_bus(listeners=[paid]) as bus:
+    # Subscribed by name: the annotation alone ties the name to the class.
+    @listener("order.paid", batch=2, batch_wait=3600)
+    def paid_too(orders: list[OrderPaid]) -> None:
+        by_name.append(orders)
+
+    async with make_bus(listeners=[paid, paid_too]) as bus:
         await bus.publish(OrderPaid(1, Decimal("9.50")))
         await bus.publish(OrderPaid(2, Decimal("20")))
         await bus.drain()
-    assert len(batches) == 1
-    assert sorted(batches[0], key=lambda order: order.order_id) == [
-        OrderPaid(1, Decimal("9.50")),
-        OrderPaid(2, Decimal("20")),
-    ]
+    for got in (batches, by_name):
+        assert len(got) == 1
+        assert sorted(got[0], key=lambda order: order.order_id) == [
+            OrderPaid(1, Decimal("9.50")),
+            OrderPaid(2, Decimal("20")),
+        ]
 
 
 async def test_a_succeeded_batch_is_not_delivered_again(make_bus: BusFactory) -> None:
