@@ -53,6 +53,7 @@ def _sync(events: list[Event]) -> None:
         (_events, {"batch_wait": 1.0}, "has a batch_wait but no batch"),
         (_events, {"batch": 10, "batch_wait": -1}, "batch_wait .* 0 or more seconds"),
         (_events, {"batch": 10, "batch_wait": float("nan")}, "batch_wait .* 0 or more seconds"),
+        (_events, {"batch": 10, "batch_wait": "1"}, "batch_wait .* 0 or more seconds"),
         (_events, {"batch": 10, "concurrency": 5}, r"concurrency \(5\) must be at least 10"),
         (_events, {"batch": 10, "once": True}, "cannot take batches with once=True"),
         (_sync, {"batch": 10, "executor": "process"}, 'with executor="process"'),

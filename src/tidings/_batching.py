@@ -204,7 +204,12 @@ def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) 
 
 
 def _wait_seconds(value: float | timedelta, qualname: str) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        seconds = math.nan
     if not math.isfinite(seconds) or seconds < 0:
         raise ConfigurationError(
             f"batch_wait of listener {qualname} must be 0 or more seconds, not {value!r}"
