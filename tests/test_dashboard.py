@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -369,7 +370,18 @@ async def test_every_backend_shows_searches_replays_and_purges(any_url: str, sho
         )
         assert purged.json() == {"count": 2}
         assert (await client.get("/api/dead")).json()["total"] == 0
+        await publish_later(bus, 600, "order.paid", order_id=5)
+        await publish_later(bus, 60, "order.paid", order_id=6)
+        await publish_later(bus, 7200, "order.paid", order_id=7)  # not within the hour
+        delayed = (await client.get("/api/delayed", params={"within_s": 3600})).json()
     assert sorted(shop.shipped.calls, key=str) == [2, 4]
+    if bus.backend.durable:
+        assert delayed["listeners"][ship.qualname]["delayed"] == 3
+        assert [e["name"] for e in delayed["events"]] == ["order.paid", "order.paid"]
+        assert 50 < delayed["events"][0]["due"] - time.time() <= 60  # the soonest first
+    else:  # in process: counted, not listed
+        assert delayed["events"] is None
+        assert delayed["listeners"]["(this process)"]["delayed"] == 3
 
 
 async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
@@ -541,6 +553,9 @@ async def test_in_chromium(store_url: str, screenshots: Path, shop: Shop, chromi
                 await page.goto(base + "#/delayed")
                 delayed_row = page.locator("#delayed tr", has_text=ship.qualname)
                 await expect(delayed_row.locator("td").nth(1)).to_have_text("1")
+                await expect(page.locator("#delayed-events")).to_contain_text("order.paid")
+                await expect(page.locator("#delayed-events")).to_contain_text("(in 9.")
+                await page.screenshot(path=str(screenshots / f"delayed-{kind}.png"))
             finally:
                 await browser.close()
     finally:

@@ -295,8 +295,9 @@ def schedules(bus: Bus) -> list[dict[str, Any]]:
 
 
 async def delayed(bus: Bus, within_s: float) -> dict[str, Any]:
-    """Deliveries waiting for a later time: per listener, and one by one where the
-    backend can list them (``list_delayed(within_s, limit)``)."""
+    """Deliveries waiting for a later time, per listener; and the events due within
+    ``within_s`` seconds one by one, where the store lists them (an optional
+    ``list_delayed(within_s, limit)`` of SQLite, Redis and PostgreSQL; ``None`` else)."""
     per_listener = {
         name: {"delayed": s.delayed, "retrying": s.retrying}
         for name, s in sorted((await on_bus_loop(bus, bus.listener_stats())).items())

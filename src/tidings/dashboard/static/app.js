@@ -358,14 +358,14 @@ async function delayedPage() {
   const rows = Object.entries(data.listeners).map(([name, f]) =>
     `<tr><td class="name">${esc(name)}</td>${num(f.delayed)}${num(f.retrying)}</tr>`).join("");
   const events = data.events === null ? `<p class="note">This backend counts delayed deliveries but does not list them one by one.</p>`
-    : data.events.length ? `<table id="delayed-events"><thead><tr><th>due</th><th>event</th><th>event id</th><th>listener</th></tr></thead><tbody>
+    : data.events.length ? `<table id="delayed-events"><thead><tr><th>due</th><th>event</th><th>event id</th><th>emitted at</th></tr></thead><tbody>
       ${data.events.map((e) => `<tr><td>${when(e.due)} <span class="note">(${relative(e.due)})</span></td><td>${esc(e.name)}</td>
-      <td class="name">${esc(e.event_id)}</td><td class="name">${esc(e.listener || "")}</td></tr>`).join("")}</tbody></table>`
+      <td class="name">${esc(e.event_id)}</td><td>${when(e.created)}</td></tr>`).join("")}</tbody></table>`
     : `<p class="note">Nothing due within the hour.</p>`;
   page.innerHTML = `<h1>Delayed deliveries</h1>
     <table id="delayed"><thead><tr><th>listener</th><th class="num">delayed</th><th class="num">retrying later</th></tr></thead>
     <tbody>${rows || `<tr><td colspan="3" class="note">Nothing waits.</td></tr>`}</tbody></table>
-    <h2>Due within the hour</h2>${events}`;
+    <h2>Events due within the hour</h2>${events}`;
 }
 
 // -- routing ---------------------------------------------------------------------------
