@@ -369,3 +369,19 @@ async def test_a_failed_request_gives_back_the_once_listeners_its_events_took() 
         bus.emit("x", n=2)
         await bus.drain()
     assert got == [2]
+
+
+async def test_capture_leaves_out_what_a_failed_request_emitted(bus: Bus, seen: Seen) -> None:
+    from tidings.testing import capture
+
+    with capture(bus) as events:
+        async with _client(_app(bus, seen)) as client:
+            assert (await client.get("/fails")).status_code == 500
+            assert (await client.get("/ok")).status_code == 200
+        await bus.drain()
+    assert seen.names == ["user.created"]
+    assert len(events.events) == 1  # the /ok request's, not the dropped one
+    events.assert_emitted("user.created", times=1)
+    assert [e.name for e in events.dropped] == ["user.created"]
+    with pytest.raises(AssertionError, match="1 dropped with a failed request"):
+        events.assert_emitted("user.deleted")

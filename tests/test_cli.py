@@ -222,6 +222,15 @@ def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> 
     assert any("ValueError: order -1 cannot be charged" in line for line in lines)
 
 
+def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-1])
+    terminal = CliRunner(env={"COLUMNS": "40", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = terminal.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    assert any(event_id in line for line in result.output.splitlines()), result.output
+    assert any("tests.cli_app.charge" in line for line in result.output.splitlines())
+
+
 def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
     # 17 events: two of their ids share a first hex digit, whichever ids they get.
     ids = _dead_ids(sqlite_url, list(range(-17, 0)))
@@ -441,3 +450,14 @@ def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) ->
     result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
     assert result.exit_code == 1, result.output
     assert message in result.output
+
+
+def test_demo_help_wraps_at_the_terminals_width_only() -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("A welcome mail"))
+    paragraph = lines[start : lines.index("", start)]
+    assert "dead letters" in paragraph[-1]
+    # No line broken mid-sentence where the source broke it: all but the last are full.
+    assert all(len(line) > 60 for line in paragraph[:-1]), paragraph

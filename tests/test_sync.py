@@ -118,10 +118,10 @@ def test_a_wsgi_app_served_by_threads_emits_and_every_event_is_delivered(
     assert bus_threads() == []
 
 
-def test_errors_at_start_raise_in_the_calling_thread(tmp_path: Path) -> None:
-    # A directory where the database file should be: the store cannot be opened.
-    bus = Bus(f"sqlite:///{tmp_path}")
-    with pytest.raises(BackendError), bus:
+def test_errors_at_start_raise_in_the_calling_thread() -> None:
+    # Nothing listens on port 1: the store cannot be reached.
+    bus = Bus("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(BackendError, match="cannot connect to PostgreSQL"), bus:
         pytest.fail("the block must not run")
     assert not bus.started
     assert bus_threads() == []
@@ -212,3 +212,15 @@ async def test_a_bus_started_on_a_running_loop_cannot_also_run_in_a_thread() -> 
     async with Bus() as bus:
         with pytest.raises(ConfigurationError, match="started already"), bus:
             pass
+
+
+def test_a_sync_wait_on_a_bus_whose_loop_stopped_raises_instead_of_hanging() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        bus = Bus()
+        loop.run_until_complete(bus.start())  # the loop stops running here, bus open
+        with pytest.raises(NotStartedError, match="event loop is not running"):
+            bus.publish_sync("x")
+        loop.run_until_complete(bus.aclose())
+    finally:
+        loop.close()

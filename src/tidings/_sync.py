@@ -130,6 +130,11 @@ def run(bus: Bus, awaitable: Awaitable[T]) -> T:
                 f"the bus {state}: start it with 'with bus:' (or 'async with bus:' on a "
                 "running event loop) before waiting on it from sync code"
             )
+        if not loop.is_running():
+            raise NotStartedError(
+                "the bus's event loop is not running (was it stopped without closing the "
+                "bus?): nothing would ever run what is waited for"
+            )
         if threading.get_ident() == bus._thread:
             raise ConfigurationError(
                 "a sync wait on the bus was called on the bus's own event loop, where it "

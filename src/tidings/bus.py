@@ -19,12 +19,14 @@ from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
+import msgspec
+
 from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
-from tidings.codec import check_serializable
+from tidings.codec import check_serializable, decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
@@ -59,6 +61,8 @@ _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
+# An event handed over from another thread: subscriptions, context and delay.
+_Handed = tuple[Event, tuple[Subscription, ...], contextvars.Context, float | None]
 # The ``once`` subscriptions an emit took, with where they were in their registries.
 _Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
@@ -120,17 +124,23 @@ class Bus:
             if backend is None
             else repr(backend)
         )
+        remake: Callable[[], Backend] | None = None
         if backend is None or isinstance(backend, str):
             options: dict[str, Any] = {"max_pending": max_pending}
             if backend and not backend.startswith("memory"):
                 options["consume"] = consume
             else:
                 options["concurrency"] = concurrency
-            backend = backend_from_url(backend or "memory://", **options)
+            url = backend or "memory://"
+            backend = backend_from_url(url, **options)
+            # A durable backend does not start twice: a bus that starts again after
+            # aclose() makes its backend anew from the URL.
+            remake = lambda: backend_from_url(url, **options)  # noqa: E731
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
         elif not consume and hasattr(backend, "consume"):
             backend.consume = False
+        self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
@@ -154,6 +164,8 @@ class Bus:
         self._closed = False
         self._typed_ok: dict[type[Any], str] = {}
         self._emit_hooks: list[Callable[[Event], None]] = []
+        # Told of each event the ASGI middleware dropped after the hooks above saw it.
+        self._drop_hooks: list[Callable[[Event], None]] = []
         # Told of every delivery (tracing); the runner takes them when the bus starts.
         self._observers: list[DeliveryObserver] = []
         # Payload checks by event name (see schema); while empty, emit never looks.
@@ -167,8 +179,9 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them.
-        self._inbox: deque[tuple[Event, tuple[Subscription, ...], contextvars.Context]] = deque()
+        # Events emitted on other threads, waiting for the loop to take them (with their
+        # delay, if any).
+        self._inbox: deque[_Handed] = deque()
         self._inbox_scheduled = False
         # Set while the inbox's first event waits for room in the backend.
         self._inbox_waiter: asyncio.Task[None] | None = None
@@ -187,10 +200,12 @@ class Bus:
         return self.registry.listener(*names, **options)
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` (a function or a listener); ``.unsubscribe()`` undoes it."""
-        return self.registry.subscribe(*names, fn=fn, **options)
+        """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
+        names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
+        ``.unsubscribe()`` undoes it."""
+        return self.registry.subscribe(fn, *names, **options)
 
     def include(self, registry: Registry) -> None:
         """Add a registry's listeners (and later changes to it) to this bus."""
@@ -228,7 +243,8 @@ class Bus:
         several workers on one durable store.
 
         Raises:
-            ConfigurationError: not a cron expression, or a bad event name.
+            ConfigurationError: not a cron expression, one that never fires
+                (``0 0 30 2 *``), or a bad event name.
         """
         entry = Schedule(cron, name, args, kwargs)
         self._schedules.append(entry)
@@ -256,9 +272,10 @@ class Bus:
             self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
 
     async def _run_schedules(self, schedules: list[Schedule]) -> None:
-        now = time.time()
-        due = {i: entry.next_after(now) for i, entry in enumerate(schedules)}
-        while True:
+        due: dict[int, float] = {}
+        for i, entry in enumerate(schedules):
+            self._plan_tick(due, i, entry, time.time())
+        while due:
             i = min(due, key=due.__getitem__)
             entry, tick = schedules[i], due[i]
             await asyncio.sleep(max(0.0, tick - time.time()))
@@ -269,7 +286,16 @@ class Bus:
                     )
             except Exception:
                 logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
-            due[i] = entry.next_after(tick)
+            self._plan_tick(due, i, entry, tick)
+
+    @staticmethod
+    def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> None:
+        """Set schedule ``i``'s next tick; one that has none stops alone, logged."""
+        try:
+            due[i] = entry.next_after(after)
+        except Exception:
+            due.pop(i, None)
+            logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -281,11 +307,16 @@ class Bus:
     async def start(self) -> None:
         """Start handing deliveries to listeners on the running event loop.
 
+        A bus closed with :meth:`aclose` may start again (an app's lifespan that runs
+        twice, as two test clients of one app do): what it delivered, its listeners and
+        the in-process dead letters stay; a durable backend made from a URL is made anew.
+
         Raises:
-            NotStartedError: the bus was closed (a bus starts once).
+            NotStartedError: closed, on a durable backend given as an object (it cannot
+                start twice: give the bus its URL instead).
         """
         if self._closed:
-            raise NotStartedError("this bus is closed; create a new Bus to start again")
+            self._reopen()
         if self._loop is not None:
             return
         loop = asyncio.get_running_loop()
@@ -308,6 +339,29 @@ class Bus:
         self._loop = loop
         self._refresh_hot()
         self._start_scheduler()
+
+    def _reopen(self) -> None:
+        """Make a closed bus ready to start again."""
+        backend = self.backend
+        if backend.durable:
+            if self._remake is None:
+                raise NotStartedError(
+                    f"this bus is closed, and its backend ({self.url}) cannot start again: "
+                    "create a new Bus, or give the bus a URL so it can make a new backend"
+                )
+            consume = getattr(backend, "consume", True)
+            backend = self._remake()
+            if hasattr(backend, "consume"):
+                backend.consume = consume
+            self.backend = backend
+            self._put_named = backend.put_named
+        self._closed = False
+        self._loop = None
+        self._thread = 0
+        self._inbox.clear()
+        self._inbox_scheduled = False
+        self._inbox_waiter = None
+        self._scheduler = None
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished.
@@ -332,11 +386,22 @@ class Bus:
             # Async hooks may emit: their events are waited for too.
             await runner.drain_hooks()
 
-    async def aclose(self, timeout: float | timedelta | None = None) -> None:
+    async def aclose(
+        self, _app: object = None, /, *, timeout: float | timedelta | None = None
+    ) -> None:
         """Drain (for at most ``timeout`` seconds, default ``shutdown_timeout``) and stop.
 
         What could not be delivered in time is cancelled and logged once, by event id.
+        ``timeout`` is keyword-only, and a positional argument is ignored: frameworks
+        pass their app to shutdown hooks (Litestar's ``on_shutdown=[bus.aclose]``). With
+        Litestar, prefer :class:`~tidings.contrib.litestar.TidingsPlugin`, which also
+        starts the bus.
+
+        Raises:
+            TypeError: a number given positionally (write ``aclose(timeout=5)``).
         """
+        if isinstance(_app, int | float | timedelta):
+            raise TypeError(f"aclose() takes its timeout by keyword: aclose(timeout={_app!r})")
         if self._loop is None or self._closed:
             self._closed = True
             return
@@ -358,7 +423,7 @@ class Bus:
             # Still no room: what other threads emitted stays out of a closing backend.
             self._inbox_waiter.cancel()
             await asyncio.gather(self._inbox_waiter, return_exceptions=True)
-        left = [event.id for event, _subs, _ctx in self._inbox]
+        left = [entry[0].id for entry in self._inbox]
         self._inbox.clear()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
@@ -381,8 +446,21 @@ class Bus:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)
             except TimeoutError:
                 logger.error("bus closed before its hooks finished")
+        await self._close_listeners()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_listeners(self) -> None:
+        """Close what listeners hold open once their deliveries are over: a listener
+        function with an async ``aclose`` (a forwarder's connections) is closed here."""
+        for sub in self.registry.subscriptions():
+            close = getattr(sub.listener.fn, "aclose", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception:
+                logger.exception("closing listener %s raised", sub.listener.qualname)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -492,7 +570,7 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._to_inbox(event, subs, self._contexts.copy_elsewhere())
+                    self._to_inbox(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -768,24 +846,26 @@ class Bus:
         ctx: contextvars.Context,
         delay_s: float | None,
     ) -> None:
-        if delay_s is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay_s)
-            else:
-                self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
-                    self.backend.put_later, event, subs, ctx, delay_s
-                )
-            return
-        if _get_ident() == self._thread:
-            self.backend.put(event, subs, ctx)
+        if _get_ident() != self._thread:
+            if self.backend.serializes_at_put:
+                # Encoded here, on the emitting thread: a payload that cannot be stored
+                # is this emit's error, and what the caller changes later is not stored.
+                event = _frozen(event)
+            self._to_inbox(event, subs, ctx, delay_s)
+        elif delay_s is not None:
+            self.backend.put_later(event, subs, ctx, delay_s)
         else:
-            self._to_inbox(event, subs, ctx)
+            self.backend.put(event, subs, ctx)
 
     def _to_inbox(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None,
     ) -> None:
         """Hand an event emitted on another thread over to the loop's."""
-        if not self.backend.has_room(1 + len(self._inbox)):
+        if delay_s is None and not self.backend.has_room(1 + len(self._inbox)):
             raise QueueFull(
                 f"the in-process queue is full; cannot queue event {event.name!r} "
                 "(raise max_pending, or await bus.publish(...) to wait for room)"
@@ -793,7 +873,7 @@ class Bus:
         # Handed over in bursts: one wake-up of the loop for the events other threads
         # emit before it gets to them. An append is atomic, and the flag is cleared
         # before the inbox is read, so no event waits without a wake-up on its way.
-        self._inbox.append((event, subs, ctx))
+        self._inbox.append((event, subs, ctx, delay_s))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
@@ -809,20 +889,28 @@ class Bus:
                 event = inbox.popleft()[0]
                 logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
             return
-        put = self.backend.put
+        backend = self.backend
         while inbox:
-            event, subs, ctx = inbox[0]
+            event, subs, ctx, delay_s = inbox[0]
             try:
-                put(event, subs, ctx)
+                if delay_s is None:
+                    backend.put(event, subs, ctx)
+                else:
+                    backend.put_later(event, subs, ctx, delay_s)
             except QueueFull:
                 # The loop's own emits filled the queue first. Room was counted for this
                 # one when it was emitted: it waits for room rather than be dropped.
                 self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
                 return
+            except Exception:
+                # This one event's failure; it never stalls the events behind it.
+                logger.exception(
+                    "event %s (%s) emitted from a thread could not be queued", event.id, event.name
+                )
             inbox.popleft()
 
     async def _wait_for_room(self) -> None:
-        event, subs, ctx = self._inbox[0]
+        event, subs, ctx, _delay = self._inbox[0]
         try:
             await self.backend.put_wait(event, subs, ctx)
         except Exception:
@@ -955,6 +1043,20 @@ class Bus:
             )
         return out
 
+    async def forget_listener(self, name: str) -> bool:
+        """Remove a listener (by qualified name) from the durable store: its deliveries
+        are deleted and it keeps no event stored; whether it was joined. A bus that
+        runs it joins it again when it starts.
+
+        Raises:
+            ConfigurationError: the bus is not on a durable store.
+            BackendError: the store failed.
+        """
+        backend = self.backend
+        if not isinstance(backend, DurableBackend):
+            raise ConfigurationError(f"{self.url} keeps no listeners to forget")
+        return await backend.forget(name)
+
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""
         per_listener = {
@@ -971,3 +1073,13 @@ class Bus:
 def _delay_s(options: EmitOptions | None) -> float | None:
     """Seconds from now until an event with these options is due, or ``None``."""
     return None if options is None else options.due_in()
+
+
+def _frozen(event: Event) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now.
+
+    Raises:
+        PayloadError: the payload cannot be serialized.
+    """
+    args, kwargs, obj = decode_payload(encode_payload(event))
+    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from importlib.metadata import version
 from typing import Any, TypeVar
@@ -182,10 +183,20 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 @app.command("listeners")
 def listeners_(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    forget: list[str] | None = typer.Argument(  # noqa: B008
+        None, metavar="[forget APP NAME]", help="'forget APP NAME': see below."
+    ),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """List a bus's listeners and their options."""
+    """List a bus's listeners and their options.
+
+    'tidings listeners forget APP NAME' removes the listener NAME (qualified) from the
+    app's durable store: its deliveries are deleted and it keeps no event stored.
+    """
+    if target == "forget":
+        _forget_listener(forget or [], debug)
+        return
     bus = _guarded(debug, lambda: load_bus(target))
     if json_out:
         _print_json([_listener_json(bus, lst) for lst in bus.listeners()])
@@ -218,6 +229,24 @@ def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
         "timeout_s": lst.timeout or bus.timeout,
         "concurrency": lst.concurrency,
     }
+
+
+def _forget_listener(args: list[str], debug: bool) -> None:
+    if len(args) != 2:
+        raise _fail("usage: tidings listeners forget APP NAME")
+    target, name = args
+
+    async def body(bus: Bus) -> bool:
+        if any(lst.qualname == name for lst in bus.listeners()):
+            raise _fail(
+                f"{name!r} is still a listener of {target}, and each start of the app joins "
+                "it again: remove it from the code first"
+            )
+        return await bus.forget_listener(name)
+
+    if not _with_bus(target, debug, body):
+        raise _fail(f"no listener {name!r} is joined on the store")
+    Console().print(f"forgot listener {name!r}: its deliveries are deleted", highlight=False)
 
 
 @app.command()
@@ -296,8 +325,11 @@ def stats(
         table.add_column("listener", no_wrap=True)
         for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
             table.add_column(column, justify="right")
+        table.add_column("last seen", justify="right")
+        now = time.time()
         for listener, s in sorted(figures.items()):
             oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
+            seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
             table.add_row(
                 listener,
                 str(s.pending),
@@ -306,6 +338,7 @@ def stats(
                 str(s.delayed),
                 str(s.dead),
                 oldest,
+                seen,
             )
         return table
 
@@ -567,7 +600,16 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-@app.command()
+# One string without line breaks: the help shows a docstring's line breaks as they are.
+_DEMO_HELP = (
+    "Emit a burst of sign-ups to four listeners and show what each one did.\n\n"
+    "A welcome mail (async), an audit log (sync, on 'user.*'), a CRM sync that fails on "
+    "its first attempt for one user in five and succeeds on a retry, and a trial grant "
+    "that fails for good for users of a retired plan (dead letters)."
+)
+
+
+@app.command(help=_DEMO_HELP)
 def demo(
     users: int = typer.Option(5000, min=1, help="Sign-ups to emit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's logs."),

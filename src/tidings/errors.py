@@ -11,7 +11,8 @@ The tree::
      ├── PayloadError              a payload that cannot be serialized or validated (ValueError)
      ├── ListenerError             a listener failed or could not be called
      │    ├── BindingError         the event cannot satisfy the listener's signature (TypeError)
-     │    └── DeliveryLost         a durable delivery's worker kept stopping while running it
+     │    ├── DeliveryLost         a durable delivery's worker kept stopping while running it
+     │    └── ForwardError         a forwarder's destination refused an event or was unreachable
      └── BackendError              a backend failed to store or hand out deliveries
           ├── ConnectionLost
           └── PublishFailed
@@ -29,6 +30,7 @@ __all__ = [
     "ConnectionLost",
     "DeliveryLost",
     "EmitError",
+    "ForwardError",
     "ListenerError",
     "NoListenersError",
     "NotStartedError",
@@ -84,6 +86,13 @@ class DeliveryLost(ListenerError):
     worker stopped (or lost the lease) while running it, each time. It is made a dead
     letter instead of being run once more (a listener that crashes its process would
     otherwise crash every worker that takes it)."""
+
+
+class ForwardError(ListenerError):
+    """A forwarder (:mod:`tidings.forward`) could not hand an event to its destination:
+    a webhook answered with a status other than 2xx, SQS refused the message, or the
+    destination could not be reached. The delivery is retried by the listener's policy,
+    then kept as a dead letter."""
 
 
 class BackendError(TidingsError):

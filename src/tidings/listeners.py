@@ -14,8 +14,9 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from tidings import _processes
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
@@ -92,6 +93,7 @@ class Listener(Generic[P, R]):
         on_success: SuccessHook | Iterable[SuccessHook] | None = None,
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
+        executor: Literal["thread", "process"] = "thread",
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -114,6 +116,23 @@ class Listener(Generic[P, R]):
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.plan = CallPlan(fn, self.qualname)
+        #: Where a sync listener runs: ``"thread"`` (the bus's thread pool) or
+        #: ``"process"`` (a pool of worker processes, see :mod:`tidings._processes`).
+        self.executor = executor
+        if executor == "process":
+            _processes.check(
+                fn,
+                self.qualname,
+                is_async=_is_async_callable(fn),
+                inline=inline,
+                injected=self.plan.fn is not fn,
+            )
+            self.plan.fn = _processes.InProcess(fn, self.qualname)
+        elif executor != "thread":
+            raise ConfigurationError(
+                f"executor of listener {self.qualname} must be 'thread' or 'process', "
+                f"not {executor!r}"
+            )
         # The plan may call a wrapper (injected dependencies), which is async.
         self.is_async = _is_async_callable(self.plan.fn)
         if inline and self.timeout is not None and not self.is_async:
@@ -148,6 +167,7 @@ def listener(
     on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
+    executor: Literal["thread", "process"] = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -159,7 +179,9 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
     ``timedelta``, per attempt), ``concurrency`` (deliveries of this listener running at
     once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
-    ``inline`` (run a sync function on the event loop instead of a thread), and
+    ``inline`` (run a sync function on the event loop instead of a thread),
+    ``executor="process"`` (run a sync function in a pool of worker processes: for
+    CPU-bound work; it must be defined at the top level of a module), and
     ``on_error`` / ``on_success`` / ``on_dead`` hooks.
 
     Raises:
@@ -261,12 +283,11 @@ class Subscription:
         self.registry._remove(self)
 
     def hooks(self, kind: str) -> tuple[Any, ...]:
-        """The listener's hooks of ``kind`` then its registries', innermost first."""
+        """The listener's hooks of ``kind`` then its registries', innermost first (a
+        registry included in several places: the hooks of every one that includes it)."""
         out: list[Any] = list(getattr(self.listener, kind))
-        registry: Registry | None = self.registry
-        while registry is not None:
+        for registry in self.registry._lineage():
             out.extend(getattr(registry, kind))
-            registry = registry._parent
         return tuple(out)
 
     def __repr__(self) -> str:
@@ -301,7 +322,8 @@ class Registry:
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
-        self._parent: Registry | None = None
+        #: Where this registry is included (a registry may be shared by several buses).
+        self._parents: list[Registry] = []
         self._cache: dict[str, tuple[Subscription, ...]] = {}
         #: The resolved names emit may route without further checks: the same as the
         #: cache, but kept empty while a ``once`` listener needs each emit to take it.
@@ -325,7 +347,7 @@ class Registry:
         if not isinstance(item, Listener):
             raise ConfigurationError(
                 f"{item!r} is not a listener: decorate it with @listener('event.name') "
-                "or use registry.subscribe('event.name', fn)"
+                "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
             self._check_types(item.types, item.qualname)
@@ -356,20 +378,28 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it.
+        """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
+        "user.created", retry=3)`` (the function first, then names, then the options of
+        ``@listener``). Returns a handle whose ``unsubscribe()`` undoes it.
 
         Raises:
-            ConfigurationError: ``fn`` is a listener already, and names or options are
-                given too (its own are used: subscribe ``fn.fn`` to give others).
+            ConfigurationError: ``fn`` is not callable (names come after it), or is a
+                listener already and names or options are given too (its own are used:
+                subscribe ``fn.fn`` to give others).
         """
+        if isinstance(fn, str) or not callable(fn):
+            raise ConfigurationError(
+                f"subscribe() takes the function first, then the names "
+                f"(subscribe(fn, 'event.name')), not {fn!r} first"
+            )
         if isinstance(fn, Listener):
             if names or options:
                 raise ConfigurationError(
                     f"{fn.qualname} is a listener of {', '.join(map(repr, fn.names))} "
                     "already, with its own options: subscribe it without names or options, "
-                    "or subscribe its function (fn=listener.fn) with these"
+                    "or subscribe its function (listener.fn) with these"
                 )
             return self.add(fn)
         return self.add(listener(*names, **options)(fn))
@@ -377,30 +407,44 @@ class Registry:
     def include(self, registry: Registry) -> None:
         """Route this registry's events to ``registry``'s listeners too.
 
+        One registry may be included in several buses (or registries): its listeners,
+        and later changes to them, are shared by all of them.
+
         Raises:
-            ConfigurationError: the registry is already included somewhere, or a typed
-                event name would be bound to two classes.
+            ConfigurationError: the registry is already included here, includes this
+                one, or a typed event name would be bound to two classes.
         """
         with self._lock:
-            if registry._parent is not None or registry is self:
-                raise ConfigurationError("a registry can be included in one place only")
+            if registry in self._children:
+                raise ConfigurationError("this registry is already included here")
+            if registry is self or registry in self._lineage():
+                raise ConfigurationError("a registry cannot include itself, even through others")
             self._check_types(registry._all_types(), "an included registry")
-            registry._parent = self
+            registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
 
+    def _lineage(self) -> list[Registry]:
+        """This registry and every registry that includes it, innermost first."""
+        out: list[Registry] = [self]
+        for registry in out:  # grows as it goes: breadth first
+            for parent in registry._parents:
+                if parent not in out:
+                    out.append(parent)
+        return out
+
     def _check_types(self, types: dict[str, type[Any]], owner: str) -> None:
-        root = self
-        while root._parent is not None:
-            root = root._parent
-        known = root._all_types()
-        for name, cls in types.items():
-            other = known.get(name)
-            if other is not None and other is not cls:
-                raise ConfigurationError(
-                    f"event {name!r} is bound to two classes: {other.__qualname__} and "
-                    f"{cls.__qualname__} (from {owner})"
-                )
+        for root in self._lineage():
+            if root._parents:
+                continue
+            known = root._all_types()
+            for name, cls in types.items():
+                other = known.get(name)
+                if other is not None and other is not cls:
+                    raise ConfigurationError(
+                        f"event {name!r} is bound to two classes: {other.__qualname__} and "
+                        f"{cls.__qualname__} (from {owner})"
+                    )
         self._types.update(types)
 
     def _all_types(self) -> dict[str, type[Any]]:
@@ -430,8 +474,7 @@ class Registry:
             self._invalidate()
 
     def _invalidate(self) -> None:
-        registry: Registry | None = self
-        while registry is not None:
+        for registry in self._lineage():
             # Cleared in place: the bus holds references.
             registry._cache.clear()
             registry.routes.clear()
@@ -439,7 +482,6 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
-            registry = registry._parent
 
     # -- reading --------------------------------------------------------------------
 

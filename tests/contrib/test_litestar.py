@@ -18,6 +18,7 @@ from litestar.status_codes import HTTP_200_OK
 from litestar.testing import AsyncTestClient, create_test_client
 
 from tidings import Bus, Retry
+from tidings import listener as tidings_listener
 from tidings.contrib.litestar import TidingsEmitterBackend, TidingsPlugin
 
 Backend = TidingsEmitterBackend
@@ -344,3 +345,45 @@ async def test_payload_keywords_named_like_options_reach_the_listener(with_plugi
         await bus.drain()
         assert invalidated == [("user-1", 60)]
         assert bus.dead_letters() == []
+
+
+async def test_the_plugin_takes_tidings_listeners_beside_litestars() -> None:
+    seen: list[str] = []
+
+    @tidings_listener("user_created", retry=2)
+    async def welcome(email: str) -> None:
+        seen.append(f"tidings {email}")
+
+    @listener("user_created")
+    async def audit(email: str) -> None:
+        seen.append(f"litestar {email}")
+
+    @post("/users")
+    async def create_user(request: Request[Any, Any, Any]) -> None:
+        request.app.emit("user_created", email="ada@example.com")
+
+    bus = Bus()
+    for _ in range(2):  # one plugin, two apps (as two test clients make): subscribed once
+        app = Litestar(
+            route_handlers=[create_user],
+            # Litestar's annotation names only its own listener class.
+            listeners=[welcome, audit],  # type: ignore[list-item]
+            plugins=[TidingsPlugin(bus)],
+        )
+        seen.clear()
+        async with AsyncTestClient(app) as client:
+            assert (await client.post("/users")).status_code == 201
+            await bus.drain()
+        assert sorted(seen) == ["litestar ada@example.com", "tidings ada@example.com"]
+
+
+async def test_on_shutdown_may_close_the_bus() -> None:
+    bus = Bus()
+
+    async def start() -> None:
+        await bus.start()
+
+    app = Litestar(route_handlers=[], on_startup=[start], on_shutdown=[bus.aclose])
+    async with AsyncTestClient(app):
+        assert bus.started
+    assert not bus.started

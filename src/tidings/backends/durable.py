@@ -616,7 +616,9 @@ class DurableBackend(Backend):
         try:
             await self.store([record for record, _, _ in batch])
         except Exception as exc:
-            if not self.refuses(exc):
+            # (Through a translated error to the driver's own.)
+            cause = exc.__cause__ if isinstance(exc, BackendError) else None
+            if not self.refuses(cause if isinstance(cause, Exception) else exc):
                 raise
             if len(batch) == 1:
                 self._refused(batch[0], exc)
@@ -775,7 +777,11 @@ class DurableBackend(Backend):
         try:
             while self._alone and not self._stopping:
                 self._paused = True
-                while self._tasks and not self._stopping:
+                # Quiet: no other delivery runs, and every outcome is written (a crash
+                # must not take an ack with it).
+                while (
+                    self._tasks or self._outcomes or not self._writer_idle.is_set()
+                ) and not self._stopping:
                     self._progress.clear()
                     await self._progress.wait()
                 if self._stopping:
@@ -891,6 +897,7 @@ class DurableBackend(Backend):
         while not (self._closing and not self._outcomes):
             if not self._outcomes:
                 self._writer_idle.set()
+                self._progress.set()
                 await self._writer_wake.wait()
                 self._writer_wake.clear()
                 continue
@@ -952,7 +959,7 @@ class DurableBackend(Backend):
         )
 
     async def _check_stale(self) -> None:
-        """Warn, now and then, of joined listeners no process has claimed for for a while."""
+        """Warn, now and then, of joined listeners no process has claimed for a while."""
         now = self.clock()
         if now - self._stale_checked < min(self.stale_listener_s, 3600.0):
             return
@@ -961,10 +968,13 @@ class DurableBackend(Backend):
             stats = await self.listener_stats()
         except Exception:
             return  # an outage is reported by the claims
+        here = {c.listener_id for c in self._consumers}
         for name, s in sorted(stats.items()):
+            if name in here:
+                continue
             if s.last_seen is not None and now - s.last_seen > self.stale_listener_s:
                 logger.warning(
-                    "listener %s has not been claimed for by any process for %.0fs "
+                    "no process has claimed deliveries of listener %s for %.0fs "
                     "(%d pending): run it, or 'tidings listeners forget APP %s' so it "
                     "keeps no events stored",
                     name,
@@ -1030,8 +1040,12 @@ class DurableBackend(Backend):
             return []
         deadline = None if timeout_s is None else loop.time() + timeout_s
 
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
+        def left(grace: float = 0.0) -> float | None:
+            return None if deadline is None else max(0.0, deadline + grace - loop.time())
+
+        # A claim or a store under way gets a moment even past the deadline (cut off,
+        # what a claim leased waits out its lease and counts a lost run).
+        grace = 1.0
 
         if self.drain_on_close:
             with contextlib.suppress(TimeoutError):
@@ -1039,7 +1053,7 @@ class DurableBackend(Backend):
         # Stop claiming; a consumer in the middle of a claim hands back what it got.
         self.stop_claiming()
         await self._bounded(
-            [c.task for c in self._consumers if c.task], left(), "claims did not return"
+            [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
         )
         if self._tasks:
             _done, pending = await asyncio.wait(list(self._tasks), timeout=left())
@@ -1061,12 +1075,10 @@ class DurableBackend(Backend):
         self._flush_wake.set()
         self._writer_wake.set()
         tasks = [t for t in (self._flush_task, self._writer_task, self._renew_task) if t]
-        # At least a moment to store what is buffered, even past the deadline.
-        rest = left()
-        await self._bounded(tasks, None if rest is None else max(rest, 1.0), "store hangs")
+        await self._bounded(tasks, left(grace), "the store did not answer")
         self._lost(None)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.disconnect(), max(left() or 0.0, 1.0))
+            await asyncio.wait_for(self.disconnect(), left(grace))
         return list(self._unstored)
 
     async def _bounded(

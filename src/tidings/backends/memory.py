@@ -161,6 +161,7 @@ class MemoryBackend(Backend):
         self._loop = runner.loop
         self._contexts = runner.contexts
         self._stopped = False
+        self._scheduled = False  # a flush scheduled on a loop that has since closed
 
     # -- queueing -------------------------------------------------------------------
 

@@ -129,16 +129,14 @@ class SQLiteBackend(DurableBackend):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._last_cleanup = 0.0
-        # Per listener: when expired leases were last looked for and none found; and
-        # when its last claim was recorded.
-        self._reclaimed: dict[str, float] = {}
+        # Per listener: when its last claim was recorded.
         self._seen: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``synchronous`` and ``codec``."""
+        ``synchronous``, ``codec`` and ``create_dirs`` (make a missing directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -149,9 +147,15 @@ class SQLiteBackend(DurableBackend):
             floats=("lease_s", "poll_s", "busy_timeout_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
+            bools=("create_dirs",),
         )
         for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
             raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+        if not ours.pop("create_dirs", False) and not Path(path).parent.is_dir():
+            raise ConfigurationError(
+                f"{url!r}: the directory {str(Path(path).parent)!r} does not exist "
+                "(create it, or add ?create_dirs=true)"
+            )
         return cls(path, **{**options, **ours})
 
     def __repr__(self) -> str:
@@ -244,20 +248,12 @@ class SQLiteBackend(DurableBackend):
         lost = False
         async with self._write() as db:
             await self._fan_out(db, listener, names)
-            leased: dict[int, int] = {}
-            if now - self._reclaimed.get(listener, 0.0) >= max(lease_s / 4, self.poll_s):
-                # A delivery whose lease expired is reclaimed alone (see Claimed.lost).
-                leased = await self._lease(
-                    db,
-                    "lease_until > 0 AND lease_until <= ?",
-                    (now,),
-                    1,
-                    listener,
-                    now + lease_s,
-                )
-                lost = bool(leased)
-                if not lost:
-                    self._reclaimed[listener] = now
+            # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
+            # index of leased rows makes looking for one cheap.
+            leased = await self._lease(
+                db, "lease_until > 0 AND lease_until <= ?", (now,), 1, listener, now + lease_s
+            )
+            lost = bool(leased)
             if not lost:
                 leased = await self._lease(
                     db, "lease_until = 0 AND due <= ?", (now,), limit, listener, now + lease_s
@@ -326,10 +322,12 @@ class SQLiteBackend(DurableBackend):
         events = list(await cursor.fetchall())
         if not events:
             return
+        # A row whose name is not text was not written by tidings: every listener gets
+        # it, to make it a dead letter that says so (rather than stop the fan-out).
         mine = [
-            (listener, seq, due)
+            (listener, seq, due if isinstance(due, float | int) else 0.0)
             for seq, name, due in events
-            if any(matches(pattern, name) for pattern in names)
+            if not isinstance(name, str) or any(matches(pattern, name) for pattern in names)
         ]
         if mine:
             await db.executemany(
@@ -553,6 +551,10 @@ class _Transaction:
         try:
             await self.db.execute("BEGIN IMMEDIATE")
         except BaseException:
+            # Cancelled, the BEGIN still runs on the connection's thread: end what it
+            # began there (statements run in order, so before the next transaction's).
+            end = asyncio.ensure_future(self.db.execute("ROLLBACK"))
+            end.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.lock.release()
             raise
         return self.db
