@@ -80,8 +80,11 @@ class Dashboard:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})  # none here: it polls
+            return
         if scope["type"] != "http":
-            return  # no websockets here
+            return
         path = scope.get("path", "/")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
