@@ -86,11 +86,7 @@ def shop() -> Shop:
 
 async def publish_later(bus: Bus, delay_s: float, name: str, **payload: Any) -> None:
     """Publish ``name`` to be delivered in ``delay_s`` seconds."""
-    options = getattr(bus, "options", None)
-    if options is not None:  # options apart from the payload
-        await options(delay=delay_s).publish(name, **payload)
-    else:
-        await bus.publish(name, delay=delay_s, **payload)
+    await bus.options(delay=delay_s).publish(name, **payload)
 
 
 def _client(dashboard: Any) -> httpx.AsyncClient:

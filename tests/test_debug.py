@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,9 +100,44 @@ def test_debug_off_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(on._emit_hooks) == 1
 
 
-def test_debug_shows_its_lines_when_logging_is_not_configured() -> None:
-    debug = logging.getLogger("tidings.debug")
-    debug.setLevel(logging.NOTSET)
-    Bus(debug=True)
-    assert debug.level == logging.DEBUG
-    assert debug.hasHandlers()
+SCRIPT = """
+import logging, sys
+from tidings import Bus, listener
+
+
+@listener("x")
+def on_x() -> None: ...
+
+
+bus = Bus(listeners=[on_x], debug=True)  # made at import, as a module-level bus is
+
+if sys.argv[1] == "configured":  # logging set up later, in main()
+    logging.basicConfig(level=logging.WARNING, format="app %(name)s %(message)s")
+
+with bus:
+    bus.emit("x")
+"""
+
+
+@pytest.mark.parametrize("logging_setup", ["none", "configured"])
+def test_debug_lines_show_once_whether_or_not_logging_is_configured(
+    tmp_path: Path, logging_setup: str
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), logging_setup],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "tidings.debug" in line]
+    assert [line.split("tidings.debug ")[1].split()[0] for line in lines] == [
+        "emit",
+        "start",
+        "success",
+    ]
+    if logging_setup == "configured":
+        assert all(line.startswith("app tidings.debug ") for line in lines)  # the app's

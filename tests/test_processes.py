@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,12 @@ def fails(out: str) -> None:
     raise ValueError("no such invoice")
 
 
+@listener("envelope", executor="process")
+def envelope(event: Event, out: str) -> None:
+    seen = f"{event.name} {event.id} {event.attempt} {dict(event.headers)}"
+    Path(out, "envelope").write_text(seen)
+
+
 @listener("slow", executor="process", timeout=0.2)
 def slow() -> None:
     time.sleep(1)
@@ -41,6 +51,15 @@ def test_a_listener_runs_in_another_process(tmp_path: Path) -> None:
     assert [int(r[1]) for _, r in sorted(results.items())] == [0, 1, 4, 9]
     assert {int(r[0]) for r in results.values()}.isdisjoint({os.getpid()})
     assert square(3, str(tmp_path)) is None  # still a plain function when called
+
+
+def test_a_listener_taking_the_envelope_gets_it_in_its_process(tmp_path: Path) -> None:
+    ids: list[str] = []
+    with Bus(listeners=[envelope], on_success=lambda e, lst: ids.append(e.id)) as bus:
+        bus.emit("envelope", out=str(tmp_path))
+        bus.run_sync(bus.drain())
+        assert bus.dead_letters() == []
+    assert (tmp_path / "envelope").read_text() == f"envelope {ids[0]} 1 {{}}"
 
 
 def test_a_failing_listener_is_retried_then_dead_lettered(tmp_path: Path) -> None:
@@ -113,3 +132,42 @@ def test_a_function_its_module_does_not_name_fails_its_delivery_clearly() -> Non
     (error,) = dead
     assert isinstance(error, ConfigurationError)
     assert f"{__name__}.no_such_function does not name it" in str(error)
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from tidings import Bus, listener
+
+
+@listener("work", executor="process")
+def work(out: str) -> None:
+    Path(out).write_text(str(os.getpid()))
+
+
+if __name__ == "__main__":
+    with Bus(listeners=[work]) as bus:
+        bus.emit("work", out=sys.argv[1])
+        bus.run_sync(bus.drain())
+        os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no shutdown of the pool
+"""
+
+
+def test_worker_processes_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_SCRIPT))
+    out = tmp_path / "pid"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == -9, done.stderr
+    worker = int(out.read_text())
+    try:
+        fd = os.pidfd_open(worker)
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        exited, _, _ = select.select([fd], [], [], 30)  # readable once it has exited
+    finally:
+        os.close(fd)
+    assert exited, f"worker process {worker} outlived its parent"

@@ -23,8 +23,8 @@ import types
 from collections.abc import Callable
 from typing import Any, Union, get_args, get_origin
 
-from tidings.codec import converter
-from tidings.errors import BindingError, ConfigurationError
+from tidings.codec import as_stored, converter
+from tidings.errors import BindingError, ConfigurationError, PayloadError
 from tidings.events import Event
 
 __all__ = ["CallPlan", "Injector", "keyword_caller", "register_injector"]
@@ -232,7 +232,7 @@ class CallPlan:
         self._converters: dict[str, Callable[[Any], Any]] = {}
         for name, _, ann, _ in params:
             if any(ann is a for a in _ANY) or isinstance(ann, str) or _is_envelope(ann):
-                continue  # (a text annotation could not be resolved: nothing to check)
+                continue  # (text: an annotation that could not be resolved, unchecked)
             try:
                 self._converters[name] = converter(ann)
             except TypeError:
@@ -298,10 +298,19 @@ class CallPlan:
         return self.fn(*args, **kw)
 
     def check(self, event: Event) -> None:
-        """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature."""
-        key = (len(event.args), *event.kwargs, type(event.obj))
-        if key not in self._cache:
-            self._cache[key] = self._plan(event)
+        """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature, or
+        if a value would not fit its parameter's annotation once read back from a store
+        (what :meth:`revive` would refuse)."""
+        for (kind, ref), name in self._recipe(event)[4]:
+            value = event.args[ref] if kind == _ARG else event.kwargs[ref]
+            try:
+                stored = as_stored(value)
+            except PayloadError:
+                continue  # a payload error, if the bus serializes: not one of binding
+            try:
+                self._converters[name](stored)
+            except Exception as exc:
+                raise self._unfit(event, name, value, exc) from exc
 
     def revive(self, event: Event) -> None:
         """Convert, in ``event`` (read back from a store), each argument a parameter
@@ -314,11 +323,7 @@ class CallPlan:
                 names the listener, the parameter and the value), or the event lacks a
                 required parameter.
         """
-        key = (len(event.args), *event.kwargs, type(event.obj))
-        recipe = self._cache.get(key)
-        if recipe is None:
-            recipe = self._cache[key] = self._plan(event)
-        checks = recipe[4]
+        checks = self._recipe(event)[4]
         if not checks:
             return
         args = list(event.args)
@@ -328,11 +333,7 @@ class CallPlan:
             try:
                 converted = self._converters[name](value)
             except Exception as exc:
-                raise BindingError(
-                    f"listener {self.qualname} cannot be called for event {event.name!r}: "
-                    f"its parameter {name!r} takes {_type_name(self._annotation(name))}, "
-                    f"not {_short(value)} ({exc})"
-                ) from exc
+                raise self._unfit(event, name, value, exc) from exc
             if kind == _ARG:
                 args[ref] = converted
             else:
@@ -340,8 +341,20 @@ class CallPlan:
         event.args = tuple(args)
         event.kwargs = kwargs
 
-    def _annotation(self, name: str) -> Any:
-        return next(ann for n, _, ann, _ in self._params if n == name)
+    def _recipe(self, event: Event) -> _Recipe:
+        key = (len(event.args), *event.kwargs, type(event.obj))
+        recipe = self._cache.get(key)
+        if recipe is None:
+            recipe = self._cache[key] = self._plan(event)
+        return recipe
+
+    def _unfit(self, event: Event, name: str, value: Any, exc: Exception) -> BindingError:
+        annotation = next(ann for n, _, ann, _ in self._params if n == name)
+        return BindingError(
+            f"listener {self.qualname} cannot be called for event {event.name!r}: "
+            f"its parameter {name!r} takes {_type_name(annotation)}, "
+            f"not {_short(value)} ({exc})"
+        )
 
     def _plan(self, event: Event) -> _Recipe:
         pos: list[_Source] = []

@@ -54,16 +54,31 @@ def enabled(debug: bool | None) -> bool:
 
 def install(bus: Bus) -> None:
     """Log ``bus``'s emits and deliveries on ``tidings.debug``, and make sure they show:
-    the logger is set to DEBUG unless a level was set on it, and writes to stderr if
-    logging is not configured at all."""
+    the logger is set to DEBUG unless a level was set on it, and writes to stderr while
+    logging is not configured."""
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.DEBUG)
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _Fallback) for h in logger.handlers):
+        handler = _Fallback()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(handler)
     bus._add_emit_hook(_Emits(bus))
     bus._observers.append(_observe)
+
+
+class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to stderr while logging is not configured, and stays quiet once it is
+    (the line then reaches the app's own handlers, and is not shown twice)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        parent = logger.parent
+        while parent is not None:
+            if parent.handlers:
+                return
+            if not parent.propagate:
+                break
+            parent = parent.parent
+        super().emit(record)
 
 
 class _Emits:

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import os
+import select
 import threading
+import time
 import types
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import msgspec
+
 from tidings.errors import ConfigurationError
+from tidings.events import Event
 
 __all__ = ["InProcess", "check", "shutdown"]
 
@@ -78,7 +84,17 @@ class InProcess:
                     f"its name, but {self.module}.{self.name} does not name it"
                 )
             self.found = True
+        args = tuple(_portable(a) for a in args)
+        kwargs = {k: _portable(v) for k, v in kwargs.items()}
         return _get_pool().submit(_call, self.module, self.name, args, kwargs).result()
+
+
+def _portable(value: Any) -> Any:
+    """``value``, made picklable if it is the envelope (whose empty headers are a
+    read-only view, which pickle refuses), with its id."""
+    if isinstance(value, Event) and not isinstance(value.headers, dict):
+        return msgspec.structs.replace(value, _id=value.id, headers=dict(value.headers))
+    return value
 
 
 def _resolve(module: str, name: str) -> Any:
@@ -99,9 +115,31 @@ def _get_pool() -> ProcessPoolExecutor:
     if pool is None:
         with _lock:
             if _pool is None:
-                _pool = ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
+                _pool = ProcessPoolExecutor(
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_watch_parent,
+                    initargs=(os.getpid(),),
+                )
             pool = _pool
     return pool
+
+
+def _watch_parent(parent: int) -> None:
+    """Run in each worker process: exit when the process that started it is gone. A
+    parent killed outright (SIGKILL, or SIGTERM with no handler) never tells its
+    workers, which would wait for calls forever."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)  # Linux: readable once the parent has exited
+        except (AttributeError, OSError):
+            while os.getppid() == parent:
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tidings-parent-watch", daemon=True).start()
 
 
 def shutdown() -> None:

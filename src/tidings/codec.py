@@ -15,6 +15,7 @@ from tidings.events import Event
 __all__ = [
     "CODECS",
     "MAX_DEPTH",
+    "as_stored",
     "check_serializable",
     "converter",
     "decode_payload",
@@ -172,6 +173,18 @@ def converter(annotation: Any) -> Callable[[Any], Any]:
             value if type(value) is annotation else msgspec.convert(value, annotation, strict=True)
         )
     return lambda value: msgspec.convert(value, annotation, strict=True)
+
+
+def as_stored(value: Any) -> Any:
+    """``value`` as a worker reads it back from a store that keeps JSON.
+
+    Raises:
+        PayloadError: the value cannot be serialized.
+    """
+    try:
+        return _decoder.decode(_json.encode(value))
+    except (TypeError, NotImplementedError, OverflowError, ValueError) as exc:
+        raise PayloadError(f"{type(value).__qualname__} cannot be serialized ({exc})") from exc
 
 
 def check_serializable(event: Event) -> None:

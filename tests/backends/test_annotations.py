@@ -115,3 +115,26 @@ async def test_sets_bytes_and_timedeltas_arrive_as_their_annotated_types(
         frozenset,
         tuple,
     ]
+
+
+async def test_a_strict_bus_refuses_at_emit_what_a_listener_could_not_take(
+    make_bus: BusFactory,
+) -> None:
+    got: list[Any] = []
+
+    @listener("count")
+    async def count(n: int, /, tags: set[str], when: dt.datetime | None = None) -> None:
+        got.append((n, tags, when))
+
+    when = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    async with make_bus(listeners=[count], strict=True) as bus:
+        with pytest.raises(BindingError, match=r"count cannot .* 'n' takes int, not '42'"):
+            bus.emit("count", "42", tags=[])
+        with pytest.raises(BindingError, match=r"parameter 'tags' takes set\[str\], not \[1\]"):
+            await bus.publish("count", 1, tags=[1])
+        with pytest.raises(BindingError, match=r"parameter 'when' takes .*, not 'soon'"):
+            bus.emit("count", 1, tags=[], when="soon")
+        bus.emit("count", 2, tags={"a"}, when=when)
+        bus.emit("count", 3, tags=["b"], when=when.isoformat())  # what JSON would carry
+        await bus.drain()
+    assert sorted(n for n, _, _ in got) == [2, 3]

@@ -355,7 +355,7 @@ async def test_storage_errors_reach_the_caller_as_backend_errors(
                 await call
             assert isinstance(info.value.__cause__, asyncpg.PostgresError)
         with pytest.raises(PublishFailed) as failed:
-            await bus.publish("x", connection=db)
+            await bus.options(connection=db).publish("x")
         assert isinstance(failed.value.__cause__, asyncpg.PostgresError)
 
 
