@@ -410,6 +410,18 @@ async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
         await drop_prefix(prefix)
 
 
+def test_charts_sample_this_process_and_the_store() -> None:
+    from tidings.dashboard._data import Sampler, Snapshot
+
+    sampler = Sampler(Bus())
+    sampler.sample([Snapshot("a", [], delivered=10, failed=1, pending=5, dead=1)], now=100.0)
+    sampler.sample([Snapshot("a", [], delivered=11, failed=1, pending=9, dead=2)], now=100.5)
+    sampler.sample([Snapshot("a", [], delivered=30, failed=5, pending=3, dead=4)], now=102.0)
+    # The second came too soon; rates are per second between the samples kept.
+    assert sampler.rates("a") == [[102.0, 10.0, 2.0, 3, 1.5]]
+    assert sampler.rates("b") == [[102.0, 0.0, 0.0, 0, 0.0]]
+
+
 # -- in a real browser ------------------------------------------------------------------
 
 
@@ -577,6 +589,7 @@ async def test_tidings_dashboard_serves_a_bus_read_only(tmp_path: Path) -> None:
             refused = await client.post("/api/dead/purge", json={}, headers=ACT)
         rows = {row["name"]: row for row in overview["listeners"]}
         assert rows[cli_app.charge.qualname]["pending"] == 1  # a viewer: it runs nothing
+        assert overview["counts_here"] is False  # so its charts are the store's figures
         assert refused.status_code == 403
     finally:
         proc.send_signal(signal.SIGINT)

@@ -206,6 +206,7 @@ class Dashboard:
                 "dead_letters": [_data.letter_json(d) for d in letters[:20]],
                 "failures": [f for f in self.sampler.failures if f["listener"] == name][:20],
                 "sees_failures": self.sampler.sees_failures,
+                "counts_here": not bus.backend.durable or _consumes(bus),
                 "can_act": access == "act",
             }
         if path == "dead":
