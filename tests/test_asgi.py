@@ -385,3 +385,26 @@ async def test_capture_leaves_out_what_a_failed_request_emitted(bus: Bus, seen: 
     assert [e.name for e in events.dropped] == ["user.created"]
     with pytest.raises(AssertionError, match="1 dropped with a failed request"):
         events.assert_emitted("user.deleted")
+
+
+@pytest.mark.parametrize("checked", [False, True])
+async def test_a_held_event_keeps_keywords_named_like_options_as_payload(checked: bool) -> None:
+    got: list[dict[str, object]] = []
+
+    @listener("cache.invalidated")
+    async def invalidated(key: str, delay: int) -> None:
+        got.append({"key": key, "delay": delay})
+
+    events = Bus(listeners=[invalidated], check_serializable=checked)
+
+    async def handler(request: Request) -> Response:
+        events.emit("cache.invalidated", key="user-1", delay=60)
+        events.options(delay=0).emit("cache.invalidated", key="user-2", delay=0)
+        return PlainTextResponse("ok")
+
+    async with events:
+        app = EventsMiddleware(Starlette(routes=[Route("/", handler)]), bus=events)
+        async with _client(app) as client:
+            assert (await client.get("/")).status_code == 200
+        await events.drain()
+    assert sorted(got, key=str) == [{"key": "user-1", "delay": 60}, {"key": "user-2", "delay": 0}]

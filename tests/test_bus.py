@@ -762,3 +762,59 @@ async def test_aclose_takes_its_timeout_by_keyword_only() -> None:
         await bus.aclose(5)
     await bus.aclose(object())  # what a framework's shutdown hook passes: ignored
     assert not bus.started
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+async def test_tidings_disable_is_read_as_a_boolean_when_the_bus_starts(
+    monkeypatch: pytest.MonkeyPatch, value: str, disabled: bool
+) -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(listeners=[on_x])  # made before the variable is set, as at import
+    monkeypatch.setenv("TIDINGS_DISABLE", value)
+    async with bus:
+        assert bus.disabled is disabled
+        bus.emit("x")
+        await bus.drain()
+    assert len(counter.calls) == (0 if disabled else 1)
+
+
+def test_tidings_disable_that_is_no_boolean_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TIDINGS_DISABLE", "maybe")
+    with pytest.raises(ConfigurationError, match="TIDINGS_DISABLE='maybe' is not a boolean"):
+        Bus()
+
+
+async def test_a_bus_closed_before_it_started_still_starts(tmp_path: Path) -> None:
+    from tidings.backends.sqlite import SQLiteBackend
+
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db"), poll_s=0.01), listeners=[on_x])
+    await bus.aclose()
+    async with bus:
+        await bus.publish("x")
+        await counter.wait_for(1)

@@ -401,3 +401,12 @@ async def test_one_registry_serves_several_buses() -> None:
     ]
     with pytest.raises(ConfigurationError, match="cannot include itself"):
         shared.include(first.registry)
+
+
+@pytest.mark.parametrize("name", ["user created", "user.\tcreated", "x" * 256, "a\ud800.*"])
+def test_a_pattern_no_event_could_match_is_refused_at_registration(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="no event could match it"):
+
+        @listener(name)
+        def never() -> None:
+            pass

@@ -183,7 +183,7 @@ async def test_a_plain_enum_member_names_the_event_its_value_names() -> None:
 
     counter = Counter()
 
-    @listener(Names.CREATED.value)
+    @listener(Names.CREATED)
     async def created(event: Event, n: int) -> None:
         counter.add((event.name, n))
 

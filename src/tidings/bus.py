@@ -156,7 +156,9 @@ class Bus:
             else float(shutdown_timeout)
         )
         self.sync_workers = sync_workers
-        self.disabled = os.environ.get("TIDINGS_DISABLE", "") not in ("", "0")
+        #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
+        #: each time the bus starts.
+        self.disabled = _disabled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -194,13 +196,13 @@ class Bus:
     # -- listeners ------------------------------------------------------------------
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result on this bus."""
         return self.registry.listener(*names, **options)
 
     def subscribe(
-        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
         """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
         names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
@@ -220,13 +222,23 @@ class Bus:
         emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
 
         ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
-        on the model class. A payload that does not validate raises
-        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError``); nothing is queued.
+        on the model class. The payload is the keyword arguments, or one positional
+        dict. A payload that does not validate raises
+        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError`` whose ``__cause__``
+        is pydantic's ``ValidationError``); nothing is queued.
 
         Raises:
-            ConfigurationError: not a pydantic model class, or a pattern for ``name``.
+            ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
+                event name (a bare ``@bus.schema`` on the class).
         """
         from tidings.contrib.pydantic import validator
+
+        if not isinstance(name, str):
+            shown = getattr(name, "__name__", repr(name))
+            raise ConfigurationError(
+                f"schema() takes the event name first: @bus.schema('event.name') on "
+                f"{shown}, or bus.schema('event.name', {shown})"
+            )
 
         def register(model: M) -> M:
             self._schemas[name] = validator(name, model)
@@ -319,6 +331,7 @@ class Bus:
             self._reopen()
         if self._loop is not None:
             return
+        self.disabled = _disabled()
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
         self._runner = Runner(
@@ -343,7 +356,7 @@ class Bus:
     def _reopen(self) -> None:
         """Make a closed bus ready to start again."""
         backend = self.backend
-        if backend.durable:
+        if backend.durable and self._loop is not None:  # it ran: it cannot start again
             if self._remake is None:
                 raise NotStartedError(
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
@@ -850,7 +863,7 @@ class Bus:
             if self.backend.serializes_at_put:
                 # Encoded here, on the emitting thread: a payload that cannot be stored
                 # is this emit's error, and what the caller changes later is not stored.
-                event = _frozen(event)
+                event = _frozen(event, getattr(self.backend, "codec", "json"))
             self._to_inbox(event, subs, ctx, delay_s)
         elif delay_s is not None:
             self.backend.put_later(event, subs, ctx, delay_s)
@@ -1070,16 +1083,38 @@ class Bus:
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _disabled() -> bool:
+    """``TIDINGS_DISABLE`` as a boolean.
+
+    Raises:
+        ConfigurationError: a value that is neither true nor false.
+    """
+    value = os.environ.get("TIDINGS_DISABLE", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"TIDINGS_DISABLE={value!r} is not a boolean: 1/true/yes/on disables emitting, "
+        "0/false/no/off (or unset) enables it"
+    )
+
+
 def _delay_s(options: EmitOptions | None) -> float | None:
     """Seconds from now until an event with these options is due, or ``None``."""
     return None if options is None else options.due_in()
 
 
-def _frozen(event: Event) -> Event:
-    """A copy of ``event`` (same id) whose payload is what it encodes to now.
+def _frozen(event: Event, codec: str) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
+    backend's format (so it is stored as it would have been).
 
     Raises:
         PayloadError: the payload cannot be serialized.
     """
-    args, kwargs, obj = decode_payload(encode_payload(event))
+    args, kwargs, obj = decode_payload(encode_payload(event, codec))
     return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

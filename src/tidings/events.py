@@ -64,11 +64,12 @@ def event_name_of(cls: type[Any]) -> str | None:
     return None
 
 
-def check_event_name(name: str) -> str:
+def check_event_name(name: str, *, pattern: bool = False) -> str:
     """Return ``name`` if an event may be emitted under it, else raise.
 
     An event name is a non-empty string of at most 255 UTF-8 bytes, without wildcards
-    (``*``), whitespace, control characters or lone surrogates.
+    (``*``), whitespace, control characters or lone surrogates. With ``pattern=True``,
+    wildcards are allowed (a listener's pattern).
 
     Raises:
         EmitError: the name breaks one of those rules; the message says which.
@@ -77,7 +78,7 @@ def check_event_name(name: str) -> str:
         raise EmitError(f"an event name is a string, not {name!r}")
     if not name:
         raise EmitError("an event name cannot be empty")
-    bad = _FORBIDDEN.search(name)
+    bad = _FORBIDDEN.search(name.replace("*", "") if pattern else name)
     if bad is not None:
         char = bad.group()
         what = (

@@ -14,13 +14,14 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
+from enum import Enum
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from tidings import _processes
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
-from tidings.errors import ConfigurationError
+from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
 
 __all__ = [
@@ -48,6 +49,15 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if seconds <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
     return seconds
+
+
+def _pattern(name: str, qualname: str) -> str:
+    """``name`` if some event name could match it (no whitespace or control
+    characters, at most 255 bytes), else a ``ConfigurationError``."""
+    try:
+        return check_event_name(name, pattern=True)
+    except EmitError as exc:
+        raise ConfigurationError(f"listener {qualname}: {exc}; no event could match it") from exc
 
 
 def _is_async_callable(fn: Any) -> bool:
@@ -104,7 +114,7 @@ class Listener(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.qualname = _qualname(fn)
-        self.names = tuple(validate_name(n) for n in names)
+        self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
@@ -158,7 +168,7 @@ class Listener(Generic[P, R]):
 
 @overload
 def listener(
-    *names: str | type[Any],
+    *names: str | Enum | type[Any],
     retry: Retry | int | None = ...,
     timeout: float | timedelta | None = ...,
     concurrency: int | None = ...,
@@ -171,9 +181,11 @@ def listener(
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
-    *names: str | type[Any], **options: Any
+    *names: str | Enum | type[Any], **options: Any
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
-def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+def listener(
+    *names: str | Enum | type[Any], **options: Any
+) -> Callable[[Callable[P, R]], Listener[P, R]]:
     """Subscribe a sync or async function to event names, patterns or typed-event classes.
 
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
@@ -199,7 +211,7 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     return decorate
 
 
-def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+def _names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
     str_names: list[str] = []
     typed: list[type[Any]] = []
     for n in names:
@@ -212,8 +224,14 @@ def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]
                 )
             str_names.append(event_name)
             typed.append(n)
-        else:
+        elif isinstance(n, str):
             str_names.append(n)
+        elif isinstance(n, Enum) and isinstance(n.value, str):
+            str_names.append(n.value)  # a plain Enum member names what its value names
+        else:
+            raise ConfigurationError(
+                f"an event name is a string (or an Enum member whose value is one), not {n!r}"
+            )
     return str_names, typed
 
 
@@ -365,7 +383,7 @@ class Registry:
             return sub
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result in this registry."""
         make = listener(*names, **options)
@@ -378,7 +396,7 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, fn: Callable[..., Any], /, *names: str | type[Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
         """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
         "user.created", retry=3)`` (the function first, then names, then the options of

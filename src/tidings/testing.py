@@ -3,7 +3,8 @@
 ``capture(bus)`` records what is emitted; the ``tidings_bus`` pytest fixture gives a
 started in-process bus that rejects what a durable backend would (this module is also a
 pytest plugin, loaded automatically when tidings is installed). ``TIDINGS_DISABLE=1``
-in the environment makes every emit a logged no-op.
+(or ``true``, ``yes``, ``on``) in the environment makes every emit a logged no-op; it is
+read when a bus is made and each time it starts.
 """
 
 from __future__ import annotations

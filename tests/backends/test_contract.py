@@ -595,3 +595,39 @@ async def test_a_listener_that_kills_its_process_takes_no_batch_mate_with_it(
         (letter,) = await bus.list_dead_letters()
     assert letter.event.kwargs == {"n": poison_app.POISON}
     assert letter.error.startswith("DeliveryLost: ")
+
+
+async def test_what_a_thread_emits_is_stored_as_it_was_emitted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    if backend_name == "memory":
+        pytest.skip("in process, a payload is handed over by reference")
+    seen: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    @listener("order.paid")
+    async def paid(order: dict[str, object], when: dt.datetime) -> None:
+        seen.append({**order, "when": when})
+        if len(seen) == 3:
+            got.set()
+
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    async with make_bus(listeners=[paid]) as bus:
+        orders: list[dict[str, object]] = [{"id": n} for n in range(2)]
+
+        def emit_then_change() -> None:
+            for order in orders:
+                bus.emit("order.paid", order=order, when=now)
+                order["id"] = object()  # changed, and no longer serializable
+            bus.options(delay=0.01).emit("order.paid", order={"id": 9}, when=now)
+
+        # The loop takes the thread's events only once the thread has changed them.
+        thread = threading.Thread(target=emit_then_change)
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(got.wait(), 10)
+    assert sorted(seen, key=lambda o: cast(int, o["id"])) == [
+        {"id": 0, "when": now},
+        {"id": 1, "when": now},
+        {"id": 9, "when": now},
+    ]

@@ -379,11 +379,19 @@ async def test_the_plugin_takes_tidings_listeners_beside_litestars() -> None:
 
 async def test_on_shutdown_may_close_the_bus() -> None:
     bus = Bus()
-
-    async def start() -> None:
-        await bus.start()
-
-    app = Litestar(route_handlers=[], on_startup=[start], on_shutdown=[bus.aclose])
+    app = Litestar(route_handlers=[], on_startup=[bus.start], on_shutdown=[bus.aclose])
     async with AsyncTestClient(app):
         assert bus.started
     assert not bus.started
+
+
+async def test_the_emitter_backend_alone_takes_tidings_listeners_too() -> None:
+    seen: list[str] = []
+
+    @tidings_listener("user_created")
+    async def welcome(email: str) -> None:
+        seen.append(email)
+
+    async with Backend([welcome]) as emitter:  # type: ignore[list-item]
+        emitter.emit("user_created", email="ada@example.com")
+    assert seen == ["ada@example.com"]

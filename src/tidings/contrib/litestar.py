@@ -69,12 +69,16 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
     strict: ClassVar[bool] = True
 
     def __init__(self, listeners: Sequence[EventListener]) -> None:
-        super().__init__(listeners)
+        # Litestar's own bookkeeping reads event_ids, which tidings listeners lack.
+        super().__init__([item for item in listeners if not isinstance(item, Listener)])
         source = type(self).source
         self.bus = source if isinstance(source, Bus) else Bus(source)
         self._started_here = False
         self._subscriptions: list[Subscription] = []
         for item in listeners:
+            if isinstance(item, Listener):  # tidings' own, with its names and options
+                self._subscriptions.append(self.bus.registry.subscribe(item))
+                continue
             self._subscriptions.append(
                 self.bus.registry.subscribe(_original(item.fn), *sorted(item.event_ids))
             )
@@ -109,7 +113,8 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
             self._subscriptions.clear()
 
     def emit(self, event_id: str, *args: Any, **kwargs: Any) -> None:
-        """Emit ``event_id`` to its listeners; returns at once.
+        """Emit ``event_id`` to its listeners; returns at once. Every keyword argument
+        is payload (``key=``, ``delay=``... included).
 
         Raises:
             RuntimeError: the app has not started (the emitter is not initialized).
