@@ -1032,6 +1032,31 @@ class RedisBackend(DurableBackend):
             out.setdefault(lst, ListenerStats()).dead += 1
         return out
 
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        redis = self._r()
+        now = time.time()
+        items = await redis.zrangebyscore(
+            self._k_later, now, now + within_s, start=0, num=limit, withscores=True
+        )
+        pipe = redis.pipeline(transaction=False)
+        for item, _due in items:
+            pipe.hget(item, "e")
+        out = []
+        for (_item, due), packed in zip(items, await pipe.execute(), strict=True):
+            if packed is not None:  # else moved into its stream meanwhile
+                record = _unpack(packed)
+                out.append(
+                    {
+                        "event_id": record.id,
+                        "name": record.name,
+                        "created": record.created,
+                        "due": due,
+                    }
+                )
+        return out
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

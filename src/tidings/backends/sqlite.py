@@ -524,6 +524,20 @@ class SQLiteBackend(DurableBackend):
                         s.oldest_age_s = age
         return out
 
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        now = self.clock()
+        cursor = await self._connected().execute(
+            "SELECT id, name, created, due FROM tidings_events "
+            "WHERE due > ? AND due <= ? ORDER BY due LIMIT ?",
+            (now, now + within_s, limit),
+        )
+        return [
+            {"event_id": id_, "name": name, "created": created, "due": due}
+            for id_, name, created, due in await cursor.fetchall()
+        ]
+
     def _connected(self) -> aiosqlite.Connection:
         if self._db is None:
             raise BackendError("the SQLite backend is not connected (start the bus first)")
