@@ -170,6 +170,7 @@ class _Reader:
     seen: float = float("-inf")
     next_due: float = 0.0  # epoch seconds of the next retry or delayed event, as last seen
     turn: int = 0
+    caught_up: bool = False  # the last blocked read returned less than it could
     blocker: Any = None  # the connection blocking reads wait on
     blocker_id: int = 0
 
@@ -517,12 +518,19 @@ class RedisBackend(DurableBackend):
         # woken (a drain, a stop, room again); a bare call returns at once.
         consumer = next((c for c in self._consumers if c.listener_id == listener), None)
         while True:
-            claimed = await self._claim_now(reader, limit, lease_s)
+            if reader.caught_up and consumer is not None:
+                # The last blocked read left nothing behind: block again at once (the
+                # read returns at once if something came meanwhile), one round trip less.
+                reader.caught_up = False
+                claimed = []
+            else:
+                claimed = await self._claim_now(reader, limit, lease_s)
             if claimed or consumer is None or consumer.wake.is_set() or self._stopping:
                 return claimed
             if self._drain_gen and consumer.idle_gen < self._drain_gen:
                 return claimed  # a drain waits to hear that this consumer is idle
             claimed = await self._block(reader, consumer, limit, lease_s)
+            reader.caught_up = 0 < len(claimed) < limit
             if claimed or consumer.wake.is_set() or self._stopping:
                 return claimed
 
