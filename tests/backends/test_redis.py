@@ -612,6 +612,12 @@ async def test_reading_the_store_raises_backend_errors_not_redis_errors(
             await bus.replay_dead_letters()
         with pytest.raises(BackendError):
             await bus.listener_stats()
+        backend = bus.backend
+        assert isinstance(backend, RedisBackend)
+        with pytest.raises(BackendError):
+            await backend.join("x", ["x"])
+        with pytest.raises(BackendError):
+            await backend.forget("x")
         server.start()
 
 

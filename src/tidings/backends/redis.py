@@ -441,6 +441,7 @@ class RedisBackend(DurableBackend):
             for name in self._ready
         }
 
+    @_translated
     async def join(self, listener: str, names: Sequence[str]) -> None:
         redis = self._r()
         await redis.hset(self._k_listeners, listener, " ".join(names))
