@@ -5,8 +5,8 @@ Keys, all under one prefix (``tidings`` unless ``?prefix=`` says otherwise):
 - ``{prefix}:s:{name}``: a stream per event name. Each listener reads it through a
   consumer group of its own (the listener's qualified name), so every listener gets
   every event (fan-out) and acknowledges it on its own. An entry has one field, ``e``:
-  the event (id, name, payload, headers, times) as a msgpack array; a retry adds ``a``,
-  the attempts made before it.
+  the event (id, name, payload, headers, times, format version) as a msgpack array; a
+  retry adds ``a``, the attempts made before it.
 - ``{prefix}:r:{listener}``: the listener's own stream of retries and replayed dead
   letters, read through the same group.
 - ``{prefix}:retry:{listener}`` and ``{prefix}:later``: sorted sets (by due time) of
