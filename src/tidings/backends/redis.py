@@ -517,7 +517,9 @@ class RedisBackend(DurableBackend):
         reader = self._reader(listener, names)
         # A consumer of this process blocks on Redis until something comes or it is
         # woken (a drain, a stop, room again); a bare call returns at once.
-        consumer = next((c for c in self._consumers if c.listener_id == listener), None)
+        consumer = next(
+            (c for c in self._consumers if getattr(c, "listener_id", None) == listener), None
+        )
         while True:
             if reader.caught_up and consumer is not None:
                 # The last blocked read left nothing behind: block again at once (the
@@ -528,12 +530,17 @@ class RedisBackend(DurableBackend):
                 claimed = await self._claim_now(reader, limit, lease_s)
             if claimed or consumer is None or consumer.wake.is_set() or self._stopping:
                 return claimed
-            if self._drain_gen and consumer.idle_gen < self._drain_gen:
+            if self._drain_waits(consumer):
                 return claimed  # a drain waits to hear that this consumer is idle
             claimed = await self._block(reader, consumer, limit, lease_s)
             reader.caught_up = 0 < len(claimed) < limit
             if claimed or consumer.wake.is_set() or self._stopping:
                 return claimed
+
+    def _drain_waits(self, consumer: Any) -> bool:
+        """Whether a drain waits for ``consumer`` to come back from a claim with nothing."""
+        gen = getattr(self, "_drain_gen", 0)
+        return bool(gen) and getattr(consumer, "idle_gen", gen) < gen
 
     async def _claim_now(self, reader: _Reader, limit: int, lease_s: float) -> list[Claimed]:
         redis = self._r()
@@ -693,7 +700,7 @@ class RedisBackend(DurableBackend):
                     woken.cancel()
                 if read.done():
                     break
-                if self._stopping or (self._drain_gen and consumer.idle_gen < self._drain_gen):
+                if self._stopping or self._drain_waits(consumer):
                     break
                 # Woken for room, or for events this process stored: the read sees those
                 # in Redis, and ending it early would only delay the next event.
