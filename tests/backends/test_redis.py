@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -545,7 +546,9 @@ async def test_an_unreadable_entry_is_a_dead_letter_and_its_batch_mates_run(
     assert len(dead) == 3
 
 
-async def test_a_stored_event_keeps_its_format_version(prefix: str) -> None:
+async def test_an_entry_carries_its_format_version_and_one_without_is_version_1(
+    prefix: str, redis: Redis
+) -> None:
     @listener("x")
     async def on_x() -> None:
         pass
@@ -553,8 +556,20 @@ async def test_a_stored_event_keeps_its_format_version(prefix: str) -> None:
     backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.publish("x")
-        (claimed,) = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
-    assert claimed.record.version == 1
+        fields = ["old", "x", b"{}", {}, 1.0, 1.0]  # written before entries had a version
+        await redis.xadd(f"{prefix}:s:x", {"e": msgspec.msgpack.encode(fields)})
+        await redis.xadd(f"{prefix}:s:x", {"e": msgspec.msgpack.encode([*fields[:5], 1.0, 2])})
+        claimed = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        await backend.settle(Outcomes(acks=claimed))
+    stored = await redis.xrange(f"{prefix}:s:x", count=1)
+    assert stored is not None
+    entry = stored[0][1]
+    assert entry is not None
+    raw = entry[b"e"]
+    assert isinstance(raw, bytes)
+    assert len(msgspec.msgpack.decode(raw)) == 7  # the version is stored
+    assert [(c.record.id, c.record.version) for c in claimed[1:]] == [("old", 1), ("old", 2)]
+    assert claimed[0].record.version == 1
 
 
 def test_a_misspelt_url_option_is_named_at_bus() -> None:
@@ -597,6 +612,12 @@ async def test_reading_the_store_raises_backend_errors_not_redis_errors(
             await bus.replay_dead_letters()
         with pytest.raises(BackendError):
             await bus.listener_stats()
+        backend = bus.backend
+        assert isinstance(backend, RedisBackend)
+        with pytest.raises(BackendError):
+            await backend.join("x", ["x"])
+        with pytest.raises(BackendError):
+            await backend.forget("x")
         server.start()
 
 

@@ -5,8 +5,8 @@ Keys, all under one prefix (``tidings`` unless ``?prefix=`` says otherwise):
 - ``{prefix}:s:{name}``: a stream per event name. Each listener reads it through a
   consumer group of its own (the listener's qualified name), so every listener gets
   every event (fan-out) and acknowledges it on its own. An entry has one field, ``e``:
-  the event (id, name, payload, headers, times) as a msgpack array; a retry adds ``a``,
-  the attempts made before it.
+  the event (id, name, payload, headers, times, format version) as a msgpack array; a
+  retry adds ``a``, the attempts made before it.
 - ``{prefix}:r:{listener}``: the listener's own stream of retries and replayed dead
   letters, read through the same group.
 - ``{prefix}:retry:{listener}`` and ``{prefix}:later``: sorted sets (by due time) of
@@ -170,6 +170,7 @@ class _Reader:
     seen: float = float("-inf")
     next_due: float = 0.0  # epoch seconds of the next retry or delayed event, as last seen
     turn: int = 0
+    caught_up: bool = False  # the last blocked read returned less than it could
     blocker: Any = None  # the connection blocking reads wait on
     blocker_id: int = 0
 
@@ -440,6 +441,7 @@ class RedisBackend(DurableBackend):
             for name in self._ready
         }
 
+    @_translated
     async def join(self, listener: str, names: Sequence[str]) -> None:
         redis = self._r()
         await redis.hset(self._k_listeners, listener, " ".join(names))
@@ -515,16 +517,30 @@ class RedisBackend(DurableBackend):
         reader = self._reader(listener, names)
         # A consumer of this process blocks on Redis until something comes or it is
         # woken (a drain, a stop, room again); a bare call returns at once.
-        consumer = next((c for c in self._consumers if c.listener_id == listener), None)
+        consumer = next(
+            (c for c in self._consumers if getattr(c, "listener_id", None) == listener), None
+        )
         while True:
-            claimed = await self._claim_now(reader, limit, lease_s)
+            if reader.caught_up and consumer is not None:
+                # The last blocked read left nothing behind: block again at once (the
+                # read returns at once if something came meanwhile), one round trip less.
+                reader.caught_up = False
+                claimed = []
+            else:
+                claimed = await self._claim_now(reader, limit, lease_s)
             if claimed or consumer is None or consumer.wake.is_set() or self._stopping:
                 return claimed
-            if self._drain_gen and consumer.idle_gen < self._drain_gen:
+            if self._drain_waits(consumer):
                 return claimed  # a drain waits to hear that this consumer is idle
             claimed = await self._block(reader, consumer, limit, lease_s)
+            reader.caught_up = 0 < len(claimed) < limit
             if claimed or consumer.wake.is_set() or self._stopping:
                 return claimed
+
+    def _drain_waits(self, consumer: Any) -> bool:
+        """Whether a drain waits for ``consumer`` to come back from a claim with nothing."""
+        gen = getattr(self, "_drain_gen", 0)
+        return bool(gen) and getattr(consumer, "idle_gen", gen) < gen
 
     async def _claim_now(self, reader: _Reader, limit: int, lease_s: float) -> list[Claimed]:
         redis = self._r()
@@ -684,7 +700,7 @@ class RedisBackend(DurableBackend):
                     woken.cancel()
                 if read.done():
                     break
-                if self._stopping or (self._drain_gen and consumer.idle_gen < self._drain_gen):
+                if self._stopping or self._drain_waits(consumer):
                     break
                 # Woken for room, or for events this process stored: the read sees those
                 # in Redis, and ending it early would only delay the next event.
