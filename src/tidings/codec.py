@@ -4,8 +4,8 @@ argument that cannot be serialized. Never pickle."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import msgspec
 
@@ -15,7 +15,9 @@ from tidings.events import Event
 __all__ = [
     "CODECS",
     "MAX_DEPTH",
+    "as_stored",
     "check_serializable",
+    "converter",
     "decode_payload",
     "encode_payload",
     "revive_object",
@@ -148,12 +150,41 @@ def revive_object(data: Any, cls: type[Any]) -> Any:
         raise PayloadError(f"stored {cls.__qualname__} event cannot be rebuilt: {exc}") from exc
 
 
-def revive_value(value: Any, annotation: Any) -> Any:
-    """Convert one JSON value to the type a listener parameter is annotated with."""
+def converter(annotation: Any) -> Callable[[Any], Any]:
+    """A function that converts one stored value (read back from JSON or msgpack) to
+    the type ``annotation`` names, strictly: what JSON writes for the type is read back
+    (an ISO string for a ``datetime``, base64 for ``bytes``, a list for a ``set``), and
+    nothing is coerced (``'42'`` and ``4.5`` are no ``int``). A pydantic model validates
+    the value by its own rules.
+
+    The function raises ``msgspec.ValidationError`` (or pydantic's) when the value does
+    not fit.
+
+    Raises:
+        TypeError: msgspec cannot convert to this type.
+    """
+    validate = getattr(annotation, "model_validate", None)  # pydantic, not imported
+    if callable(validate) and isinstance(annotation, type):
+        return cast("Callable[[Any], Any]", validate)
+    msgspec.inspect.type_info(annotation)  # a TypeError now, not at each delivery
+    if annotation in (str, int, float, bool):
+        # The common case, checked before msgspec is asked: the value is one already.
+        return lambda value: (
+            value if type(value) is annotation else msgspec.convert(value, annotation, strict=True)
+        )
+    return lambda value: msgspec.convert(value, annotation, strict=True)
+
+
+def as_stored(value: Any) -> Any:
+    """``value`` as a worker reads it back from a store that keeps JSON.
+
+    Raises:
+        PayloadError: the value cannot be serialized.
+    """
     try:
-        return msgspec.convert(value, annotation, strict=False)
-    except Exception as exc:
-        raise PayloadError(f"{value!r} cannot be read as {annotation!r}: {exc}") from exc
+        return _decoder.decode(_json.encode(value))
+    except (TypeError, NotImplementedError, OverflowError, ValueError) as exc:
+        raise PayloadError(f"{type(value).__qualname__} cannot be serialized ({exc})") from exc
 
 
 def check_serializable(event: Event) -> None:

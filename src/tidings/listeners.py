@@ -14,13 +14,16 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from enum import Enum
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from tidings import _processes
+from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
-from tidings.delivery import Retry
-from tidings.errors import ConfigurationError
-from tidings.events import Event, event_name_of
+from tidings.delivery import NO_RETRY, Retry
+from tidings.errors import ConfigurationError, EmitError
+from tidings.events import Event, check_event_name, event_name_of
 
 __all__ = [
     "ErrorHook",
@@ -47,6 +50,15 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if seconds <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
     return seconds
+
+
+def _pattern(name: str, qualname: str) -> str:
+    """``name`` if some event name could match it (no whitespace or control
+    characters, at most 255 bytes), else a ``ConfigurationError``."""
+    try:
+        return check_event_name(name, pattern=True)
+    except EmitError as exc:
+        raise ConfigurationError(f"listener {qualname}: {exc}; no event could match it") from exc
 
 
 def _is_async_callable(fn: Any) -> bool:
@@ -92,6 +104,9 @@ class Listener(Generic[P, R]):
         on_success: SuccessHook | Iterable[SuccessHook] | None = None,
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
+        executor: Literal["thread", "process"] = "thread",
+        batch: int | None = None,
+        batch_wait: float | timedelta | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -102,7 +117,7 @@ class Listener(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.qualname = _qualname(fn)
-        self.names = tuple(validate_name(n) for n in names)
+        self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
@@ -113,7 +128,33 @@ class Listener(Generic[P, R]):
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
-        self.plan = CallPlan(fn, self.qualname)
+        #: A batch listener's batching (its function takes a list of events), else None.
+        self.batching = self._batching(batch, batch_wait, executor, typed)
+        if self.batching is not None:
+            # Each delivery waits for its batch, once: the batch's call is what the
+            # listener's retry policy and timeout apply to.
+            self.retry, self.timeout = NO_RETRY, NO_DEADLINE
+            self.concurrency = self.batching.concurrency
+            if self.batching.element is not None:
+                typed = (*typed, self.batching.element)
+        self.plan = CallPlan(fn if self.batching is None else self.batching.deliver, self.qualname)
+        #: Where a sync listener runs: ``"thread"`` (the bus's thread pool) or
+        #: ``"process"`` (a pool of worker processes, see :mod:`tidings._processes`).
+        self.executor = executor
+        if executor == "process":
+            _processes.check(
+                fn,
+                self.qualname,
+                is_async=_is_async_callable(fn),
+                inline=inline,
+                injected=self.plan.fn is not fn,
+            )
+            self.plan.fn = _processes.InProcess(fn, self.qualname)
+        elif executor != "thread":
+            raise ConfigurationError(
+                f"executor of listener {self.qualname} must be 'thread' or 'process', "
+                f"not {executor!r}"
+            )
         # The plan may call a wrapper (injected dependencies), which is async.
         self.is_async = _is_async_callable(self.plan.fn)
         if inline and self.timeout is not None and not self.is_async:
@@ -130,6 +171,35 @@ class Listener(Generic[P, R]):
                 types[name] = cls
         self.types = types
 
+    def _batching(
+        self,
+        batch: int | None,
+        batch_wait: float | timedelta | None,
+        executor: str,
+        typed: Sequence[type[Any]],
+    ) -> Batching | None:
+        if batch is None:
+            if batch_wait is not None:
+                raise ConfigurationError(
+                    f"listener {self.qualname} has a batch_wait but no batch: give "
+                    "batch=<most events in one call> too"
+                )
+            return None
+        if self.once or executor == "process":
+            what = "once=True" if self.once else 'executor="process"'
+            raise ConfigurationError(f"listener {self.qualname} cannot take batches with {what}")
+        return Batching(
+            self.fn,
+            self.qualname,
+            size=batch,
+            wait_s=1.0 if batch_wait is None else batch_wait,
+            retry=self.retry,
+            timeout=self.timeout,
+            concurrency=self.concurrency,
+            inline=self.inline,
+            typed=typed,
+        )
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
@@ -139,7 +209,7 @@ class Listener(Generic[P, R]):
 
 @overload
 def listener(
-    *names: str | type[Any],
+    *names: str | Enum | type[Any],
     retry: Retry | int | None = ...,
     timeout: float | timedelta | None = ...,
     concurrency: int | None = ...,
@@ -148,22 +218,39 @@ def listener(
     on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
+    executor: Literal["thread", "process"] = ...,
+    batch: int | None = ...,
+    batch_wait: float | timedelta | None = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
-    *names: str | type[Any], **options: Any
+    *names: str | Enum | type[Any], **options: Any
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
-def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+def listener(
+    *names: str | Enum | type[Any], **options: Any
+) -> Callable[[Callable[P, R]], Listener[P, R]]:
     """Subscribe a sync or async function to event names, patterns or typed-event classes.
 
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
     ``timedelta``, per attempt), ``concurrency`` (deliveries of this listener running at
     once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
-    ``inline`` (run a sync function on the event loop instead of a thread), and
-    ``on_error`` / ``on_success`` / ``on_dead`` hooks.
+    ``inline`` (run a sync function on the event loop instead of a thread),
+    ``executor="process"`` (run a sync function in a pool of worker processes: for
+    CPU-bound work; it must be defined at the top level of a module),
+    ``on_error`` / ``on_success`` / ``on_dead`` hooks, and ``batch`` (the function takes
+    a list of up to that many events, see below) with ``batch_wait`` (seconds or
+    ``timedelta`` a batch waits for more events after its first; default 1).
+
+    A batch listener's parameter annotated ``list[Event]`` (or not annotated) gets the
+    envelopes, ``list[SomeTypedEvent]`` the typed objects. Its ``retry`` and ``timeout``
+    apply to each call with a batch (the bus's defaults do not); when the last attempt
+    fails, each event of the batch is a dead letter with that error. Its
+    ``concurrency`` counts events in flight, in batches: at least ``batch`` (the
+    default), twice that lets one batch fill while another is called.
 
     Raises:
-        ConfigurationError: no names, an invalid pattern, or a class with no event name.
+        ConfigurationError: no names, an invalid pattern, a class with no event name,
+            or batch options out of range (``concurrency`` under ``batch``, say).
     """
     str_names, typed = _names(names)
 
@@ -177,7 +264,7 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     return decorate
 
 
-def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+def _names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
     str_names: list[str] = []
     typed: list[type[Any]] = []
     for n in names:
@@ -190,8 +277,14 @@ def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]
                 )
             str_names.append(event_name)
             typed.append(n)
-        else:
+        elif isinstance(n, str):
             str_names.append(n)
+        elif isinstance(n, Enum) and isinstance(n.value, str):
+            str_names.append(n.value)  # a plain Enum member names what its value names
+        else:
+            raise ConfigurationError(
+                f"an event name is a string (or an Enum member whose value is one), not {n!r}"
+            )
     return str_names, typed
 
 
@@ -261,12 +354,11 @@ class Subscription:
         self.registry._remove(self)
 
     def hooks(self, kind: str) -> tuple[Any, ...]:
-        """The listener's hooks of ``kind`` then its registries', innermost first."""
+        """The listener's hooks of ``kind`` then its registries', innermost first (a
+        registry included in several places: the hooks of every one that includes it)."""
         out: list[Any] = list(getattr(self.listener, kind))
-        registry: Registry | None = self.registry
-        while registry is not None:
+        for registry in self.registry._lineage():
             out.extend(getattr(registry, kind))
-            registry = registry._parent
         return tuple(out)
 
     def __repr__(self) -> str:
@@ -281,6 +373,10 @@ class Registry:
         max_listeners: the most listeners one name or pattern may have in this registry.
         on_error, on_success, on_dead: hooks for every listener in this registry.
     """
+
+    #: The most event names whose resolution is kept; past it the oldest are resolved
+    #: again when next emitted (a true LRU would cost a write on every emit).
+    max_routes = 10_000
 
     def __init__(
         self,
@@ -297,7 +393,8 @@ class Registry:
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
-        self._parent: Registry | None = None
+        #: Where this registry is included (a registry may be shared by several buses).
+        self._parents: list[Registry] = []
         self._cache: dict[str, tuple[Subscription, ...]] = {}
         #: The resolved names emit may route without further checks: the same as the
         #: cache, but kept empty while a ``once`` listener needs each emit to take it.
@@ -321,7 +418,7 @@ class Registry:
         if not isinstance(item, Listener):
             raise ConfigurationError(
                 f"{item!r} is not a listener: decorate it with @listener('event.name') "
-                "or use registry.subscribe('event.name', fn)"
+                "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
             self._check_types(item.types, item.qualname)
@@ -339,7 +436,7 @@ class Registry:
             return sub
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result in this registry."""
         make = listener(*names, **options)
@@ -352,20 +449,28 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it.
+        """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
+        "user.created", retry=3)`` (the function first, then names, then the options of
+        ``@listener``). Returns a handle whose ``unsubscribe()`` undoes it.
 
         Raises:
-            ConfigurationError: ``fn`` is a listener already, and names or options are
-                given too (its own are used: subscribe ``fn.fn`` to give others).
+            ConfigurationError: ``fn`` is not callable (names come after it), or is a
+                listener already and names or options are given too (its own are used:
+                subscribe ``fn.fn`` to give others).
         """
+        if isinstance(fn, str) or not callable(fn):
+            raise ConfigurationError(
+                f"subscribe() takes the function first, then the names "
+                f"(subscribe(fn, 'event.name')), not {fn!r} first"
+            )
         if isinstance(fn, Listener):
             if names or options:
                 raise ConfigurationError(
                     f"{fn.qualname} is a listener of {', '.join(map(repr, fn.names))} "
                     "already, with its own options: subscribe it without names or options, "
-                    "or subscribe its function (fn=listener.fn) with these"
+                    "or subscribe its function (listener.fn) with these"
                 )
             return self.add(fn)
         return self.add(listener(*names, **options)(fn))
@@ -373,30 +478,44 @@ class Registry:
     def include(self, registry: Registry) -> None:
         """Route this registry's events to ``registry``'s listeners too.
 
+        One registry may be included in several buses (or registries): its listeners,
+        and later changes to them, are shared by all of them.
+
         Raises:
-            ConfigurationError: the registry is already included somewhere, or a typed
-                event name would be bound to two classes.
+            ConfigurationError: the registry is already included here, includes this
+                one, or a typed event name would be bound to two classes.
         """
         with self._lock:
-            if registry._parent is not None or registry is self:
-                raise ConfigurationError("a registry can be included in one place only")
+            if registry in self._children:
+                raise ConfigurationError("this registry is already included here")
+            if registry is self or registry in self._lineage():
+                raise ConfigurationError("a registry cannot include itself, even through others")
             self._check_types(registry._all_types(), "an included registry")
-            registry._parent = self
+            registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
 
+    def _lineage(self) -> list[Registry]:
+        """This registry and every registry that includes it, innermost first."""
+        out: list[Registry] = [self]
+        for registry in out:  # grows as it goes: breadth first
+            for parent in registry._parents:
+                if parent not in out:
+                    out.append(parent)
+        return out
+
     def _check_types(self, types: dict[str, type[Any]], owner: str) -> None:
-        root = self
-        while root._parent is not None:
-            root = root._parent
-        known = root._all_types()
-        for name, cls in types.items():
-            other = known.get(name)
-            if other is not None and other is not cls:
-                raise ConfigurationError(
-                    f"event {name!r} is bound to two classes: {other.__qualname__} and "
-                    f"{cls.__qualname__} (from {owner})"
-                )
+        for root in self._lineage():
+            if root._parents:
+                continue
+            known = root._all_types()
+            for name, cls in types.items():
+                other = known.get(name)
+                if other is not None and other is not cls:
+                    raise ConfigurationError(
+                        f"event {name!r} is bound to two classes: {other.__qualname__} and "
+                        f"{cls.__qualname__} (from {owner})"
+                    )
         self._types.update(types)
 
     def _all_types(self) -> dict[str, type[Any]]:
@@ -426,8 +545,7 @@ class Registry:
             self._invalidate()
 
     def _invalidate(self) -> None:
-        registry: Registry | None = self
-        while registry is not None:
+        for registry in self._lineage():
             # Cleared in place: the bus holds references.
             registry._cache.clear()
             registry.routes.clear()
@@ -435,17 +553,28 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
-            registry = registry._parent
 
     # -- reading --------------------------------------------------------------------
 
     def resolve(self, name: str) -> tuple[Subscription, ...]:
-        """The subscriptions an event called ``name`` reaches, in subscription order."""
+        """The subscriptions an event called ``name`` reaches, in subscription order.
+
+        Raises:
+            EmitError: ``name`` is no event name (see :func:`tidings.events.check_event_name`).
+        """
         found = self._cache.get(name)
         if found is None:
+            # Checked here, once per name: what is cached may be emitted without a check.
+            check_event_name(name)
             with self._lock:
                 found = tuple(self._walk(name))
-                self._cache[name] = found
+                cache = self._cache
+                if len(cache) >= self.max_routes:
+                    # Bounded, so that endless distinct names never grow memory.
+                    oldest = next(iter(cache))
+                    del cache[oldest]
+                    self.routes.pop(oldest, None)
+                cache[name] = found
                 if not self.has_once:
                     self.routes[name] = found
         return found

@@ -21,7 +21,7 @@ import msgspec
 import pydantic
 import pytest
 
-from tidings import Event, PayloadError, PublishFailed, Retry, listener
+from tidings import EmitError, Event, PayloadError, PublishFailed, Retry, listener
 from tidings.backends.durable import DurableBackend, Outcomes, Stored
 from tidings.codec import MAX_DEPTH, encode_payload
 
@@ -176,8 +176,10 @@ async def test_delay_and_at_deliver_later(make_bus: BusFactory) -> None:
 
     async with make_bus(listeners=[later]) as bus:
         start = asyncio.get_running_loop().time()
-        bus.emit("later", n=1, delay=0.2)
-        await bus.publish("later", n=2, at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2))
+        bus.options(delay=0.2).emit("later", n=1)
+        await bus.options(at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2)).publish(
+            "later", n=2
+        )
         await asyncio.wait_for(got.wait(), 10)
     assert min(when) - start >= 0.15
 
@@ -354,6 +356,47 @@ async def test_a_delivery_whose_worker_keeps_dying_becomes_a_dead_letter(
     assert letter.error.startswith("DeliveryLost: event ")
     assert f"was started {most} times for {crashes.qualname}" in letter.error
     assert dead == [letter.error.removeprefix("DeliveryLost: ")]
+
+
+async def test_keywords_named_like_options_are_payload(make_bus: BusFactory) -> None:
+    seen: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    @listener("cache.invalidated")
+    async def invalidated(key: str, delay: int, at: str, headers: dict[str, str]) -> None:
+        seen.append({"key": key, "delay": delay, "at": at, "headers": headers})
+        got.set()
+
+    async with make_bus(listeners=[invalidated]) as bus:
+        bus.emit("cache.invalidated", key="k1", delay=3600, at="noon", headers={"h": "v"})
+        await asyncio.wait_for(got.wait(), 10)
+    assert seen == [{"key": "k1", "delay": 3600, "at": "noon", "headers": {"h": "v"}}]
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), -float("inf")])
+async def test_a_delay_that_is_not_finite_is_refused(make_bus: BusFactory, delay: float) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x]) as bus:
+        with pytest.raises(EmitError, match="finite"):
+            bus.options(delay=delay).emit("x")
+        with pytest.raises(EmitError, match="finite"):
+            await bus.options(delay=delay).publish("x")
+
+
+async def test_a_bad_event_name_is_refused_at_emit(make_bus: BusFactory) -> None:
+    @listener("**")
+    async def everything() -> None:
+        pass
+
+    async with make_bus(listeners=[everything]) as bus:
+        for bad in ("", "user created", "user.*", "a\ud800", "x" * 256):
+            with pytest.raises(EmitError, match="event name"):
+                bus.emit(bad)
+            with pytest.raises(EmitError, match="event name"):
+                await bus.publish(bad)
 
 
 def _durable(backend_name: str) -> None:
@@ -565,3 +608,39 @@ async def test_a_listener_that_kills_its_process_takes_no_batch_mate_with_it(
         (letter,) = await bus.list_dead_letters()
     assert letter.event.kwargs == {"n": poison_app.POISON}
     assert letter.error.startswith("DeliveryLost: ")
+
+
+async def test_what_a_thread_emits_is_stored_as_it_was_emitted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    if backend_name == "memory":
+        pytest.skip("in process, a payload is handed over by reference")
+    seen: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    @listener("order.paid")
+    async def paid(order: dict[str, object], when: dt.datetime) -> None:
+        seen.append({**order, "when": when})
+        if len(seen) == 3:
+            got.set()
+
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    async with make_bus(listeners=[paid]) as bus:
+        orders: list[dict[str, object]] = [{"id": n} for n in range(2)]
+
+        def emit_then_change() -> None:
+            for order in orders:
+                bus.emit("order.paid", order=order, when=now)
+                order["id"] = object()  # changed, and no longer serializable
+            bus.options(delay=0.01).emit("order.paid", order={"id": 9}, when=now)
+
+        # The loop takes the thread's events only once the thread has changed them.
+        thread = threading.Thread(target=emit_then_change)
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(got.wait(), 10)
+    assert sorted(seen, key=lambda o: cast(int, o["id"])) == [
+        {"id": 0, "when": now},
+        {"id": 1, "when": now},
+        {"id": 9, "when": now},
+    ]

@@ -83,11 +83,11 @@ async def test_a_rolled_back_transaction_never_delivers(
         failed = db.transaction()
         await failed.start()
         await db.execute(f"INSERT INTO {schema}.users VALUES ('gone@x.y')")
-        await bus.publish("user.created", email="gone@x.y", connection=db)
+        await bus.options(connection=db).publish("user.created", email="gone@x.y")
         await failed.rollback()  # the payment failed, say
         async with db.transaction():
             await db.execute(f"INSERT INTO {schema}.users VALUES ('ada@x.y')")
-            await bus.publish("user.created", email="ada@x.y", connection=db)
+            await bus.options(connection=db).publish("user.created", email="ada@x.y")
             await asyncio.sleep(0.1)
             assert seen == []  # not committed yet: nobody can see it
         await bus.drain()
@@ -109,10 +109,10 @@ async def test_a_sqlalchemy_session_is_an_outbox_too(schema: str) -> None:
         async with Bus(_url(schema), listeners=[charge]) as bus:
             async with AsyncSession(engine) as session:
                 await session.execute(text("SELECT 1"))
-                await bus.publish("order.paid", order_id=1, session=session)
+                await bus.options(session=session).publish("order.paid", order_id=1)
                 await session.rollback()
             async with AsyncSession(engine) as session:
-                await bus.publish("order.paid", order_id=2, session=session)
+                await bus.options(session=session).publish("order.paid", order_id=2)
                 await session.commit()
             await bus.drain()
     finally:
@@ -137,7 +137,7 @@ async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
     async with Bus(_url(schema), listeners=[first, second]) as bus:
         for n in range(20):
             async with db.transaction():
-                await bus.publish("x", n=n, connection=db)
+                await bus.options(connection=db).publish("x", n=n)
         await bus.drain()
     assert sorted(a) == sorted(b) == list(range(20))
 
@@ -145,7 +145,7 @@ async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
 async def test_outbox_needs_postgres() -> None:
     async with Bus() as bus:
         with pytest.raises(ConfigurationError, match="only the PostgreSQL backend"):
-            await bus.publish("x", connection=object())
+            await bus.options(connection=object()).publish("x")
 
 
 async def test_migrations_run_once_and_are_recorded(schema: str, db: asyncpg.Connection) -> None:
@@ -252,7 +252,7 @@ async def test_delivered_events_are_deleted_and_stats_count(
     async with Bus(_url(schema), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
         assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
@@ -355,7 +355,7 @@ async def test_storage_errors_reach_the_caller_as_backend_errors(
                 await call
             assert isinstance(info.value.__cause__, asyncpg.PostgresError)
         with pytest.raises(PublishFailed) as failed:
-            await bus.publish("x", connection=db)
+            await bus.options(connection=db).publish("x")
         assert isinstance(failed.value.__cause__, asyncpg.PostgresError)
 
 

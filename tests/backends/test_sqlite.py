@@ -188,7 +188,7 @@ async def test_stats_count_what_waits(tmp_path: Path) -> None:
     async with Bus(_url(tmp_path), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
     assert stats.pending == 5
@@ -196,10 +196,10 @@ async def test_stats_count_what_waits(tmp_path: Path) -> None:
 
 
 def test_urls() -> None:
-    backend = Bus("sqlite:///some/dir/events.db").backend
+    backend = Bus("sqlite:///some/dir/events.db?create_dirs=1").backend
     assert isinstance(backend, SQLiteBackend)
     assert backend.path == "some/dir/events.db"
-    assert Bus("sqlite:////abs/events.db").backend.path == "/abs/events.db"  # type: ignore[attr-defined]
+    assert Bus("sqlite:////tmp/events.db").backend.path == "/tmp/events.db"  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?stale_listener_s=60").backend.stale_listener_s == 60  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
@@ -498,6 +498,22 @@ async def test_an_ack_waits_for_the_events_its_listener_emitted(tmp_path: Path) 
         backend.opened.set()
         await bus.drain()
     assert backend.writes[:2] == ["follow stored", "ack"]
+
+
+def test_a_missing_directory_is_refused_unless_asked_to_create_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(ConfigurationError, match=r"does not exist.*create_dirs=true"):
+        Bus(f"sqlite:///{missing / 'e.db'}")
+    assert not missing.exists()
+    Bus(f"sqlite:///{missing / 'e.db'}?create_dirs=true")
+    Bus(f"sqlite:///{tmp_path / 'e.db'}")  # an existing directory needs nothing
+
+
+async def test_create_dirs_makes_the_directory_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "new"
+    async with Bus(f"sqlite:///{missing / 'e.db'}?create_dirs=true"):
+        pass
+    assert (missing / "e.db").exists()
 
 
 async def test_an_event_stored_for_no_listener_is_warned_of(

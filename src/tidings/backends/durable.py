@@ -34,9 +34,10 @@ import msgspec
 
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
-from tidings.codec import CODECS, decode_payload, encode_payload, revive_object, revive_value
+from tidings.codec import CODECS, decode_payload, encode_payload, revive_object
 from tidings.errors import (
     BackendError,
+    BindingError,
     ConfigurationError,
     ConnectionLost,
     DeliveryLost,
@@ -779,6 +780,7 @@ class DurableBackend(Backend):
         new_context = contextvars.Context
         # Starts past this many: the runs past the retry policy's were all lost.
         most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
+        revive = sub.listener.plan.revive if sub.listener.plan.revivable else None
         for claimed in batch:
             event = self._readable(claimed, sub)
             if event is None:
@@ -789,6 +791,12 @@ class DurableBackend(Backend):
                 # Recorded as the delivery's last failure: logged, hooks, dead letter.
                 runner.failed(event, sub, new_context(), _lost(event, sub, claimed.attempt))
                 continue
+            if revive is not None:
+                try:
+                    revive(event)  # values back to the types the parameters name
+                except BindingError as exc:
+                    runner.failed(event, sub, new_context(), exc)  # a dead letter, at once
+                    continue
             if claimed.lost:
                 # Its last run was lost with its process: run it alone, so that if it
                 # crashes this process too, it takes no other delivery with it.
@@ -927,12 +935,6 @@ class DurableBackend(Backend):
             elif isinstance(obj, dict):
                 # No class known here: its fields arrive as keyword arguments.
                 kwargs, obj = obj, None
-        revivable = sub.listener.plan.revivable
-        if revivable:
-            kwargs = dict(kwargs)  # its own values; the shared payload stays as stored
-            for name, annotation in revivable:
-                if name in kwargs:
-                    kwargs[name] = revive_value(kwargs[name], annotation)
         return _event(record, args, kwargs, obj, claimed.attempt)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:

@@ -587,3 +587,17 @@ class PostgresBackend(DurableBackend):
                 last_seen=seen.get(lst),
             )
         return out
+
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        async with self._p().acquire() as conn:
+            now = await conn.fetchval(f"SELECT {_NOW}")
+            rows = await conn.fetch(
+                f"SELECT id, name, created, due FROM {self.schema}.events "
+                "WHERE due > $1 AND due <= $2 ORDER BY due LIMIT $3",
+                now,
+                now + within_s,
+                limit,
+            )
+        return [{"event_id": r[0], "name": r[1], "created": r[2], "due": r[3]} for r in rows]

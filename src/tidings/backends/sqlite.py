@@ -136,7 +136,8 @@ class SQLiteBackend(DurableBackend):
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``stale_listener_s``, ``synchronous`` and ``codec``."""
+        ``stale_listener_s``, ``synchronous``, ``codec`` and ``create_dirs`` (make a missing
+        directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -147,9 +148,15 @@ class SQLiteBackend(DurableBackend):
             floats=("lease_s", "poll_s", "busy_timeout_s", "stale_listener_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
+            bools=("create_dirs",),
         )
         for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
             raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+        if not ours.pop("create_dirs", False) and not Path(path).parent.is_dir():
+            raise ConfigurationError(
+                f"{url!r}: the directory {str(Path(path).parent)!r} does not exist "
+                "(create it, or add ?create_dirs=true)"
+            )
         return cls(path, **{**options, **ours})
 
     def __repr__(self) -> str:
@@ -526,6 +533,20 @@ class SQLiteBackend(DurableBackend):
                     if s.oldest_age_s is None or age > s.oldest_age_s:
                         s.oldest_age_s = age
         return out
+
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        now = self.clock()
+        cursor = await self._connected().execute(
+            "SELECT id, name, created, due FROM tidings_events "
+            "WHERE due > ? AND due <= ? ORDER BY due LIMIT ?",
+            (now, now + within_s, limit),
+        )
+        return [
+            {"event_id": id_, "name": name, "created": created, "due": due}
+            for id_, name, created, due in await cursor.fetchall()
+        ]
 
     def _connected(self) -> aiosqlite.Connection:
         if self._db is None:
