@@ -22,8 +22,8 @@ JOB_S = float(os.environ.get("TIDINGS_TEST_JOB_S", "0.0002"))
 #: The event number the poisoned listener dies on.
 POISON = 7
 #: How long a stale owner's first attempt and the next owner's attempt take.
-FIRST_RUN_S = 4.0
-NEXT_RUN_S = 2.0
+FIRST_RUN_S = 3.0
+NEXT_RUN_S = 6.0
 
 
 def record(*fields: object) -> None:
