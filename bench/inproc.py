@@ -88,6 +88,23 @@ async def run_tidings(n: int, k: int, awaits: bool) -> float:
     return n * k / (end - start)
 
 
+async def run_tidings_metrics(n: int, k: int, awaits: bool) -> float:
+    """tidings with Prometheus metrics on (``tidings.metrics.instrument``, its defaults)."""
+    from tidings import Bus, listener
+    from tidings.metrics import instrument
+
+    done = Done(n * k)
+    fns = [listener("bench")(fn) for fn in make_listeners(done, k, awaits)]
+    bus = Bus(listeners=fns, max_pending=n * k + 1)
+    instrument(bus)
+    async with bus:
+        emit = bus.emit
+        start = await emit_loop(emit, n)
+        end = await done.future
+    assert done.count == n * k
+    return n * k / (end - start)
+
+
 async def run_litestar(n: int, k: int, awaits: bool) -> float:
     from litestar.events import SimpleEventEmitter, listener
 
@@ -196,6 +213,7 @@ async def run_bare_await(n: int, k: int, awaits: bool) -> float:
 CONTENDERS: dict[str, tuple[Runner, float]] = {
     # name: (runner, share of --n it runs: slow peers run fewer events)
     "tidings": (run_tidings, 1.0),
+    "tidings + metrics": (run_tidings_metrics, 1.0),
     "litestar SimpleEventEmitter": (run_litestar, 0.1),
     "pyee AsyncIOEventEmitter": (run_pyee, 0.1),
     "pyventus AsyncIOEventEmitter": (run_pyventus, 0.1),
@@ -301,6 +319,9 @@ async def main() -> None:
             ("tidings >= 1,000,000 deliveries/s (1 listener)", one["tidings"] >= 1_000_000),
             ("emit() median <= 1 us", median_ns <= 1000),
         ]
+        if "tidings + metrics" in one:
+            ratio = one["tidings + metrics"] / one["tidings"]
+            checks.append((f"metrics cost <= 10% (keeps {ratio:.0%})", ratio >= 0.9))
         if "pyee AsyncIOEventEmitter" in one:
             ratio = one["tidings"] / one["pyee AsyncIOEventEmitter"]
             checks.append((f">= 15x pyee (is {ratio:.1f}x)", ratio >= 15))

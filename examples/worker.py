@@ -2,6 +2,7 @@
 
 uv run tidings worker examples.worker:bus          # runs the listeners
 uv run tidings emit examples.worker:bus user.created --json '{"email": "a@b.c"}'
+uv run tidings emit examples.worker:bus user.created --json '{"email": "a@b.c"}' --delay 60
 uv run tidings stats examples.worker:bus
 """
 
@@ -25,3 +26,11 @@ def audit(event: Event) -> None:
 bus = Bus(
     os.environ.get("TIDINGS_URL", "sqlite:///tidings-example.db"), listeners=[send_welcome, audit]
 )
+
+
+async def sign_up(email: str) -> None:
+    """What a web process does: the payload as keywords, options apart."""
+    await bus.publish("user.created", email=email)
+    await bus.options(delay=3600, headers={"source": "sign-up"}).publish(
+        "user.reminder", email=email
+    )

@@ -1,5 +1,11 @@
 """The machine's services the tests use for real: reachable, or the test skips (fails
-under ``CI=true``, where every service must be up)."""
+under ``CI=true``, where every service must be up).
+
+``TIDINGS_TEST_REDIS`` and ``TIDINGS_TEST_POSTGRES`` point the tests at other servers.
+By default they use Redis database 15 on 127.0.0.1:6379 (not 0, which apps use) and
+the PostgreSQL database ``test`` on 127.0.0.1:5432; each test keeps to a key prefix or
+schema of its own and removes it afterwards.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,11 @@ import asyncio
 import os
 import socket
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 
-REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/15")
 POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -26,12 +33,17 @@ def require(service: str, host: str, port: int) -> None:
     pytest.skip(reason)
 
 
+def _address(url: str, port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or port
+
+
 def require_redis() -> None:
-    require("Redis", "127.0.0.1", 6379)
+    require("Redis", *_address(REDIS_URL, 6379))
 
 
 def require_postgres() -> None:
-    require("PostgreSQL", "127.0.0.1", 5432)
+    require("PostgreSQL", *_address(POSTGRES_URL, 5432))
 
 
 def unique_schema() -> str:

@@ -369,3 +369,42 @@ async def test_a_failed_request_gives_back_the_once_listeners_its_events_took() 
         bus.emit("x", n=2)
         await bus.drain()
     assert got == [2]
+
+
+async def test_capture_leaves_out_what_a_failed_request_emitted(bus: Bus, seen: Seen) -> None:
+    from tidings.testing import capture
+
+    with capture(bus) as events:
+        async with _client(_app(bus, seen)) as client:
+            assert (await client.get("/fails")).status_code == 500
+            assert (await client.get("/ok")).status_code == 200
+        await bus.drain()
+    assert seen.names == ["user.created"]
+    assert len(events.events) == 1  # the /ok request's, not the dropped one
+    events.assert_emitted("user.created", times=1)
+    assert [e.name for e in events.dropped] == ["user.created"]
+    with pytest.raises(AssertionError, match="1 dropped with a failed request"):
+        events.assert_emitted("user.deleted")
+
+
+@pytest.mark.parametrize("checked", [False, True])
+async def test_a_held_event_keeps_keywords_named_like_options_as_payload(checked: bool) -> None:
+    got: list[dict[str, object]] = []
+
+    @listener("cache.invalidated")
+    async def invalidated(key: str, delay: int) -> None:
+        got.append({"key": key, "delay": delay})
+
+    events = Bus(listeners=[invalidated], check_serializable=checked)
+
+    async def handler(request: Request) -> Response:
+        events.emit("cache.invalidated", key="user-1", delay=60)
+        events.options(delay=0).emit("cache.invalidated", key="user-2", delay=0)
+        return PlainTextResponse("ok")
+
+    async with events:
+        app = EventsMiddleware(Starlette(routes=[Route("/", handler)]), bus=events)
+        async with _client(app) as client:
+            assert (await client.get("/")).status_code == 200
+        await events.drain()
+    assert sorted(got, key=str) == [{"key": "user-1", "delay": 60}, {"key": "user-2", "delay": 0}]

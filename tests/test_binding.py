@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -194,3 +195,27 @@ async def test_a_typed_event_class_defined_in_a_function_binds_by_its_name() -> 
         await bus.drain()
         assert bus.dead_letters() == []
     assert got == [Shipped(3)]
+
+
+def test_revive_converts_stored_values_strictly_and_names_what_does_not_fit() -> None:
+    def f(n: int, when: dt.datetime, *, tags: set[str], note: Any = None) -> Any:
+        return n, when, tags, note
+
+    p = plan(f)
+    event = Event("x", (3, "2026-01-02T03:04:05Z"), {"tags": ["a"], "note": [1]})
+    shared = event.kwargs
+    p.revive(event)
+    assert p.call(event) == (3, dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC), {"a"}, [1])
+    assert shared == {"tags": ["a"], "note": [1]}  # the stored payload is left as it was
+    for bad, shown in (("42", "'42'"), (4.5, "4.5"), (True, "True")):
+        with pytest.raises(BindingError, match=rf"its parameter 'n' takes int, not {shown} "):
+            p.revive(Event("x", (bad, "2026-01-02T03:04:05Z"), {"tags": []}))
+    with pytest.raises(BindingError, match=r"f cannot .* parameter 'when' takes datetime"):
+        p.revive(Event("x", (1, "soon"), {"tags": []}))
+
+
+def test_every_annotated_parameter_is_revived_but_those_with_nothing_to_check() -> None:
+    def f(a, b: Any, c: object, d: Decimal, e: Event, n: int, s: str, **rest: int) -> None:  # type: ignore[no-untyped-def]
+        ...
+
+    assert plan(f).revivable == (("n", int), ("s", str))

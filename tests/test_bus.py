@@ -9,8 +9,10 @@ import gc
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +25,11 @@ from tidings import (
     PayloadError,
     QueueFull,
     Registry,
+    Subscription,
     listener,
 )
 from tidings.backends.memory import MemoryBackend
+from tidings.testing import capture
 
 from .conftest import Counter, noop
 
@@ -79,7 +83,59 @@ async def test_emit_after_close_says_the_bus_is_closed() -> None:
         bus.emit("x")
     with pytest.raises(NotStartedError, match="closed"):
         bus.emit("x")
-    with pytest.raises(NotStartedError, match="closed"):
+
+
+async def test_a_closed_bus_starts_again_with_its_listeners_and_dead_letters() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        if n < 0:
+            raise ValueError("negative")
+        counter.add(n)
+
+    bus = Bus(listeners=[on_x])
+    async with bus:
+        bus.emit("x", n=-1)
+        bus.emit("x", n=1)
+    # Started again (as by a second test client of one app): every event gets through.
+    async with bus:
+        for n in range(2, 500):
+            bus.emit("x", n=n)
+        await bus.publish("x", n=500)
+    assert counter.calls == list(range(1, 501))
+    assert [d.event.kwargs for d in bus.dead_letters()] == [{"n": -1}]
+
+
+def test_a_closed_bus_starts_again_on_another_event_loop(tmp_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    @listener("x")
+    def on_x(n: int, event: Event) -> None:
+        seen.append((event.name, n))
+
+    for url in ("memory://", f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01"):
+        bus = Bus(url, listeners=[on_x])
+        for n in range(3):  # each run on an event loop of its own, as a test client's
+
+            async def run(n: int = n, bus: Bus = bus) -> None:
+                async with bus:
+                    bus.emit("x", n=n)
+                    await bus.drain()
+
+            asyncio.run(run())
+    assert seen == [("x", 0), ("x", 1), ("x", 2)] * 2
+
+
+async def test_a_closed_bus_on_a_durable_backend_object_says_to_give_a_url(
+    tmp_path: Path,
+) -> None:
+    from tidings.backends.sqlite import SQLiteBackend
+
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db")))
+    async with bus:
+        pass
+    with pytest.raises(NotStartedError, match="give the bus a URL"):
         await bus.start()
 
 
@@ -122,7 +178,7 @@ async def test_a_str_subclass_names_the_event_its_value_names(strict: bool) -> N
     async with Bus(listeners=[on_sign_up], strict=strict) as bus:
         bus.emit(Names.SIGNED_UP, email="a@example.com")
         bus.emit("user.signed_up", email="b@example.com")
-        bus.emit(Names.SIGNED_UP, email="c@example.com", headers={"h": "1"})
+        bus.options(headers={"h": "1"}).emit(Names.SIGNED_UP, email="c@example.com")
         await bus.publish(Names.SIGNED_UP, email="d@example.com")
         bus.emit(Names.SIGNED_UP, email="e@example.com")  # a route known by now
         await bus.drain()
@@ -384,41 +440,14 @@ async def test_delay_runs_later_and_at_runs_at_a_time() -> None:
     async with Bus(listeners=[later]) as bus:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        bus.emit("later", n=1, delay=0.05)
-        bus.emit("later", n=2, at=datetime.now(UTC) + timedelta(milliseconds=20))
-        await bus.publish("later", n=3, delay=timedelta(milliseconds=10))
+        bus.options(delay=0.05).emit("later", n=1)
+        bus.options(at=datetime.now(UTC) + timedelta(milliseconds=20)).emit("later", n=2)
+        await bus.options(delay=timedelta(milliseconds=10)).publish("later", n=3)
         await bus.drain()
         assert counter.calls == []  # drain does not wait for events that are not due
         await counter.wait_for(3)
         assert loop.time() - t0 >= 0.04
     assert counter.calls == [3, 2, 1]
-
-
-async def test_options_are_never_payload() -> None:
-    seen: list[Event] = []
-
-    @listener("x")
-    async def on_x(event: Event) -> None:
-        seen.append(event)
-
-    async with Bus(listeners=[on_x]) as bus:
-        bus.emit("x", 1, a=2, headers={"trace": "t1"}, key="k")
-        await bus.publish("x", b=3, headers={"trace": "t2"})
-        await bus.drain()
-    assert [(e.args, e.kwargs, dict(e.headers)) for e in seen] == [
-        ((1,), {"a": 2}, {"trace": "t1"}),
-        ((), {"b": 3}, {"trace": "t2"}),
-    ]
-
-
-async def test_bad_delay_is_a_clear_error() -> None:
-    @listener("x")
-    async def on_x() -> None:
-        pass
-
-    async with Bus(listeners=[on_x]) as bus:
-        with pytest.raises((ConfigurationError, TypeError, ValueError), match="delay"):
-            bus.emit("x", delay="soon")
 
 
 async def test_emit_raises_queue_full_when_the_queue_is_full() -> None:
@@ -558,7 +587,7 @@ async def test_bus_level_listener_and_subscribe() -> None:
     async def on_a() -> None:
         counter.add("a")
 
-    handle = bus.subscribe("b", fn=lambda: counter.add("b"))
+    handle = bus.subscribe(lambda: counter.add("b"), "b")
     async with bus:
         bus.emit("a")
         bus.emit("b")
@@ -630,9 +659,162 @@ async def test_aclose_error_names_at_most_a_hundred_ids(caplog: pytest.LogCaptur
     bus = Bus(listeners=[later])
     await bus.start()
     for _ in range(150):
-        bus.emit("later", delay=60)
+        bus.options(delay=60).emit("later")
     with caplog.at_level(logging.DEBUG, logger="tidings"):
         await bus.aclose(timeout=0.01)
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "150 undelivered" in error.getMessage()
     assert "and 50 more" in error.getMessage()
+
+
+def _in_a_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a thread and wait for it without yielding to the event loop, so the
+    loop takes what the thread emitted only afterwards."""
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+async def test_a_payload_changed_after_a_thread_emitted_it_is_stored_as_emitted(
+    tmp_path: Path,
+) -> None:
+    counter = Counter()
+
+    @listener("order.paid")
+    async def paid(order: dict[str, object]) -> None:
+        counter.add(order)
+
+    async with Bus(f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01", listeners=[paid]) as bus:
+        orders = [{"id": n, "lines": [n]} for n in range(4)]
+
+        def emit_then_change() -> None:
+            for order in orders:
+                bus.emit("order.paid", order=order)
+                order["lines"] = [object()]  # no longer serializable
+            bus.options(delay=0).emit("order.paid", order={"id": 9, "lines": []})
+
+        _in_a_thread(emit_then_change)
+        await counter.wait_for(5)
+    assert sorted(counter.calls, key=lambda o: o["id"]) == [  # type: ignore[index]
+        *({"id": n, "lines": [n]} for n in range(4)),
+        {"id": 9, "lines": []},
+    ]
+
+
+class _Refusing(MemoryBackend):
+    """Fails to queue the events called ``bad``, as a backend might."""
+
+    def put(self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context) -> None:
+        if event.name == "bad":
+            raise RuntimeError("refused")
+        super().put(event, subs, ctx)
+
+    def put_later(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float,
+    ) -> None:
+        if event.name == "bad":
+            raise RuntimeError("refused later")
+        super().put_later(event, subs, ctx, delay_s)
+
+
+async def test_a_thread_emit_that_fails_on_the_loop_is_logged_and_stalls_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    counter = Counter()
+
+    @listener("bad", "good")
+    async def on_event(event: Event) -> None:
+        counter.add(event.name)
+
+    ids: list[str] = []
+    bus = Bus(_Refusing(), listeners=[on_event])
+    with capture(bus) as captured:
+        await bus.start()
+
+        def emit() -> None:
+            bus.emit("bad")
+            bus.options(delay=0.001).emit("bad")
+            for _ in range(3):
+                bus.emit("good")
+            bus.options(delay=0.001).emit("good")
+
+        _in_a_thread(emit)
+        ids = [e.id for e in captured.events if e.name == "bad"]
+        await counter.wait_for(4)
+        await bus.aclose()
+    assert not bus.started
+    assert counter.calls == ["good"] * 4
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    for event_id, message in zip(ids, errors, strict=True):
+        assert event_id in message
+        assert "could not be queued" in message
+
+
+async def test_aclose_takes_its_timeout_by_keyword_only() -> None:
+    bus = Bus()
+    await bus.start()
+    with pytest.raises(TypeError, match=r"aclose\(timeout=5\)"):
+        await bus.aclose(5)
+    await bus.aclose(object())  # what a framework's shutdown hook passes: ignored
+    assert not bus.started
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+async def test_tidings_disable_is_read_as_a_boolean_when_the_bus_starts(
+    monkeypatch: pytest.MonkeyPatch, value: str, disabled: bool
+) -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(listeners=[on_x])  # made before the variable is set, as at import
+    monkeypatch.setenv("TIDINGS_DISABLE", value)
+    async with bus:
+        assert bus.disabled is disabled
+        bus.emit("x")
+        await bus.drain()
+    assert len(counter.calls) == (0 if disabled else 1)
+
+
+def test_tidings_disable_that_is_no_boolean_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TIDINGS_DISABLE", "maybe")
+    with pytest.raises(ConfigurationError, match="TIDINGS_DISABLE='maybe' is not a boolean"):
+        Bus()
+
+
+async def test_a_bus_closed_before_it_started_still_starts(tmp_path: Path) -> None:
+    from tidings.backends.sqlite import SQLiteBackend
+
+    counter = Counter()
+
+    @listener("x")
+    async def on_x() -> None:
+        counter.add()
+
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db"), poll_s=0.01), listeners=[on_x])
+    await bus.aclose()
+    async with bus:
+        await bus.publish("x")
+        await counter.wait_for(1)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -175,3 +181,283 @@ def test_demo_on_memory() -> None:
     result = runner.invoke(app, ["demo", "--quiet", "--users", "100", "--backend", "memory"])
     assert result.exit_code == 0, result.output
     assert "memory backend" in result.output
+
+
+# -- output for operators ------------------------------------------------------------
+
+narrow = CliRunner(env={"COLUMNS": "80"})
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'ops.db'}?poll_s=0.01"
+    monkeypatch.setenv("TIDINGS_TEST_URL", url)
+    return url
+
+
+def _dead_ids(url: str, order_ids: list[int]) -> list[str]:
+    """Publish a failing order per id, run them to dead letters, return the event ids."""
+
+    async def run() -> list[str]:
+        async with cli_app.make_bus() as bus:
+            for order_id in order_ids:
+                await bus.publish("order.paid", order_id=order_id)
+            await bus.drain()
+        async with Bus(url, consume=False) as bus:
+            return [d.event.id for d in await bus.list_dead_letters()]
+
+    return asyncio.run(run())
+
+
+def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-1])
+    for command in (["dead", "list", APP], ["stats", APP], ["listeners", APP]):
+        result = narrow.invoke(app, command)
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, result.output
+        lines = result.output.splitlines()
+        assert any("tests.cli_app.charge" in line for line in lines), result.output
+    lines = narrow.invoke(app, ["dead", "list", APP]).output.splitlines()
+    assert any(event_id in line for line in lines)
+    assert any("ValueError: order -1 cannot be charged" in line for line in lines)
+
+
+def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-1])
+    terminal = CliRunner(env={"COLUMNS": "40", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = terminal.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    assert any(event_id in line for line in result.output.splitlines()), result.output
+    assert any("tests.cli_app.charge" in line for line in result.output.splitlines())
+
+
+def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
+    # 17 events: two of their ids share a first hex digit, whichever ids they get.
+    ids = _dead_ids(sqlite_url, list(range(-17, 0)))
+    assert len(ids) == 17
+    first = ids[0]
+    prefix = next(first[:n] for n in range(1, 33) if sum(i.startswith(first[:n]) for i in ids) == 1)
+    result = runner.invoke(app, ["dead", "show", APP, prefix])
+    assert result.exit_code == 0, result.output
+    assert first in result.output
+    shared = next(i[0] for i in ids if sum(j.startswith(i[0]) for j in ids) > 1)
+    result = runner.invoke(app, ["dead", "show", APP, shared])
+    assert result.exit_code == 1
+    assert f"{shared!r} is the start of" in result.output
+    for full in (i for i in ids if i.startswith(shared)):
+        assert full in result.output
+    result = runner.invoke(app, ["dead", "replay", APP, "--id", shared])
+    assert result.exit_code == 1
+    assert "give more of the id" in result.output
+    result = runner.invoke(app, ["dead", "show", APP, "zz"])
+    assert result.exit_code == 1
+    assert "no dead letter of an event whose id starts with 'zz'" in result.output
+    result = runner.invoke(app, ["dead", "purge", APP, "--id", "zz"])
+    assert result.exit_code == 1
+    result = runner.invoke(app, ["dead", "replay", APP, "--id", prefix])
+    assert result.exit_code == 0, result.output
+    assert "replayed 1 dead letter(s)" in result.output
+    second = ids[1]
+    prefix = next(
+        second[:n] for n in range(1, 33) if sum(i.startswith(second[:n]) for i in ids) == 1
+    )
+    result = runner.invoke(app, ["dead", "purge", APP, "--id", prefix])
+    assert result.exit_code == 0, result.output
+    assert "purged 1 dead letter(s)" in result.output
+
+    async def listed() -> list[str]:
+        async with Bus(sqlite_url, consume=False) as bus:
+            return [d.event.id for d in await bus.list_dead_letters()]
+
+    remaining = asyncio.run(listed())  # the first waits to run again, the second is gone
+    assert first not in remaining
+    assert second not in remaining
+    assert len(remaining) == 15
+
+
+def test_every_listing_command_prints_json(sqlite_url: str) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-3])
+    result = runner.invoke(app, ["listeners", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert listed[0] == {
+        "listener": "tests.cli_app.charge",
+        "events": ["order.paid"],
+        "async": True,
+        "once": False,
+        "attempts": 2,
+        "timeout_s": 5.0,
+        "concurrency": None,
+    }
+    assert listed[1]["concurrency"] == 1
+    result = runner.invoke(app, ["stats", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    figures = {row["listener"]: row for row in json.loads(result.output)}
+    assert figures["tests.cli_app.charge"]["dead"] == 1
+    assert figures["tests.cli_app.audit"]["pending"] == 0
+    result = runner.invoke(app, ["dead", "list", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    (letter,) = json.loads(result.output)
+    assert letter["event_id"] == event_id
+    assert letter["kwargs"] == {"order_id": -3}
+    assert letter["error"] == "ValueError: order -3 cannot be charged"
+    assert letter["attempts"] == 2
+    assert "traceback" not in letter
+    result = runner.invoke(app, ["dead", "show", APP, event_id[:12], "--json"])
+    assert result.exit_code == 0, result.output
+    (shown,) = json.loads(result.output)
+    assert shown["event_id"] == event_id
+    assert "Traceback" in shown["traceback"]
+
+
+@pytest.mark.parametrize(
+    "command", [["stats", APP], ["dead", "list", APP], ["dead", "show", APP, "ab"]]
+)
+def test_store_commands_on_a_memory_bus_say_why_they_show_nothing(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1
+    assert "memory:// keeps its deliveries and dead letters in the memory" in result.output
+    assert "durable URL" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_listeners_of_a_memory_bus_still_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, ["listeners", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["listener"] for row in json.loads(result.output)] == [
+        "tests.cli_app.charge",
+        "tests.cli_app.audit",
+    ]
+
+
+def test_worker_refuses_an_unknown_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, ["worker", APP, "--log-level", "chatty"])
+    assert result.exit_code == 1
+    assert "--log-level must be one of DEBUG, INFO, WARNING, ERROR, not 'chatty'" in result.output
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker_log(url: str, *options: str) -> str:
+    """Run ``tidings worker`` on a store holding one failing and one good order, until its
+    dead letter is logged, stop it with SIGTERM and return all it logged."""
+
+    async def publish() -> None:
+        async with Bus(url, listeners=[cli_app.charge, cli_app.audit], consume=False) as bus:
+            await bus.publish("order.paid", order_id=-1)
+            await bus.publish("order.paid", order_id=1)
+
+    asyncio.run(publish())
+    env = {**os.environ, "TIDINGS_TEST_URL": url, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidings.cli", "worker", APP, *options],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc, proc.stderr:
+        try:
+            seen: list[str] = []
+            for line in proc.stderr:
+                seen.append(line)
+                if "dead letter" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stderr.read()
+            assert proc.wait(timeout=30) == 0, "".join(seen) + rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return "".join(seen) + rest
+
+
+def test_worker_logs_a_line_per_failed_attempt_and_the_traceback_once(sqlite_url: str) -> None:
+    log = _worker_log(sqlite_url, "--log-deliveries")
+    assert log.count("worker started") == 1, log
+    assert log.count("Traceback") == 1, log
+    (retried,) = [line for line in log.splitlines() if "retrying" in line]
+    assert "WARNING" in retried
+    assert "failed on attempt 1/2: ValueError: order -1 cannot be charged" in retried
+    (dead,) = [line for line in log.splitlines() if "dead letter" in line]
+    assert "ERROR" in dead
+    assert "failed on attempt 2/2" in dead
+    delivered = [line for line in log.splitlines() if " delivered event " in line]
+    assert any("to tests.cli_app.charge on attempt 1 in" in line for line in delivered), log
+    assert sum("to tests.cli_app.audit" in line for line in delivered) == 2, log
+
+
+def test_worker_log_level_hides_what_is_below_it(sqlite_url: str) -> None:
+    log = _worker_log(sqlite_url, "--log-level", "warning", "--log-deliveries")
+    assert "worker started" not in log
+    assert " delivered event " not in log
+    assert "failed on attempt 1/2" in log
+    assert log.count("Traceback") == 1
+
+
+def test_emit_json_is_the_payload_and_options_are_flags(app_url: str) -> None:
+    payload = '{"order_id": -1, "delay": 86400, "key": "k", "headers": "h", "at": "noon"}'
+    args = ["emit", APP, "order.paid", "--json", payload, "--header", "trace=t1", "--key", "o1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": -2}'])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["emit", APP, "order.paid", "--json", '{"order_id": -3}', "--delay", "3600"]
+    )
+    assert result.exit_code == 0, result.output
+
+    async def work() -> list[Any]:
+        async with cli_app.make_bus() as bus:
+            await bus.drain()
+            letters = await bus.list_dead_letters(listener=f"{cli_app.__name__}.charge")
+            stats = await bus.listener_stats()
+        assert stats[f"{cli_app.__name__}.charge"].delayed == 1  # the --delay 3600 one
+        return letters
+
+    letters = asyncio.run(work())
+    # Delivered at once: the JSON's "delay" is the listener's, not an option.
+    assert sorted(d.event.kwargs["order_id"] for d in letters) == [-2, -1]
+    (first,) = [d for d in letters if d.event.kwargs["order_id"] == -1]
+    assert first.event.kwargs == {
+        "order_id": -1,
+        "delay": 86400,
+        "key": "k",
+        "headers": "h",
+        "at": "noon",
+    }
+    assert dict(first.event.headers) == {"trace": "t1"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--header", "novalue"], "--header takes NAME=VALUE"),
+        (["--at", "tomorrow"], "--at is not an ISO 8601 time"),
+        (["--at", "2030-01-01T09:00"], "aware datetime"),
+        (["--delay", "nan"], "finite"),
+    ],
+)
+def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+
+
+def test_demo_help_wraps_at_the_terminals_width_only() -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("A welcome mail"))
+    paragraph = lines[start : lines.index("", start)]
+    assert "dead letters" in paragraph[-1]
+    # No line broken mid-sentence where the source broke it: all but the last are full.
+    assert all(len(line) > 60 for line in paragraph[:-1]), paragraph

@@ -22,6 +22,7 @@ from tidings import (
     Retry,
     listener,
 )
+from tidings.backends.memory import MemoryBackend
 
 from .conftest import Counter
 
@@ -587,3 +588,81 @@ async def test_many_failures_at_once_keep_the_bus_healthy() -> None:
         bus.emit("x", n=2000)
         await bus.drain()
     assert len(ok.calls) == 501
+
+
+async def test_a_retried_attempt_is_one_line_and_the_traceback_comes_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("order.paid", retry=FAST)
+    async def charge(order_id: int) -> None:
+        raise RuntimeError(f"card declined for {order_id}")
+
+    with caplog.at_level(logging.INFO, logger="tidings"):
+        async with Bus(listeners=[charge]) as bus:
+            bus.emit("order.paid", order_id=7)
+            await bus.drain()
+    records = [r for r in caplog.records if r.name == "tidings.delivery"]
+    assert [(r.levelno, r.exc_info is not None) for r in records] == [
+        (logging.WARNING, False),
+        (logging.WARNING, False),
+        (logging.ERROR, True),
+    ]
+    assert "attempt 1/3: RuntimeError: card declined for 7; retrying" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="tidings"):
+        async with Bus(listeners=[charge]) as bus:
+            bus.emit("order.paid", order_id=8)
+            await bus.drain()
+    retried = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(retried) == 2
+    assert all(r.exc_info is not None for r in retried)
+
+
+class _BrokenBackend(MemoryBackend):
+    """A custom backend whose ``retry`` / ``dead`` has a bug."""
+
+    def __init__(self, broken: str) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def retry(self, event: Event, sub: Any, ctx: contextvars.Context, delay_s: float) -> None:
+        if self.broken == "retry":
+            self.no_such_attribute.append(event)  # type: ignore[attr-defined]
+        super().retry(event, sub, ctx, delay_s)
+
+    def dead(self, event: Event, sub: Any, exc: BaseException) -> None:
+        if self.broken == "dead":
+            self.no_such_attribute.append(event)  # type: ignore[attr-defined]
+        super().dead(event, sub, exc)
+
+
+@pytest.mark.parametrize("broken", ["retry", "dead"])
+async def test_a_backend_raising_on_a_retry_or_dead_letter_loses_nothing(
+    broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @listener("order.paid", retry=Retry(attempts=2, backoff=0))
+    async def charge(order_id: int) -> None:
+        raise RuntimeError(f"card declined for {order_id}")
+
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        async with Bus(_BrokenBackend(broken), listeners=[charge]) as bus:
+            bus.emit("order.paid", order_id=7)
+            await bus.drain()
+            (letter,) = bus.dead_letters()
+            assert await bus.list_dead_letters() == [letter]
+            assert letter.listener == charge.qualname
+            assert letter.event.kwargs == {"order_id": 7}
+            assert letter.error == "RuntimeError: card declined for 7"
+            assert f"_BrokenBackend.{broken}() raised" in letter.traceback
+            assert "AttributeError" in letter.traceback
+            (logged,) = [
+                r for r in caplog.records if f"_BrokenBackend.{broken}() raised" in r.getMessage()
+            ]
+            assert letter.event.id in logged.getMessage()
+            assert charge.qualname in logged.getMessage()
+            assert "AttributeError" in logged.getMessage()
+            assert await bus.replay_dead_letters() == 1
+            await bus.drain()
+            assert len(bus.dead_letters()) == 1  # failed again, and kept again
+            assert await bus.purge_dead_letters(ids=[letter.event.id]) == 1
+            assert bus.dead_letters() == []

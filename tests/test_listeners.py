@@ -148,12 +148,12 @@ def test_subscribing_a_listener_with_names_or_options_of_its_own_is_an_error() -
         pass
 
     registry = Registry()
-    with pytest.raises(ConfigurationError, match=r"fn=listener\.fn"):
-        registry.subscribe("b", fn=on_a)
-    with pytest.raises(ConfigurationError, match=r"fn=listener\.fn"):
-        registry.subscribe(fn=on_a, retry=3)
-    registry.subscribe("b", fn=on_a.fn)
-    registry.subscribe(fn=on_a)
+    with pytest.raises(ConfigurationError, match=r"its function \(listener\.fn\)"):
+        registry.subscribe(on_a, "b")
+    with pytest.raises(ConfigurationError, match=r"its function \(listener\.fn\)"):
+        registry.subscribe(on_a, retry=3)
+    registry.subscribe(on_a.fn, "b")
+    registry.subscribe(on_a)
     assert [s.listener.names for s in registry.subscriptions()] == [("b",), ("a",)]
 
 
@@ -190,17 +190,17 @@ async def test_a_publish_cancelled_while_it_waits_for_room_uses_no_once_listener
 def test_max_listeners() -> None:
     registry = Registry(max_listeners=2)
     for _ in range(2):
-        registry.subscribe("x", fn=lambda: None)
-    registry.subscribe("y", fn=lambda: None)
+        registry.subscribe(lambda: None, "x")
+    registry.subscribe(lambda: None, "y")
     with pytest.raises(ConfigurationError, match="max_listeners"):
-        registry.subscribe("x", fn=lambda: None)
+        registry.subscribe(lambda: None, "x")
 
 
 async def test_subscribe_and_unsubscribe_at_runtime_refresh_the_routes() -> None:
     counter = Counter()
     async with Bus() as bus:
         bus.emit("x")  # nobody listens yet: resolved to nothing and cached
-        handle = bus.subscribe("x", fn=lambda: counter.add("late"))
+        handle = bus.subscribe(lambda: counter.add("late"), "x")
         bus.emit("x")
         await bus.drain()
         handle.unsubscribe()
@@ -222,8 +222,8 @@ async def test_nested_registries_like_routers() -> None:
 
     bus = Bus()
     bus.include(users)
-    with pytest.raises(ConfigurationError, match="one place"):
-        Bus().include(users)
+    with pytest.raises(ConfigurationError, match="cannot include itself"):
+        admin.include(users)
     async with bus:
         bus.emit("user.created")
     assert counter.calls == ["user.created"]
@@ -338,3 +338,75 @@ def test_all_is_complete() -> None:
     assert set(tidings.__all__) == public
     for name in tidings.__all__:
         assert getattr(tidings, name) is not None
+
+
+async def test_subscribe_takes_the_function_first_positionally() -> None:
+    seen: list[str] = []
+
+    @listener("a")
+    async def on_a(event: Event) -> None:
+        seen.append(f"listener {event.name}")
+
+    async def on_b(event: Event) -> None:
+        seen.append(f"function {event.name}")
+
+    async with Bus() as bus:
+        bus.subscribe(on_a)
+        handle = bus.subscribe(on_b, "b", "c", retry=2)
+        with pytest.raises(ConfigurationError, match="takes the function first"):
+            bus.subscribe("d", on_b)  # type: ignore[arg-type]
+        for name in ("a", "b", "c"):
+            bus.emit(name)
+        await bus.drain()
+        handle.unsubscribe()
+        bus.emit("b")
+        await bus.drain()
+    assert seen == ["listener a", "function b", "function c"]
+
+
+async def test_one_registry_serves_several_buses() -> None:
+    seen: list[tuple[str, int]] = []
+    shared = Registry()
+
+    @shared.listener("order.paid")
+    async def paid(order_id: int) -> None:
+        seen.append(("paid", order_id))
+
+    async with Bus() as first, Bus() as second:
+        first.include(shared)
+        second.include(shared)
+        with pytest.raises(ConfigurationError, match="already included here"):
+            second.include(shared)
+        first.emit("order.paid", order_id=1)
+        second.emit("order.paid", order_id=2)
+        await first.drain()
+        await second.drain()
+
+        # Changed once, seen by both.
+        @shared.listener("order.paid")
+        async def refund(order_id: int) -> None:
+            seen.append(("refund", order_id))
+
+        second.emit("order.paid", order_id=3)
+        first.emit("order.paid", order_id=4)
+        await first.drain()
+        await second.drain()
+    assert sorted(seen) == [
+        ("paid", 1),
+        ("paid", 2),
+        ("paid", 3),
+        ("paid", 4),
+        ("refund", 3),
+        ("refund", 4),
+    ]
+    with pytest.raises(ConfigurationError, match="cannot include itself"):
+        shared.include(first.registry)
+
+
+@pytest.mark.parametrize("name", ["user created", "user.\tcreated", "x" * 256, "a\ud800.*"])
+def test_a_pattern_no_event_could_match_is_refused_at_registration(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="no event could match it"):
+
+        @listener(name)
+        def never() -> None:
+            pass

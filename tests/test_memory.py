@@ -330,7 +330,7 @@ async def test_aclose_reports_delayed_and_retrying_events_as_undelivered(
 
     bus = Bus(listeners=[fails, later])
     await bus.start()
-    bus.emit("later", delay=60)
+    bus.options(delay=60).emit("later")
     bus.emit("x")
     await asyncio.sleep(0)  # let the first attempt fail
     assert bus.stats()["backend"]["retrying"] == 1

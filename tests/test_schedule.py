@@ -6,6 +6,7 @@ import asyncio
 import collections
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from tidings import Bus, ConfigurationError, Event, listener
@@ -82,3 +83,47 @@ async def test_several_workers_fire_each_tick_once(tmp_path: Path) -> None:
         await b.drain()
     assert len(ticks) >= 3
     assert set(ticks.values()) == {1}
+
+
+def test_an_expression_that_never_fires_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"'0 0 30 2 \*' never fires"):
+        Bus().schedule("0 0 30 2 *", "report.due")
+    with pytest.raises(ConfigurationError, match="wildcard"):
+        Bus().schedule("* * * * *", "report.*")
+
+
+class _Strict(pydantic.BaseModel):
+    n: int
+
+
+class _Fading(Schedule):
+    """A schedule with one tick, and none after it."""
+
+    def next_after(self, timestamp: float) -> float:
+        if timestamp > 1e9 and getattr(self, "_fired", False):
+            raise ValueError("failed to find next date")
+        object.__setattr__(self, "_fired", True)
+        return super().next_after(timestamp)
+
+
+async def test_a_schedule_that_fails_stops_no_other(caplog: pytest.LogCaptureFixture) -> None:
+    ticks: collections.Counter[str] = collections.Counter()
+    three = asyncio.Event()
+
+    @listener("a", "b", "fading")
+    async def tick(event: Event) -> None:
+        ticks[event.name] += 1
+        if ticks["b"] == 3:
+            three.set()
+
+    bus = Bus(listeners=[tick])
+    bus.schedule("* * * * * *", "a")
+    bus.schema("a", _Strict)  # every tick of "a" fails to publish
+    bus._schedules.append(_Fading("* * * * * *", "fading"))
+    bus.schedule("* * * * * *", "b")
+    async with bus:
+        await asyncio.wait_for(three.wait(), 10)
+    assert ticks["a"] == 0
+    assert ticks["b"] >= 3
+    assert "could not fire its tick" in caplog.text
+    assert "has no tick after" in caplog.text

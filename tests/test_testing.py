@@ -46,7 +46,7 @@ async def test_capture_assertions_explain_what_was_emitted() -> None:
     async with Bus() as bus:
         with capture(bus) as events:
             bus.emit("a", x=1)
-    with pytest.raises(AssertionError, match=r"'b' was not emitted; emitted: \['a'\]"):
+    with pytest.raises(AssertionError, match=r"'b' was not emitted; emitted: \[a\(x=1\)\]"):
         events.assert_emitted("b")
     with pytest.raises(AssertionError, match="not emitted"):
         events.assert_emitted("a", x=2)
@@ -74,3 +74,16 @@ async def test_fixture_gives_a_started_bus_that_rejects_what_durable_backends_wo
     assert tidings_bus.started
     with pytest.raises(PayloadError):
         tidings_bus.emit("x", value=object())
+
+
+async def test_a_payload_named_name_is_asserted_like_any_other() -> None:
+    async with Bus() as bus:
+        with capture(bus) as events:
+            bus.emit("user.created", name="Ada", email="ada@example.com")
+    event = events.assert_emitted("user.created", name="Ada")
+    assert event.kwargs["email"] == "ada@example.com"
+    with pytest.raises(AssertionError) as failed:
+        events.assert_emitted("user.created", name="Bob")
+    # What was emitted, with its arguments, to compare against.
+    assert "user.created(name='Ada', email='ada@example.com')" in str(failed.value)
+    assert events.named("user.created") == [event]

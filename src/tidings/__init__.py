@@ -13,6 +13,8 @@ from tidings.errors import (
     ConfigurationError,
     ConnectionLost,
     DeliveryLost,
+    EmitError,
+    ForwardError,
     ListenerError,
     NoListenersError,
     NotStartedError,
@@ -23,6 +25,7 @@ from tidings.errors import (
 )
 from tidings.events import Event, register_event
 from tidings.listeners import Listener, Registry, Subscription, listener
+from tidings.options import EmitOptions
 from tidings.schedule import Schedule
 
 __all__ = [
@@ -34,7 +37,10 @@ __all__ = [
     "ConnectionLost",
     "DeadLetter",
     "DeliveryLost",
+    "EmitError",
+    "EmitOptions",
     "Event",
+    "ForwardError",
     "Listener",
     "ListenerError",
     "NoListenersError",

@@ -23,7 +23,8 @@ import types
 from collections.abc import Callable
 from typing import Any, Union, get_args, get_origin
 
-from tidings.errors import BindingError, ConfigurationError
+from tidings.codec import as_stored, converter
+from tidings.errors import BindingError, ConfigurationError, PayloadError
 from tidings.events import Event
 
 __all__ = ["CallPlan", "Injector", "keyword_caller", "register_injector"]
@@ -33,13 +34,20 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 # Sources a recipe draws each argument from.
 _ARG, _KW, _ENVELOPE, _OBJ, _FIELD = range(5)
 
-# Annotations a JSON value already satisfies.
-_PLAIN: tuple[Any, ...] = (inspect.Parameter.empty, Any, object, str, int, float, bool, None)
+# Annotations any value satisfies: nothing to convert or check.
+_ANY: tuple[Any, ...] = (inspect.Parameter.empty, Any, object)
 
 _Source = tuple[int, Any]
-# Positional sources, keyword sources, where *args starts (-1: no *args), and for a
-# **kwargs the parameter names it never takes (None: no **kwargs).
-_Recipe = tuple[tuple[_Source, ...], tuple[tuple[str, _Source], ...], int, frozenset[str] | None]
+# Positional sources, keyword sources, where *args starts (-1: no *args), for a
+# **kwargs the parameter names it never takes (None: no **kwargs), and the arguments a
+# stored event's values are converted for: (source, parameter name).
+_Recipe = tuple[
+    tuple[_Source, ...],
+    tuple[tuple[str, _Source], ...],
+    int,
+    frozenset[str] | None,
+    tuple[tuple[_Source, str], ...],
+]
 
 
 #: ``injector(fn, signature, qualname)``: ``None`` to leave the function alone, or the
@@ -173,6 +181,7 @@ class CallPlan:
 
     __slots__ = (
         "_cache",
+        "_converters",
         "_named",
         "_params",
         "_var_args",
@@ -219,12 +228,19 @@ class CallPlan:
             else None
         )
         self.typed_classes = tuple(typed)
-        #: Parameters whose JSON form may need converting back to their annotated type
-        #: when the event comes from a durable backend (datetime, UUID, dataclasses...).
+        # How to convert a stored value back to each annotated parameter's type.
+        self._converters: dict[str, Callable[[Any], Any]] = {}
+        for name, _, ann, _ in params:
+            if any(ann is a for a in _ANY) or isinstance(ann, str) or _is_envelope(ann):
+                continue  # (text: an annotation that could not be resolved, unchecked)
+            try:
+                self._converters[name] = converter(ann)
+            except TypeError:
+                continue  # not a type msgspec knows (a protocol, say): passed as it is
+        #: The parameters (and their annotations) whose values :meth:`revive` converts
+        #: and checks when an event comes from a durable backend.
         self.revivable: tuple[tuple[str, Any], ...] = tuple(
-            (name, ann)
-            for name, _, ann, _ in params
-            if ann not in _PLAIN and not isinstance(ann, str) and not _is_envelope(ann)
+            (name, ann) for name, _, ann, _ in params if name in self._converters
         )
         self._cache: dict[tuple[Any, ...], _Recipe] = {}
         # The common case: keyword-only payload whose names are exactly the parameters.
@@ -269,7 +285,7 @@ class CallPlan:
         recipe = self._cache.get(key)
         if recipe is None:
             recipe = self._cache[key] = self._plan(event)
-        pos_src, kw_src, rest_from, named = recipe
+        pos_src, kw_src, rest_from, named, _ = recipe
         args = [_take(event, s) for s in pos_src]
         if rest_from >= 0:
             args.extend(event.args[rest_from:])
@@ -282,14 +298,68 @@ class CallPlan:
         return self.fn(*args, **kw)
 
     def check(self, event: Event) -> None:
-        """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature."""
+        """Raise ``BindingError`` if ``event`` cannot satisfy the function's signature, or
+        if a value would not fit its parameter's annotation once read back from a store
+        (what :meth:`revive` would refuse)."""
+        for (kind, ref), name in self._recipe(event)[4]:
+            value = event.args[ref] if kind == _ARG else event.kwargs[ref]
+            try:
+                stored = as_stored(value)
+            except PayloadError:
+                continue  # a payload error, if the bus serializes: not one of binding
+            try:
+                self._converters[name](stored)
+            except Exception as exc:
+                raise self._unfit(event, name, value, exc) from exc
+
+    def revive(self, event: Event) -> None:
+        """Convert, in ``event`` (read back from a store), each argument a parameter
+        takes to the type the parameter is annotated with, strictly (see
+        :func:`tidings.codec.converter`). The event gets new ``args`` and ``kwargs``:
+        the ones it had, shared with other listeners, are left as they are.
+
+        Raises:
+            BindingError: a value does not fit its parameter's annotation (the message
+                names the listener, the parameter and the value), or the event lacks a
+                required parameter.
+        """
+        checks = self._recipe(event)[4]
+        if not checks:
+            return
+        args = list(event.args)
+        kwargs = dict(event.kwargs)
+        for (kind, ref), name in checks:
+            value = args[ref] if kind == _ARG else kwargs[ref]
+            try:
+                converted = self._converters[name](value)
+            except Exception as exc:
+                raise self._unfit(event, name, value, exc) from exc
+            if kind == _ARG:
+                args[ref] = converted
+            else:
+                kwargs[ref] = converted
+        event.args = tuple(args)
+        event.kwargs = kwargs
+
+    def _recipe(self, event: Event) -> _Recipe:
         key = (len(event.args), *event.kwargs, type(event.obj))
-        if key not in self._cache:
-            self._cache[key] = self._plan(event)
+        recipe = self._cache.get(key)
+        if recipe is None:
+            recipe = self._cache[key] = self._plan(event)
+        return recipe
+
+    def _unfit(self, event: Event, name: str, value: Any, exc: Exception) -> BindingError:
+        annotation = next(ann for n, _, ann, _ in self._params if n == name)
+        return BindingError(
+            f"listener {self.qualname} cannot be called for event {event.name!r}: "
+            f"its parameter {name!r} takes {_type_name(annotation)}, "
+            f"not {_short(value)} ({exc})"
+        )
 
     def _plan(self, event: Event) -> _Recipe:
         pos: list[_Source] = []
         kw: list[tuple[str, _Source]] = []
+        checks: list[tuple[_Source, str]] = []
         next_arg = 0
         positional_open = True
         obj = event.obj
@@ -317,6 +387,8 @@ class CallPlan:
                     f"its parameter {name!r} is required, and the event has "
                     f"{_describe(event)}"
                 )
+            if name in self._converters and source[0] in (_ARG, _KW):
+                checks.append((source, name))
             if kind in _POSITIONAL and positional_open:
                 pos.append(source)
             elif kind is inspect.Parameter.POSITIONAL_ONLY:
@@ -327,7 +399,7 @@ class CallPlan:
             else:
                 kw.append((name, source))
         rest_from = next_arg if self._var_args and positional_open else -1
-        return tuple(pos), tuple(kw), rest_from, self._named
+        return tuple(pos), tuple(kw), rest_from, self._named, tuple(checks)
 
 
 def keyword_caller(
@@ -369,6 +441,17 @@ def _take(event: Event, source: _Source) -> Any:
     if kind == _OBJ:
         return event.obj
     return getattr(event.obj, ref)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__qualname__
+    return repr(annotation).replace("typing.", "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _describe(event: Event) -> str:

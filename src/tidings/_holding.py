@@ -69,6 +69,10 @@ class Hold:
                 len(items),
                 ", ".join(_name(item) for item in items),
             )
+            for item in items:
+                if type(item) is tuple:
+                    for hook in bus._drop_hooks:
+                        hook(item[0])
             return
         plain: list[list[Any]] = []
         for item in items:
@@ -118,6 +122,8 @@ class Hold:
         for item in self.items:
             if type(item) is tuple:
                 self.bus._put_back(item[4])
+                for hook in self.bus._drop_hooks:
+                    hook(item[0])
         if self.items:
             logger.info(
                 "the request failed: %d event(s) it emitted are dropped (%s)",

@@ -26,9 +26,10 @@ def load_bus(target: str) -> Bus:
             f"{target!r} does not name a bus: write 'package.module:bus' or "
             "'package.module:make_bus()'"
         )
-    # Like python -m: modules of the current directory are importable.
+    # Modules of the current directory are importable, as with python -m, but looked for
+    # last: a file there never shadows an installed package (redis.py, asyncpg.py).
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

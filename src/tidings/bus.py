@@ -12,18 +12,21 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-from tidings import _holding
+import msgspec
+
+from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
-from tidings.codec import check_serializable
+from tidings.codec import check_serializable, decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
@@ -32,7 +35,7 @@ from tidings.errors import (
     PayloadError,
     QueueFull,
 )
-from tidings.events import RESERVED_KEYWORDS, Event, event_name_of
+from tidings.events import Event, event_name_of
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -42,6 +45,7 @@ from tidings.listeners import (
     _hooks,
     _seconds,
 )
+from tidings.options import EmitOptions
 from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
@@ -51,12 +55,14 @@ logger = logging.getLogger("tidings.bus")
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M")
+T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
-_no_options = RESERVED_KEYWORDS.isdisjoint
+# An event handed over from another thread: subscriptions, context and delay.
+_Handed = tuple[Event, tuple[Subscription, ...], contextvars.Context, float | None]
 # The ``once`` subscriptions an emit took, with where they were in their registries.
 _Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
@@ -86,6 +92,9 @@ class Bus:
         consume: with a durable backend, also run the listeners in this process (the
             default); ``False`` makes a producer-only bus, and ``tidings worker`` runs
             them elsewhere.
+        debug: log each emit, each delivery's start and end (with its duration) and
+            each retry at DEBUG on ``tidings.debug`` (default: ``TIDINGS_DEBUG``, read
+            here; off costs nothing).
     """
 
     def __init__(
@@ -105,6 +114,7 @@ class Bus:
         shutdown_timeout: float | timedelta = 30.0,
         sync_workers: int | None = None,
         consume: bool = True,
+        debug: bool | None = None,
     ) -> None:
         #: Where deliveries wait, for messages (a URL's password is never shown).
         self.url = (
@@ -114,17 +124,23 @@ class Bus:
             if backend is None
             else repr(backend)
         )
+        remake: Callable[[], Backend] | None = None
         if backend is None or isinstance(backend, str):
             options: dict[str, Any] = {"max_pending": max_pending}
             if backend and not backend.startswith("memory"):
                 options["consume"] = consume
             else:
                 options["concurrency"] = concurrency
-            backend = backend_from_url(backend or "memory://", **options)
+            url = backend or "memory://"
+            backend = backend_from_url(url, **options)
+            # A durable backend does not start twice: a bus that starts again after
+            # aclose() makes its backend anew from the URL.
+            remake = lambda: backend_from_url(url, **options)  # noqa: E731
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
         elif not consume and hasattr(backend, "consume"):
             backend.consume = False
+        self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
@@ -140,7 +156,9 @@ class Bus:
             else float(shutdown_timeout)
         )
         self.sync_workers = sync_workers
-        self.disabled = os.environ.get("TIDINGS_DISABLE", "") not in ("", "0")
+        #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
+        #: each time the bus starts.
+        self.disabled = _disabled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -148,6 +166,8 @@ class Bus:
         self._closed = False
         self._typed_ok: dict[type[Any], str] = {}
         self._emit_hooks: list[Callable[[Event], None]] = []
+        # Told of each event the ASGI middleware dropped after the hooks above saw it.
+        self._drop_hooks: list[Callable[[Event], None]] = []
         # Told of every delivery (tracing); the runner takes them when the bus starts.
         self._observers: list[DeliveryObserver] = []
         # Payload checks by event name (see schema); while empty, emit never looks.
@@ -161,28 +181,33 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them.
-        self._inbox: deque[tuple[Event, tuple[Subscription, ...], contextvars.Context]] = deque()
+        # Events emitted on other threads, waiting for the loop to take them (with their
+        # delay, if any).
+        self._inbox: deque[_Handed] = deque()
         self._inbox_scheduled = False
         # Set while the inbox's first event waits for room in the backend.
         self._inbox_waiter: asyncio.Task[None] | None = None
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         self._schedules: list[Schedule] = []
         self._scheduler: asyncio.Task[None] | None = None
+        if _debug.enabled(debug):
+            _debug.install(self)
 
     # -- listeners ------------------------------------------------------------------
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result on this bus."""
         return self.registry.listener(*names, **options)
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` (a function or a listener); ``.unsubscribe()`` undoes it."""
-        return self.registry.subscribe(*names, fn=fn, **options)
+        """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
+        names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
+        ``.unsubscribe()`` undoes it."""
+        return self.registry.subscribe(fn, *names, **options)
 
     def include(self, registry: Registry) -> None:
         """Add a registry's listeners (and later changes to it) to this bus."""
@@ -197,13 +222,23 @@ class Bus:
         emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
 
         ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
-        on the model class. A payload that does not validate raises
-        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError``); nothing is queued.
+        on the model class. The payload is the keyword arguments, or one positional
+        dict. A payload that does not validate raises
+        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError`` whose ``__cause__``
+        is pydantic's ``ValidationError``); nothing is queued.
 
         Raises:
-            ConfigurationError: not a pydantic model class, or a pattern for ``name``.
+            ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
+                event name (a bare ``@bus.schema`` on the class).
         """
         from tidings.contrib.pydantic import validator
+
+        if not isinstance(name, str):
+            shown = getattr(name, "__name__", repr(name))
+            raise ConfigurationError(
+                f"schema() takes the event name first: @bus.schema('event.name') on "
+                f"{shown}, or bus.schema('event.name', {shown})"
+            )
 
         def register(model: M) -> M:
             self._schemas[name] = validator(name, model)
@@ -220,7 +255,8 @@ class Bus:
         several workers on one durable store.
 
         Raises:
-            ConfigurationError: not a cron expression, or a bad event name.
+            ConfigurationError: not a cron expression, one that never fires
+                (``0 0 30 2 *``), or a bad event name.
         """
         entry = Schedule(cron, name, args, kwargs)
         self._schedules.append(entry)
@@ -248,23 +284,30 @@ class Bus:
             self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
 
     async def _run_schedules(self, schedules: list[Schedule]) -> None:
-        now = time.time()
-        due = {i: entry.next_after(now) for i, entry in enumerate(schedules)}
-        while True:
+        due: dict[int, float] = {}
+        for i, entry in enumerate(schedules):
+            self._plan_tick(due, i, entry, time.time())
+        while due:
             i = min(due, key=due.__getitem__)
             entry, tick = schedules[i], due[i]
             await asyncio.sleep(max(0.0, tick - time.time()))
             try:
                 if await self.backend.claim_tick(entry.key, tick):
-                    await self.publish(
-                        entry.name,
-                        *entry.args,
-                        headers={"tidings-cron-tick": repr(tick)},
-                        **entry.kwargs,
+                    await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                        entry.name, *entry.args, **entry.kwargs
                     )
             except Exception:
                 logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
-            due[i] = entry.next_after(tick)
+            self._plan_tick(due, i, entry, tick)
+
+    @staticmethod
+    def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> None:
+        """Set schedule ``i``'s next tick; one that has none stops alone, logged."""
+        try:
+            due[i] = entry.next_after(after)
+        except Exception:
+            due.pop(i, None)
+            logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -276,13 +319,19 @@ class Bus:
     async def start(self) -> None:
         """Start handing deliveries to listeners on the running event loop.
 
+        A bus closed with :meth:`aclose` may start again (an app's lifespan that runs
+        twice, as two test clients of one app do): what it delivered, its listeners and
+        the in-process dead letters stay; a durable backend made from a URL is made anew.
+
         Raises:
-            NotStartedError: the bus was closed (a bus starts once).
+            NotStartedError: closed, on a durable backend given as an object (it cannot
+                start twice: give the bus its URL instead).
         """
         if self._closed:
-            raise NotStartedError("this bus is closed; create a new Bus to start again")
+            self._reopen()
         if self._loop is not None:
             return
+        self.disabled = _disabled()
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
         self._runner = Runner(
@@ -303,6 +352,29 @@ class Bus:
         self._loop = loop
         self._refresh_hot()
         self._start_scheduler()
+
+    def _reopen(self) -> None:
+        """Make a closed bus ready to start again."""
+        backend = self.backend
+        if backend.durable and self._loop is not None:  # it ran: it cannot start again
+            if self._remake is None:
+                raise NotStartedError(
+                    f"this bus is closed, and its backend ({self.url}) cannot start again: "
+                    "create a new Bus, or give the bus a URL so it can make a new backend"
+                )
+            consume = getattr(backend, "consume", True)
+            backend = self._remake()
+            if hasattr(backend, "consume"):
+                backend.consume = consume
+            self.backend = backend
+            self._put_named = backend.put_named
+        self._closed = False
+        self._loop = None
+        self._thread = 0
+        self._inbox.clear()
+        self._inbox_scheduled = False
+        self._inbox_waiter = None
+        self._scheduler = None
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished.
@@ -327,11 +399,22 @@ class Bus:
             # Async hooks may emit: their events are waited for too.
             await runner.drain_hooks()
 
-    async def aclose(self, timeout: float | timedelta | None = None) -> None:
+    async def aclose(
+        self, _app: object = None, /, *, timeout: float | timedelta | None = None
+    ) -> None:
         """Drain (for at most ``timeout`` seconds, default ``shutdown_timeout``) and stop.
 
         What could not be delivered in time is cancelled and logged once, by event id.
+        ``timeout`` is keyword-only, and a positional argument is ignored: frameworks
+        pass their app to shutdown hooks (Litestar's ``on_shutdown=[bus.aclose]``). With
+        Litestar, prefer :class:`~tidings.contrib.litestar.TidingsPlugin`, which also
+        starts the bus.
+
+        Raises:
+            TypeError: a number given positionally (write ``aclose(timeout=5)``).
         """
+        if isinstance(_app, int | float | timedelta):
+            raise TypeError(f"aclose() takes its timeout by keyword: aclose(timeout={_app!r})")
         if self._loop is None or self._closed:
             self._closed = True
             return
@@ -353,7 +436,7 @@ class Bus:
             # Still no room: what other threads emitted stays out of a closing backend.
             self._inbox_waiter.cancel()
             await asyncio.gather(self._inbox_waiter, return_exceptions=True)
-        left = [event.id for event, _subs, _ctx in self._inbox]
+        left = [entry[0].id for entry in self._inbox]
         self._inbox.clear()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
@@ -376,8 +459,21 @@ class Bus:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)
             except TimeoutError:
                 logger.error("bus closed before its hooks finished")
+        await self._close_listeners()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_listeners(self) -> None:
+        """Close what listeners hold open once their deliveries are over: a listener
+        function with an async ``aclose`` (a forwarder's connections) is closed here."""
+        for sub in self.registry.subscriptions():
+            close = getattr(sub.listener.fn, "aclose", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception:
+                logger.exception("closing listener %s raised", sub.listener.qualname)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -391,28 +487,72 @@ class Bus:
     ) -> None:
         await self.aclose()
 
+    # -- from sync code -------------------------------------------------------------
+
+    # The background thread running the bus's loop while in ``with bus:``.
+    _loop_thread: _sync.LoopThread | None = None
+
+    def __enter__(self) -> Bus:
+        """Start the bus on an event loop of its own, in a background thread, for
+        scripts and sync frameworks: ``emit`` then works from any thread, and
+        :meth:`publish_sync` / :meth:`run_sync` wait on the bus from sync code.
+
+        Raises:
+            ConfigurationError: the bus is started already.
+            What :meth:`start` raises (a store that cannot be opened, say).
+        """
+        return _sync.enter(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drain (for at most ``shutdown_timeout`` seconds), close, stop the thread."""
+        _sync.leave(self)
+
+    def publish_sync(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`publish`, from sync code: return once the backend accepted the
+        event (stored, on a durable backend). Not on the bus's own loop's thread.
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+            What :meth:`publish` raises.
+        """
+        self.run_sync(self.publish(name_or_event, *args, **kwargs))
+
+    def run_sync(self, awaitable: Awaitable[T], /) -> T:
+        """Run an awaitable of this bus (``bus.drain()``, ``bus.list_dead_letters()``...)
+        on its event loop from sync code, in a copy of the caller's context, and return
+        its result. The bus runs in another thread (``with bus:``, or an app's loop).
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+        """
+        return _sync.run(self, awaitable)
+
     # -- emitting -------------------------------------------------------------------
 
     def emit(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Queue an event for its listeners and return at once; safe from any thread.
 
-        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``) or a
-        typed event object. The keywords ``delay`` (seconds or ``timedelta``), ``at``
-        (a ``datetime``), ``headers`` (a ``dict[str, str]``) and ``key`` are options.
+        ``name_or_event`` is an event name (payload: ``*args`` and ``**kwargs``, every
+        keyword included) or a typed event object. Options (a delay, headers...) travel
+        apart: ``bus.options(delay=60).emit(...)``.
 
         Raises:
             NotStartedError: the bus is not started, or closed.
+            EmitError: the event name cannot be emitted (empty, a wildcard,
+                whitespace or control characters, over 255 UTF-8 bytes).
             QueueFull: the in-process queue is full.
             NoListenersError: strict bus, and nothing listens to the name.
             BindingError: strict bus, and a listener cannot be called with the event.
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        # Options are found with one C call rather than as keyword-only parameters,
-        # which make every call bind slower.
-        if kwargs and not _no_options(kwargs):
-            self._emit_with_options(name_or_event, args, kwargs)
-            return
         if type(name_or_event) is str:
             # The common case, kept flat: a started plain bus, on its loop's thread.
             if self._hot and _get_ident() == self._thread:
@@ -443,7 +583,7 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._to_inbox(event, subs, self._contexts.copy_elsewhere())
+                    self._to_inbox(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -454,26 +594,67 @@ class Bus:
         """Like :meth:`emit`, but wait until the backend has accepted the event.
 
         For the memory backend that means room in the queue; for a durable backend,
-        stored. Raises what :meth:`emit` raises, except ``QueueFull``.
-
-        On PostgreSQL, ``connection=`` (an asyncpg connection) or ``session=`` (a
-        SQLAlchemy ``AsyncSession`` on asyncpg) stores the event inside that
-        connection's transaction: it exists, and is delivered, only if the transaction
-        commits (a transactional outbox).
+        stored. Raises what :meth:`emit` raises, except ``QueueFull``. Every keyword is
+        payload; options travel apart: ``await bus.options(delay=60).publish(...)``.
         """
-        outbox = _pop_outbox(kwargs)
+        await self._publish(None, name_or_event, args, kwargs)
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        key: Any = None,
+        headers: Mapping[str, str] | None = None,
+        connection: Any = None,
+        session: Any = None,
+    ) -> EmitOptions:
+        """Options for an emit, apart from its payload: ``bus.options(delay=60).emit(
+        "report.due", key="r1")`` (there ``key="r1"`` is payload).
+
+        Args:
+            delay: seconds (or a ``timedelta``) before delivery; 0 or less means now.
+            at: an aware ``datetime`` to deliver at (one that has passed means now).
+            key: the ordering key (reserved for per-key ordering).
+            headers: the event's headers, strings to strings.
+            connection: an asyncpg connection: ``publish`` stores the event inside its
+                transaction (PostgreSQL), so it exists only if the transaction commits.
+            session: the same with a SQLAlchemy ``AsyncSession`` on asyncpg.
+
+        Raises:
+            EmitError: a delay that is not finite, a naive ``at=``, both of them, or
+                headers that are not strings (or cannot be encoded).
+            ConfigurationError: both ``connection=`` and ``session=``.
+        """
+        return EmitOptions(
+            self,
+            delay=delay,
+            at=at,
+            key=key,
+            headers=headers,
+            connection=connection,
+            session=session,
+        )
+
+    async def _publish(
+        self,
+        options: EmitOptions | None,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        outbox = None if options is None else options.outbox
         if outbox is not None and not hasattr(self.backend, "store_with"):
             raise ConfigurationError(
                 f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
                 f"which only the PostgreSQL backend can do (this bus is on {self.url})"
             )
-        options = _pop_options(kwargs)
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
+        if options is not None and options.headers:
+            event.headers = dict(options.headers)
         prepared = self._prepare(event)
         if prepared is None:
             return
@@ -495,7 +676,7 @@ class Bus:
         event: Event,
         subs: tuple[Subscription, ...],
         ctx: contextvars.Context,
-        options: dict[str, Any],
+        options: EmitOptions | None,
         outbox: tuple[str, Any] | None,
     ) -> None:
         loop = self._loop
@@ -504,22 +685,24 @@ class Bus:
         if outbox is not None:
             await self._publish_in(outbox, event, delay)
             return
-        if delay is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay)
-            else:
-                loop.call_soon_threadsafe(self.backend.put_later, event, subs, ctx, delay)
-            return
-        await self._put_wait(event, subs, ctx)
+        await self._put_wait(event, subs, ctx, delay)
 
     async def _put_wait(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None = None,
     ) -> None:
         """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
         test client's, in a thread of its own)."""
         loop = self._loop
         assert loop is not None
-        put = self.backend.put_wait(event, subs, ctx)
+        put = (
+            self.backend.put_wait(event, subs, ctx)
+            if delay_s is None
+            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)
+        )
         if asyncio.get_running_loop() is loop:
             await put
         else:
@@ -537,22 +720,29 @@ class Bus:
         due = event.timestamp + delay if delay is not None else event.timestamp
         await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
 
-    def _emit_with_options(
-        self, name_or_event: str | Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    def _emit_with(
+        self,
+        options: EmitOptions,
+        name_or_event: str | Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        options = _pop_options(kwargs)
+        """``emit`` with options (see :meth:`options`)."""
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self._typed(name_or_event, args, kwargs)
-        if options.get("headers"):
-            event.headers = dict(options["headers"])
-        self._dispatch(event, _delay_s(options))
+        if options.headers:
+            event.headers = dict(options.headers)
+        self._dispatch(event, options.due_in())
 
     def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
         if isinstance(obj, str):
             # A str subclass (a StrEnum member, say) names the event its value names.
             return Event(str.__str__(obj), args, kwargs)
+        if isinstance(obj, Enum) and isinstance(obj.value, str):
+            # A plain Enum member names the event its value names, as a StrEnum does.
+            return Event(obj.value, args, kwargs)
         cls = type(obj)
         name = self._typed_ok.get(cls)
         if name is None:
@@ -669,24 +859,26 @@ class Bus:
         ctx: contextvars.Context,
         delay_s: float | None,
     ) -> None:
-        if delay_s is not None:
-            if _get_ident() == self._thread:
-                self.backend.put_later(event, subs, ctx, delay_s)
-            else:
-                self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
-                    self.backend.put_later, event, subs, ctx, delay_s
-                )
-            return
-        if _get_ident() == self._thread:
-            self.backend.put(event, subs, ctx)
+        if _get_ident() != self._thread:
+            if self.backend.serializes_at_put:
+                # Encoded here, on the emitting thread: a payload that cannot be stored
+                # is this emit's error, and what the caller changes later is not stored.
+                event = _frozen(event, getattr(self.backend, "codec", "json"))
+            self._to_inbox(event, subs, ctx, delay_s)
+        elif delay_s is not None:
+            self.backend.put_later(event, subs, ctx, delay_s)
         else:
-            self._to_inbox(event, subs, ctx)
+            self.backend.put(event, subs, ctx)
 
     def _to_inbox(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: contextvars.Context
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None,
     ) -> None:
         """Hand an event emitted on another thread over to the loop's."""
-        if not self.backend.has_room(1 + len(self._inbox)):
+        if delay_s is None and not self.backend.has_room(1 + len(self._inbox)):
             raise QueueFull(
                 f"the in-process queue is full; cannot queue event {event.name!r} "
                 "(raise max_pending, or await bus.publish(...) to wait for room)"
@@ -694,7 +886,7 @@ class Bus:
         # Handed over in bursts: one wake-up of the loop for the events other threads
         # emit before it gets to them. An append is atomic, and the flag is cleared
         # before the inbox is read, so no event waits without a wake-up on its way.
-        self._inbox.append((event, subs, ctx))
+        self._inbox.append((event, subs, ctx, delay_s))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
@@ -710,20 +902,28 @@ class Bus:
                 event = inbox.popleft()[0]
                 logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
             return
-        put = self.backend.put
+        backend = self.backend
         while inbox:
-            event, subs, ctx = inbox[0]
+            event, subs, ctx, delay_s = inbox[0]
             try:
-                put(event, subs, ctx)
+                if delay_s is None:
+                    backend.put(event, subs, ctx)
+                else:
+                    backend.put_later(event, subs, ctx, delay_s)
             except QueueFull:
                 # The loop's own emits filled the queue first. Room was counted for this
                 # one when it was emitted: it waits for room rather than be dropped.
                 self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
                 return
+            except Exception:
+                # This one event's failure; it never stalls the events behind it.
+                logger.exception(
+                    "event %s (%s) emitted from a thread could not be queued", event.id, event.name
+                )
             inbox.popleft()
 
     async def _wait_for_room(self) -> None:
-        event, subs, ctx = self._inbox[0]
+        event, subs, ctx, _delay = self._inbox[0]
         try:
             await self.backend.put_wait(event, subs, ctx)
         except Exception:
@@ -785,8 +985,14 @@ class Bus:
         return [sub.listener for sub in self.registry.subscriptions()]
 
     def dead_letters(self) -> list[DeadLetter]:
-        """Recent dead letters (deliveries that failed their last attempt), oldest first."""
-        return self.backend.dead_letters()
+        """Recent dead letters (deliveries that failed their last attempt), oldest first.
+
+        Those the backend raised on when handed them are kept by the bus, and listed too.
+        """
+        kept = self._runner.kept if self._runner is not None else []
+        if not kept:
+            return self.backend.dead_letters()
+        return sorted([*self.backend.dead_letters(), *kept], key=lambda d: d.failed_at)
 
     async def list_dead_letters(
         self, *, listener: str | None = None, limit: int = 100
@@ -795,7 +1001,7 @@ class Bus:
         backend = self.backend
         if isinstance(backend, DurableBackend):
             return await backend.list_dead(listener, limit)
-        dead = [d for d in backend.dead_letters() if listener is None or d.listener == listener]
+        dead = [d for d in self.dead_letters() if listener is None or d.listener == listener]
         return dead[:limit]
 
     async def replay_dead_letters(
@@ -812,7 +1018,8 @@ class Bus:
             raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
         subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
         count = 0
-        for letter in backend.take_dead(ids, listener):
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        for letter in [*backend.take_dead(ids, listener), *kept]:
             sub = subs.get(letter.listener)
             if sub is None:
                 logger.warning(
@@ -834,7 +1041,8 @@ class Bus:
             return await backend.purge_dead(ids, listener)
         if not isinstance(backend, MemoryBackend):
             raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
-        return len(backend.take_dead(ids, listener))
+        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
+        return len(backend.take_dead(ids, listener)) + len(kept)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
@@ -847,6 +1055,20 @@ class Bus:
                 dead=sum(1 for d in backend.dead_letters() if d.listener == sub.listener.qualname)
             )
         return out
+
+    async def forget_listener(self, name: str) -> bool:
+        """Remove a listener (by qualified name) from the durable store: its deliveries
+        are deleted and it keeps no event stored; whether it was joined. A bus that
+        runs it joins it again when it starts.
+
+        Raises:
+            ConfigurationError: the bus is not on a durable store.
+            BackendError: the store failed.
+        """
+        backend = self.backend
+        if not isinstance(backend, DurableBackend):
+            raise ConfigurationError(f"{self.url} keeps no listeners to forget")
+        return await backend.forget(name)
 
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""
@@ -861,43 +1083,38 @@ class Bus:
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
 
 
-def _pop_outbox(kwargs: dict[str, Any]) -> tuple[str, Any] | None:
-    """``connection=`` or ``session=`` of :meth:`Bus.publish`, if given."""
-    found = [(key, kwargs.pop(key)) for key in ("connection", "session") if key in kwargs]
-    if len(found) > 1:
-        raise ConfigurationError("pass connection= or session=, not both")
-    return found[0] if found else None
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
-def _pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key in RESERVED_KEYWORDS:
-        if key in kwargs:
-            options[key] = kwargs.pop(key)
-    headers = options.get("headers")
-    if headers is not None and not (
-        isinstance(headers, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-    ):
-        raise PayloadError(f"headers must be a dict of str to str, not {headers!r}")
-    if "delay" in options and "at" in options:
-        raise ConfigurationError("pass delay= or at=, not both")
-    return options
+def _disabled() -> bool:
+    """``TIDINGS_DISABLE`` as a boolean.
+
+    Raises:
+        ConfigurationError: a value that is neither true nor false.
+    """
+    value = os.environ.get("TIDINGS_DISABLE", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"TIDINGS_DISABLE={value!r} is not a boolean: 1/true/yes/on disables emitting, "
+        "0/false/no/off (or unset) enables it"
+    )
 
 
-def _delay_s(options: dict[str, Any]) -> float | None:
-    if "delay" in options:
-        delay = options["delay"]
-        if isinstance(delay, timedelta):
-            return max(delay.total_seconds(), 0.0)
-        if isinstance(delay, int | float) and not isinstance(delay, bool):
-            return max(float(delay), 0.0)
-        raise ConfigurationError(f"delay= takes seconds or a timedelta, not {delay!r}")
-    if "at" in options:
-        at = options["at"]
-        if not isinstance(at, datetime):
-            raise ConfigurationError(f"at= takes a datetime, not {at!r}")
-        if at.tzinfo is None:
-            at = at.astimezone()  # naive means local time
-        return max((at - datetime.now(UTC)).total_seconds(), 0.0)
-    return None
+def _delay_s(options: EmitOptions | None) -> float | None:
+    """Seconds from now until an event with these options is due, or ``None``."""
+    return None if options is None else options.due_in()
+
+
+def _frozen(event: Event, codec: str) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
+    backend's format (so it is stored as it would have been).
+
+    Raises:
+        PayloadError: the payload cannot be serialized.
+    """
+    args, kwargs, obj = decode_payload(encode_payload(event, codec))
+    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from importlib.metadata import version
 from typing import Any, TypeVar
@@ -17,9 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidings._loading import load_bus
+from tidings.backends.base import DeadLetter
 from tidings.bus import Bus
 from tidings.demo import DemoResult, run_demo
-from tidings.errors import TidingsError
+from tidings.errors import ConfigurationError, TidingsError
+from tidings.listeners import Listener
 from tidings.worker import run_worker
 
 T = TypeVar("T")
@@ -79,6 +83,42 @@ def _with_bus(target: str, debug: bool, body: Callable[[Bus], Coroutine[Any, Any
     return _guarded(debug, lambda: asyncio.run(run()))
 
 
+def _print_table(table: Table) -> None:
+    """Print ``table`` without ever cutting a cell of a column that does not wrap (ids,
+    names): as wide as it needs in a pipe or a CI log, at least that wide in a terminal."""
+    console = Console()
+    needed = console.measure(table, options=console.options.update_width(1_000_000))
+    width = needed.minimum if console.is_terminal else needed.maximum
+    if width > console.width or not console.is_terminal:
+        console = Console(width=max(width, 1))
+    console.print(table)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(msgspec.json.format(msgspec.json.encode(value, enc_hook=_json_default), indent=2))
+
+
+def _json_default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # a pydantic model in a typed event
+    if callable(dump):
+        return dump(mode="json")
+    return repr(value)
+
+
+def _require_store(bus: Bus) -> None:
+    """Refuse a bus whose deliveries live only in the memory of the process running it."""
+    if not bus.backend.durable:
+        raise ConfigurationError(
+            f"{bus.url} keeps its deliveries and dead letters in the memory of the process "
+            "that runs the bus, and this command runs in a process of its own, where there "
+            "are none to show: read bus.stats() or await bus.list_dead_letters() in the app, "
+            "or give the bus a durable URL (sqlite:///events.db, redis://..., postgresql://...)"
+        )
+
+
+_JSON_HELP = "Print JSON instead of a table."
+
+
 @app.command()
 def worker(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
@@ -89,41 +129,81 @@ def worker(
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds running deliveries get to finish on SIGTERM/SIGINT."
     ),
-    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    log_level: str = typer.Option(
+        "INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR: the least a log line shows."
+    ),
+    log_deliveries: bool = typer.Option(
+        False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+    ),
+    debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
     """Run the listeners of a durable bus until SIGTERM or SIGINT."""
+    if log_level.upper() not in _LOG_LEVELS:
+        raise _fail(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tidings").setLevel(logging.DEBUG if debug else logging.INFO)
-    console = Console(stderr=True)
-
-    def ready(count: int) -> None:
-        console.print(f"tidings worker: {count} listener(s) on {bus.url}", highlight=False)
-
+    logging.getLogger("tidings").setLevel("DEBUG" if debug else log_level.upper())
     bus = _guarded(debug, lambda: load_bus(target))
-    _guarded(
-        debug,
-        lambda: asyncio.run(
-            run_worker(
-                bus,
-                concurrency=concurrency,
-                listeners=listeners or None,
-                shutdown_timeout_s=shutdown_timeout,
-                on_ready=ready,
-            )
-        ),
+    work = run_worker(
+        bus,
+        concurrency=concurrency,
+        listeners=listeners or None,
+        shutdown_timeout_s=shutdown_timeout,
+        log_deliveries=log_deliveries,
     )
+    if metrics_port is not None:
+        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
+    _guarded(debug, lambda: asyncio.run(work))
+
+
+async def _with_metrics(
+    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+) -> None:
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    from tidings.metrics import instrument, serve
+
+    try:
+        server = await serve(instrument(bus), port=port)
+    except BaseException:
+        work.close()
+        raise
+    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    try:
+        await work
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @app.command("listeners")
 def listeners_(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    forget: list[str] | None = typer.Argument(  # noqa: B008
+        None, metavar="[forget APP NAME]", help="'forget APP NAME': see below."
+    ),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """List a bus's listeners and their options."""
+    """List a bus's listeners and their options.
+
+    'tidings listeners forget APP NAME' removes the listener NAME (qualified) from the
+    app's durable store: its deliveries are deleted and it keeps no event stored.
+    """
+    if target == "forget":
+        _forget_listener(forget or [], debug)
+        return
     bus = _guarded(debug, lambda: load_bus(target))
+    if json_out:
+        _print_json([_listener_json(bus, lst) for lst in bus.listeners()])
+        return
     table = Table(title=f"listeners on {bus.url}")
     for column in ("listener", "events", "kind", "retry", "timeout", "concurrency"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "listener")
     for lst in bus.listeners():
         retry = lst.retry or bus.retry
         timeout = lst.timeout or bus.timeout
@@ -135,30 +215,83 @@ def listeners_(
             f"{timeout:g}s" if timeout else "-",
             str(lst.concurrency or "-"),
         )
-    Console().print(table)
+    _print_table(table)
+
+
+def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
+    retry = lst.retry or bus.retry
+    return {
+        "listener": lst.qualname,
+        "events": list(lst.names),
+        "async": lst.is_async,
+        "once": lst.once,
+        "attempts": retry.attempts if retry else None,
+        "timeout_s": lst.timeout or bus.timeout,
+        "concurrency": lst.concurrency,
+    }
+
+
+def _forget_listener(args: list[str], debug: bool) -> None:
+    if len(args) != 2:
+        raise _fail("usage: tidings listeners forget APP NAME")
+    target, name = args
+
+    async def body(bus: Bus) -> bool:
+        if any(lst.qualname == name for lst in bus.listeners()):
+            raise _fail(
+                f"{name!r} is still a listener of {target}, and each start of the app joins "
+                "it again: remove it from the code first"
+            )
+        return await bus.forget_listener(name)
+
+    if not _with_bus(target, debug, body):
+        raise _fail(f"no listener {name!r} is joined on the store")
+    Console().print(f"forgot listener {name!r}: its deliveries are deleted", highlight=False)
 
 
 @app.command()
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     name: str = typer.Argument(..., help="The event name."),
-    json_payload: str = typer.Option("{}", "--json", help="Keyword arguments, as a JSON object."),
-    delay: float = typer.Option(0.0, help="Deliver after this many seconds."),
+    json_payload: str = typer.Option(
+        "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
+    ),
+    delay: float | None = typer.Option(None, help="Deliver after this many seconds."),
+    at: str | None = typer.Option(
+        None, help="Deliver at this time: ISO 8601 with a UTC offset (2030-01-01T09:00+00:00)."
+    ),
+    key: str | None = typer.Option(None, help="The event's ordering key."),
+    headers: list[str] = typer.Option(  # noqa: B008
+        [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus)."""
+    """Publish one event (stored for the workers on a durable bus).
+
+    --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    """
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
         raise _fail(f"--json is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise _fail("--json must be a JSON object of keyword arguments")
+    header_map: dict[str, str] = {}
+    for item in headers:
+        header, sep, value = item.partition("=")
+        if not sep or not header:
+            raise _fail(f"--header takes NAME=VALUE, not {item!r}")
+        header_map[header] = value
+    when: dt.datetime | None = None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
     async def body(bus: Bus) -> None:
-        if delay:
-            await bus.publish(name, delay=delay, **kwargs)
-        else:
-            await bus.publish(name, **kwargs)
+        options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
+        await options.publish(name, **kwargs)
 
     _with_bus(target, debug, body)
     Console().print(f"emitted {name!r}", highlight=False)
@@ -167,18 +300,36 @@ def emit(
 @app.command()
 def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live, with rates."),
+    interval: float = typer.Option(1.0, min=0.01, help="With --watch, seconds between refreshes."),
+    refreshes: int | None = typer.Option(
+        None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
+    ),
 ) -> None:
     """What waits per listener: pending, in flight, retrying, delayed, dead."""
+    if watch:
+        _watch_stats(target, debug, interval, refreshes)
+        return
 
-    async def body(bus: Bus) -> Table:
+    async def body(bus: Bus) -> Table | None:
+        _require_store(bus)
         figures = await bus.listener_stats()
+        if json_out:
+            _print_json(
+                [{"listener": n, **dataclasses.asdict(s)} for n, s in sorted(figures.items())]
+            )
+            return None
         table = Table(title=f"deliveries on {bus.url}")
-        table.add_column("listener", overflow="fold")
+        table.add_column("listener", no_wrap=True)
         for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
             table.add_column(column, justify="right")
+        table.add_column("last seen", justify="right")
+        now = time.time()
         for listener, s in sorted(figures.items()):
             oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
+            seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
             table.add_row(
                 listener,
                 str(s.pending),
@@ -187,10 +338,71 @@ def stats(
                 str(s.delayed),
                 str(s.dead),
                 oldest,
+                seen,
             )
         return table
 
-    Console().print(_with_bus(target, debug, body))
+    table = _with_bus(target, debug, body)
+    if table is not None:
+        _print_table(table)
+
+
+def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | None) -> None:
+    """``stats --watch``: the per-listener figures as a live table, with rates."""
+    from contextlib import suppress
+
+    from rich.live import Live
+
+    from tidings.dashboard.live import Watch
+
+    async def body(bus: Bus) -> None:
+        _require_store(bus)
+        watch = Watch(bus.url)
+        with Live(watch.table(), console=Console(), auto_refresh=False) as live:
+            done = 0
+            while refreshes is None or done < refreshes:
+                if done:
+                    await asyncio.sleep(interval)
+                watch.add(await bus.listener_stats())
+                live.update(watch.table(), refresh=True)
+                done += 1
+
+    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _with_bus(target, debug, body)
+
+
+@app.command()
+def dashboard(
+    target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
+    host: str = typer.Option("127.0.0.1", help="The address to listen on."),
+    port: int = typer.Option(8000, help="The port to listen on."),
+    allow_actions: bool = typer.Option(
+        False, "--allow-actions", help="Let visitors replay and purge dead letters."
+    ),
+    debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
+) -> None:
+    """Serve the web dashboard of a bus (read only unless --allow-actions)."""
+    from tidings import dashboard as web
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise _fail(
+            "the dashboard's server needs uvicorn: pip install 'tidings[dashboard]'"
+        ) from None
+    bus = _guarded(debug, lambda: load_bus(target))
+    backend: Any = bus.backend
+    if hasattr(backend, "consume"):
+        backend.consume = False  # a viewer: the workers run the listeners
+    page = web.app(bus, auth=(lambda request: "act") if allow_actions else None)
+    Console(stderr=True).print(
+        f"tidings dashboard of {bus.url} on http://{host}:{port}/"
+        + ("" if allow_actions else " (read only)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    _configure_logging(debug)
+    _guarded(debug, lambda: uvicorn.run(page, host=host, port=port, log_level="warning"))
 
 
 @db_app.command("migrate")
@@ -225,15 +437,20 @@ def dead_list(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     limit: int = typer.Option(100, min=1, help="At most this many."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """List dead letters, oldest first."""
 
-    async def body(bus: Bus) -> Table:
+    async def body(bus: Bus) -> Table | None:
+        _require_store(bus)
         letters = await bus.list_dead_letters(listener=listener, limit=limit)
+        if json_out:
+            _print_json([_letter_json(d, traceback=False) for d in letters])
+            return None
         table = Table(title=f"{len(letters)} dead letter(s) on {bus.url}")
         for column in ("event id", "event", "listener", "attempts", "failed at", "error"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "error")
         for d in letters:
             table.add_row(
                 d.event.id,
@@ -245,23 +462,33 @@ def dead_list(
             )
         return table
 
-    Console().print(_with_bus(target, debug, body))
+    table = _with_bus(target, debug, body)
+    if table is not None:
+        _print_table(table)
+
+
+_ID_HELP = "The event id, or any start of it that no other dead letter's id shares."
 
 
 @dead_app.command("show")
 def dead_show(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_id: str = typer.Argument(..., help="The event id."),
+    event_id: str = typer.Argument(..., help=_ID_HELP),
+    json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Show one event's dead letters: payload, error and traceback."""
 
-    async def body(bus: Bus) -> list[Any]:
-        return [d for d in await bus.list_dead_letters(limit=1_000_000) if d.event.id == event_id]
+    async def body(bus: Bus) -> list[DeadLetter]:
+        _require_store(bus)
+        letters = await bus.list_dead_letters(limit=1_000_000)
+        (full_id,) = _full_ids(letters, [event_id])
+        return [d for d in letters if d.event.id == full_id]
 
     letters = _with_bus(target, debug, body)
-    if not letters:
-        raise _fail(f"no dead letter of event {event_id!r}")
+    if json_out:
+        _print_json([_letter_json(d, traceback=True) for d in letters])
+        return
     console = Console()
     for d in letters:
         console.print(f"[bold]{d.event.name}[/] {d.event.id} -> {d.listener}", highlight=False)
@@ -275,16 +502,19 @@ def dead_show(
 @dead_app.command("replay")
 def dead_replay(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_ids: list[str] = typer.Option([], "--id", help="Only these event ids."),  # noqa: B008
+    event_ids: list[str] = typer.Option([], "--id", help=f"Only these events. {_ID_HELP}"),  # noqa: B008
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Deliver dead letters again, with fresh attempts."""
 
     async def body(bus: Bus) -> int:
+        _require_store(bus)
         letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
-        ids = [d.event.id for d in letters if not event_ids or d.event.id in event_ids]
-        ids = list(dict.fromkeys(ids))
+        if event_ids:
+            ids = _full_ids(letters, event_ids)
+        else:
+            ids = list(dict.fromkeys(d.event.id for d in letters))
         replayed = 0
         with Progress(
             TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), transient=True
@@ -303,7 +533,7 @@ def dead_replay(
 @dead_app.command("purge")
 def dead_purge(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_ids: list[str] = typer.Option([], "--id", help="Only these event ids."),  # noqa: B008
+    event_ids: list[str] = typer.Option([], "--id", help=f"Only these events. {_ID_HELP}"),  # noqa: B008
     listener: str | None = typer.Option(None, help="Only this listener (qualified name)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
@@ -313,17 +543,73 @@ def dead_purge(
         typer.confirm("Delete every dead letter?", abort=True)
 
     async def body(bus: Bus) -> int:
-        return await bus.purge_dead_letters(ids=event_ids or None, listener=listener)
+        _require_store(bus)
+        ids = None
+        if event_ids:
+            letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
+            ids = _full_ids(letters, event_ids)
+        return await bus.purge_dead_letters(ids=ids, listener=listener)
 
     count = _with_bus(target, debug, body)
     Console().print(f"purged {count} dead letter(s)")
+
+
+def _full_ids(letters: list[DeadLetter], given: list[str]) -> list[str]:
+    """The event ids of ``letters`` that the ``given`` ids or id prefixes name, once each.
+
+    Raises:
+        ConfigurationError: one names no dead letter, or the start of several events' ids.
+    """
+    known = list(dict.fromkeys(d.event.id for d in letters))
+    found: list[str] = []
+    for prefix in given:
+        if not prefix:
+            raise ConfigurationError("an empty event id names no dead letter")
+        matches = [prefix] if prefix in known else [i for i in known if i.startswith(prefix)]
+        if not matches:
+            raise ConfigurationError(f"no dead letter of an event whose id starts with {prefix!r}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (", ..." if len(matches) > 10 else "")
+            raise ConfigurationError(
+                f"{prefix!r} is the start of {len(matches)} dead events' ids ({shown}): "
+                "give more of the id"
+            )
+        found.append(matches[0])
+    return list(dict.fromkeys(found))
+
+
+def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "event_id": d.event.id,
+        "event": d.event.name,
+        "listener": d.listener,
+        "attempts": d.attempts,
+        "failed_at": dt.datetime.fromtimestamp(d.failed_at, dt.UTC).isoformat(),
+        "error": d.error,
+        "args": list(d.event.args),
+        "kwargs": d.event.kwargs,
+        "obj": d.event.obj,
+        "headers": dict(d.event.headers),
+    }
+    if traceback:
+        out["traceback"] = d.traceback
+    return out
 
 
 def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-@app.command()
+# One string without line breaks: the help shows a docstring's line breaks as they are.
+_DEMO_HELP = (
+    "Emit a burst of sign-ups to four listeners and show what each one did.\n\n"
+    "A welcome mail (async), an audit log (sync, on 'user.*'), a CRM sync that fails on "
+    "its first attempt for one user in five and succeeds on a retry, and a trial grant "
+    "that fails for good for users of a retired plan (dead letters)."
+)
+
+
+@app.command(help=_DEMO_HELP)
 def demo(
     users: int = typer.Option(5000, min=1, help="Sign-ups to emit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's logs."),

@@ -10,9 +10,12 @@ they are ``inline``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
+import time
+import traceback
 import types
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from concurrent.futures import Executor
@@ -26,7 +29,7 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.backends.base import Backend
+    from tidings.backends.base import Backend, DeadLetter
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
 __all__ = ["DeliveryObserver", "Retry", "Runner"]
@@ -165,6 +168,12 @@ class Runner:
         self.on_success = on_success
         self.on_dead = on_dead
         self._hook_tasks: set[asyncio.Task[Any]] = set()
+        #: Deliveries the backend raised on when handed a retry or a dead letter, kept
+        #: here as dead letters (oldest first) rather than lost.
+        self.kept: list[DeadLetter] = []
+        #: Deliveries ``(event id, subscription)`` whose task was cancelled while their
+        #: sync listener's thread still ran: not to be handed to another worker yet.
+        self.abandoned: set[tuple[str, Subscription]] = set()
         self.observers = tuple(observers)
         # Observed deliveries not finished yet: (id(event), sub) -> (event, finishers).
         self._observed: dict[tuple[int, Subscription], tuple[Event, list[Any]]] = {}
@@ -278,15 +287,17 @@ class Runner:
         loop = self.loop
         deadline = None
         run = ctx.copy().run
+        # The thread's call, awaited through a shield: it cannot be stopped, so its end
+        # is still known after a timeout or a cancellation.
+        running: asyncio.Future[Any] | None = None
         try:
             if returned is not None:
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
                     await returned
             elif timeout is None:
-                result = await loop.run_in_executor(
-                    self.executor, run, sub.listener.plan.call, event
-                )
+                running = loop.run_in_executor(self.executor, run, sub.listener.plan.call, event)
+                result = await asyncio.shield(running)
                 if asyncio.iscoroutine(result):
                     await result
             else:
@@ -300,19 +311,40 @@ class Runner:
                 # The timeout counts from when a thread starts the call, not while the
                 # call waits for a free thread.
                 await asyncio.wait((began, running), return_when=asyncio.FIRST_COMPLETED)
-                # The thread cannot be stopped; the delivery fails and its result is dropped.
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
-                    result = await running
+                    result = await asyncio.shield(running)
                     if asyncio.iscoroutine(result):
                         await result
         except (Exception, asyncio.CancelledError) as exc:
             error = self._failure_of(sub, exc, deadline)
+            if running is not None and not running.done():
+                await self._outlive(running, event, sub, stopping=error is None)
             if error is None:
                 raise
             self.failed(event, sub, ctx, error)
         else:
             self.succeeded(event, sub)
+
+    async def _outlive(
+        self, running: asyncio.Future[Any], event: Event, sub: Subscription, *, stopping: bool
+    ) -> None:
+        """A sync listener's thread outlives its delivery's task (a timeout, or the bus
+        stopping). A timed-out delivery is retried (or buried) only once the thread has
+        returned, so one delivery never runs twice at once; a stopping one is marked
+        ``abandoned``, so a durable backend does not hand it to another worker while
+        the thread still runs (its lease expires once this process has exited)."""
+        key = (event.id, sub)
+        if not stopping:
+            try:
+                await asyncio.wait([running])
+                return
+            except asyncio.CancelledError:
+                self.abandoned.add(key)
+                running.add_done_callback(lambda _f: self.abandoned.discard(key))
+                raise
+        self.abandoned.add(key)
+        running.add_done_callback(lambda _f: self.abandoned.discard(key))
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -352,21 +384,28 @@ class Runner:
         error_hooks = (*sub.hooks("on_error"), *self.on_error)
         if retryable and attempt < retry.attempts:
             delay = retry.delay_for(attempt)
+            # One line per attempt; the traceback once, at the dead letter (or with DEBUG).
             logger.warning(
-                "delivery of event %s (%s) to %s failed on attempt %d/%d; retrying in %.3fs",
+                "delivery of event %s (%s) to %s failed on attempt %d/%d: %s: %s; "
+                "retrying in %.3fs",
                 event.id,
                 event.name,
                 listener.qualname,
                 attempt,
                 retry.attempts,
+                type(exc).__qualname__,
+                exc,
                 delay,
-                exc_info=exc,
+                exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
             )
             for hook in error_hooks:
                 self._call_hook(hook, event, listener, exc)
             if self._observed:
                 self._finish((id(event), sub), "retry", exc)
-            self.backend.retry(event.for_attempt(attempt + 1), sub, ctx, delay)
+            try:
+                self.backend.retry(event.for_attempt(attempt + 1), sub, ctx, delay)
+            except Exception as error:
+                self._backend_failed("retry", event, sub, exc, error)
             return
         logger.error(
             "delivery of event %s (%s) to %s failed on attempt %d/%d; dead letter",
@@ -383,7 +422,49 @@ class Runner:
             self._call_hook(hook, event, listener, exc)
         if self._observed:
             self._finish((id(event), sub), "dead", exc)
-        self.backend.dead(event, sub, exc)
+        try:
+            self.backend.dead(event, sub, exc)
+        except Exception as error:
+            self._backend_failed("dead", event, sub, exc, error)
+
+    def _backend_failed(
+        self, method: str, event: Event, sub: Subscription, exc: BaseException, error: Exception
+    ) -> None:
+        """Keep a delivery the backend failed to take back after ``exc``: as a dead letter
+        of this process (``Bus.dead_letters()``), so it is never lost without a word."""
+        from tidings.backends.base import DeadLetter  # the protocol's record; a rare path
+
+        backend = type(self.backend).__qualname__
+        logger.error(
+            "%s.%s() raised for event %s (%s) to %s: %s: %s; the delivery is kept as a "
+            "dead letter in this process",
+            backend,
+            method,
+            event.id,
+            event.name,
+            sub.listener.qualname,
+            type(error).__qualname__,
+            error,
+            exc_info=error,
+        )
+        letter = DeadLetter.of(event, sub.listener.qualname, exc, time.time())
+        self.kept.append(
+            dataclasses.replace(
+                letter,
+                traceback=f"{letter.traceback}\nand then {backend}.{method}() raised:\n"
+                + "".join(traceback.format_exception(error)),
+            )
+        )
+
+    def take_kept(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
+        """Remove and return the kept dead letters of these event ids and/or listener."""
+        taken = [
+            d
+            for d in self.kept
+            if (ids is None or d.event.id in ids) and (listener is None or d.listener == listener)
+        ]
+        self.kept = [d for d in self.kept if d not in taken]
+        return taken
 
     def _call_hook(self, hook: Any, *args: Any) -> None:
         try:

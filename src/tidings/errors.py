@@ -6,11 +6,13 @@ The tree::
      ├── ConfigurationError        a bus, registry or listener set up wrongly
      ├── NotStartedError           emit/publish before start or after close (RuntimeError)
      ├── NoListenersError          nothing listens to a name on a strict bus (LookupError)
+     ├── EmitError                 an emit's event name or options cannot be used (ValueError)
      ├── QueueFull                 the bounded in-process queue has no room
      ├── PayloadError              a payload that cannot be serialized or validated (ValueError)
      ├── ListenerError             a listener failed or could not be called
      │    ├── BindingError         the event cannot satisfy the listener's signature (TypeError)
-     │    └── DeliveryLost         a durable delivery's worker kept stopping while running it
+     │    ├── DeliveryLost         a durable delivery's worker kept stopping while running it
+     │    └── ForwardError         a forwarder's destination refused an event or was unreachable
      └── BackendError              a backend failed to store or hand out deliveries
           ├── ConnectionLost
           └── PublishFailed
@@ -27,6 +29,8 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLost",
     "DeliveryLost",
+    "EmitError",
+    "ForwardError",
     "ListenerError",
     "NoListenersError",
     "NotStartedError",
@@ -53,6 +57,11 @@ class NoListenersError(TidingsError, LookupError):
     """A strict bus was asked to emit an event that no listener subscribes to."""
 
 
+class EmitError(TidingsError, ValueError):
+    """An event name or emit option that cannot be used (an empty name, a wildcard, a
+    delay that is not finite, a naive ``at=``...); nothing was queued."""
+
+
 class QueueFull(TidingsError):
     """The in-process queue holds ``max_pending`` deliveries already.
 
@@ -77,6 +86,13 @@ class DeliveryLost(ListenerError):
     worker stopped (or lost the lease) while running it, each time. It is made a dead
     letter instead of being run once more (a listener that crashes its process would
     otherwise crash every worker that takes it)."""
+
+
+class ForwardError(ListenerError):
+    """A forwarder (:mod:`tidings.forward`) could not hand an event to its destination:
+    a webhook answered with a status other than 2xx, SQS refused the message, or the
+    destination could not be reached. The delivery is retried by the listener's policy,
+    then kept as a dead letter."""
 
 
 class BackendError(TidingsError):

@@ -7,6 +7,7 @@ headers and, for one delivery, the attempt number.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from os import urandom
@@ -15,12 +16,16 @@ from typing import Any
 
 import msgspec
 
-from tidings.errors import ConfigurationError
+from tidings.errors import ConfigurationError, EmitError
 
-__all__ = ["RESERVED_KEYWORDS", "Event", "event_name_of", "register_event"]
+__all__ = ["MAX_NAME_BYTES", "Event", "check_event_name", "event_name_of", "register_event"]
 
-#: Keywords of ``emit`` and ``publish`` that are options, never payload.
-RESERVED_KEYWORDS = frozenset({"delay", "at", "headers", "key"})
+#: The longest event name, in UTF-8 bytes.
+MAX_NAME_BYTES = 255
+
+# What an emitted name never holds: wildcards (a pattern is no name), whitespace,
+# control characters, and lone surrogates (which no store can encode).
+_FORBIDDEN = re.compile(r"[*\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 _registered: dict[type[Any], str] = {}
 
@@ -57,6 +62,44 @@ def event_name_of(cls: type[Any]) -> str | None:
     if isinstance(name, str):
         return name
     return None
+
+
+def check_event_name(name: str, *, pattern: bool = False) -> str:
+    """Return ``name`` if an event may be emitted under it, else raise.
+
+    An event name is a non-empty string of at most 255 UTF-8 bytes, without wildcards
+    (``*``), whitespace, control characters or lone surrogates. With ``pattern=True``,
+    wildcards are allowed (a listener's pattern).
+
+    Raises:
+        EmitError: the name breaks one of those rules; the message says which.
+    """
+    if not isinstance(name, str):
+        raise EmitError(f"an event name is a string, not {name!r}")
+    if not name:
+        raise EmitError("an event name cannot be empty")
+    bad = _FORBIDDEN.search(name.replace("*", "") if pattern else name)
+    if bad is not None:
+        char = bad.group()
+        what = (
+            "a wildcard: a pattern is for listeners, an event has one name"
+            if char == "*"
+            else f"the character {char!r}: no whitespace or control characters"
+            if not 0xD800 <= ord(char) <= 0xDFFF
+            else f"a lone surrogate ({char!r}), which cannot be encoded"
+        )
+        raise EmitError(f"event name {_shown(name)} holds {what}")
+    # A character is at most 4 bytes: only long names need encoding to be measured.
+    if len(name) * 4 > MAX_NAME_BYTES and len(name.encode()) > MAX_NAME_BYTES:
+        raise EmitError(
+            f"event name {_shown(name)} is {len(name.encode())} bytes long in UTF-8; "
+            f"the most is {MAX_NAME_BYTES}"
+        )
+    return name
+
+
+def _shown(name: str) -> str:
+    return repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})

@@ -14,13 +14,15 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from enum import Enum
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from tidings import _processes
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
 from tidings.delivery import Retry
-from tidings.errors import ConfigurationError
-from tidings.events import Event, event_name_of
+from tidings.errors import ConfigurationError, EmitError
+from tidings.events import Event, check_event_name, event_name_of
 
 __all__ = [
     "ErrorHook",
@@ -47,6 +49,15 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if seconds <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
     return seconds
+
+
+def _pattern(name: str, qualname: str) -> str:
+    """``name`` if some event name could match it (no whitespace or control
+    characters, at most 255 bytes), else a ``ConfigurationError``."""
+    try:
+        return check_event_name(name, pattern=True)
+    except EmitError as exc:
+        raise ConfigurationError(f"listener {qualname}: {exc}; no event could match it") from exc
 
 
 def _is_async_callable(fn: Any) -> bool:
@@ -92,6 +103,7 @@ class Listener(Generic[P, R]):
         on_success: SuccessHook | Iterable[SuccessHook] | None = None,
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
+        executor: Literal["thread", "process"] = "thread",
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -102,7 +114,7 @@ class Listener(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.qualname = _qualname(fn)
-        self.names = tuple(validate_name(n) for n in names)
+        self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
@@ -114,6 +126,23 @@ class Listener(Generic[P, R]):
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self.plan = CallPlan(fn, self.qualname)
+        #: Where a sync listener runs: ``"thread"`` (the bus's thread pool) or
+        #: ``"process"`` (a pool of worker processes, see :mod:`tidings._processes`).
+        self.executor = executor
+        if executor == "process":
+            _processes.check(
+                fn,
+                self.qualname,
+                is_async=_is_async_callable(fn),
+                inline=inline,
+                injected=self.plan.fn is not fn,
+            )
+            self.plan.fn = _processes.InProcess(fn, self.qualname)
+        elif executor != "thread":
+            raise ConfigurationError(
+                f"executor of listener {self.qualname} must be 'thread' or 'process', "
+                f"not {executor!r}"
+            )
         # The plan may call a wrapper (injected dependencies), which is async.
         self.is_async = _is_async_callable(self.plan.fn)
         if inline and self.timeout is not None and not self.is_async:
@@ -139,7 +168,7 @@ class Listener(Generic[P, R]):
 
 @overload
 def listener(
-    *names: str | type[Any],
+    *names: str | Enum | type[Any],
     retry: Retry | int | None = ...,
     timeout: float | timedelta | None = ...,
     concurrency: int | None = ...,
@@ -148,18 +177,23 @@ def listener(
     on_error: ErrorHook | Iterable[ErrorHook] | None = ...,
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
+    executor: Literal["thread", "process"] = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
-    *names: str | type[Any], **options: Any
+    *names: str | Enum | type[Any], **options: Any
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
-def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+def listener(
+    *names: str | Enum | type[Any], **options: Any
+) -> Callable[[Callable[P, R]], Listener[P, R]]:
     """Subscribe a sync or async function to event names, patterns or typed-event classes.
 
     Options: ``retry`` (a :class:`Retry` or a number of attempts), ``timeout`` (seconds or
     ``timedelta``, per attempt), ``concurrency`` (deliveries of this listener running at
     once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
-    ``inline`` (run a sync function on the event loop instead of a thread), and
+    ``inline`` (run a sync function on the event loop instead of a thread),
+    ``executor="process"`` (run a sync function in a pool of worker processes: for
+    CPU-bound work; it must be defined at the top level of a module), and
     ``on_error`` / ``on_success`` / ``on_dead`` hooks.
 
     Raises:
@@ -177,7 +211,7 @@ def listener(*names: str | type[Any], **options: Any) -> Callable[[Callable[P, R
     return decorate
 
 
-def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+def _names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
     str_names: list[str] = []
     typed: list[type[Any]] = []
     for n in names:
@@ -190,8 +224,14 @@ def _names(names: Iterable[str | type[Any]]) -> tuple[list[str], list[type[Any]]
                 )
             str_names.append(event_name)
             typed.append(n)
-        else:
+        elif isinstance(n, str):
             str_names.append(n)
+        elif isinstance(n, Enum) and isinstance(n.value, str):
+            str_names.append(n.value)  # a plain Enum member names what its value names
+        else:
+            raise ConfigurationError(
+                f"an event name is a string (or an Enum member whose value is one), not {n!r}"
+            )
     return str_names, typed
 
 
@@ -261,12 +301,11 @@ class Subscription:
         self.registry._remove(self)
 
     def hooks(self, kind: str) -> tuple[Any, ...]:
-        """The listener's hooks of ``kind`` then its registries', innermost first."""
+        """The listener's hooks of ``kind`` then its registries', innermost first (a
+        registry included in several places: the hooks of every one that includes it)."""
         out: list[Any] = list(getattr(self.listener, kind))
-        registry: Registry | None = self.registry
-        while registry is not None:
+        for registry in self.registry._lineage():
             out.extend(getattr(registry, kind))
-            registry = registry._parent
         return tuple(out)
 
     def __repr__(self) -> str:
@@ -281,6 +320,10 @@ class Registry:
         max_listeners: the most listeners one name or pattern may have in this registry.
         on_error, on_success, on_dead: hooks for every listener in this registry.
     """
+
+    #: The most event names whose resolution is kept; past it the oldest are resolved
+    #: again when next emitted (a true LRU would cost a write on every emit).
+    max_routes = 10_000
 
     def __init__(
         self,
@@ -297,7 +340,8 @@ class Registry:
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
-        self._parent: Registry | None = None
+        #: Where this registry is included (a registry may be shared by several buses).
+        self._parents: list[Registry] = []
         self._cache: dict[str, tuple[Subscription, ...]] = {}
         #: The resolved names emit may route without further checks: the same as the
         #: cache, but kept empty while a ``once`` listener needs each emit to take it.
@@ -321,7 +365,7 @@ class Registry:
         if not isinstance(item, Listener):
             raise ConfigurationError(
                 f"{item!r} is not a listener: decorate it with @listener('event.name') "
-                "or use registry.subscribe('event.name', fn)"
+                "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
             self._check_types(item.types, item.qualname)
@@ -339,7 +383,7 @@ class Registry:
             return sub
 
     def listener(
-        self, *names: str | type[Any], **options: Any
+        self, *names: str | Enum | type[Any], **options: Any
     ) -> Callable[[Callable[P, R]], Listener[P, R]]:
         """Like :func:`tidings.listener`, and subscribe the result in this registry."""
         make = listener(*names, **options)
@@ -352,20 +396,28 @@ class Registry:
         return decorate
 
     def subscribe(
-        self, *names: str | type[Any], fn: Callable[..., Any], **options: Any
+        self, fn: Callable[..., Any], /, *names: str | Enum | type[Any], **options: Any
     ) -> Subscription:
-        """Subscribe ``fn`` at runtime; returns a handle whose ``unsubscribe()`` undoes it.
+        """Subscribe ``fn`` at runtime: ``subscribe(listener)`` or ``subscribe(fn,
+        "user.created", retry=3)`` (the function first, then names, then the options of
+        ``@listener``). Returns a handle whose ``unsubscribe()`` undoes it.
 
         Raises:
-            ConfigurationError: ``fn`` is a listener already, and names or options are
-                given too (its own are used: subscribe ``fn.fn`` to give others).
+            ConfigurationError: ``fn`` is not callable (names come after it), or is a
+                listener already and names or options are given too (its own are used:
+                subscribe ``fn.fn`` to give others).
         """
+        if isinstance(fn, str) or not callable(fn):
+            raise ConfigurationError(
+                f"subscribe() takes the function first, then the names "
+                f"(subscribe(fn, 'event.name')), not {fn!r} first"
+            )
         if isinstance(fn, Listener):
             if names or options:
                 raise ConfigurationError(
                     f"{fn.qualname} is a listener of {', '.join(map(repr, fn.names))} "
                     "already, with its own options: subscribe it without names or options, "
-                    "or subscribe its function (fn=listener.fn) with these"
+                    "or subscribe its function (listener.fn) with these"
                 )
             return self.add(fn)
         return self.add(listener(*names, **options)(fn))
@@ -373,30 +425,44 @@ class Registry:
     def include(self, registry: Registry) -> None:
         """Route this registry's events to ``registry``'s listeners too.
 
+        One registry may be included in several buses (or registries): its listeners,
+        and later changes to them, are shared by all of them.
+
         Raises:
-            ConfigurationError: the registry is already included somewhere, or a typed
-                event name would be bound to two classes.
+            ConfigurationError: the registry is already included here, includes this
+                one, or a typed event name would be bound to two classes.
         """
         with self._lock:
-            if registry._parent is not None or registry is self:
-                raise ConfigurationError("a registry can be included in one place only")
+            if registry in self._children:
+                raise ConfigurationError("this registry is already included here")
+            if registry is self or registry in self._lineage():
+                raise ConfigurationError("a registry cannot include itself, even through others")
             self._check_types(registry._all_types(), "an included registry")
-            registry._parent = self
+            registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
 
+    def _lineage(self) -> list[Registry]:
+        """This registry and every registry that includes it, innermost first."""
+        out: list[Registry] = [self]
+        for registry in out:  # grows as it goes: breadth first
+            for parent in registry._parents:
+                if parent not in out:
+                    out.append(parent)
+        return out
+
     def _check_types(self, types: dict[str, type[Any]], owner: str) -> None:
-        root = self
-        while root._parent is not None:
-            root = root._parent
-        known = root._all_types()
-        for name, cls in types.items():
-            other = known.get(name)
-            if other is not None and other is not cls:
-                raise ConfigurationError(
-                    f"event {name!r} is bound to two classes: {other.__qualname__} and "
-                    f"{cls.__qualname__} (from {owner})"
-                )
+        for root in self._lineage():
+            if root._parents:
+                continue
+            known = root._all_types()
+            for name, cls in types.items():
+                other = known.get(name)
+                if other is not None and other is not cls:
+                    raise ConfigurationError(
+                        f"event {name!r} is bound to two classes: {other.__qualname__} and "
+                        f"{cls.__qualname__} (from {owner})"
+                    )
         self._types.update(types)
 
     def _all_types(self) -> dict[str, type[Any]]:
@@ -426,8 +492,7 @@ class Registry:
             self._invalidate()
 
     def _invalidate(self) -> None:
-        registry: Registry | None = self
-        while registry is not None:
+        for registry in self._lineage():
             # Cleared in place: the bus holds references.
             registry._cache.clear()
             registry.routes.clear()
@@ -435,17 +500,28 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
-            registry = registry._parent
 
     # -- reading --------------------------------------------------------------------
 
     def resolve(self, name: str) -> tuple[Subscription, ...]:
-        """The subscriptions an event called ``name`` reaches, in subscription order."""
+        """The subscriptions an event called ``name`` reaches, in subscription order.
+
+        Raises:
+            EmitError: ``name`` is no event name (see :func:`tidings.events.check_event_name`).
+        """
         found = self._cache.get(name)
         if found is None:
+            # Checked here, once per name: what is cached may be emitted without a check.
+            check_event_name(name)
             with self._lock:
                 found = tuple(self._walk(name))
-                self._cache[name] = found
+                cache = self._cache
+                if len(cache) >= self.max_routes:
+                    # Bounded, so that endless distinct names never grow memory.
+                    oldest = next(iter(cache))
+                    del cache[oldest]
+                    self.routes.pop(oldest, None)
+                cache[name] = found
                 if not self.has_once:
                     self.routes[name] = found
         return found

@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
+from contextvars import Context
+from typing import TYPE_CHECKING
 
 from tidings.backends.durable import DurableBackend
 from tidings.bus import Bus
 from tidings.errors import ConfigurationError
+from tidings.events import Event
+
+if TYPE_CHECKING:
+    from tidings.listeners import Subscription
 
 __all__ = ["run_worker"]
 
@@ -30,6 +37,7 @@ async def run_worker(
     shutdown_timeout_s: float | None = None,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    log_deliveries: bool = False,
 ) -> None:
     """Consume ``bus``'s listeners until a signal (or ``stop``) arrives.
 
@@ -39,6 +47,8 @@ async def run_worker(
         shutdown_timeout_s: how long running deliveries may take to finish on stop.
         on_ready: called with the number of listeners consumed, once started.
         stop: an event that stops the worker like a signal does.
+        log_deliveries: log one line per successful delivery at INFO (failures are
+            always logged: a line per failed attempt, the traceback at the dead letter).
 
     Raises:
         ConfigurationError: the bus's backend is not durable, or no listener matches.
@@ -55,6 +65,8 @@ async def run_worker(
         backend.concurrency = concurrency
     if listeners:
         backend.listener_patterns = tuple(listeners)
+    if log_deliveries:
+        bus._observers.append(_log_delivery)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -84,3 +96,23 @@ async def run_worker(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _log_delivery(
+    event: Event, sub: Subscription, ctx: Context
+) -> Callable[[str, BaseException | None], None]:
+    """A delivery observer that logs each success with its duration."""
+    began = time.perf_counter()
+
+    def finish(outcome: str, error: BaseException | None) -> None:
+        if outcome == "success":
+            logger.info(
+                "delivered event %s (%s) to %s on attempt %d in %.1f ms",
+                event.id,
+                event.name,
+                sub.listener.qualname,
+                event.attempt,
+                (time.perf_counter() - began) * 1000,
+            )
+
+    return finish

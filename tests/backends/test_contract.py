@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import datetime as dt
+import logging
+import os
+import sys
 import threading
+import time
 import uuid
 from decimal import Decimal
 from enum import Enum
+from pathlib import Path
 from typing import cast
 
 import msgspec
 import pydantic
 import pytest
 
-from tidings import Event, PayloadError, Retry, listener
-from tidings.backends.durable import DurableBackend
+from tidings import EmitError, Event, PayloadError, PublishFailed, Retry, listener
+from tidings.backends.durable import DurableBackend, Outcomes, Stored
+from tidings.codec import MAX_DEPTH, encode_payload
 
+from .. import poison_app
 from .conftest import BusFactory
 
 FAST = Retry(attempts=3, backoff=0.001, jitter=0)
@@ -168,8 +176,10 @@ async def test_delay_and_at_deliver_later(make_bus: BusFactory) -> None:
 
     async with make_bus(listeners=[later]) as bus:
         start = asyncio.get_running_loop().time()
-        bus.emit("later", n=1, delay=0.2)
-        await bus.publish("later", n=2, at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2))
+        bus.options(delay=0.2).emit("later", n=1)
+        await bus.options(at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2)).publish(
+            "later", n=2
+        )
         await asyncio.wait_for(got.wait(), 10)
     assert min(when) - start >= 0.15
 
@@ -346,3 +356,278 @@ async def test_a_delivery_whose_worker_keeps_dying_becomes_a_dead_letter(
     assert letter.error.startswith("DeliveryLost: event ")
     assert f"was started {most} times for {crashes.qualname}" in letter.error
     assert dead == [letter.error.removeprefix("DeliveryLost: ")]
+
+
+async def test_keywords_named_like_options_are_payload(make_bus: BusFactory) -> None:
+    seen: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    @listener("cache.invalidated")
+    async def invalidated(key: str, delay: int, at: str, headers: dict[str, str]) -> None:
+        seen.append({"key": key, "delay": delay, "at": at, "headers": headers})
+        got.set()
+
+    async with make_bus(listeners=[invalidated]) as bus:
+        bus.emit("cache.invalidated", key="k1", delay=3600, at="noon", headers={"h": "v"})
+        await asyncio.wait_for(got.wait(), 10)
+    assert seen == [{"key": "k1", "delay": 3600, "at": "noon", "headers": {"h": "v"}}]
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), -float("inf")])
+async def test_a_delay_that_is_not_finite_is_refused(make_bus: BusFactory, delay: float) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x]) as bus:
+        with pytest.raises(EmitError, match="finite"):
+            bus.options(delay=delay).emit("x")
+        with pytest.raises(EmitError, match="finite"):
+            await bus.options(delay=delay).publish("x")
+
+
+async def test_a_bad_event_name_is_refused_at_emit(make_bus: BusFactory) -> None:
+    @listener("**")
+    async def everything() -> None:
+        pass
+
+    async with make_bus(listeners=[everything]) as bus:
+        for bad in ("", "user created", "user.*", "a\ud800", "x" * 256):
+            with pytest.raises(EmitError, match="event name"):
+                bus.emit(bad)
+            with pytest.raises(EmitError, match="event name"):
+                await bus.publish(bad)
+
+
+def _durable(backend_name: str) -> None:
+    if backend_name == "memory":
+        pytest.skip("in process, nothing is stored")
+
+
+async def test_an_event_the_store_refuses_is_dropped_alone_and_later_events_go_on(
+    make_bus: BusFactory, backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _durable(backend_name)
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    async with make_bus(listeners=[on_x]) as bus:
+        store = cast(DurableBackend, bus.backend)
+        ctx = contextvars.copy_context()
+        # A name no store can encode (a lone surrogate), put past the bus's checks.
+        bad = Event("x\ud800", (), {"n": -1})
+        for n in range(5):
+            bus.emit("x", n=n)
+        store.put(bad, (), ctx)
+        for n in range(5, 10):
+            bus.emit("x", n=n)
+        refused = Event("x\udfff", (), {"n": -2})
+        with pytest.raises(PublishFailed, match=f"event {refused.id} was refused"):
+            await store.put_wait(refused, (), ctx)
+        await bus.drain()
+    assert sorted(got) == list(range(10))
+    dropped = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"event {bad.id} " in m and "refused" in m for m in dropped)
+    assert not any("retrying until it answers" in m for m in dropped)  # not an outage
+
+
+async def test_entries_that_cannot_be_read_are_dead_letters_and_the_rest_runs(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    deep = b'{"args":[],"kwargs":{"n":' + b"[" * 2000 + b"]" * 2000 + b'},"obj":null}'
+    async with make_bus(listeners=[on_x], consume=False) as producer:
+        store = cast(DurableBackend, producer.backend)
+        for n in range(3):
+            await producer.publish("x", n=n)
+        now = time.time()
+        good = encode_payload(Event("x", (), {"n": 99}))
+        # Written straight into the store, as another process (or a newer tidings) might.
+        await store.store(
+            [
+                Stored("garbage", "x", b"\xc1 not a payload", {}, now, now),
+                Stored("deep", "x", deep, {}, now, now),
+                Stored("newer", "x", good, {}, now, now, version=2),
+            ]
+        )
+        for n in range(3, 6):
+            await producer.publish("x", n=n)
+    async with make_bus(listeners=[on_x]) as worker:
+        await worker.drain()
+        dead = {d.event.id: d for d in await worker.list_dead_letters()}
+    assert sorted(got) == list(range(6))
+    assert set(dead) == {"garbage", "deep", "newer"}
+    assert "cannot be decoded" in dead["garbage"].error
+    assert f"deeper than {MAX_DEPTH} levels" in dead["deep"].error
+    assert "stored by a newer tidings" in dead["newer"].error
+    assert "upgrade this worker" in dead["newer"].error
+
+
+async def test_payloads_nested_too_deeply_are_refused_at_emit(make_bus: BusFactory) -> None:
+    value: object = 1
+    for _ in range(MAX_DEPTH):
+        value = [value]
+    async with make_bus() as bus:
+        with pytest.raises(PayloadError, match=f"deeper than {MAX_DEPTH} levels"):
+            bus.emit("x", value=value)
+        for _ in range(10_000):
+            value = [value]
+        with pytest.raises(PayloadError, match=f"deeper than {MAX_DEPTH} levels"):
+            bus.emit("x", value=value)
+        bus.emit("x", value=[[1]] * 3000)  # many containers, none deep
+
+
+async def test_a_worker_that_lost_a_lease_neither_settles_nor_renews_it(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    if backend_name.startswith("redis"):
+        pytest.skip("the Redis store fences its own leases (tests/backends/test_redis.py)")
+
+    @listener("x", retry=Retry(attempts=10))
+    async def on_x() -> None:
+        pass
+
+    async with (
+        make_bus(listeners=[on_x], consume=False) as a,
+        make_bus(listeners=[on_x], consume=False) as b,
+    ):
+        first = cast(DurableBackend, a.backend)
+        second = cast(DurableBackend, b.backend)
+        await a.publish("x")
+        (stale,) = await first.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        await asyncio.sleep(0.1)  # the first worker is frozen past its lease
+        (taken,) = await second.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        assert taken.attempt == 2
+        assert await first.renew([stale], 30) == [stale]
+        await first.settle(Outcomes(retries=[(stale, 0.0, "")]))
+        await first.settle(Outcomes(burials=[(stale, "stale", "")]))
+        await first.settle(Outcomes(acks=[stale], releases=[stale]))
+        # Still the second worker's: nobody else can take it, and it is not settled.
+        assert await first.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
+        assert (await b.listener_stats())[on_x.qualname].in_flight == 1
+        assert await second.renew([taken], 30) == []
+        await second.settle(Outcomes(acks=[taken]))
+        stats = (await b.listener_stats())[on_x.qualname]
+        assert (stats.in_flight, stats.pending, stats.dead) == (0, 0, 0)
+
+
+async def test_a_timed_out_sync_listener_is_retried_once_its_thread_returned(
+    make_bus: BusFactory,
+) -> None:
+    state = {"first running": False}
+    overlapped: list[bool] = []
+    release = threading.Event()
+
+    @listener("x", timeout=0.05, retry=Retry(attempts=2, backoff=0, jitter=0))
+    def slow(event: Event) -> None:
+        if event.attempt == 1:
+            state["first running"] = True
+            release.wait(0.5)  # outlives its timeout
+            state["first running"] = False
+        else:
+            overlapped.append(state["first running"])
+            release.set()
+
+    async with make_bus(listeners=[slow]) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert overlapped == [False]
+
+
+async def test_publish_with_a_delay_returns_once_stored(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("later")
+    async def later() -> None:
+        pass
+
+    async with make_bus(listeners=[later], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        event = Event("later")
+        await store.put_wait(event, (), contextvars.copy_context(), delay_s=60)
+        stats = (await bus.listener_stats())[later.qualname]
+        assert stats.delayed == 1
+        with pytest.raises(PublishFailed, match="refused"):
+            await store.put_wait(Event("later\ud800"), (), contextvars.copy_context(), 60)
+
+
+@pytest.mark.timeout(120)
+async def test_a_listener_that_kills_its_process_takes_no_batch_mate_with_it(
+    make_bus: BusFactory, backend_name: str, tmp_path: Path
+) -> None:
+    _durable(backend_name)
+    if backend_name.startswith("redis"):
+        pytest.skip("the Redis store does not mark reclaimed deliveries as lost yet")
+    out = tmp_path / "delivered.txt"
+    url = make_bus().url + "&lease_s=0.3&max_lost_runs=2&poll_s=0.01"
+    env = {**os.environ, "TIDINGS_TEST_URL": url, "TIDINGS_TEST_OUT": str(out)}
+    os.environ["TIDINGS_TEST_URL"] = url
+    try:
+        async with poison_app.make_bus(consume=False) as producer:
+            for n in range(10):
+                await producer.publish("job", n=n)
+    finally:
+        del os.environ["TIDINGS_TEST_URL"]
+    codes: list[int] = []
+    root = Path(__file__).parents[2]
+    work = "import asyncio, tests.poison_app as app; asyncio.run(app.work())"
+    while not codes or codes[-1] != 0:
+        assert len(codes) < 8, codes
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", work, env=env, cwd=root)
+        codes.append(await proc.wait())
+    # Started with its batch-mates once, then alone until it ran out of lost runs.
+    assert codes == [3, 3, 3, 0]
+    delivered = {int(line) for line in out.read_text().split()}
+    assert delivered == set(range(10)) - {poison_app.POISON}
+    async with make_bus(listeners=[poison_app.job], consume=False) as bus:
+        (letter,) = await bus.list_dead_letters()
+    assert letter.event.kwargs == {"n": poison_app.POISON}
+    assert letter.error.startswith("DeliveryLost: ")
+
+
+async def test_what_a_thread_emits_is_stored_as_it_was_emitted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    if backend_name == "memory":
+        pytest.skip("in process, a payload is handed over by reference")
+    seen: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    @listener("order.paid")
+    async def paid(order: dict[str, object], when: dt.datetime) -> None:
+        seen.append({**order, "when": when})
+        if len(seen) == 3:
+            got.set()
+
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    async with make_bus(listeners=[paid]) as bus:
+        orders: list[dict[str, object]] = [{"id": n} for n in range(2)]
+
+        def emit_then_change() -> None:
+            for order in orders:
+                bus.emit("order.paid", order=order, when=now)
+                order["id"] = object()  # changed, and no longer serializable
+            bus.options(delay=0.01).emit("order.paid", order={"id": 9}, when=now)
+
+        # The loop takes the thread's events only once the thread has changed them.
+        thread = threading.Thread(target=emit_then_change)
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(got.wait(), 10)
+    assert sorted(seen, key=lambda o: cast(int, o["id"])) == [
+        {"id": 0, "when": now},
+        {"id": 1, "when": now},
+        {"id": 9, "when": now},
+    ]

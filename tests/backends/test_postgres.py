@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
 from tidings._patterns import matches
+from tidings.backends import postgres
+from tidings.backends.durable import Stored
 from tidings.backends.postgres import PostgresBackend, pattern_regex
 from tidings.cli import app as cli
-from tidings.errors import BackendError
+from tidings.errors import BackendError, PublishFailed
 
 from ..services import POSTGRES_URL, drop_schema, require_postgres, unique_schema
 
@@ -80,11 +83,11 @@ async def test_a_rolled_back_transaction_never_delivers(
         failed = db.transaction()
         await failed.start()
         await db.execute(f"INSERT INTO {schema}.users VALUES ('gone@x.y')")
-        await bus.publish("user.created", email="gone@x.y", connection=db)
+        await bus.options(connection=db).publish("user.created", email="gone@x.y")
         await failed.rollback()  # the payment failed, say
         async with db.transaction():
             await db.execute(f"INSERT INTO {schema}.users VALUES ('ada@x.y')")
-            await bus.publish("user.created", email="ada@x.y", connection=db)
+            await bus.options(connection=db).publish("user.created", email="ada@x.y")
             await asyncio.sleep(0.1)
             assert seen == []  # not committed yet: nobody can see it
         await bus.drain()
@@ -106,10 +109,10 @@ async def test_a_sqlalchemy_session_is_an_outbox_too(schema: str) -> None:
         async with Bus(_url(schema), listeners=[charge]) as bus:
             async with AsyncSession(engine) as session:
                 await session.execute(text("SELECT 1"))
-                await bus.publish("order.paid", order_id=1, session=session)
+                await bus.options(session=session).publish("order.paid", order_id=1)
                 await session.rollback()
             async with AsyncSession(engine) as session:
-                await bus.publish("order.paid", order_id=2, session=session)
+                await bus.options(session=session).publish("order.paid", order_id=2)
                 await session.commit()
             await bus.drain()
     finally:
@@ -134,7 +137,7 @@ async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
     async with Bus(_url(schema), listeners=[first, second]) as bus:
         for n in range(20):
             async with db.transaction():
-                await bus.publish("x", n=n, connection=db)
+                await bus.options(connection=db).publish("x", n=n)
         await bus.drain()
     assert sorted(a) == sorted(b) == list(range(20))
 
@@ -142,19 +145,19 @@ async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
 async def test_outbox_needs_postgres() -> None:
     async with Bus() as bus:
         with pytest.raises(ConfigurationError, match="only the PostgreSQL backend"):
-            await bus.publish("x", connection=object())
+            await bus.options(connection=object()).publish("x")
 
 
 async def test_migrations_run_once_and_are_recorded(schema: str, db: asyncpg.Connection) -> None:
     backend = PostgresBackend(POSTGRES_URL, schema=schema, migrate=False, consume=False)
     await backend.connect()
     try:
-        assert await backend.run_migrations() == [1]
+        assert await backend.run_migrations() == [1, 2]
         assert await backend.run_migrations() == []
     finally:
         await backend.disconnect()
     versions = await db.fetch(f"SELECT version FROM {schema}.migrations")
-    assert [r[0] for r in versions] == [1]
+    assert [r[0] for r in versions] == [1, 2]
 
 
 def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +165,7 @@ def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> Non
     runner = CliRunner(env={"COLUMNS": "250"})
     result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
     assert result.exit_code == 0, result.output
-    assert f"schema {schema}: ran migration(s) 1" in result.output
+    assert f"schema {schema}: ran migration(s) 1, 2" in result.output
     result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
     assert f"schema {schema} is up to date" in result.output
 
@@ -249,7 +252,7 @@ async def test_delivered_events_are_deleted_and_stats_count(
     async with Bus(_url(schema), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
         assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
@@ -282,6 +285,102 @@ def test_urls() -> None:
     assert "secret" not in repr(backend)
     with pytest.raises(ConfigurationError, match="schema name"):
         Bus("postgresql://db/app?schema=Bad-Name")
+    for reserved in ("select", "user", "pg_catalog"):
+        with pytest.raises(ConfigurationError, match=f"schema='{reserved}' is reserved"):
+            Bus(f"postgresql://db/app?schema={reserved}")
+    with pytest.raises(ConfigurationError, match=r"^batch must be"):
+        Bus("postgresql://db/app?batch=0")
+
+
+async def test_leases_run_on_the_databases_clock(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x() -> None:
+        pass
+
+    async with (
+        Bus(_url(schema), listeners=[on_x], consume=False) as a,
+        Bus(_url(schema), listeners=[on_x], consume=False) as b,
+    ):
+        first: PostgresBackend = a.backend  # type: ignore[assignment]
+        second: PostgresBackend = b.backend  # type: ignore[assignment]
+        await a.publish("x")
+        # The first worker's clock is an hour behind: its lease must still hold.
+        behind = types.SimpleNamespace(time=lambda: time.time() - 3600, monotonic=time.monotonic)
+        monkeypatch.setattr(postgres, "time", behind)
+        (claimed,) = await first.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        monkeypatch.undo()
+        assert await second.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
+        assert await first.renew([claimed], 30) == []
+
+
+async def test_a_row_that_cannot_be_read_is_a_dead_letter_and_the_rest_runs(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    async with Bus(_url(schema), listeners=[on_x], consume=False) as producer:
+        await producer.publish("x", n=1)
+        store: PostgresBackend = producer.backend  # type: ignore[assignment]
+        now = time.time()
+        await store.store([Stored("bad-headers", "x", b"{}", {"a": "b"}, now, now)])
+        await db.execute(f"UPDATE {schema}.events SET headers = 'nope' WHERE id = 'bad-headers'")
+        await producer.publish("x", n=2)
+    async with Bus(_url(schema), listeners=[on_x]) as worker:
+        await worker.drain()
+        (letter,) = await worker.list_dead_letters()
+    assert sorted(got) == [1, 2]
+    assert letter.event.id == "bad-headers"
+    assert letter.error.startswith("PayloadError: stored event 'bad-headers' cannot be read")
+
+
+async def test_storage_errors_reach_the_caller_as_backend_errors(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    async with Bus(_url(schema), consume=False) as bus:
+        await db.execute(f"DROP TABLE {schema}.deliveries")
+        for call in (
+            bus.list_dead_letters(),
+            bus.replay_dead_letters(),
+            bus.purge_dead_letters(),
+            bus.listener_stats(),
+            bus.forget_listener("x"),
+        ):
+            with pytest.raises(BackendError) as info:
+                await call
+            assert isinstance(info.value.__cause__, asyncpg.PostgresError)
+        with pytest.raises(PublishFailed) as failed:
+            await bus.options(connection=db).publish("x")
+        assert isinstance(failed.value.__cause__, asyncpg.PostgresError)
+
+
+async def test_forgotten_listeners_get_no_more_deliveries(schema: str) -> None:
+    @listener("x")
+    async def kept() -> None:
+        pass
+
+    @listener("x")
+    async def removed() -> None:
+        pass
+
+    async with Bus(_url(schema), listeners=[kept, removed], consume=False):
+        pass  # both joined
+    async with Bus(_url(schema), listeners=[kept]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        assert (await bus.listener_stats())[removed.qualname].pending == 1
+        assert await bus.forget_listener(removed.qualname) is True
+        assert await bus.forget_listener(removed.qualname) is False
+        bus.emit("x")
+        await bus.drain()
+        stats = await bus.listener_stats()
+        assert removed.qualname not in stats
+        assert stats[kept.qualname].last_seen is not None
 
 
 # -- a private server, restarted mid-stream ----------------------------------------------

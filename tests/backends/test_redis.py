@@ -227,7 +227,7 @@ async def test_stats_count_what_waits(prefix: str) -> None:
     async with Bus(_url(prefix), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
     assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
@@ -415,3 +415,13 @@ def test_urls() -> None:
         Bus("redis://localhost?prefix=a*b")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
         Bus("redis://localhost?codec=pickle")
+
+
+async def test_the_client_retries_with_the_asyncio_retry_policy(prefix: str) -> None:
+    # redis-py warns (an error under -W error) when given the synchronous one.
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    async with Bus(backend, consume=False):
+        retry = backend._redis.connection_pool.connection_kwargs["retry"]
+    assert isinstance(retry, AsyncRetry)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import sqlite3
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings import BackendError, Bus, ConfigurationError, Event, Retry, listener
 from tidings.backends.base import redact
+from tidings.backends.durable import Outcomes, Stored
 from tidings.backends.sqlite import SQLiteBackend
+from tidings.cli import app as cli
 
 
 def _url(tmp_path: Path) -> str:
@@ -181,7 +188,7 @@ async def test_stats_count_what_waits(tmp_path: Path) -> None:
     async with Bus(_url(tmp_path), listeners=[on_x], consume=False) as bus:
         for _ in range(5):
             bus.emit("x")
-        bus.emit("x", delay=60)
+        bus.options(delay=60).emit("x")
         await bus.drain()
         stats = (await bus.listener_stats())[on_x.qualname]
     assert stats.pending == 5
@@ -189,10 +196,10 @@ async def test_stats_count_what_waits(tmp_path: Path) -> None:
 
 
 def test_urls() -> None:
-    backend = Bus("sqlite:///some/dir/events.db").backend
+    backend = Bus("sqlite:///some/dir/events.db?create_dirs=1").backend
     assert isinstance(backend, SQLiteBackend)
     assert backend.path == "some/dir/events.db"
-    assert Bus("sqlite:////abs/events.db").backend.path == "/abs/events.db"  # type: ignore[attr-defined]
+    assert Bus("sqlite:////tmp/events.db").backend.path == "/tmp/events.db"  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
@@ -209,3 +216,300 @@ def test_urls() -> None:
     with pytest.raises(ConfigurationError) as info:
         Bus("nope://user:secret@host")
     assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [
+        ("batch=0", "batch"),
+        ("lease_s=0", "lease_s"),
+        ("lease_s=-1", "lease_s"),
+        ("poll_s=0", "poll_s"),
+        ("poll_s=nan", "poll_s"),
+        ("concurrency=0", "concurrency"),
+    ],
+)
+def test_options_out_of_range_are_refused_by_name(query: str, option: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{option} must be"):
+        Bus(f"sqlite:///x.db?{query}")
+
+
+async def test_a_row_that_cannot_be_read_is_a_dead_letter_and_the_rest_runs(
+    tmp_path: Path,
+) -> None:
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    async with Bus(_url(tmp_path), listeners=[on_x], consume=False) as producer:
+        await producer.publish("x", n=1)
+        with sqlite3.connect(tmp_path / "events.db") as db:
+            # Written by something else: headers that are not JSON, and a name that is
+            # not text.
+            db.execute(
+                "INSERT INTO tidings_events (id, name, data, headers, created, due) "
+                "VALUES ('bad-headers', 'x', x'7b7d', 'not json', 0, 0), "
+                "('bad-name', x'ff', x'7b7d', NULL, 0, 0)"
+            )
+        await producer.publish("x", n=2)
+    async with _fast(Bus(_url(tmp_path), listeners=[on_x])) as worker:
+        await worker.drain()
+        dead = {d.event.id: d.error for d in await worker.list_dead_letters()}
+    assert sorted(got) == [1, 2]
+    assert set(dead) == {"bad-headers", "bad-name"}
+    assert dead["bad-headers"].startswith("PayloadError: stored event 'bad-headers' cannot")
+
+
+_OLD_SCHEMA = """
+CREATE TABLE tidings_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
+    name TEXT NOT NULL, data BLOB NOT NULL, headers TEXT, created REAL NOT NULL,
+    due REAL NOT NULL);
+CREATE TABLE tidings_listeners (listener TEXT PRIMARY KEY, names TEXT NOT NULL,
+    position INTEGER NOT NULL);
+CREATE TABLE tidings_deliveries (listener TEXT NOT NULL, seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0, owner TEXT, dead INTEGER NOT NULL DEFAULT 0,
+    error TEXT, traceback TEXT, failed_at REAL, PRIMARY KEY (listener, seq)) WITHOUT ROWID;
+"""
+
+
+async def test_a_file_of_an_older_version_is_migrated_and_its_events_delivered(
+    tmp_path: Path,
+) -> None:
+    got: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        got.append(n)
+
+    with sqlite3.connect(tmp_path / "events.db") as db:
+        db.executescript(_OLD_SCHEMA)
+        db.execute("INSERT INTO tidings_listeners VALUES (?, 'x', 0)", (on_x.qualname,))
+        db.execute(
+            "INSERT INTO tidings_events (id, name, data, headers, created, due) "
+            "VALUES ('old', 'x', ?, NULL, 0, 0)",
+            (b'{"args":[],"kwargs":{"n":7},"obj":null}',),
+        )
+    async with _fast(Bus(_url(tmp_path), listeners=[on_x])) as bus:
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    assert got == [7]
+
+
+async def test_a_frozen_workers_lease_goes_by_the_injected_clock(tmp_path: Path) -> None:
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x() -> None:
+        pass
+
+    first = SQLiteBackend(tmp_path / "events.db", consume=False)
+    second = SQLiteBackend(tmp_path / "events.db", consume=False)
+    async with Bus(first, listeners=[on_x]) as bus, Bus(second, listeners=[on_x]):
+        await bus.publish("x")
+        (stale,) = await first.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        assert await second.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
+        second.clock = lambda: time.time() + 31  # past the lease, without waiting for it
+        (taken,) = await second.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        assert (taken.attempt, taken.lost) == (2, True)
+        assert await first.renew([stale], 30) == [stale]
+        await first.settle(Outcomes(acks=[stale]))
+        assert (await bus.listener_stats())[on_x.qualname].in_flight == 1
+
+
+async def test_forgotten_listeners_keep_no_events(tmp_path: Path) -> None:
+    @listener("x")
+    async def kept() -> None:
+        pass
+
+    @listener("x")
+    async def removed() -> None:
+        pass
+
+    backend = SQLiteBackend(tmp_path / "events.db", poll_s=0.01)
+    async with Bus(_url(tmp_path), listeners=[kept, removed], consume=False):
+        pass  # both joined
+    async with Bus(backend, listeners=[kept]) as bus:
+        for _ in range(100):
+            bus.emit("x")
+        await bus.drain()
+        assert (await bus.listener_stats())[removed.qualname].pending == 100
+        assert await bus.forget_listener(removed.qualname) is True
+        assert await bus.forget_listener(removed.qualname) is False
+        stats = await bus.listener_stats()
+        assert removed.qualname not in stats
+        assert stats[kept.qualname].last_seen is not None
+    with sqlite3.connect(tmp_path / "events.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM tidings_events").fetchone() == (0,)
+
+
+def test_tidings_listeners_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .. import cli_app
+
+    @listener("order.*")
+    async def removed() -> None:
+        pass
+
+    removed.qualname = "tests.removed_since"
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(tmp_path))
+
+    async def join() -> None:
+        async with Bus(_url(tmp_path), listeners=[removed], consume=False):
+            pass  # joined by an older version of the app
+
+    asyncio.run(join())
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+    result = runner.invoke(cli, ["stats", target])
+    assert result.exit_code == 0, result.output
+    assert "last seen" in result.output
+    assert "never" in result.output
+    assert removed.qualname in result.output
+    result = runner.invoke(cli, ["listeners", "forget", target, removed.qualname])
+    assert result.exit_code == 0, result.output
+    assert f"forgot listener {removed.qualname!r}" in result.output
+    result = runner.invoke(cli, ["stats", target])
+    assert removed.qualname not in result.output
+    result = runner.invoke(cli, ["listeners", "forget", target, removed.qualname])
+    assert result.exit_code == 1
+    assert "no listener" in result.output
+    result = runner.invoke(cli, ["listeners", "forget", target, cli_app.audit.qualname])
+    assert result.exit_code == 1
+    assert "remove it from the code first" in result.output
+    result = runner.invoke(cli, ["listeners", "forget", target])
+    assert result.exit_code == 1
+    assert "usage: tidings listeners forget APP NAME" in result.output
+
+
+async def test_listeners_nobody_claims_for_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    @listener("x")
+    async def gone() -> None:
+        pass
+
+    @listener("y")
+    async def running() -> None:
+        pass
+
+    async with _fast(Bus(_url(tmp_path), listeners=[gone])) as bus:
+        await bus.drain()  # gone has claimed once
+    backend = SQLiteBackend(tmp_path / "events.db", poll_s=0.01, stale_listener_s=3600)
+    async with Bus(backend, listeners=[running]) as bus:
+        await bus.drain()
+        backend.clock = lambda: time.time() + 7200
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await backend._check_stale()
+    warned = [r.getMessage() for r in caplog.records if "no process has claimed" in r.getMessage()]
+    assert len(warned) == 1
+    assert gone.qualname in warned[0]
+
+
+async def test_storage_errors_reach_the_caller_as_backend_errors(tmp_path: Path) -> None:
+    async with Bus(_url(tmp_path), consume=False) as bus:
+        with sqlite3.connect(tmp_path / "events.db") as db:
+            db.execute("DROP TABLE tidings_deliveries")
+        for call in (
+            bus.list_dead_letters(),
+            bus.replay_dead_letters(),
+            bus.purge_dead_letters(),
+            bus.listener_stats(),
+            bus.forget_listener("x"),
+        ):
+            with pytest.raises(BackendError) as info:
+                await call
+            assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+async def test_events_not_stored_by_close_are_reported_by_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout_s=0.01)
+    bus = Bus(backend)
+    await bus.start()
+    locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the file: an outage
+        events = [Event("x") for _ in range(3)]
+        for event in events:
+            backend.put(event, (), contextvars.copy_context())
+        with caplog.at_level(logging.ERROR):
+            await bus.aclose(timeout=0.2)
+    finally:
+        locker.close()
+    (closing,) = [r.getMessage() for r in caplog.records if r.name == "tidings.bus"]
+    assert "3 undelivered event(s)" in closing
+    assert all(event.id in closing for event in events)
+
+
+async def test_shutdown_is_bounded_while_a_claim_hangs(tmp_path: Path) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    backend = SQLiteBackend(tmp_path / "events.db", busy_timeout_s=3)
+    bus = _fast(Bus(backend, listeners=[on_x]))
+    await bus.start()
+    locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # the next claim waits for the lock
+        began = time.monotonic()
+        await bus.aclose(timeout=0.2)
+        assert time.monotonic() - began < 2.5  # not the lock's 3s, nor more
+    finally:
+        locker.close()
+        await backend.disconnect()  # once the lock is gone, the connection closes
+
+
+class _SlowToStore(SQLiteBackend):
+    """Stores the events named ``follow`` only once ``opened`` is set; records writes."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.opened = asyncio.Event()
+        self.writes: list[str] = []
+
+    async def store(self, records: Sequence[Stored]) -> None:
+        if any(r.name == "follow" for r in records):
+            await self.opened.wait()
+            self.writes.append("follow stored")
+        await super().store(records)
+
+    async def settle(self, outcomes: Outcomes) -> None:
+        if outcomes.acks:
+            self.writes.append("ack")
+        await super().settle(outcomes)
+
+
+async def test_an_ack_waits_for_the_events_its_listener_emitted(tmp_path: Path) -> None:
+    ran = asyncio.Event()
+
+    @listener("x")
+    async def on_x() -> None:
+        bus.emit("follow")
+        ran.set()
+
+    backend = _SlowToStore(tmp_path / "events.db", poll_s=0.01)
+    async with Bus(backend, listeners=[on_x]) as bus:
+        bus.emit("x")
+        await ran.wait()
+        await asyncio.sleep(0.1)  # time for an ack written too early
+        backend.opened.set()
+        await bus.drain()
+    assert backend.writes[:2] == ["follow stored", "ack"]
+
+
+def test_a_missing_directory_is_refused_unless_asked_to_create_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(ConfigurationError, match=r"does not exist.*create_dirs=true"):
+        Bus(f"sqlite:///{missing / 'e.db'}")
+    assert not missing.exists()
+    Bus(f"sqlite:///{missing / 'e.db'}?create_dirs=true")
+    Bus(f"sqlite:///{tmp_path / 'e.db'}")  # an existing directory needs nothing
+
+
+async def test_create_dirs_makes_the_directory_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "new"
+    async with Bus(f"sqlite:///{missing / 'e.db'}?create_dirs=true"):
+        pass
+    assert (missing / "e.db").exists()

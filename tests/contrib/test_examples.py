@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -50,3 +53,19 @@ async def test_starlette_sign_ups() -> None:
         assert starlette_app.mailer.outbox == [("ada@example.com", "Welcome, Ada!")]
         assert starlette_app.desk.notes == ["new user #1: Ada"]
     assert not bus.started
+
+
+async def test_the_worker_example_keeps_options_apart_from_the_payload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_URL", f"sqlite:///{tmp_path / 'e.db'}")
+    from examples import worker
+
+    example = importlib.reload(worker)
+    example.bus.backend.consume = False
+    async with example.bus as bus:
+        await example.sign_up("ada@example.com")
+        stats = await bus.listener_stats()
+    audit = stats[f"{example.__name__}.audit"]
+    assert (audit.pending, audit.delayed) == (1, 1)  # the reminder waits an hour
+    assert stats[f"{example.__name__}.send_welcome"].pending == 1

@@ -195,7 +195,7 @@ async def test_overrides_of_a_bound_app_reach_listeners_subscribed_later() -> No
     async with Bus() as bus:
         bind(bus, app)
         try:
-            bus.subscribe("user.created", fn=welcome)
+            bus.subscribe(welcome, "user.created")
             bus.emit("user.created", email="a@b.c")
             await bus.drain()
         finally:
@@ -348,7 +348,58 @@ async def test_a_callable_object_listener_takes_dependencies_too() -> None:
             seen.append((email, mailer.name))
 
     async with Bus() as bus:
-        bus.subscribe("user.created", fn=Welcome())
+        bus.subscribe(Welcome(), "user.created")
         bus.emit("user.created", email="a@b.c")
         await bus.drain()
     assert seen == [("a@b.c", "object")]
+
+
+@listener("user.created")
+async def _welcome_once_per_client(email: str) -> None:
+    _welcomed.append(email)
+
+
+_welcomed: list[str] = []
+# As the README writes it: one bus and one app, at module level.
+_module_bus = Bus(listeners=[_welcome_once_per_client])
+_module_app = FastAPI(lifespan=lifespan(_module_bus))
+
+
+@_module_app.post("/users/{email}")
+async def _create_user(email: str) -> dict[str, bool]:
+    _module_bus.emit("user.created", email=email)
+    return {"ok": True}
+
+
+# What users write today; Starlette asks for another HTTP client for it in time.
+_TEST_CLIENT_WARNING = "ignore:Using `httpx` with `starlette.testclient` is deprecated"
+
+
+@pytest.mark.filterwarnings(_TEST_CLIENT_WARNING)
+@pytest.mark.parametrize("run", [1, 2])
+def test_a_module_level_bus_serves_one_test_client_after_another(run: int) -> None:
+    from fastapi.testclient import TestClient
+
+    _welcomed.clear()
+    for client_number in range(2):
+        with TestClient(_module_app) as client:
+            response = client.post(f"/users/{run}-{client_number}")
+            assert response.status_code == 200
+        assert not _module_bus.started
+    assert _welcomed == [f"{run}-0", f"{run}-1"]
+
+
+@pytest.mark.filterwarnings(_TEST_CLIENT_WARNING)
+@pytest.mark.parametrize("run", [1, 2])
+async def test_the_tidings_bus_fixture_beside_a_module_level_app(
+    tidings_bus: Bus, run: int
+) -> None:
+    from fastapi.testclient import TestClient
+
+    seen: list[int] = []
+    tidings_bus.subscribe(seen.append, "n")
+    tidings_bus.emit("n", run)
+    await tidings_bus.drain()
+    assert seen == [run]
+    with TestClient(_module_app) as client:
+        assert client.post(f"/users/fixture-{run}").status_code == 200

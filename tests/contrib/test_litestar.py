@@ -18,6 +18,7 @@ from litestar.status_codes import HTTP_200_OK
 from litestar.testing import AsyncTestClient, create_test_client
 
 from tidings import Bus, Retry
+from tidings import listener as tidings_listener
 from tidings.contrib.litestar import TidingsEmitterBackend, TidingsPlugin
 
 Backend = TidingsEmitterBackend
@@ -318,3 +319,79 @@ async def test_the_scenarios_of_litestars_events_page_with_the_plugin() -> None:
         ("ada@example.com", "welcome"),
     ]
     assert support == ["deleted"]
+
+
+@pytest.mark.parametrize("with_plugin", [True, False])
+async def test_payload_keywords_named_like_options_reach_the_listener(with_plugin: bool) -> None:
+    invalidated: list[tuple[str, int]] = []
+
+    @listener("cache_invalidated")
+    async def drop_from_cache(key: str, delay: int) -> None:
+        invalidated.append((key, delay))
+
+    @post("/cache/{k:str}")
+    async def invalidate(k: FromPath[str], request: Request[Any, Any, Any]) -> None:
+        request.app.emit("cache_invalidated", key=k, delay=60)
+
+    bus = Bus()
+    extra: dict[str, Any] = (
+        {"plugins": [TidingsPlugin(bus)]}
+        if with_plugin
+        else {"event_emitter_backend": Backend.using(bus)}
+    )
+    app = Litestar(route_handlers=[invalidate], listeners=[drop_from_cache], **extra)
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/cache/user-1")).status_code == 201
+        await bus.drain()
+        assert invalidated == [("user-1", 60)]
+        assert bus.dead_letters() == []
+
+
+async def test_the_plugin_takes_tidings_listeners_beside_litestars() -> None:
+    seen: list[str] = []
+
+    @tidings_listener("user_created", retry=2)
+    async def welcome(email: str) -> None:
+        seen.append(f"tidings {email}")
+
+    @listener("user_created")
+    async def audit(email: str) -> None:
+        seen.append(f"litestar {email}")
+
+    @post("/users")
+    async def create_user(request: Request[Any, Any, Any]) -> None:
+        request.app.emit("user_created", email="ada@example.com")
+
+    bus = Bus()
+    for _ in range(2):  # one plugin, two apps (as two test clients make): subscribed once
+        app = Litestar(
+            route_handlers=[create_user],
+            # Litestar's annotation names only its own listener class.
+            listeners=[welcome, audit],  # type: ignore[list-item]
+            plugins=[TidingsPlugin(bus)],
+        )
+        seen.clear()
+        async with AsyncTestClient(app) as client:
+            assert (await client.post("/users")).status_code == 201
+            await bus.drain()
+        assert sorted(seen) == ["litestar ada@example.com", "tidings ada@example.com"]
+
+
+async def test_on_shutdown_may_close_the_bus() -> None:
+    bus = Bus()
+    app = Litestar(route_handlers=[], on_startup=[bus.start], on_shutdown=[bus.aclose])
+    async with AsyncTestClient(app):
+        assert bus.started
+    assert not bus.started
+
+
+async def test_the_emitter_backend_alone_takes_tidings_listeners_too() -> None:
+    seen: list[str] = []
+
+    @tidings_listener("user_created")
+    async def welcome(email: str) -> None:
+        seen.append(email)
+
+    async with Backend([welcome]) as emitter:  # type: ignore[list-item]
+        emitter.emit("user_created", email="ada@example.com")
+    assert seen == ["ada@example.com"]

@@ -150,3 +150,40 @@ async def test_without_a_schema_emit_keeps_its_flat_path() -> None:
         assert bus._hot
         bus.schema("user.created", UserCreated)
         assert not bus._hot
+
+
+async def test_one_positional_dict_is_validated_as_the_payload() -> None:
+    seen: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    @listener("user.created")
+    async def welcome(event: Event) -> None:
+        seen.append((event.args, dict(event.kwargs)))
+
+    bus = Bus(listeners=[welcome])
+    bus.schema("user.created", UserCreated)
+    async with bus:
+        bus.emit("user.created", {"id": "7", "email": "ada@example.com"})
+        await bus.publish("user.created", {"id": 8, "email": "bob@example.com", "plan": "pro"})
+        with pytest.raises(SchemaError, match="id") as info:
+            bus.emit("user.created", {"id": "x", "email": "c@example.com"})
+        # Not a ValidationError itself (pydantic allows no subclass): chained to one.
+        assert isinstance(info.value.__cause__, ValidationError)
+        with pytest.raises(SchemaError, match="keyword arguments or one dict"):
+            bus.emit("user.created", {"id": 1}, email="c@example.com")
+        await bus.drain()
+    assert seen == [
+        ((), {"id": 7, "email": "ada@example.com", "plan": "free"}),
+        ((), {"id": 8, "email": "bob@example.com", "plan": "pro"}),
+    ]
+
+
+def test_a_bare_schema_decorator_is_a_clear_error() -> None:
+    bus = Bus()
+    with pytest.raises(ConfigurationError, match=r"takes the event name first.*Bare"):
+
+        @bus.schema
+        class Bare(BaseModel):  # type: ignore[call-overload]
+            id: int
+
+    with pytest.raises(ConfigurationError, match="takes the event name first"):
+        bus.schema(UserCreated)  # type: ignore[call-overload]

@@ -110,15 +110,22 @@ class Backend(ABC):
         The bus installs it as its ``emit`` while nothing needs to see each event
         (no hooks, no strict checks, no serialization check) and removes it when that
         changes. It may queue a named event whose name is in ``routes``, emitted on the
-        thread ``thread`` without options; anything else it hands to ``fallback`` (the
+        thread ``thread`` (every keyword is payload); anything else it hands to ``fallback`` (the
         bus's own ``emit``) with the same arguments. Its events are emitted in
         ``contexts.copy()`` (which it may inline).
         """
         return None
 
     @abstractmethod
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising."""
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising;
+        with ``delay_s``, like :meth:`put_later` (a durable backend returns once stored)."""
 
     @abstractmethod
     def put_later(
@@ -160,8 +167,9 @@ class Backend(ABC):
 
 
 def backend_from_url(url: str, **options: Any) -> Backend:
-    """Build the backend a URL names: ``memory://``, ``sqlite:///path.db`` or
-    ``redis://host:port/db``.
+    """Build the backend a URL names: ``memory://``, ``sqlite:///path.db``,
+    ``redis://host:port/db`` (also ``rediss://`` and ``unix://``) or
+    ``postgresql://user@host/db`` (also ``postgres://``).
 
     ``options`` are the bus's settings; each backend takes those it knows.
 
@@ -226,10 +234,38 @@ def split_options(
     return urlunsplit(parts._replace(query=urlencode(rest))), options
 
 
+# Query parameters whose values are secrets, matched anywhere in the name (so that
+# ``sslpassword``, ``api_key`` and ``access_token`` are caught too).
+_SECRET_WORDS = ("pass", "pwd", "token", "secret", "key", "auth", "credential")
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` as it may be shown: its password and every credential-like query value
+    (``password``, ``pass``, ``token``, ``secret``, ``key``...) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL one can take apart: show none of it
+        return "<a URL that cannot be parsed>"
+    # Edited in place rather than rebuilt, which would change what it does not redact
+    # (``sqlite:///x.db`` would lose its slashes).
+    shown = url
+    if password is not None:
+        user = parts.netloc.rpartition("@")[0].partition(":")[0]
+        host = parts.netloc.rpartition("@")[2]
+        shown = shown.replace(parts.netloc, f"{user}:***@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_is_secret(name) for name, _ in pairs):
+            query = urlencode(
+                [(name, "***" if _is_secret(name) else value) for name, value in pairs], safe="*"
+            )
+            head, _, _ = shown.partition("?")
+            fragment = f"#{parts.fragment}" if parts.fragment else ""
+            shown = f"{head}?{query}{fragment}"
+    return shown

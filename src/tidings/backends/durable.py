@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
+import math
 import os
 import socket
 import time
 import traceback
 import uuid
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import Context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,10 +34,12 @@ import msgspec
 
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
-from tidings.codec import CODECS, decode_payload, encode_payload, revive_object, revive_value
+from tidings.codec import CODECS, decode_payload, encode_payload, revive_object
 from tidings.errors import (
     BackendError,
+    BindingError,
     ConfigurationError,
+    ConnectionLost,
     DeliveryLost,
     PayloadError,
     PublishFailed,
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
     from tidings.listeners import Subscription
 
 __all__ = [
+    "STORED_VERSION",
     "Claimed",
     "DurableBackend",
     "ListenerStats",
@@ -56,6 +61,7 @@ __all__ = [
     "dead_letter",
     "dead_letter_row",
     "stored_row",
+    "unreadable",
 ]
 
 logger = logging.getLogger("tidings.backends.durable")
@@ -64,8 +70,17 @@ logger = logging.getLogger("tidings.backends.durable")
 _DECODED = 4096
 
 
-class Stored(msgspec.Struct, array_like=True):
-    """One event as a broker stores it (a broker may store it as this msgpack array)."""
+#: The newest stored format this version of tidings reads (and the one it writes).
+STORED_VERSION = 1
+
+
+class Stored(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One event as a broker stores it (a broker may store it as this msgpack array).
+
+    ``version`` is the stored format's: an entry written before it existed reads as 1,
+    and a version-1 entry is packed without it (as older workers read it). A worker
+    makes an entry of a newer format a dead letter rather than misread it.
+    """
 
     id: str
     name: str
@@ -73,6 +88,7 @@ class Stored(msgspec.Struct, array_like=True):
     headers: dict[str, str]
     created: float
     due: float
+    version: int = 1
 
 
 class Claimed(msgspec.Struct):
@@ -83,11 +99,19 @@ class Claimed(msgspec.Struct):
     record: Stored
     #: The broker's own handle for the delivery (a row key, a stream entry id...).
     ref: Any = None
+    #: Why the broker could not read the entry into ``record`` (then a placeholder with
+    #: the id it knows): the engine makes the delivery a dead letter with this error.
+    error: str | None = None
+    #: Reclaimed after its lease expired: its last run was lost with its worker. The
+    #: engine runs it alone in its process, so a listener that crashes its process
+    #: takes no other delivery with it.
+    lost: bool = False
 
 
 @dataclass(slots=True)
 class ListenerStats:
-    """What waits for one listener in the store."""
+    """What waits for one listener in the store, and when a process last claimed for it
+    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say)."""
 
     pending: int = 0
     in_flight: int = 0
@@ -95,6 +119,7 @@ class ListenerStats:
     delayed: int = 0
     dead: int = 0
     oldest_age_s: float | None = None
+    last_seen: float | None = None
 
 
 @dataclass(slots=True)
@@ -129,8 +154,13 @@ def _event(
 def dead_letter(
     record: Stored, listener: str, attempts: int, error: str, traceback: str, failed_at: float
 ) -> DeadLetter:
-    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it."""
-    event = _event(record, *decode_payload(record.data), attempts)
+    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it (with
+    an empty payload when it cannot be decoded: its error says why)."""
+    try:
+        payload = decode_payload(record.data)
+    except Exception:
+        payload = ((), {}, None)
+    event = _event(record, *payload, attempts)
     return DeadLetter(
         event=event,
         listener=listener,
@@ -145,17 +175,48 @@ _headers_dec = msgspec.json.Decoder(dict[str, str])
 
 
 def stored_row(
-    id_: str, name: str, data: bytes, headers: str | None, created: float, due: float
+    id_: Any,
+    name: Any,
+    data: Any,
+    headers: Any,
+    created: Any,
+    due: Any,
+    version: Any = 1,
 ) -> Stored:
-    """A stored event read back from an SQL row, whose headers are JSON text (or NULL)."""
-    return Stored(id_, name, data, _headers_dec.decode(headers) if headers else {}, created, due)
+    """A stored event read back from an SQL row, whose headers are JSON text (or NULL).
+
+    Raises:
+        PayloadError: the row does not hold a stored event (written by something else).
+    """
+    if not (isinstance(id_, str) and isinstance(name, str) and isinstance(data, bytes)):
+        raise PayloadError(
+            f"the stored row of event {id_!r} is not an event: id {type(id_).__name__}, "
+            f"name {type(name).__name__}, data {type(data).__name__}"
+        )
+    if headers is not None and not isinstance(headers, str | bytes):
+        raise PayloadError(f"the headers of stored event {id_!r} are not JSON text")
+    try:
+        read = _headers_dec.decode(headers) if headers else {}
+        return Stored(id_, name, data, read, float(created), float(due), int(version))
+    except (msgspec.DecodeError, TypeError, ValueError) as exc:
+        raise PayloadError(f"stored event {id_!r} cannot be read: {exc}") from exc
+
+
+def unreadable(listener: str, attempt: int, id_: Any, ref: Any, exc: BaseException) -> Claimed:
+    """The claim of an entry the broker could not read: a placeholder record with the id
+    it knows, and ``exc`` as the error the engine buries the delivery with."""
+    error = f"{type(exc).__qualname__}: {exc}"
+    return Claimed(listener, attempt, Stored(str(id_), "", b"", {}, 0.0, 0.0), ref, error=error)
 
 
 def dead_letter_row(row: Sequence[Any]) -> DeadLetter:
     """A dead letter read back from an SQL row of ``listener, attempt, error, traceback,
     failed_at`` (of the delivery) and ``id, name, data, headers, created`` (of its event)."""
     listener, attempt, error, tb, failed_at, id_, name, data, headers, created = row
-    record = stored_row(id_, name, data, headers, created, created)
+    try:
+        record = stored_row(id_, name, data, headers, created, created)
+    except PayloadError:
+        record = Stored(str(id_), str(name), b"", {}, 0.0, 0.0)
     return dead_letter(record, listener, attempt, error or "", tb or "", failed_at or 0.0)
 
 
@@ -180,6 +241,51 @@ def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
     )
 
 
+# A buffered event: its record, the waiter of the publisher (None: emitted) and its
+# number among everything put (what a settled outcome waits to see stored).
+_Entry = tuple[Stored, "asyncio.Future[None] | None", int]
+
+# The storage calls a store implements that the bus and the CLI call directly: their
+# driver errors are translated in one place (see _translating).
+_TRANSLATED = {
+    "join": "joining a listener",
+    "list_dead": "listing dead letters",
+    "replay_dead": "replaying dead letters",
+    "purge_dead": "purging dead letters",
+    "listener_stats": "reading listener stats",
+    "store_with": "storing events in the caller's transaction",
+    "forget": "forgetting a listener",
+    "claim_tick": "claiming a schedule's tick",
+    "run_migrations": "running migrations",
+}
+
+
+def _translating(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """``fn`` (an async storage method) raising only ``BackendError`` subclasses."""
+
+    @functools.wraps(fn)
+    async def call(self: DurableBackend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (BackendError, PayloadError, ConfigurationError):
+            raise
+        except Exception as exc:
+            raise self.translate(exc, what) from exc
+
+    call.__tidings_translated__ = True  # type: ignore[attr-defined]
+    return call
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a number more than 0, not {value!r}")
+
+
+def _count(name: str, value: int) -> None:
+    if not (isinstance(value, int) and value >= 1):
+        raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+
 class DurableBackend(Backend):
     """A backend whose deliveries live in a store that outlives the process.
 
@@ -201,12 +307,24 @@ class DurableBackend(Backend):
             may be started (each start past those lost with its worker, which stopped or
             lost the lease while running it) before it is a dead letter
             (``DeliveryLost``) instead of being run again.
+        stale_listener_s: a consuming process warns of joined listeners no process has
+            claimed for this long (their deliveries pile up: forget them, or run them).
+
+    Raises:
+        ConfigurationError: an option out of its range (named in the message).
     """
 
     durable: ClassVar[bool] = True
     serializes_at_put: ClassVar[bool] = True
     #: The scheme in URLs (``sqlite``), for messages.
     scheme: ClassVar[str] = "durable"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, what in _TRANSLATED.items():
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "__tidings_translated__", False):
+                setattr(cls, name, _translating(fn, what))
 
     def __init__(
         self,
@@ -221,11 +339,18 @@ class DurableBackend(Backend):
         drain_on_close: bool = True,
         codec: str = "json",
         max_lost_runs: int = 5,
+        stale_listener_s: float = 86400.0,
     ) -> None:
         if codec not in CODECS:
             raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
-        if max_lost_runs < 0:
+        if not isinstance(max_lost_runs, int) or max_lost_runs < 0:
             raise ConfigurationError(f"max_lost_runs must be 0 or more, not {max_lost_runs}")
+        _count("concurrency", concurrency)
+        _count("batch", batch)
+        _count("max_pending", max_pending)
+        _positive("lease_s", lease_s)
+        _positive("poll_s", poll_s)
+        _positive("stale_listener_s", stale_listener_s)
         self.codec = codec
         self.consume = consume
         self.concurrency = concurrency
@@ -236,11 +361,17 @@ class DurableBackend(Backend):
         self.listener_patterns = tuple(listeners) if listeners else None
         self.drain_on_close = drain_on_close
         self.max_lost_runs = max_lost_runs
+        self.stale_listener_s = stale_listener_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: The clock of leases and due times (epoch seconds); a test may move it.
+        self.clock: Callable[[], float] = time.time
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buffer: list[tuple[Stored, asyncio.Future[None] | None]] = []
+        self._buffer: list[_Entry] = []
         self._buffer_empty = asyncio.Event()
+        self._puts = 0
+        self._flushed_some = asyncio.Event()
+        self._unstored: list[str] = []
         self._closing = False
         self._stop = asyncio.Event()
         self._flush_task: asyncio.Task[None] | None = None
@@ -259,6 +390,12 @@ class DurableBackend(Backend):
         self._progress = asyncio.Event()
         self._outage_logged = False
         self._payloads: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+        # Deliveries whose last run was lost, waiting to run alone; while one does, no
+        # consumer of this process claims.
+        self._alone: list[tuple[_Consumer, Claimed, Event]] = []
+        self._alone_task: asyncio.Task[None] | None = None
+        self._paused = False
+        self._stale_checked = 0.0
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -272,7 +409,8 @@ class DurableBackend(Backend):
 
     @abstractmethod
     async def store(self, records: Sequence[Stored]) -> None:
-        """Store events durably (one round trip for the batch where the broker can)."""
+        """Store events durably (one round trip for the batch where the broker can);
+        all or none of them."""
 
     @abstractmethod
     async def join(self, listener: str, names: Sequence[str]) -> None:
@@ -284,17 +422,21 @@ class DurableBackend(Backend):
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
     ) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries of ``listener`` to this process, oldest
-        first, counting an attempt for each (reclaiming those whose lease expired)."""
+        first, counting an attempt for each. One whose lease expired (its worker died
+        running it) is reclaimed alone, marked ``lost``. An entry that cannot be read is
+        returned with ``error`` set, never raised."""
 
     @abstractmethod
     async def settle(self, outcomes: Outcomes) -> None:
         """Write outcomes back in one round trip: acks delete deliveries, retries make
         them due again later, burials keep them as dead letters, releases hand them
-        back untried (the attempt is not counted)."""
+        back untried (the attempt is not counted). Each only where this process
+        (``owner``) still holds the delivery's lease."""
 
     @abstractmethod
-    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> None:
-        """Extend the leases of deliveries that are still running."""
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed] | None:
+        """Extend the leases of deliveries that are still running, where this process
+        still holds them; the deliveries it no longer holds (another took them over)."""
 
     @abstractmethod
     async def list_dead(self, listener: str | None, limit: int) -> list[DeadLetter]:
@@ -311,6 +453,32 @@ class DurableBackend(Backend):
     @abstractmethod
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits in the store, per listener."""
+
+    async def forget(self, listener: str) -> bool:
+        """Remove a joined listener and every delivery of it, so it keeps no event
+        stored; whether it was joined.
+
+        Raises:
+            BackendError: the store cannot forget listeners.
+        """
+        raise BackendError(f"the {self.scheme} store cannot forget listeners")
+
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by :meth:`store`) says the store refuses the records
+        themselves (a constraint, an encoding, a size), rather than that it cannot be
+        reached: refused events are dropped one by one, never retried as an outage.
+        A store adds its driver's data errors."""
+        if isinstance(exc, OSError | ConnectionError | TimeoutError | BackendError):
+            return False
+        return isinstance(exc, UnicodeError | OverflowError | ValueError | TypeError)
+
+    def translate(self, exc: BaseException, what: str) -> BackendError:
+        """The library's error for a driver's ``exc`` raised while doing ``what``."""
+        lost = isinstance(exc, OSError | ConnectionError | TimeoutError)
+        kind = ConnectionLost if lost else BackendError
+        if what.startswith("storing"):
+            kind = PublishFailed
+        return kind(f"{self.scheme} store: {what} failed: {type(exc).__qualname__}: {exc}")
 
     # -- Backend: producing --------------------------------------------------------
 
@@ -351,6 +519,15 @@ class DurableBackend(Backend):
             due=due,
         )
 
+    def _due(self, event: Event, delay_s: float | None) -> float:
+        return event.timestamp if delay_s is None else self.clock() + delay_s
+
+    def _append(self, record: Stored, waiter: asyncio.Future[None] | None) -> None:
+        self._puts += 1
+        self._buffer.append((record, waiter, self._puts))
+        self._buffer_empty.clear()
+        self._flush_wake.set()
+
     def has_room(self, count: int) -> bool:
         return len(self._buffer) + count <= self.max_pending
 
@@ -361,26 +538,33 @@ class DurableBackend(Backend):
                 f"(max_pending={self.max_pending}); cannot queue event {event.name!r}: "
                 "await bus.publish(...) to wait for the store"
             )
-        self._buffer.append((self._record(event, event.timestamp), None))
-        self._buffer_empty.clear()
-        self._flush_wake.set()
+        self._append(self._record(event, event.timestamp), None)
 
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """Queue like :meth:`put` (due ``delay_s`` seconds from now, if given), waiting
+        for room, and return once the event is stored.
+
+        Raises:
+            PublishFailed: the store is unreachable, or refused the event.
+        """
+        record = self._record(event, self._due(event, delay_s))
         while len(self._buffer) >= self.max_pending:
             self._buffer_empty.clear()
             await self._buffer_empty.wait()
         waiter = self._loop.create_future()  # type: ignore[union-attr]
-        self._buffer.append((self._record(event, event.timestamp), waiter))
-        self._buffer_empty.clear()
-        self._flush_wake.set()
+        self._append(record, waiter)
         await waiter
 
     def put_later(
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
     ) -> None:
-        self._buffer.append((self._record(event, time.time() + delay_s), None))
-        self._buffer_empty.clear()
-        self._flush_wake.set()
+        self._append(self._record(event, self.clock() + delay_s), None)
 
     async def _flusher(self) -> None:
         delay = 0.05
@@ -391,20 +575,25 @@ class DurableBackend(Backend):
             self._flush_wake.clear()
             while self._buffer:
                 batch = self._buffer[: self.batch]
+                done: list[_Entry] = []
                 try:
-                    await self.store([record for record, _ in batch])
+                    await self._store_batch(batch, done)
                 except Exception as exc:
-                    self._outage(f"storing {len(batch)} event(s) failed", exc)
+                    gone = {id(entry) for entry in done}
+                    self._buffer = [entry for entry in self._buffer if id(entry) not in gone]
+                    self._outage(f"storing {len(batch) - len(done)} event(s) failed", exc)
                     # A publisher hears of it (and may retry); emitted events wait here.
-                    kept: list[tuple[Stored, asyncio.Future[None] | None]] = []
-                    for record, waiter in self._buffer:
+                    kept: list[_Entry] = []
+                    for entry in self._buffer:
+                        record, waiter, _ = entry
                         if waiter is None:
-                            kept.append((record, waiter))
+                            kept.append(entry)
                         elif not waiter.done():
                             waiter.set_exception(
                                 PublishFailed(f"event {record.id} was not stored: {exc}")
                             )
                     self._buffer = kept
+                    self._flushed_some.set()
                     if self._closing:
                         self._lost(exc)
                         return
@@ -413,24 +602,77 @@ class DurableBackend(Backend):
                     continue
                 delay = 0.05
                 self._recovered()
+                # The batch is still the buffer's head: puts only append.
                 del self._buffer[: len(batch)]
-                self._stored_count += len(batch)
-                for _, waiter in batch:
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(None)
+                self._flushed_some.set()
                 for consumer in self._consumers:
                     consumer.wake.set()
         self._buffer_empty.set()
 
-    def _lost(self, exc: BaseException) -> None:
+    async def _store_batch(self, batch: list[_Entry], done: list[_Entry]) -> None:
+        """Store ``batch``; when the store refuses it for what it holds (not an outage),
+        halve it until the refused events are found, store the rest and drop those.
+        Each entry handled is added to ``done``; an outage raises."""
+        try:
+            await self.store([record for record, _, _ in batch])
+        except Exception as exc:
+            # (Through a translated error to the driver's own.)
+            cause = exc.__cause__ if isinstance(exc, BackendError) else None
+            if not self.refuses(cause if isinstance(cause, Exception) else exc):
+                raise
+            if len(batch) == 1:
+                self._refused(batch[0], exc)
+                done.append(batch[0])
+                return
+            half = len(batch) // 2
+            await self._store_batch(batch[:half], done)
+            await self._store_batch(batch[half:], done)
+            return
+        self._stored_count += len(batch)
+        for entry in batch:
+            waiter = entry[1]
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            done.append(entry)
+
+    def _refused(self, entry: _Entry, exc: BaseException) -> None:
+        record, waiter, _ = entry
+        error = f"{type(exc).__qualname__}: {exc}"
+        logger.error(
+            "event %s (%r) was refused by the %s store and dropped: %s",
+            record.id,
+            record.name,
+            self.scheme,
+            error,
+        )
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                PublishFailed(f"event {record.id} was refused by the {self.scheme} store: {error}")
+            )
+
+    def _lost(self, exc: BaseException | None) -> None:
         if self._buffer:
+            ids = [record.id for record, _, _ in self._buffer]
             logger.error(
                 "%d emitted event(s) could not be stored before closing: %s (%s)",
-                len(self._buffer),
-                ", ".join(record.id for record, _ in self._buffer),
-                exc,
+                len(ids),
+                ", ".join(ids),
+                exc or "the store did not answer in time",
             )
+            self._unstored.extend(ids)
+            for _record, waiter, _ in self._buffer:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(PublishFailed("the bus closed before it was stored"))
             self._buffer.clear()
+            self._flushed_some.set()
+
+    async def _stored_up_to(self, put: int) -> None:
+        """Wait until every event put up to number ``put`` is stored (or dropped)."""
+        while self._buffer and self._buffer[0][2] <= put:
+            if self._flush_task is None or self._flush_task.done():
+                return
+            self._flushed_some.clear()
+            await self._flushed_some.wait()
 
     # -- Backend: consuming --------------------------------------------------------
 
@@ -439,7 +681,7 @@ class DurableBackend(Backend):
         delay = self.poll_s
         while not self._stopping:
             room = limit - consumer.running
-            if room <= 0:
+            if room <= 0 or self._paused:
                 consumer.wake.clear()
                 await consumer.wake.wait()
                 continue
@@ -475,18 +717,15 @@ class DurableBackend(Backend):
         sub = consumer.sub
         runner = self._runner
         assert runner is not None
-        run = runner.run
-        decode = self._decode
         inflight = self._inflight
         outcomes = self._outcomes  # not swapped by the writer before this returns
         new_context = contextvars.Context
         # Starts past this many: the runs past the retry policy's were all lost.
         most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
+        revive = sub.listener.plan.revive if sub.listener.plan.revivable else None
         for claimed in batch:
-            try:
-                event = decode(claimed, sub)
-            except PayloadError as exc:
-                outcomes.burials.append((claimed, f"PayloadError: {exc}", ""))
+            event = self._readable(claimed, sub)
+            if event is None:
                 continue
             key = (claimed.record.id, sub)
             inflight[key] = claimed
@@ -494,20 +733,103 @@ class DurableBackend(Backend):
                 # Recorded as the delivery's last failure: logged, hooks, dead letter.
                 runner.failed(event, sub, new_context(), _lost(event, sub, claimed.attempt))
                 continue
-            consumer.running += 1
-            fut = run(event, sub, new_context())
-            if fut is None:
-                consumer.running -= 1
-                done = inflight.pop(key, None)
-                if done is not None:  # neither retried nor buried by the runner
-                    outcomes.acks.append(done)
-            else:
-                self._tasks[fut] = key
-                fut.add_done_callback(
-                    lambda f: self._finished(consumer, self._tasks.pop(f), cancelled=f.cancelled())
-                )
+            if revive is not None:
+                try:
+                    revive(event)  # values back to the types the parameters name
+                except BindingError as exc:
+                    runner.failed(event, sub, new_context(), exc)  # a dead letter, at once
+                    continue
+            if claimed.lost:
+                # Its last run was lost with its process: run it alone, so that if it
+                # crashes this process too, it takes no other delivery with it.
+                self._alone.append((consumer, claimed, event))
+                if self._alone_task is None or self._alone_task.done():
+                    self._alone_task = runner.loop.create_task(self._run_alone())
+                continue
+            self._run(consumer, key, event)
         if outcomes:
             self._writer_wake.set()
+
+    def _run(
+        self, consumer: _Consumer, key: tuple[str, Subscription], event: Event
+    ) -> asyncio.Future[Any] | None:
+        """Run one claimed delivery (in ``_inflight`` under ``key``); the task running
+        it, or ``None`` once it finished."""
+        runner = self._runner
+        assert runner is not None
+        consumer.running += 1
+        fut = runner.run(event, key[1], contextvars.Context())
+        if fut is None:
+            consumer.running -= 1
+            done = self._inflight.pop(key, None)
+            if done is not None:  # neither retried nor buried by the runner
+                self._outcomes.acks.append(done)
+        else:
+            self._tasks[fut] = key
+            fut.add_done_callback(
+                lambda f: self._finished(consumer, self._tasks.pop(f), cancelled=f.cancelled())
+            )
+        return fut
+
+    async def _run_alone(self) -> None:
+        """Run the deliveries whose last run was lost one at a time, each once nothing
+        else runs in this process (no consumer claims meanwhile)."""
+        try:
+            while self._alone and not self._stopping:
+                self._paused = True
+                # Quiet: no other delivery runs, and every outcome is written (a crash
+                # must not take an ack with it).
+                while (
+                    self._tasks or self._outcomes or not self._writer_idle.is_set()
+                ) and not self._stopping:
+                    self._progress.clear()
+                    await self._progress.wait()
+                if self._stopping:
+                    break
+                consumer, claimed, event = self._alone.pop(0)
+                key = (claimed.record.id, consumer.sub)
+                if self._inflight.get(key) is not claimed:
+                    continue  # its lease was lost meanwhile
+                fut = self._run(consumer, key, event)
+                if self._outcomes:
+                    self._writer_wake.set()
+                if fut is not None:
+                    await asyncio.wait([fut])
+        finally:
+            self._paused = False
+            for consumer, claimed, _event in self._alone:
+                if self._inflight.pop((claimed.record.id, consumer.sub), None) is not None:
+                    self._outcomes.releases.append(claimed)
+            self._alone.clear()
+            self._writer_wake.set()
+            for c in self._consumers:
+                c.wake.set()
+
+    def _readable(self, claimed: Claimed, sub: Subscription) -> Event | None:
+        """The event of a claimed delivery, or ``None`` when it cannot be read: then it
+        is buried as a dead letter at once (running it again would not help)."""
+        record = claimed.record
+        error = claimed.error
+        if error is None and record.version > STORED_VERSION:
+            error = (
+                f"PayloadError: event {record.id} was stored by a newer tidings (stored "
+                f"format {record.version}; this worker reads up to {STORED_VERSION}): "
+                "upgrade this worker, then replay the dead letter"
+            )
+        if error is None:
+            try:
+                return self._decode(claimed, sub)
+            except Exception as exc:  # RecursionError too: whatever the bytes make it do
+                error = f"{type(exc).__qualname__}: {exc}"
+        logger.error(
+            "event %s for %s cannot be read from the %s store: %s; dead letter",
+            record.id,
+            claimed.listener,
+            self.scheme,
+            error,
+        )
+        self._outcomes.burials.append((claimed, error, ""))
+        return None
 
     def _finished(
         self, consumer: _Consumer, key: tuple[str, Subscription], *, cancelled: bool
@@ -515,10 +837,22 @@ class DurableBackend(Backend):
         consumer.running -= 1
         claimed = self._inflight.pop(key, None)
         if claimed is not None:
-            # Neither retried nor buried by the runner: it returned, or was cancelled.
-            (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
-            self._writer_wake.set()
+            runner = self._runner
+            if cancelled and runner is not None and key in runner.abandoned:
+                # Its thread still runs: handed back now, another worker would run it
+                # beside it. Its lease expires once this process has exited.
+                runner.abandoned.discard(key)
+                logger.warning(
+                    "event %s for %s is left to its lease: its thread still runs",
+                    key[0],
+                    consumer.listener_id,
+                )
+            else:
+                # Neither retried nor buried by the runner: it returned, or was cancelled.
+                (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
+                self._writer_wake.set()
         consumer.wake.set()
+        self._progress.set()
 
     def _decode(self, claimed: Claimed, sub: Subscription) -> Event:
         record = claimed.record
@@ -543,12 +877,6 @@ class DurableBackend(Backend):
             elif isinstance(obj, dict):
                 # No class known here: its fields arrive as keyword arguments.
                 kwargs, obj = obj, None
-        revivable = sub.listener.plan.revivable
-        if revivable:
-            kwargs = dict(kwargs)  # its own values; the shared payload stays as stored
-            for name, annotation in revivable:
-                if name in kwargs:
-                    kwargs[name] = revive_value(kwargs[name], annotation)
         return _event(record, args, kwargs, obj, claimed.attempt)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
@@ -569,12 +897,16 @@ class DurableBackend(Backend):
         while not (self._closing and not self._outcomes):
             if not self._outcomes:
                 self._writer_idle.set()
+                self._progress.set()
                 await self._writer_wake.wait()
                 self._writer_wake.clear()
                 continue
             self._writer_wake.clear()
             self._writer_idle.clear()
             outcomes, self._outcomes = self._outcomes, Outcomes()
+            # What the listeners emitted before these outcomes is stored first: a crash
+            # between an ack and its delivery's follow-on events must not lose them.
+            await self._stored_up_to(self._puts)
             while True:
                 try:
                     await self.settle(outcomes)
@@ -601,9 +933,55 @@ class DurableBackend(Backend):
             running = list(self._inflight.values())
             if running:
                 try:
-                    await self.renew(running, self.lease_s)
+                    lost = await self.renew(running, self.lease_s) or []
                 except Exception as exc:
                     self._outage("renewing leases failed", exc)
+                else:
+                    self._lease_lost(lost)
+            await self._check_stale()
+
+    def _lease_lost(self, lost: Sequence[Claimed]) -> None:
+        """Forget deliveries another process took over: their outcomes are not ours to
+        write (the other process runs them, and settles them)."""
+        if not lost:
+            return
+        mine = {id(c) for c in lost}
+        for key, claimed in list(self._inflight.items()):
+            if id(claimed) in mine:
+                del self._inflight[key]
+        logger.warning(
+            "%d deliveries' leases were lost to another worker while they ran (was this "
+            "process frozen, or the store out of reach, for over lease_s=%gs?); their "
+            "outcomes will not be written: %s",
+            len(lost),
+            self.lease_s,
+            ", ".join(f"{c.record.id} for {c.listener}" for c in lost[:20]),
+        )
+
+    async def _check_stale(self) -> None:
+        """Warn, now and then, of joined listeners no process has claimed for a while."""
+        now = self.clock()
+        if now - self._stale_checked < min(self.stale_listener_s, 3600.0):
+            return
+        self._stale_checked = now
+        try:
+            stats = await self.listener_stats()
+        except Exception:
+            return  # an outage is reported by the claims
+        here = {c.listener_id for c in self._consumers}
+        for name, s in sorted(stats.items()):
+            if name in here:
+                continue
+            if s.last_seen is not None and now - s.last_seen > self.stale_listener_s:
+                logger.warning(
+                    "no process has claimed deliveries of listener %s for %.0fs "
+                    "(%d pending): run it, or 'tidings listeners forget APP %s' so it "
+                    "keeps no events stored",
+                    name,
+                    now - s.last_seen,
+                    s.pending,
+                    name,
+                )
 
     def _outage(self, what: str, exc: BaseException) -> None:
         if not self._outage_logged:
@@ -654,20 +1032,29 @@ class DurableBackend(Backend):
             await asyncio.sleep(self.poll_s)
 
     async def aclose(self, timeout_s: float | None) -> list[str]:
+        """Drain for at most ``timeout_s`` seconds (when ``drain_on_close``), stop, and
+        return the ids of emitted events that could not be stored (the store did not
+        answer in time); what was stored and not run stays for the next worker."""
         loop = self._loop
         if loop is None:
             return []
         deadline = None if timeout_s is None else loop.time() + timeout_s
 
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
+        def left(grace: float = 0.0) -> float | None:
+            return None if deadline is None else max(0.0, deadline + grace - loop.time())
+
+        # A claim or a store under way gets a moment even past the deadline (cut off,
+        # what a claim leased waits out its lease and counts a lost run).
+        grace = 1.0
 
         if self.drain_on_close:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain(), timeout_s)
         # Stop claiming; a consumer in the middle of a claim hands back what it got.
         self.stop_claiming()
-        await asyncio.gather(*(c.task for c in self._consumers if c.task), return_exceptions=True)
+        await self._bounded(
+            [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
+        )
         if self._tasks:
             _done, pending = await asyncio.wait(list(self._tasks), timeout=left())
             for fut in pending:
@@ -680,20 +1067,39 @@ class DurableBackend(Backend):
                     len(pending),
                     self.scheme,
                 )
+        if self._alone_task is not None:
+            await asyncio.gather(self._alone_task, return_exceptions=True)
         # The flusher stores what is left of the buffer, the writer the outcomes.
         self._closing = True
         self._stop.set()
         self._flush_wake.set()
         self._writer_wake.set()
         tasks = [t for t in (self._flush_task, self._writer_task, self._renew_task) if t]
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.disconnect()
-        # Nothing is lost: what did not run stays stored for the next consumer.
-        return []
+        await self._bounded(tasks, left(grace), "the store did not answer")
+        self._lost(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.disconnect(), left(grace))
+        return list(self._unstored)
+
+    async def _bounded(
+        self, tasks: list[asyncio.Task[None]], timeout: float | None, why: str
+    ) -> None:
+        """Wait for ``tasks`` for at most ``timeout`` seconds, then cancel them."""
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            logger.warning(
+                "%s store: stopped waiting after the shutdown timeout: %s", self.scheme, why
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def stop_claiming(self) -> None:
         """Stop taking new deliveries (a worker on SIGTERM); running ones go on."""
         self._stopping = True
+        self._progress.set()
         for c in self._consumers:
             c.wake.set()
 

@@ -43,7 +43,7 @@ from tidings._contexts import ContextCopies
 from tidings.backends.base import Backend, DeadLetter
 from tidings.delivery import _resume, cancelled_from_outside
 from tidings.errors import NotStartedError, QueueFull
-from tidings.events import RESERVED_KEYWORDS, Event
+from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings.delivery import Runner
@@ -70,7 +70,6 @@ _copy_context = contextvars.copy_context
 _DETACHED: contextvars.ContextVar[object] = contextvars.ContextVar("tidings.pump_detached")
 _time = time.time
 _get_ident = threading.get_ident
-_no_options = RESERVED_KEYWORDS.isdisjoint
 
 
 def _envelope(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], stamp: Any) -> Event:
@@ -162,6 +161,7 @@ class MemoryBackend(Backend):
         self._loop = runner.loop
         self._contexts = runner.contexts
         self._stopped = False
+        self._scheduled = False  # a flush scheduled on a loop that has since closed
 
     # -- queueing -------------------------------------------------------------------
 
@@ -220,11 +220,7 @@ class MemoryBackend(Backend):
         # needed: this function is the whole cost of an emit. A name that is no key of
         # the routes (a typed event, unhashable or not) is the method's to handle.
         def emit(name_or_event: Any, /, *args: Any, **kwargs: Any) -> None:
-            if (
-                (not kwargs or _no_options(kwargs))
-                and _get_ident() == thread
-                and len(queue) < self._room
-            ):
+            if _get_ident() == thread and len(queue) < self._room:
                 try:
                     subs = routes.get(name_or_event)
                 except TypeError:
@@ -247,7 +243,18 @@ class MemoryBackend(Backend):
             raise self._full(event.name)
         self._force(event, subs, ctx)
 
-    async def put_wait(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        if delay_s is not None:
+            if self._stopped:
+                raise NotStartedError(f"cannot queue event {event.name!r}: the bus is closed")
+            self.put_later(event, subs, ctx, delay_s)
+            return
         while (
             not self._stopped
             and len(self._queue) >= self._room

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from tidings.backends.durable import (
     Stored,
     dead_letter_row,
     stored_row,
+    unreadable,
 )
 from tidings.errors import BackendError, ConfigurationError
 
@@ -97,6 +99,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (schedule, tick)
     );
     """,
+    """
+    ALTER TABLE {s}.events ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE {s}.listeners ADD COLUMN last_seen DOUBLE PRECISION;
+    """,
 )
 
 _headers_enc = msgspec.json.Encoder()
@@ -106,6 +112,22 @@ _CLEANUP_S = 1.0
 _FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
+# The database's clock, in epoch seconds: leases never depend on a worker's own clock.
+_NOW = "extract(epoch FROM now())::float8"
+# A listener's last claim is recorded at most once every so many seconds.
+_SEEN_S = 60.0
+# Words PostgreSQL reserves (also as a function or type name): not a schema's name.
+_RESERVED = frozenset(
+    """all analyse analyze and any array as asc asymmetric authorization binary both case cast
+    check collate collation column concurrently constraint create cross current_catalog
+    current_date current_role current_schema current_time current_timestamp current_user
+    default deferrable desc distinct do else end except false fetch for foreign freeze from
+    full grant group having ilike in initially inner intersect into is isnull join lateral
+    leading left like limit localtime localtimestamp natural not notnull null offset on only
+    or order outer overlaps placing primary references returning right select session_user
+    similar some symmetric system_user table tablesample then to trailing true union unique
+    user using variadic verbose when where window with""".split()  # noqa: SIM905
+)
 
 
 def pattern_regex(patterns: Sequence[str]) -> str:
@@ -151,6 +173,10 @@ class PostgresBackend(DurableBackend):
             raise ConfigurationError(
                 f"a schema name is lower-case letters, digits and '_', not {schema!r}"
             )
+        if schema in _RESERVED or schema.startswith("pg_"):
+            raise ConfigurationError(
+                f"schema={schema!r} is reserved by PostgreSQL; choose another schema name"
+            )
         self.dsn = dsn
         self.schema = schema
         self.migrate = migrate
@@ -161,29 +187,31 @@ class PostgresBackend(DurableBackend):
         self._channel = f"tidings_{schema}"
         s = schema
         self._sql_insert = (
-            f"WITH e AS (INSERT INTO {s}.events (id, name, data, headers, created, due) "
+            f"WITH e AS (INSERT INTO {s}.events (id, name, data, headers, created, due, version) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], "
-            "$5::float8[], $6::float8[]) RETURNING seq, name, due) "
+            "$5::float8[], $6::float8[], $7::int[]) RETURNING seq, name, due) "
             f"INSERT INTO {s}.deliveries (listener, seq, due) "
             f"SELECT l.listener, e.seq, e.due FROM e JOIN {s}.listeners l "
             "ON (e.name || '.') ~ l.regex"
         )
         # Deliveries nobody holds, oldest first (the index of ready rows, in order);
         # and, now and then, those whose lease expired (their worker died).
-        self._sql_claim = self._claim_sql("lease_until = 0 AND NOT dead AND due <= $2")
-        self._sql_reclaim = self._claim_sql("lease_until > 0 AND lease_until <= $2")
+        self._sql_claim = self._claim_sql(f"lease_until = 0 AND NOT dead AND due <= {_NOW}")
+        self._sql_reclaim = self._claim_sql(f"lease_until > 0 AND lease_until <= {_NOW}")
         self._reclaimed: dict[str, float] = {}
+        self._seen: dict[str, float] = {}
 
     def _claim_sql(self, where: str) -> str:
         s = self.schema
+        # Deliveries whose event row is gone come back with a NULL id (made dead letters).
         return (
             f"WITH picked AS (SELECT seq FROM {s}.deliveries WHERE listener = $1 AND {where} "
-            "ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED), "
+            "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED), "
             f"upd AS (UPDATE {s}.deliveries d "
-            "SET attempt = d.attempt + 1, lease_until = $4, owner = $5 FROM picked "
+            f"SET attempt = d.attempt + 1, lease_until = {_NOW} + $3, owner = $4 FROM picked "
             "WHERE d.listener = $1 AND d.seq = picked.seq RETURNING d.seq, d.attempt) "
-            "SELECT upd.seq, upd.attempt, e.id, e.name, e.data, e.headers, e.created "
-            f"FROM upd JOIN {s}.events e ON e.seq = upd.seq ORDER BY upd.seq"
+            "SELECT upd.seq, upd.attempt, e.id, e.name, e.data, e.headers, e.created, "
+            f"e.version FROM upd LEFT JOIN {s}.events e ON e.seq = upd.seq ORDER BY upd.seq"
         )
 
     @classmethod
@@ -299,11 +327,25 @@ class PostgresBackend(DurableBackend):
             [_headers_enc.encode(r.headers).decode() if r.headers else None for r in records],
             [r.created for r in records],
             [r.due for r in records],
+            [r.version for r in records],
         )
 
     async def store(self, records: Sequence[Stored]) -> None:
         async with self._p().acquire() as conn, conn.transaction():
             await self.store_with(conn, records)
+
+    def refuses(self, exc: BaseException) -> bool:
+        import asyncpg
+
+        # The server's data errors (SQLSTATE 22: a NUL in text, a bad encoding, a value
+        # out of range), constraints, limits; an argument asyncpg cannot encode.
+        refused = (
+            asyncpg.DataError,
+            asyncpg.IntegrityConstraintViolationError,
+            asyncpg.ProgramLimitExceededError,
+            asyncpg.exceptions._base.DataError,
+        )
+        return isinstance(exc, refused) or super().refuses(exc)
 
     async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:
         """Store events with ``conn``, in its current transaction if it is in one."""
@@ -327,8 +369,9 @@ class PostgresBackend(DurableBackend):
     async def claim(
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
     ) -> list[Claimed]:
-        now = time.time()
-        reclaim = now - self._reclaimed.get(listener, 0.0) >= max(lease_s / 4, self.poll_s)
+        now = time.monotonic()
+        reclaim = now - self._reclaimed.get(listener, -math.inf) >= max(lease_s / 4, self.poll_s)
+        lost = False
         async with self._p().acquire() as conn, conn.transaction():
             # The table's statistics are those of when it was small (a queue grows
             # faster than ANALYZE runs): plan for these values each time (a generic
@@ -342,34 +385,43 @@ class PostgresBackend(DurableBackend):
             )
             rows = []
             if reclaim:
-                self._reclaimed[listener] = now
-                rows = await conn.fetch(
-                    self._sql_reclaim, listener, now, limit, now + lease_s, self.owner
-                )
-            if len(rows) < limit:
-                rows += await conn.fetch(
-                    self._sql_claim, listener, now, limit - len(rows), now + lease_s, self.owner
+                # A delivery whose lease expired is reclaimed alone (see Claimed.lost).
+                rows = await conn.fetch(self._sql_reclaim, listener, 1, lease_s, self.owner)
+                lost = bool(rows)
+                if not lost:
+                    self._reclaimed[listener] = now
+            if not lost:
+                rows = await conn.fetch(self._sql_claim, listener, limit, lease_s, self.owner)
+            if now - self._seen.get(listener, -math.inf) >= _SEEN_S:
+                self._seen[listener] = now
+                await conn.execute(
+                    f"UPDATE {self.schema}.listeners SET last_seen = {_NOW} WHERE listener = $1",
+                    listener,
                 )
         if now - self._last_cleanup > _CLEANUP_S:
             self._last_cleanup = now
-            await self._cleanup(now)
-        return [
-            Claimed(
-                listener,
-                attempt,
-                stored_row(id_, name, data, headers, created, created),
-                seq,
-            )
-            for seq, attempt, id_, name, data, headers, created in rows
-        ]
+            await self._cleanup(time.time())
+        out: list[Claimed] = []
+        for seq, attempt, id_, *fields in rows:
+            try:
+                if id_ is None:
+                    raise LookupError(f"the stored event of delivery {seq} is missing")
+                name, data, headers, created, version = fields
+                record = stored_row(id_, name, data, headers, created, created, version)
+            except Exception as exc:
+                out.append(unreadable(listener, attempt, id_ or f"#{seq}", seq, exc))
+                continue
+            out.append(Claimed(listener, attempt, record, seq, lost=lost))
+        return out
 
     async def settle(self, outcomes: Outcomes) -> None:
         s = self.schema
-        now = time.time()
+        owner = self.owner
         async with self._p().acquire() as conn, conn.transaction():
             # An outcome lost in a crash of the server means the delivery runs again
             # (at least once), so its commit need not wait for the disk. (Plans as in
-            # claim.)
+            # claim.) Each only where this process still holds the lease: a worker that
+            # lost it (frozen past it) must not settle what another now runs.
             await conn.execute(
                 "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL synchronous_commit = off"
             )
@@ -379,46 +431,57 @@ class PostgresBackend(DurableBackend):
                     by_listener.setdefault(c.listener, []).append(c.ref)
                 for listener, seqs in by_listener.items():
                     await conn.execute(
-                        f"DELETE FROM {s}.deliveries WHERE listener = $1 AND seq = ANY($2)",
+                        f"DELETE FROM {s}.deliveries WHERE listener = $1 AND seq = ANY($2) "
+                        "AND owner = $3",
                         listener,
                         seqs,
+                        owner,
                     )
             if outcomes.retries:
                 await conn.executemany(
-                    f"UPDATE {s}.deliveries SET due = $1, lease_until = 0, owner = NULL "
-                    "WHERE listener = $2 AND seq = $3",
-                    [(now + delay, c.listener, c.ref) for c, delay, _ in outcomes.retries],
+                    f"UPDATE {s}.deliveries SET due = {_NOW} + $1, lease_until = 0, "
+                    "owner = NULL WHERE listener = $2 AND seq = $3 AND owner = $4",
+                    [(delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
                 )
             if outcomes.burials:
                 await conn.executemany(
                     f"UPDATE {s}.deliveries SET dead = TRUE, error = $1, traceback = $2, "
-                    "failed_at = $3, lease_until = 0, owner = NULL "
-                    "WHERE listener = $4 AND seq = $5",
-                    [(err, tb, now, c.listener, c.ref) for c, err, tb in outcomes.burials],
+                    f"failed_at = {_NOW}, lease_until = 0, owner = NULL "
+                    "WHERE listener = $3 AND seq = $4 AND owner = $5",
+                    [(err, tb, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
                 )
             if outcomes.releases:
                 await conn.executemany(
                     f"UPDATE {s}.deliveries SET attempt = GREATEST(attempt - 1, 0), "
                     "lease_until = 0, owner = NULL WHERE listener = $1 AND seq = $2 "
                     "AND owner = $3",
-                    [(c.listener, c.ref, self.owner) for c in outcomes.releases],
+                    [(c.listener, c.ref, owner) for c in outcomes.releases],
                 )
 
-    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> None:
-        until = time.time() + lease_s
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         by_listener: dict[str, list[int]] = {}
         for c in claimed:
             by_listener.setdefault(c.listener, []).append(c.ref)
+        renewed: set[tuple[str, int]] = set()
         async with self._p().acquire() as conn:
             for listener, seqs in by_listener.items():
-                await conn.execute(
-                    f"UPDATE {self.schema}.deliveries SET lease_until = $1 "
-                    "WHERE listener = $2 AND seq = ANY($3) AND owner = $4",
-                    until,
+                rows = await conn.fetch(
+                    f"UPDATE {self.schema}.deliveries SET lease_until = {_NOW} + $1 "
+                    "WHERE listener = $2 AND seq = ANY($3) AND owner = $4 RETURNING seq",
+                    lease_s,
                     listener,
                     seqs,
                     self.owner,
                 )
+                renewed.update((listener, r[0]) for r in rows)
+        return [c for c in claimed if (c.listener, c.ref) not in renewed]
+
+    async def forget(self, listener: str) -> bool:
+        s = self.schema
+        async with self._p().acquire() as conn, conn.transaction():
+            await conn.execute(f"DELETE FROM {s}.deliveries WHERE listener = $1", listener)
+            status = await conn.execute(f"DELETE FROM {s}.listeners WHERE listener = $1", listener)
+        return not status.endswith(" 0")
 
     async def _cleanup(self, now: float) -> None:
         s = self.schema
@@ -468,11 +531,10 @@ class PostgresBackend(DurableBackend):
 
     async def replay_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
         where, params = self._dead_filter(ids, listener)
-        params.append(time.time())
         async with self._p().acquire() as conn:
             status = await conn.execute(
                 f"UPDATE {self.schema}.deliveries SET dead = FALSE, attempt = 0, "
-                f"due = ${len(params)}, lease_until = 0, owner = NULL, error = NULL, "
+                f"due = {_NOW}, lease_until = 0, owner = NULL, error = NULL, "
                 f"traceback = NULL WHERE {where}",
                 *params,
             )
@@ -490,9 +552,11 @@ class PostgresBackend(DurableBackend):
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         s = self.schema
-        now = time.time()
         async with self._p().acquire() as conn:
-            joined = await conn.fetch(f"SELECT listener FROM {s}.listeners ORDER BY listener")
+            now = await conn.fetchval(f"SELECT {_NOW}")
+            joined = await conn.fetch(
+                f"SELECT listener, last_seen FROM {s}.listeners ORDER BY listener"
+            )
             rows = await conn.fetch(
                 "SELECT d.listener, "
                 "COUNT(*) FILTER (WHERE NOT d.dead AND d.due <= $1 AND d.lease_until <= $1), "
@@ -505,7 +569,8 @@ class PostgresBackend(DurableBackend):
                 f"FROM {s}.deliveries d JOIN {s}.events e ON e.seq = d.seq GROUP BY d.listener",
                 now,
             )
-        out = {r[0]: ListenerStats() for r in joined}
+        seen = {r[0]: r[1] for r in joined}
+        out = {r[0]: ListenerStats(last_seen=r[1]) for r in joined}
         for lst, pending, in_flight, retrying, delayed, dead, oldest in rows:
             out[lst] = ListenerStats(
                 pending=pending,
@@ -514,5 +579,6 @@ class PostgresBackend(DurableBackend):
                 delayed=delayed,
                 dead=dead,
                 oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+                last_seen=seen.get(lst),
             )
         return out

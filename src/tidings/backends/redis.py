@@ -313,8 +313,8 @@ class RedisBackend(DurableBackend):
     async def connect(self) -> None:
         try:
             from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
             from redis.backoff import ExponentialBackoff
-            from redis.retry import Retry
         except ImportError as exc:  # pragma: no cover - the extra is installed in tests
             raise ImportError(
                 "the Redis backend needs redis-py: pip install 'tidings[redis]'"

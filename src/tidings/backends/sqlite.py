@@ -14,7 +14,7 @@ Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 from __future__ import annotations
 
 import asyncio
-import time
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,6 +32,7 @@ from tidings.backends.durable import (
     Stored,
     dead_letter_row,
     stored_row,
+    unreadable,
 )
 from tidings.errors import BackendError, ConfigurationError
 
@@ -48,12 +49,14 @@ CREATE TABLE IF NOT EXISTS tidings_events (
     data BLOB NOT NULL,
     headers TEXT,
     created REAL NOT NULL,
-    due REAL NOT NULL
+    due REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS tidings_listeners (
     listener TEXT PRIMARY KEY,
     names TEXT NOT NULL,
-    position INTEGER NOT NULL
+    position INTEGER NOT NULL,
+    last_seen REAL
 );
 CREATE TABLE IF NOT EXISTS tidings_deliveries (
     listener TEXT NOT NULL,
@@ -70,6 +73,8 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tidings_deliveries_due ON tidings_deliveries (listener, dead, due);
 CREATE INDEX IF NOT EXISTS tidings_deliveries_seq ON tidings_deliveries (seq);
+CREATE INDEX IF NOT EXISTS tidings_deliveries_leased ON tidings_deliveries (listener, lease_until)
+    WHERE lease_until > 0;
 CREATE TABLE IF NOT EXISTS tidings_ticks (
     schedule TEXT NOT NULL,
     tick REAL NOT NULL,
@@ -83,6 +88,15 @@ _headers_enc = msgspec.json.Encoder()
 _FANOUT = 5000
 # Old events are deleted once every so many seconds.
 _CLEANUP_S = 1.0
+# A listener's last claim is recorded at most once every so many seconds.
+_SEEN_S = 60.0
+# Columns added since the first schema, for files made by an older version.
+_ADDED = (
+    ("tidings_events", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("tidings_listeners", "last_seen", "REAL"),
+)
+# Row values per statement, well under SQLite's limit of bound parameters.
+_CHUNK = 400
 
 
 class SQLiteBackend(DurableBackend):
@@ -115,12 +129,14 @@ class SQLiteBackend(DurableBackend):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._last_cleanup = 0.0
+        # Per listener: when its last claim was recorded.
+        self._seen: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``synchronous`` and ``codec``."""
+        ``synchronous``, ``codec`` and ``create_dirs`` (make a missing directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -131,9 +147,15 @@ class SQLiteBackend(DurableBackend):
             floats=("lease_s", "poll_s", "busy_timeout_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
+            bools=("create_dirs",),
         )
         for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
             raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+        if not ours.pop("create_dirs", False) and not Path(path).parent.is_dir():
+            raise ConfigurationError(
+                f"{url!r}: the directory {str(Path(path).parent)!r} does not exist "
+                "(create it, or add ?create_dirs=true)"
+            )
         return cls(path, **{**options, **ours})
 
     def __repr__(self) -> str:
@@ -164,6 +186,10 @@ class SQLiteBackend(DurableBackend):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     await db.execute(statement)
+            for table, column, kind in _ADDED:
+                cursor = await db.execute(f"PRAGMA table_info({table})")
+                if column not in {row[1] for row in await cursor.fetchall()}:
+                    await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     async def disconnect(self) -> None:
         if self._db is not None:
@@ -186,15 +212,23 @@ class SQLiteBackend(DurableBackend):
                 _headers_enc.encode(r.headers) if r.headers else None,
                 r.created,
                 r.due,
+                r.version,
             )
             for r in records
         ]
         async with self._write() as db:
             await db.executemany(
-                "INSERT INTO tidings_events (id, name, data, headers, created, due) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tidings_events (id, name, data, headers, created, due, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+
+    def refuses(self, exc: BaseException) -> bool:
+        # A constraint (a NaN due time is stored as NULL), a value SQLite cannot bind,
+        # a string or blob too big; OperationalError (locked, I/O) is an outage.
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError):
+            return True
+        return super().refuses(exc)
 
     async def join(self, listener: str, names: Sequence[str]) -> None:
         async with self._write() as db:
@@ -210,21 +244,30 @@ class SQLiteBackend(DurableBackend):
     async def claim(
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
     ) -> list[Claimed]:
-        now = time.time()
+        now = self.clock()
+        lost = False
         async with self._write() as db:
             await self._fan_out(db, listener, names)
-            cursor = await db.execute(
-                "UPDATE tidings_deliveries SET attempt = attempt + 1, lease_until = ?, "
-                "owner = ? WHERE listener = ? AND seq IN (SELECT seq FROM tidings_deliveries "
-                "WHERE listener = ? AND dead = 0 AND due <= ? AND lease_until <= ? "
-                "ORDER BY seq LIMIT ?) RETURNING seq, attempt",
-                (now + lease_s, self.owner, listener, listener, now, now, limit),
+            # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
+            # index of leased rows makes looking for one cheap.
+            leased = await self._lease(
+                db, "lease_until > 0 AND lease_until <= ?", (now,), 1, listener, now + lease_s
             )
-            leased: dict[int, int] = {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
+            lost = bool(leased)
+            if not lost:
+                leased = await self._lease(
+                    db, "lease_until = 0 AND due <= ?", (now,), limit, listener, now + lease_s
+                )
+            if now - self._seen.get(listener, 0.0) >= _SEEN_S:
+                self._seen[listener] = now
+                await db.execute(
+                    "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
+                    (now, listener),
+                )
             if not leased:
                 return []
             cursor = await db.execute(
-                "SELECT seq, id, name, data, headers, created, due FROM tidings_events "
+                "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
                 f"WHERE seq IN ({','.join('?' * len(leased))}) ORDER BY seq",
                 tuple(leased),
             )
@@ -232,15 +275,37 @@ class SQLiteBackend(DurableBackend):
         if now - self._last_cleanup > _CLEANUP_S:
             self._last_cleanup = now
             await self._cleanup()
-        return [
-            Claimed(
-                listener=listener,
-                attempt=leased[seq],
-                record=stored_row(id_, name, data, headers, created, due),
-                ref=seq,
-            )
-            for seq, id_, name, data, headers, created, due in rows
-        ]
+        out: list[Claimed] = []
+        for seq, id_, *fields in rows:
+            attempt = leased.pop(seq)
+            try:
+                record = stored_row(id_, *fields)
+            except Exception as exc:
+                out.append(unreadable(listener, attempt, id_, seq, exc))
+                continue
+            out.append(Claimed(listener, attempt, record, seq, lost=lost))
+        for seq, attempt in leased.items():  # a delivery whose event row is gone
+            missing = LookupError(f"the stored event of delivery {seq} is missing")
+            out.append(unreadable(listener, attempt, f"#{seq}", seq, missing))
+        return out
+
+    async def _lease(
+        self,
+        db: aiosqlite.Connection,
+        where: str,
+        params: tuple[Any, ...],
+        limit: int,
+        listener: str,
+        until: float,
+    ) -> dict[int, int]:
+        cursor = await db.execute(
+            "UPDATE tidings_deliveries SET attempt = attempt + 1, lease_until = ?, "
+            "owner = ? WHERE listener = ? AND seq IN (SELECT seq FROM tidings_deliveries "
+            f"WHERE listener = ? AND dead = 0 AND {where} ORDER BY seq LIMIT ?) "
+            "RETURNING seq, attempt",
+            (until, self.owner, listener, listener, *params, limit),
+        )
+        return {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
 
     async def _fan_out(self, db: aiosqlite.Connection, listener: str, names: Sequence[str]) -> None:
         cursor = await db.execute(
@@ -257,10 +322,12 @@ class SQLiteBackend(DurableBackend):
         events = list(await cursor.fetchall())
         if not events:
             return
+        # A row whose name is not text was not written by tidings: every listener gets
+        # it, to make it a dead letter that says so (rather than stop the fan-out).
         mine = [
-            (listener, seq, due)
+            (listener, seq, due if isinstance(due, float | int) else 0.0)
             for seq, name, due in events
-            if any(matches(pattern, name) for pattern in names)
+            if not isinstance(name, str) or any(matches(pattern, name) for pattern in names)
         ]
         if mine:
             await db.executemany(
@@ -273,46 +340,68 @@ class SQLiteBackend(DurableBackend):
         )
 
     async def settle(self, outcomes: Outcomes) -> None:
-        now = time.time()
+        now = self.clock()
+        owner = self.owner
+        # Each only where this process still holds the lease: a worker that lost it
+        # (frozen past it) must not settle what another now runs.
+        mine = "WHERE listener = ? AND seq = ? AND owner = ?"
         async with self._write() as db:
             if outcomes.acks:
                 await db.executemany(
-                    "DELETE FROM tidings_deliveries WHERE listener = ? AND seq = ?",
-                    [(c.listener, c.ref) for c in outcomes.acks],
+                    f"DELETE FROM tidings_deliveries {mine}",
+                    [(c.listener, c.ref, owner) for c in outcomes.acks],
                 )
             if outcomes.retries:
                 await db.executemany(
-                    "UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL "
-                    "WHERE listener = ? AND seq = ?",
-                    [(now + delay, c.listener, c.ref) for c, delay, _ in outcomes.retries],
+                    f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
+                    [(now + delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
                 )
             if outcomes.burials:
                 await db.executemany(
                     "UPDATE tidings_deliveries SET dead = 1, error = ?, traceback = ?, "
-                    "failed_at = ?, lease_until = 0, owner = NULL WHERE listener = ? AND seq = ?",
-                    [(err, tb, now, c.listener, c.ref) for c, err, tb in outcomes.burials],
+                    f"failed_at = ?, lease_until = 0, owner = NULL {mine}",
+                    [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
                 )
             if outcomes.releases:
                 await db.executemany(
                     "UPDATE tidings_deliveries SET attempt = MAX(attempt - 1, 0), "
-                    "lease_until = 0, owner = NULL WHERE listener = ? AND seq = ? AND owner = ?",
-                    [(c.listener, c.ref, self.owner) for c in outcomes.releases],
+                    f"lease_until = 0, owner = NULL {mine}",
+                    [(c.listener, c.ref, owner) for c in outcomes.releases],
                 )
 
-    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> None:
-        until = time.time() + lease_s
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
+        until = self.clock() + lease_s
+        renewed: set[tuple[str, int]] = set()
         async with self._write() as db:
-            await db.executemany(
-                "UPDATE tidings_deliveries SET lease_until = ? "
-                "WHERE listener = ? AND seq = ? AND owner = ?",
-                [(until, c.listener, c.ref, self.owner) for c in claimed],
+            for start in range(0, len(claimed), _CHUNK):
+                chunk = claimed[start : start + _CHUNK]
+                cursor = await db.execute(
+                    "UPDATE tidings_deliveries SET lease_until = ? WHERE owner = ? AND "
+                    f"(listener, seq) IN (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
+                    "RETURNING listener, seq",
+                    (until, self.owner, *[v for c in chunk for v in (c.listener, c.ref)]),
+                )
+                renewed.update((lst, seq) for lst, seq in await cursor.fetchall())
+        return [c for c in claimed if (c.listener, c.ref) not in renewed]
+
+    async def forget(self, listener: str) -> bool:
+        async with self._write() as db:
+            await db.execute("DELETE FROM tidings_deliveries WHERE listener = ?", (listener,))
+            cursor = await db.execute(
+                "DELETE FROM tidings_listeners WHERE listener = ?", (listener,)
             )
+            known = cursor.rowcount > 0
+        await self._cleanup()
+        return known
 
     async def _cleanup(self) -> None:
         async with self._write() as db:
+            # Events every joined listener has moved past (all of them, when none is
+            # joined: a listener joined later receives new events only).
             await db.execute(
-                "DELETE FROM tidings_events WHERE seq <= "
-                "(SELECT MIN(position) FROM tidings_listeners) "
+                "DELETE FROM tidings_events WHERE seq <= COALESCE("
+                "(SELECT MIN(position) FROM tidings_listeners), "
+                "(SELECT MAX(seq) FROM tidings_events)) "
                 "AND NOT EXISTS (SELECT 1 FROM tidings_deliveries d "
                 "WHERE d.seq = tidings_events.seq)"
             )
@@ -363,7 +452,7 @@ class SQLiteBackend(DurableBackend):
             cursor = await db.execute(
                 "UPDATE tidings_deliveries SET dead = 0, attempt = 0, due = ?, lease_until = 0, "
                 f"owner = NULL, error = NULL, traceback = NULL WHERE {where}",
-                (time.time(), *params),
+                (self.clock(), *params),
             )
             count = cursor.rowcount
         for consumer in self._consumers:
@@ -378,11 +467,15 @@ class SQLiteBackend(DurableBackend):
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         db = self._connected()
-        now = time.time()
+        now = self.clock()
         out: dict[str, ListenerStats] = {}
-        cursor = await db.execute("SELECT listener FROM tidings_listeners ORDER BY listener")
-        for (lst,) in await cursor.fetchall():
+        cursor = await db.execute(
+            "SELECT listener, last_seen FROM tidings_listeners ORDER BY listener"
+        )
+        seen: dict[str, float | None] = {}
+        for lst, last_seen in await cursor.fetchall():
             out[lst] = ListenerStats()
+            seen[lst] = last_seen
         cursor = await db.execute(
             "SELECT d.listener, "
             "SUM(d.dead = 0 AND d.due <= ? AND d.lease_until <= ?), "
@@ -404,6 +497,8 @@ class SQLiteBackend(DurableBackend):
                 dead=dead or 0,
                 oldest_age_s=None if oldest is None else max(0.0, now - oldest),
             )
+        for lst, stats in out.items():
+            stats.last_seen = seen.get(lst)
         # Events not yet turned into deliveries are pending too.
         cursor = await db.execute("SELECT listener, names, position FROM tidings_listeners")
         for lst, names, position in await cursor.fetchall():
@@ -442,6 +537,10 @@ class _Transaction:
         try:
             await self.db.execute("BEGIN IMMEDIATE")
         except BaseException:
+            # Cancelled, the BEGIN still runs on the connection's thread: end what it
+            # began there (statements run in order, so before the next transaction's).
+            end = asyncio.ensure_future(self.db.execute("ROLLBACK"))
+            end.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.lock.release()
             raise
         return self.db

@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from tidings.asgi import EventsMiddleware
 from tidings.bus import Bus
+from tidings.listeners import Listener
 
 if TYPE_CHECKING:
     from litestar.events.listener import EventListener
@@ -68,14 +69,18 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
     strict: ClassVar[bool] = True
 
     def __init__(self, listeners: Sequence[EventListener]) -> None:
-        super().__init__(listeners)
+        # Litestar's own bookkeeping reads event_ids, which tidings listeners lack.
+        super().__init__([item for item in listeners if not isinstance(item, Listener)])
         source = type(self).source
         self.bus = source if isinstance(source, Bus) else Bus(source)
         self._started_here = False
         self._subscriptions: list[Subscription] = []
         for item in listeners:
+            if isinstance(item, Listener):  # tidings' own, with its names and options
+                self._subscriptions.append(self.bus.registry.subscribe(item))
+                continue
             self._subscriptions.append(
-                self.bus.registry.subscribe(*sorted(item.event_ids), fn=_original(item.fn))
+                self.bus.registry.subscribe(_original(item.fn), *sorted(item.event_ids))
             )
 
     @classmethod
@@ -108,7 +113,8 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
             self._subscriptions.clear()
 
     def emit(self, event_id: str, *args: Any, **kwargs: Any) -> None:
-        """Emit ``event_id`` to its listeners; returns at once.
+        """Emit ``event_id`` to its listeners; returns at once. Every keyword argument
+        is payload (``key=``, ``delay=``... included).
 
         Raises:
             RuntimeError: the app has not started (the emitter is not initialized).
@@ -138,7 +144,8 @@ class TidingsPlugin(InitPluginProtocol):
     """Run Litestar's events through ``bus``: ``app.emit`` and ``@listener`` deliver
     through it, the app's lifespan starts and drains it, a request's events wait for its
     response (``on_error`` as in :class:`~tidings.asgi.EventsMiddleware`), and handlers
-    may ask for it as the dependency ``bus``."""
+    may ask for it as the dependency ``bus``. ``Litestar(listeners=[...])`` may hold
+    tidings listeners (``tidings.listener``) beside Litestar's: they join the bus."""
 
     __slots__ = ("bus", "on_error")
 
@@ -147,6 +154,17 @@ class TidingsPlugin(InitPluginProtocol):
         self.on_error = on_error
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        # tidings' own @listener functions may sit beside Litestar's in listeners=[...]:
+        # they go to the bus (once, however many apps share it), not to Litestar.
+        ours = [item for item in app_config.listeners if isinstance(item, Listener)]
+        if ours:
+            app_config.listeners = [
+                item for item in app_config.listeners if not isinstance(item, Listener)
+            ]
+            known = {sub.listener for sub in self.bus.registry.subscriptions()}
+            for item in ours:
+                if item not in known:
+                    self.bus.registry.add(item)
         app_config.event_emitter_backend = TidingsEmitterBackend.using(self.bus)
         app_config.middleware.append(
             # Litestar's scope types are TypedDicts; the middleware takes any mapping.

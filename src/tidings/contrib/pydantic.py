@@ -1,11 +1,15 @@
 """Payload schemas: a pydantic model that every event of one name must match at emit.
 
 ``bus.schema("user.created", UserCreated)`` (or ``@bus.schema("user.created")`` on the
-model class) makes ``emit`` and ``publish`` validate that name's keyword arguments
-against the model. A payload that does not validate raises :class:`SchemaError` (a
+model class) makes ``emit`` and ``publish`` validate that name's payload against the
+model: its keyword arguments, or one positional dict (``emit("user.created", data)``).
+A payload that does not validate raises :class:`SchemaError` (a
 :class:`~tidings.PayloadError`) naming the event, with pydantic's errors in
-``.errors``; nothing is queued. Listeners receive the validated values: coerced, with
-the model's defaults filled in, by field name.
+``.errors``; nothing is queued. ``SchemaError`` is not a ``pydantic.ValidationError``
+(pydantic does not allow subclasses of it): the ``ValidationError`` is its
+``__cause__``, so ``except SchemaError as exc: exc.__cause__`` reaches it. Listeners
+receive the validated values: coerced, with the model's defaults filled in, by field
+name (a positional dict becomes keyword arguments).
 
 Typed events (a pydantic model emitted as one object) need no schema: pydantic
 validates them when they are made.
@@ -82,16 +86,20 @@ def validator(name: str, model: Any) -> Callable[[Event], None]:
     def validate(event: Event) -> None:
         if event.obj is not None:
             return  # a typed event was validated when it was made
+        payload = event.kwargs
         if event.args:
-            raise SchemaError(
-                f"event {name!r} has a schema ({title}): pass its payload as keyword "
-                f"arguments, not {len(event.args)} positional argument(s)",
-                event=name,
-                model=model,
-                errors=[],
-            )
+            if len(event.args) == 1 and not payload and isinstance(event.args[0], dict):
+                payload = event.args[0]  # one dict: the natural payload of a schema
+            else:
+                raise SchemaError(
+                    f"event {name!r} has a schema ({title}): pass its payload as keyword "
+                    f"arguments or one dict, not {len(event.args)} positional argument(s)",
+                    event=name,
+                    model=model,
+                    errors=[],
+                )
         try:
-            valid = model.model_validate(event.kwargs)
+            valid = model.model_validate(payload)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             raise SchemaError(
@@ -100,6 +108,7 @@ def validator(name: str, model: Any) -> Callable[[Event], None]:
                 model=model,
                 errors=errors,
             ) from exc
+        event.args = ()
         event.kwargs = dict(valid)
 
     return validate

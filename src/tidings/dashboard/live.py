@@ -1,0 +1,77 @@
+"""The per-listener figures as a rich table that ``tidings stats --watch`` refreshes,
+with rates worked out between refreshes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from rich.table import Table
+
+__all__ = ["Watch"]
+
+
+class Watch:
+    """Successive readings of ``bus.listener_stats()``, and the table of the last one.
+
+    The rates are per second since the previous reading: how fast the backlog (pending
+    and retrying) grows or shrinks, and how many dead letters are added.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.readings: list[tuple[float, Mapping[str, Any]]] = []
+
+    def add(self, figures: Mapping[str, Any], at: float | None = None) -> None:
+        """Record a reading (``ListenerStats`` by listener) taken at ``at`` (now)."""
+        self.readings = [*self.readings[-1:], (time.monotonic() if at is None else at, figures)]
+
+    def rates(self, listener: str) -> tuple[float, float] | None:
+        """(backlog change/s, dead letters added/s) of ``listener``, once there are two
+        readings."""
+        if len(self.readings) < 2:
+            return None
+        (t0, before), (t1, after) = self.readings
+        span = t1 - t0
+        now, then = after.get(listener), before.get(listener)
+        if now is None or then is None or span <= 0:
+            return None
+        backlog = (now.pending + now.retrying) - (then.pending + then.retrying)
+        return backlog / span, max(now.dead - then.dead, 0) / span
+
+    def table(self) -> Table:
+        """The last reading as a table."""
+        table = Table(
+            title=f"deliveries on {self.url}",
+            caption=time.strftime("%H:%M:%S") + "  (Ctrl-C to stop)",
+        )
+        table.add_column("listener", overflow="fold")
+        for column in (
+            "pending",
+            "in flight",
+            "retrying",
+            "delayed",
+            "dead",
+            "oldest",
+            "backlog/s",
+            "dead/s",
+        ):
+            table.add_column(column, justify="right")
+        figures = self.readings[-1][1] if self.readings else {}
+        for listener, s in sorted(figures.items()):
+            oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
+            rates = self.rates(listener)
+            backlog, dead = ("-", "-") if rates is None else (f"{rates[0]:+.1f}", f"{rates[1]:.1f}")
+            table.add_row(
+                listener,
+                str(s.pending),
+                str(s.in_flight),
+                str(s.retrying),
+                str(s.delayed),
+                str(s.dead),
+                oldest,
+                backlog,
+                dead,
+            )
+        return table

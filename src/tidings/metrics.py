@@ -1,0 +1,382 @@
+"""Prometheus metrics of a bus: what it emits, how its deliveries end, and what waits in
+its store.
+
+``metrics = instrument(bus)`` before the bus starts; ``metrics.render()`` (or
+``await metrics.scrape()``, which reads the store first) gives the text exposition, and
+``serve(metrics, port=9191)`` answers ``GET /metrics`` (``tidings worker
+--metrics-port 9191`` does this). The names follow the conventions of FastStream and
+Dramatiq, in base units:
+
+- ``tidings_events_emitted_total{event}``: events emitted by this process;
+- ``tidings_deliveries_total{listener,outcome}``: finished attempts, ``outcome`` one of
+  ``ok`` (returned), ``retried`` (raised, tried again later), ``dead`` (raised on its
+  last attempt: a dead letter), ``timeout`` (ran past its timeout, retried or not);
+- ``tidings_delivery_duration_seconds{listener}``: a histogram of attempts' durations;
+- ``tidings_deliveries_in_progress{listener}``: attempts running in this process;
+- ``tidings_listener_pending{listener}``, ``tidings_listener_oldest_age_seconds{listener}``
+  and ``tidings_dead_letters{listener}``: read from the store, the same for every worker.
+
+Cost: the ``ok`` count is the bus's own counter, read when scraped, and failures are
+counted by error hooks, which run only when a delivery fails; neither touches the path
+of a delivery that succeeds. Emits and durations need a look at every event and
+delivery: they are on by default for durable backends (where the store's round trips
+dwarf it) and off in process, where they would take the bus off its fast path (a few
+times fewer deliveries/s); ``instrument(bus, detailed=True)`` turns them on anyway.
+
+Cardinality: the ``event`` label is the name or pattern a listener subscribes with that
+matches the event (``user.*``), or ``other``; listeners are as many as the code has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextvars import Context
+from typing import TYPE_CHECKING, Any
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.registry import Collector
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    if exc.name != "prometheus_client":
+        raise
+    raise ImportError(
+        "tidings.metrics needs prometheus_client: pip install 'tidings[prometheus]'"
+    ) from exc
+
+from tidings._patterns import matches
+from tidings.errors import ConfigurationError
+from tidings.events import Event
+
+if TYPE_CHECKING:
+    from tidings.bus import Bus
+    from tidings.listeners import Listener, Subscription
+
+__all__ = ["BUCKETS_S", "CONTENT_TYPE", "Metrics", "instrument", "metrics_of", "serve"]
+
+#: The content type of the text exposition.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The upper bounds of the duration histogram's buckets, in seconds (Prometheus' defaults).
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+OUTCOMES = ("ok", "retried", "dead", "timeout")
+# Event names remembered with their label, at most (past it each is matched again).
+_LABELS_CACHED = 10_000
+# How long a scrape from another thread waits for the store's figures.
+_STORE_WAIT_S = 5.0
+
+
+class _Durations:
+    """One listener's histogram, kept as plain counts (no lock: written on the loop)."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS_S) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+
+class Metrics(Collector):
+    """The metrics of one bus, as a Prometheus collector.
+
+    Args:
+        bus: the bus to measure (not started yet).
+        registry: where to register (default: a registry of its own, so several buses
+            in one process never clash; pass ``prometheus_client.REGISTRY`` to serve
+            them with the rest of the process's metrics).
+        detailed: count emits and time each delivery (default: only on a durable
+            backend; see the module's docstring for the cost in process).
+
+    Raises:
+        ConfigurationError: the bus already started, or is already instrumented.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        registry: CollectorRegistry | None = None,
+        detailed: bool | None = None,
+    ) -> None:
+        if bus.started:
+            raise ConfigurationError("instrument(bus) before the bus starts")
+        if getattr(bus, "_metrics", None) is not None:
+            raise ConfigurationError("this bus is already instrumented")
+        self.bus = bus
+        self.detailed = bus.backend.durable if detailed is None else detailed
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        # Failed attempts that were not timeouts, and those of them that were the last.
+        self._failed: dict[str, int] = {}
+        self._dead: dict[str, int] = {}
+        self._timeouts: dict[str, int] = {}
+        self._emitted: dict[str, int] = {}
+        self._labels: dict[str, str] = {}
+        self._durations: dict[str, _Durations] = {}
+        self._running: dict[str, int] = {}
+        # The store's figures as of the last read: listener -> (pending, oldest, dead).
+        self._store: dict[str, tuple[int, float | None, int]] = {}
+        self._read_at = 0.0
+        bus.on_error = (*bus.on_error, self._on_error)
+        bus.on_dead = (*bus.on_dead, self._on_dead)
+        if self.detailed:
+            bus._add_emit_hook(self._on_emit)
+            bus._observers.append(self._observe)
+        bus._metrics = self  # type: ignore[attr-defined]
+        self.registry.register(self)
+
+    # -- what the bus tells -----------------------------------------------------------
+
+    def _on_error(self, event: Event, listener: Listener[..., Any], exc: BaseException) -> None:
+        name = listener.qualname
+        if isinstance(exc, TimeoutError):
+            self._timeouts[name] = self._timeouts.get(name, 0) + 1
+        else:
+            self._failed[name] = self._failed.get(name, 0) + 1
+
+    def _on_dead(self, event: Event, listener: Listener[..., Any], exc: BaseException) -> None:
+        if not isinstance(exc, TimeoutError):
+            name = listener.qualname
+            self._dead[name] = self._dead.get(name, 0) + 1
+
+    def _on_emit(self, event: Event) -> None:
+        label = self._labels.get(event.name)
+        if label is None:
+            label = self._label(event.name)
+        self._emitted[label] = self._emitted.get(label, 0) + 1
+
+    def _label(self, name: str) -> str:
+        """The first subscribed name or pattern that matches ``name``, else ``other``."""
+        label = "other"
+        for sub in self.bus.registry.subscriptions():
+            found = next((p for p in sub.listener.names if matches(p, name)), None)
+            if found is not None:
+                label = found
+                break
+        if len(self._labels) < _LABELS_CACHED:
+            self._labels[name] = label
+        return label
+
+    def _observe(
+        self, event: Event, sub: Subscription, ctx: Context
+    ) -> Callable[[str, BaseException | None], None]:
+        name = sub.listener.qualname
+        running = self._running
+        running[name] = running.get(name, 0) + 1
+        started = time.perf_counter()
+
+        def finish(outcome: str, exc: BaseException | None) -> None:
+            running[name] -= 1
+            durations = self._durations.get(name)
+            if durations is None:
+                durations = self._durations[name] = _Durations()
+            durations.observe(time.perf_counter() - started)
+
+        return finish
+
+    # -- the store ----------------------------------------------------------------------
+
+    async def read_store(self) -> None:
+        """Read pending deliveries, oldest ages and dead letters from the store (on the
+        bus's loop, whichever loop awaits this)."""
+        bus = self.bus
+        loop = bus._loop
+        if loop is None or not bus.started:
+            return
+        if asyncio.get_running_loop() is loop:
+            figures = await bus.listener_stats()
+        else:
+            future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
+            figures = await asyncio.wrap_future(future)
+        self._store = {name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()}
+        self._read_at = time.monotonic()
+
+    async def scrape(self) -> bytes:
+        """Read the store, then render every metric in the text exposition format."""
+        await self.read_store()
+        return self.render()
+
+    def render(self) -> bytes:
+        """Every metric of this collector's registry in the text exposition format (the
+        store's figures as last read)."""
+        return generate_latest(self.registry)
+
+    def _read_from_thread(self) -> None:
+        # A scrape served by a thread of its own (prometheus_client's server) reads the
+        # store through the bus's loop; one on the loop uses the last figures read.
+        loop = self.bus._loop
+        if loop is None or not loop.is_running() or threading.get_ident() == self.bus._thread:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.read_store(), loop)
+        with contextlib.suppress(Exception):
+            future.result(_STORE_WAIT_S)
+
+    # -- the collector ------------------------------------------------------------------
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the metrics are listed when collected."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics as of now."""
+        self._read_from_thread()
+        listeners = self._listener_names()
+
+        emitted = CounterMetricFamily(
+            "tidings_events_emitted", "Events emitted by this process.", labels=["event"]
+        )
+        for label, count in sorted(self._emitted.items()):
+            emitted.add_metric([label], count)
+        yield emitted
+
+        deliveries = CounterMetricFamily(
+            "tidings_deliveries",
+            "Finished delivery attempts, by how they ended.",
+            labels=["listener", "outcome"],
+        )
+        ok = self._ok_counts()
+        for name in listeners:
+            dead = self._dead.get(name, 0)
+            counts = (
+                ok.get(name, 0),
+                self._failed.get(name, 0) - dead,
+                dead,
+                self._timeouts.get(name, 0),
+            )
+            for outcome, count in zip(OUTCOMES, counts, strict=True):
+                deliveries.add_metric([name, outcome], count)
+        yield deliveries
+
+        durations = HistogramMetricFamily(
+            "tidings_delivery_duration_seconds",
+            "How long delivery attempts ran.",
+            labels=["listener"],
+        )
+        for name, hist in sorted(self._durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*BUCKETS_S, float("inf")), hist.buckets, strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            durations.add_metric([name], buckets, hist.sum)
+        yield durations
+
+        in_progress = GaugeMetricFamily(
+            "tidings_deliveries_in_progress",
+            "Delivery attempts running in this process.",
+            labels=["listener"],
+        )
+        for name in listeners:
+            in_progress.add_metric([name], self._running.get(name, 0))
+        yield in_progress
+
+        pending = GaugeMetricFamily(
+            "tidings_listener_pending",
+            "Deliveries due and waiting in the store for a worker.",
+            labels=["listener"],
+        )
+        oldest = GaugeMetricFamily(
+            "tidings_listener_oldest_age_seconds",
+            "Age of the oldest delivery waiting in the store.",
+            labels=["listener"],
+        )
+        dead_letters = GaugeMetricFamily(
+            "tidings_dead_letters", "Dead letters kept in the store.", labels=["listener"]
+        )
+        for name, (waiting, age, dead_count) in sorted(self._store.items()):
+            pending.add_metric([name], waiting)
+            oldest.add_metric([name], age or 0.0)
+            dead_letters.add_metric([name], dead_count)
+        yield pending
+        yield oldest
+        yield dead_letters
+
+    def _listener_names(self) -> list[str]:
+        names = {sub.listener.qualname for sub in self.bus.registry.subscriptions()}
+        names.update(self._store)
+        return sorted(names)
+
+    def _ok_counts(self) -> dict[str, int]:
+        # The bus's own counters: ``delivered`` counts attempts that returned.
+        counts: dict[str, int] = {}
+        for sub in self.bus.registry.subscriptions():
+            name = sub.listener.qualname
+            counts[name] = counts.get(name, 0) + sub.delivered
+        return counts
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def instrument(
+    bus: Bus, *, registry: CollectorRegistry | None = None, detailed: bool | None = None
+) -> Metrics:
+    """Export ``bus``'s metrics to Prometheus (see :class:`Metrics` for the arguments).
+
+    Raises:
+        ConfigurationError: the bus already started, or is already instrumented.
+    """
+    return Metrics(bus, registry=registry, detailed=detailed)
+
+
+def metrics_of(bus: Bus) -> Metrics | None:
+    """The metrics ``instrument`` attached to ``bus``, if any."""
+    return getattr(bus, "_metrics", None)
+
+
+async def serve(metrics: Metrics, *, host: str = "0.0.0.0", port: int = 9191) -> asyncio.Server:
+    """Answer ``GET /metrics`` over HTTP on the running loop (``aclose`` the server, or
+    ``server.close()``, to stop).
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readline()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # the headers: nothing in them matters here
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if parts[:1] != ["GET"] or path not in ("/metrics", "/"):
+                _respond(writer, b"404 Not Found", b"text/plain", b"not found: GET /metrics\n")
+            else:
+                body = await metrics.scrape()
+                _respond(writer, b"200 OK", CONTENT_TYPE.encode(), body)
+            await writer.drain()
+        except (ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+def _respond(writer: asyncio.StreamWriter, status: bytes, content_type: bytes, body: bytes) -> None:
+    writer.write(
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: close\r\n\r\n"
+        + body
+    )
