@@ -45,7 +45,7 @@ headers = st.dictionaries(_any_text, _any_text, max_size=4)
 
 delays = st.one_of(
     st.floats(max_value=0.2),  # negative (now), small, and -inf
-    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308]),
+    st.sampled_from([math.nan, math.inf, -math.inf, -1e308]),
     st.timedeltas(max_value=timedelta(seconds=0.2)),
     st.integers(max_value=0),
     st.sampled_from(["5", b"5", None, True, [1]]),
