@@ -88,21 +88,26 @@ async def run_tidings(n: int, k: int, awaits: bool) -> float:
     return n * k / (end - start)
 
 
-async def run_tidings_metrics(n: int, k: int, awaits: bool) -> float:
-    """tidings with Prometheus metrics on (``tidings.metrics.instrument``, its defaults)."""
+async def run_tidings_metrics(n: int, k: int, awaits: bool, detailed: bool = False) -> float:
+    """tidings with Prometheus metrics on (``tidings.metrics.instrument``, its defaults;
+    or ``detailed``: emits counted and each delivery timed)."""
     from tidings import Bus, listener
     from tidings.metrics import instrument
 
     done = Done(n * k)
     fns = [listener("bench")(fn) for fn in make_listeners(done, k, awaits)]
     bus = Bus(listeners=fns, max_pending=n * k + 1)
-    instrument(bus)
+    instrument(bus, detailed=detailed)
     async with bus:
         emit = bus.emit
         start = await emit_loop(emit, n)
         end = await done.future
     assert done.count == n * k
     return n * k / (end - start)
+
+
+async def run_tidings_metrics_detailed(n: int, k: int, awaits: bool) -> float:
+    return await run_tidings_metrics(n, k, awaits, detailed=True)
 
 
 async def run_litestar(n: int, k: int, awaits: bool) -> float:
@@ -214,6 +219,8 @@ CONTENDERS: dict[str, tuple[Runner, float]] = {
     # name: (runner, share of --n it runs: slow peers run fewer events)
     "tidings": (run_tidings, 1.0),
     "tidings + metrics": (run_tidings_metrics, 1.0),
+    # What counting each emit and timing each delivery costs in process (off by default).
+    "tidings + metrics, detailed": (run_tidings_metrics_detailed, 0.2),
     "litestar SimpleEventEmitter": (run_litestar, 0.1),
     "pyee AsyncIOEventEmitter": (run_pyee, 0.1),
     "pyventus AsyncIOEventEmitter": (run_pyventus, 0.1),

@@ -288,6 +288,7 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
         "attempts": 2,
         "timeout_s": 5.0,
         "concurrency": None,
+        "batch": None,
     }
     assert listed[1]["concurrency"] == 1
     result = runner.invoke(app, ["stats", APP, "--json"])

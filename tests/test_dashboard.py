@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -365,7 +366,18 @@ async def test_every_backend_shows_searches_replays_and_purges(any_url: str, sho
         )
         assert purged.json() == {"count": 2}
         assert (await client.get("/api/dead")).json()["total"] == 0
+        await publish_later(bus, 600, "order.paid", order_id=5)
+        await publish_later(bus, 60, "order.paid", order_id=6)
+        await publish_later(bus, 7200, "order.paid", order_id=7)  # not within the hour
+        delayed = (await client.get("/api/delayed", params={"within_s": 3600})).json()
     assert sorted(shop.shipped.calls, key=str) == [2, 4]
+    if bus.backend.durable:
+        assert delayed["listeners"][ship.qualname]["delayed"] == 3
+        assert [e["name"] for e in delayed["events"]] == ["order.paid", "order.paid"]
+        assert 50 < delayed["events"][0]["due"] - time.time() <= 60  # the soonest first
+    else:  # in process: counted, not listed
+        assert delayed["events"] is None
+        assert delayed["listeners"]["(this process)"]["delayed"] == 3
 
 
 async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
@@ -396,6 +408,18 @@ async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
         await asyncio.to_thread(thread.join)
         loop.close()
         await drop_prefix(prefix)
+
+
+def test_charts_sample_this_process_and_the_store() -> None:
+    from tidings.dashboard._data import Sampler, Snapshot
+
+    sampler = Sampler(Bus())
+    sampler.sample([Snapshot("a", [], delivered=10, failed=1, pending=5, dead=1)], now=100.0)
+    sampler.sample([Snapshot("a", [], delivered=11, failed=1, pending=9, dead=2)], now=100.5)
+    sampler.sample([Snapshot("a", [], delivered=30, failed=5, pending=3, dead=4)], now=102.0)
+    # The second came too soon; rates are per second between the samples kept.
+    assert sampler.rates("a") == [[102.0, 10.0, 2.0, 3, 1.5]]
+    assert sampler.rates("b") == [[102.0, 0.0, 0.0, 0, 0.0]]
 
 
 # -- in a real browser ------------------------------------------------------------------
@@ -537,6 +561,9 @@ async def test_in_chromium(store_url: str, screenshots: Path, shop: Shop, chromi
                 await page.goto(base + "#/delayed")
                 delayed_row = page.locator("#delayed tr", has_text=ship.qualname)
                 await expect(delayed_row.locator("td").nth(1)).to_have_text("1")
+                await expect(page.locator("#delayed-events")).to_contain_text("order.paid")
+                await expect(page.locator("#delayed-events")).to_contain_text("(in 9.")
+                await page.screenshot(path=str(screenshots / f"delayed-{kind}.png"))
             finally:
                 await browser.close()
     finally:
@@ -562,6 +589,7 @@ async def test_tidings_dashboard_serves_a_bus_read_only(tmp_path: Path) -> None:
             refused = await client.post("/api/dead/purge", json={}, headers=ACT)
         rows = {row["name"]: row for row in overview["listeners"]}
         assert rows[cli_app.charge.qualname]["pending"] == 1  # a viewer: it runs nothing
+        assert overview["counts_here"] is False  # so its charts are the store's figures
         assert refused.status_code == 403
     finally:
         proc.send_signal(signal.SIGINT)

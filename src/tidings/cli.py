@@ -20,7 +20,9 @@ from rich.table import Table
 
 from tidings._loading import load_bus
 from tidings.backends.base import DeadLetter
+from tidings.backends.durable import DurableBackend
 from tidings.bus import Bus
+from tidings.delivery import Retry
 from tidings.demo import DemoResult, run_demo
 from tidings.errors import ConfigurationError, TidingsError
 from tidings.listeners import Listener
@@ -205,12 +207,11 @@ def listeners_(
     for column in ("listener", "events", "kind", "retry", "timeout", "concurrency"):
         table.add_column(column, no_wrap=column == "listener")
     for lst in bus.listeners():
-        retry = lst.retry or bus.retry
-        timeout = lst.timeout or bus.timeout
+        retry, timeout = _policy(bus, lst)
         table.add_row(
             lst.qualname,
             ", ".join(lst.names),
-            ("async" if lst.is_async else "sync") + (", once" if lst.once else ""),
+            _kind(lst),
             f"{retry.attempts} attempts" if retry else "-",
             f"{timeout:g}s" if timeout else "-",
             str(lst.concurrency or "-"),
@@ -219,16 +220,33 @@ def listeners_(
 
 
 def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:
-    retry = lst.retry or bus.retry
+    retry, timeout = _policy(bus, lst)
     return {
         "listener": lst.qualname,
         "events": list(lst.names),
-        "async": lst.is_async,
+        "async": lst.is_async if lst.batching is None else lst.batching.is_async,
         "once": lst.once,
         "attempts": retry.attempts if retry else None,
-        "timeout_s": lst.timeout or bus.timeout,
+        "timeout_s": timeout,
         "concurrency": lst.concurrency,
+        "batch": lst.batching.size if lst.batching is not None else None,
     }
+
+
+def _policy(bus: Bus, lst: Listener[..., Any]) -> tuple[Retry | None, float | None]:
+    """A listener's retry policy and timeout: a batch listener's apply to its batches."""
+    if lst.batching is not None:
+        return lst.batching.retry, lst.batching.timeout
+    return lst.retry or bus.retry, lst.timeout or bus.timeout
+
+
+def _kind(lst: Listener[..., Any]) -> str:
+    batching = lst.batching
+    is_async = lst.is_async if batching is None else batching.is_async
+    kind = "async" if is_async else "sync"
+    if batching is not None:
+        kind += f", batches of {batching.size} within {batching.wait_s:g}s"
+    return kind + (", once" if lst.once else "")
 
 
 def _forget_listener(args: list[str], debug: bool) -> None:
@@ -264,11 +282,15 @@ def emit(
     headers: list[str] = typer.Option(  # noqa: B008
         [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
     ),
+    allow_none: bool = typer.Option(
+        False, "--allow-none", help="Succeed even when no listener takes the event."
+    ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Publish one event (stored for the workers on a durable bus).
 
     --json is the payload only; options come from flags (--delay, --at, --key, --header).
+    Fails when the store knows no listener that takes it, unless --allow-none.
     """
     try:
         kwargs = msgspec.json.decode(json_payload)
@@ -289,12 +311,22 @@ def emit(
         except ValueError:
             raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
 
-    async def body(bus: Bus) -> None:
+    async def body(bus: Bus) -> list[str] | None:
         options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
         await options.publish(name, **kwargs)
+        backend = bus.backend
+        return await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
 
-    _with_bus(target, debug, body)
-    Console().print(f"emitted {name!r}", highlight=False)
+    takers = _with_bus(target, debug, body)
+    if takers is None:
+        Console().print(f"emitted {name!r}", highlight=False)
+        return
+    Console().print(f"emitted {name!r}: stored for {len(takers)} listeners", highlight=False)
+    if not takers and not allow_none:
+        raise _fail(
+            f"no listener joined on the store takes {name!r} (a listener receives the events "
+            "stored after it joined); --allow-none to accept that"
+        )
 
 
 @app.command()

@@ -18,9 +18,10 @@ from enum import Enum
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from tidings import _processes
+from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
-from tidings.delivery import Retry
+from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
 
@@ -104,6 +105,8 @@ class Listener(Generic[P, R]):
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
         typed: Sequence[type[Any]] = (),
         executor: Literal["thread", "process"] = "thread",
+        batch: int | None = None,
+        batch_wait: float | timedelta | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -125,7 +128,16 @@ class Listener(Generic[P, R]):
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
-        self.plan = CallPlan(fn, self.qualname)
+        #: A batch listener's batching (its function takes a list of events), else None.
+        self.batching = self._batching(batch, batch_wait, executor, typed)
+        if self.batching is not None:
+            # Each delivery waits for its batch, once: the batch's call is what the
+            # listener's retry policy and timeout apply to.
+            self.retry, self.timeout = NO_RETRY, NO_DEADLINE
+            self.concurrency = self.batching.concurrency
+            if self.batching.element is not None:
+                typed = (*typed, self.batching.element)
+        self.plan = CallPlan(fn if self.batching is None else self.batching.deliver, self.qualname)
         #: Where a sync listener runs: ``"thread"`` (the bus's thread pool) or
         #: ``"process"`` (a pool of worker processes, see :mod:`tidings._processes`).
         self.executor = executor
@@ -159,6 +171,35 @@ class Listener(Generic[P, R]):
                 types[name] = cls
         self.types = types
 
+    def _batching(
+        self,
+        batch: int | None,
+        batch_wait: float | timedelta | None,
+        executor: str,
+        typed: Sequence[type[Any]],
+    ) -> Batching | None:
+        if batch is None:
+            if batch_wait is not None:
+                raise ConfigurationError(
+                    f"listener {self.qualname} has a batch_wait but no batch: give "
+                    "batch=<most events in one call> too"
+                )
+            return None
+        if self.once or executor == "process":
+            what = "once=True" if self.once else 'executor="process"'
+            raise ConfigurationError(f"listener {self.qualname} cannot take batches with {what}")
+        return Batching(
+            self.fn,
+            self.qualname,
+            size=batch,
+            wait_s=1.0 if batch_wait is None else batch_wait,
+            retry=self.retry,
+            timeout=self.timeout,
+            concurrency=self.concurrency,
+            inline=self.inline,
+            typed=typed,
+        )
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
@@ -178,6 +219,8 @@ def listener(
     on_success: SuccessHook | Iterable[SuccessHook] | None = ...,
     on_dead: ErrorHook | Iterable[ErrorHook] | None = ...,
     executor: Literal["thread", "process"] = ...,
+    batch: int | None = ...,
+    batch_wait: float | timedelta | None = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -193,11 +236,21 @@ def listener(
     once; 1 keeps them in order), ``once`` (unsubscribe after the first event),
     ``inline`` (run a sync function on the event loop instead of a thread),
     ``executor="process"`` (run a sync function in a pool of worker processes: for
-    CPU-bound work; it must be defined at the top level of a module), and
-    ``on_error`` / ``on_success`` / ``on_dead`` hooks.
+    CPU-bound work; it must be defined at the top level of a module),
+    ``on_error`` / ``on_success`` / ``on_dead`` hooks, and ``batch`` (the function takes
+    a list of up to that many events, see below) with ``batch_wait`` (seconds or
+    ``timedelta`` a batch waits for more events after its first; default 1).
+
+    A batch listener's parameter annotated ``list[Event]`` (or not annotated) gets the
+    envelopes, ``list[SomeTypedEvent]`` the typed objects. Its ``retry`` and ``timeout``
+    apply to each call with a batch (the bus's defaults do not); when the last attempt
+    fails, each event of the batch is a dead letter with that error. Its
+    ``concurrency`` counts events in flight, in batches: at least ``batch`` (the
+    default), twice that lets one batch fill while another is called.
 
     Raises:
-        ConfigurationError: no names, an invalid pattern, or a class with no event name.
+        ConfigurationError: no names, an invalid pattern, a class with no event name,
+            or batch options out of range (``concurrency`` under ``batch``, say).
     """
     str_names, typed = _names(names)
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings.backends.durable import Outcomes
 from tidings.backends.redis import RedisBackend
 from tidings.errors import BackendError
 
@@ -287,9 +290,11 @@ def _free_port() -> int:
 class _Server:
     """A private redis-server on a free loopback port, persisting every write."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str, persist: bool = True) -> None:
         self.directory = directory
         self.port = _free_port()
+        self.options = options
+        self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -303,11 +308,12 @@ class _Server:
                 "--dir",
                 str(self.directory),
                 "--appendonly",
-                "yes",
+                "yes" if self.persist else "no",
                 "--appendfsync",
                 "always",
                 "--save",
                 "",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -327,18 +333,30 @@ class _Server:
             self.proc.wait()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
+def _private(directory: Path, *options: str, persist: bool = True) -> Iterator[_Server]:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("redis-server is not installed; CI needs it", pytrace=False)
         pytest.skip("redis-server is not installed")
-    srv = _Server(tmp_path)
+    srv = _Server(directory, *options, persist=persist)
     srv.start()
     try:
         yield srv
     finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
         srv.kill()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[_Server]:
+    yield from _private(tmp_path)
+
+
+@pytest.fixture
+def bare_server(tmp_path: Path) -> Iterator[_Server]:
+    """A private redis-server that keeps nothing on disk."""
+    yield from _private(tmp_path, persist=False)
 
 
 @pytest.mark.timeout(120)
@@ -425,3 +443,283 @@ async def test_the_client_retries_with_the_asyncio_retry_policy(prefix: str) -> 
     async with Bus(backend, consume=False):
         retry = backend._redis.connection_pool.connection_kwargs["retry"]
     assert isinstance(retry, AsyncRetry)
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+@pytest.mark.timeout(60)
+async def test_events_published_after_redis_lost_its_data_are_delivered(
+    bare_server: _Server, loss: str
+) -> None:
+    seen: list[int] = []
+    arrived = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    @listener("job")
+    async def job(n: int) -> None:
+        seen.append(n)
+        arrived[n].set()
+
+    url = f"redis://127.0.0.1:{bare_server.port}/0?poll_s=0.01&lease_s=2"
+    async with Bus(url, listeners=[job]) as worker, Bus(url, consume=False) as producer:
+        await producer.publish("job", n=1)
+        await asyncio.wait_for(arrived[1].wait(), 10)
+        if loss == "flushall":
+            admin = Redis(port=bare_server.port)
+            await admin.flushall()
+            await admin.aclose()
+        else:
+            bare_server.kill()
+            bare_server.start()
+        while True:
+            try:
+                await producer.publish("job", n=2)
+                break
+            except BackendError:  # the producer's connection to the old server broke
+                continue
+        await asyncio.wait_for(arrived[2].wait(), 20)
+        await worker.drain()
+    assert seen == [1, 2]
+
+
+async def test_a_worker_past_its_lease_never_renews_or_settles_what_another_took_over(
+    prefix: str, redis: Redis
+) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    name = on_x.qualname
+    stale = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    taker = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(stale, listeners=[on_x]) as a, Bus(taker, listeners=[on_x]):
+        await a.publish("x")
+        (mine,) = await stale.claim(name, on_x.names, 10, lease_s=30)
+        # Frozen past its lease: the other worker takes the delivery over.
+        (theirs,) = await taker.claim(name, on_x.names, 10, lease_s=0)
+        assert (theirs.record.id, theirs.attempt) == (mine.record.id, 2)
+
+        async def owner() -> bytes:
+            (entry,) = await redis.xpending_range(f"{prefix}:s:x", name, "-", "+", 10)
+            consumer = entry["consumer"]
+            assert isinstance(consumer, bytes)
+            return consumer
+
+        assert await stale.renew([mine], 30) == [mine]
+        assert await owner() == taker.owner.encode()
+        await stale.settle(Outcomes(acks=[mine]))
+        await stale.settle(Outcomes(retries=[(mine, 0.0, "")]))
+        await stale.settle(Outcomes(burials=[(mine, "Error: stale", "")]))
+        await stale.settle(Outcomes(releases=[mine]))
+        assert await owner() == taker.owner.encode()
+        assert await redis.zcard(f"{prefix}:retry:{name}") == 0
+        assert await redis.zcard(f"{prefix}:dead") == 0
+        assert await taker.renew([theirs], 30) == []
+        await taker.settle(Outcomes(acks=[theirs]))
+        assert await redis.xpending_range(f"{prefix}:s:x", name, "-", "+", 10) == []
+
+
+async def test_an_unreadable_entry_is_a_dead_letter_and_its_batch_mates_run(
+    prefix: str, redis: Redis
+) -> None:
+    seen: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        seen.append(n)
+
+    async with Bus(_url(prefix), listeners=[on_x], consume=False) as producer:
+        await producer.publish("x", n=1)
+        stream = f"{prefix}:s:x"
+        await redis.xadd(stream, {"e": b"\xc1 not msgpack"})
+        await redis.xadd(stream, {"e": b"\x91" * 50_000 + b"\xc0"})  # nested 50,000 deep
+        await redis.xadd(stream, {"other": b"no event in it"})
+        await producer.publish("x", n=2)
+    backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(backend, listeners=[on_x]):
+        claimed = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        assert [c.error is None for c in claimed] == [True, False, False, False, True]
+        assert all("cannot be read" in (c.error or "") for c in claimed[1:4])
+        await backend.settle(Outcomes(releases=claimed))
+    async with Bus(_url(prefix), listeners=[on_x]) as worker:
+        await worker.drain()
+        dead = await worker.list_dead_letters()
+    assert seen == [1, 2]
+    assert len(dead) == 3
+
+
+async def test_an_entry_carries_its_format_version_and_one_without_is_version_1(
+    prefix: str, redis: Redis
+) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(backend, listeners=[on_x]) as bus:
+        await bus.publish("x")
+        fields = ["old", "x", b"{}", {}, 1.0, 1.0]  # written before entries had a version
+        await redis.xadd(f"{prefix}:s:x", {"e": msgspec.msgpack.encode(fields)})
+        await redis.xadd(f"{prefix}:s:x", {"e": msgspec.msgpack.encode([*fields[:5], 1.0, 2])})
+        claimed = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        await backend.settle(Outcomes(acks=claimed))
+    stored = await redis.xrange(f"{prefix}:s:x", count=1)
+    assert stored is not None
+    entry = stored[0][1]
+    assert entry is not None
+    raw = entry[b"e"]
+    assert isinstance(raw, bytes)
+    assert len(msgspec.msgpack.decode(raw)) == 7  # the version is stored
+    assert [(c.record.id, c.record.version) for c in claimed[1:]] == [("old", 1), ("old", 2)]
+    assert claimed[0].record.version == 1
+
+
+def test_a_misspelt_url_option_is_named_at_bus() -> None:
+    with pytest.raises(ConfigurationError, match="'lease_S'"):
+        Bus("redis://localhost:6379/0?lease_S=1")
+    with pytest.raises(ConfigurationError, match="timeout_s must be more than 0"):
+        Bus("redis://localhost:6379/0?timeout_s=0")
+    # redis-py's own parameters still pass through.
+    Bus("redis://localhost:6379/0?socket_keepalive=true&health_check_interval=5")
+
+
+@pytest.mark.timeout(30)
+async def test_publish_fails_within_the_timeout_when_redis_stops_answering(
+    server: _Server,
+) -> None:
+    url = f"redis://127.0.0.1:{server.port}/0?timeout_s=0.5"
+    async with Bus(url, consume=False) as bus:
+        await bus.publish("x")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(BackendError):
+                await bus.publish("x")
+            took = time.monotonic() - began
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    assert took < 10  # redis-py's 30 s socket timeout, tried 3 times, otherwise
+
+
+async def test_reading_the_store_raises_backend_errors_not_redis_errors(
+    server: _Server,
+) -> None:
+    url = f"redis://127.0.0.1:{server.port}/0?timeout_s=1"
+    async with Bus(url, consume=False) as bus:
+        server.kill()
+        with pytest.raises(BackendError):
+            await bus.list_dead_letters()
+        with pytest.raises(BackendError):
+            await bus.replay_dead_letters()
+        with pytest.raises(BackendError):
+            await bus.listener_stats()
+        backend = bus.backend
+        assert isinstance(backend, RedisBackend)
+        with pytest.raises(BackendError):
+            await backend.join("x", ["x"])
+        with pytest.raises(BackendError):
+            await backend.forget("x")
+        server.start()
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
+async def test_a_redis_that_may_evict_keys_is_warned_of(
+    tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    for srv in _private(tmp_path, "--maxmemory-policy", policy):
+        with caplog.at_level(logging.WARNING, "tidings.backends.redis"):
+            async with Bus(f"redis://127.0.0.1:{srv.port}/0", consume=False):
+                pass
+    warned = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    if policy == "noeviction":
+        assert warned == []
+    else:
+        assert len(warned) == 1
+        assert "allkeys-lru" in warned[0]
+        assert "noeviction" in warned[0]
+
+
+async def test_a_trim_pass_touches_only_the_streams_settled_since_the_last(prefix: str) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    trimmed: list[bytes] = []
+    trim_keys = backend._trim_keys
+
+    async def record(keys: Sequence[bytes], reap_ms: int) -> int:
+        trimmed.extend(keys)
+        return await trim_keys(keys, reap_ms)
+
+    async with Bus(backend, listeners=[on_x]) as bus:
+        for n in range(300):  # idle names: stored once, never again
+            bus.emit(f"idle.{n}")
+        await bus.drain()
+        await backend._trim_all(time.monotonic())  # the first pass sweeps every stream
+        backend._trim_keys = record  # type: ignore[method-assign]
+        for _ in range(3):
+            bus.emit("x")
+            await bus.drain()
+            await backend._trim_all(time.monotonic())
+    assert f"{prefix}:s:x".encode() in trimmed
+    assert set(trimmed) <= {f"{prefix}:s:x".encode(), f"{prefix}:r:{on_x.qualname}".encode()}
+
+
+async def test_a_forgotten_listener_is_never_made_again(prefix: str, redis: Redis) -> None:
+    @listener("x.*")
+    async def gone() -> None:
+        pass
+
+    @listener("x.*")
+    async def kept() -> None:
+        pass
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    async with Bus(backend, listeners=[gone, kept], consume=False) as bus:
+        await bus.publish("x.a")
+        assert await backend.forget(gone.qualname) is True
+        assert await backend.forget(gone.qualname) is False
+        await bus.publish("x.b")
+    async with Bus(_url(prefix), consume=False) as producer:  # knows no listener
+        await producer.publish("x.c")
+    for name in ("x.a", "x.b", "x.c"):
+        groups = [g["name"] for g in await redis.xinfo_groups(f"{prefix}:s:{name}")]
+        assert groups == [kept.qualname.encode()], name
+    assert not await redis.exists(f"{prefix}:r:{gone.qualname}")
+    async with Bus(_url(prefix), listeners=[kept]) as worker:
+        await worker.drain()
+        stats = await worker.listener_stats()
+    assert set(stats) == {kept.qualname}
+    last_seen = stats[kept.qualname].last_seen
+    assert last_seen is not None
+    assert abs(time.time() - last_seen) < 60
+
+
+@pytest.mark.timeout(30)
+async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
+    prefix: str,
+) -> None:
+    # poll_s far beyond the test's timeout: only a read blocked on Redis delivers in time.
+    arrived = asyncio.Event()
+    names: list[str] = []
+    retried = asyncio.Event()
+
+    @listener("job")
+    async def job() -> None:
+        names.append("job")
+        arrived.set()
+
+    @listener("user.*", retry=Retry(attempts=2, backoff=0.2, jitter=0))
+    async def users(event: Event) -> None:
+        names.append(event.name)
+        if event.attempt == 1:
+            raise ConnectionError("once")
+        retried.set()
+
+    worker = Bus(_url(prefix, poll_s=60), listeners=[job, users])
+    async with worker, Bus(_url(prefix), consume=False) as producer:
+        await producer.publish("job")
+        await asyncio.wait_for(arrived.wait(), 10)
+        await producer.publish("user.created")  # a stream new to the worker
+        await asyncio.wait_for(retried.wait(), 10)
+    assert names == ["job", "user.created", "user.created"]

@@ -201,6 +201,7 @@ def test_urls() -> None:
     assert backend.path == "some/dir/events.db"
     assert Bus("sqlite:////tmp/events.db").backend.path == "/tmp/events.db"  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
+    assert Bus("sqlite:///x.db?stale_listener_s=60").backend.stale_listener_s == 60  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
@@ -513,3 +514,39 @@ async def test_create_dirs_makes_the_directory_at_start(tmp_path: Path) -> None:
     async with Bus(f"sqlite:///{missing / 'e.db'}?create_dirs=true"):
         pass
     assert (missing / "e.db").exists()
+
+
+async def test_an_event_stored_for_no_listener_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    @listener("user.*")
+    async def users() -> None:
+        pass
+
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False)
+    async with Bus(backend, listeners=[users]) as bus:
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await bus.publish("user.created")
+            await bus.publish("usr.created")  # a typo: nobody takes it
+            assert backend._listening_task is not None
+            await backend._listening_task
+    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'usr.created' was stored for 0 listeners" in warned[0]
+
+
+def test_tidings_emit_says_when_no_listener_takes_the_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(tmp_path))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+    result = runner.invoke(cli, ["emit", target, "order.paid", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "stored for 2 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created"])
+    assert result.exit_code == 1
+    assert "stored for 0 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
+    assert result.exit_code == 0, result.output
+    assert "stored for 0 listeners" in result.output

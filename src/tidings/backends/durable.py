@@ -255,6 +255,7 @@ _TRANSLATED = {
     "listener_stats": "reading listener stats",
     "store_with": "storing events in the caller's transaction",
     "forget": "forgetting a listener",
+    "joined": "reading the joined listeners",
     "claim_tick": "claiming a schedule's tick",
     "run_migrations": "running migrations",
 }
@@ -396,6 +397,11 @@ class DurableBackend(Backend):
         self._alone_task: asyncio.Task[None] | None = None
         self._paused = False
         self._stale_checked = 0.0
+        # Event names stored lately, and whether a joined listener takes each (checked
+        # in the background, and again after a while: listeners join and leave).
+        self._listened: dict[str, bool] = {}
+        self._listened_since = 0.0
+        self._listening_task: asyncio.Task[None] | None = None
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -462,6 +468,23 @@ class DurableBackend(Backend):
             BackendError: the store cannot forget listeners.
         """
         raise BackendError(f"the {self.scheme} store cannot forget listeners")
+
+    async def joined(self) -> dict[str, list[str]] | None:
+        """The listeners joined on the store and the patterns of each; ``None`` when the
+        store cannot say."""
+        return None
+
+    async def listeners_of(self, name: str) -> list[str] | None:
+        """The joined listeners an event named ``name`` is stored for (``None``: the
+        store cannot say)."""
+        joined = await self.joined()
+        if joined is None:
+            return None
+        return sorted(
+            listener
+            for listener, patterns in joined.items()
+            if any(matches(pattern, name) for pattern in patterns)
+        )
 
     def refuses(self, exc: BaseException) -> bool:
         """Whether ``exc`` (raised by :meth:`store`) says the store refuses the records
@@ -629,11 +652,46 @@ class DurableBackend(Backend):
             await self._store_batch(batch[half:], done)
             return
         self._stored_count += len(batch)
+        self._note_names(batch)
         for entry in batch:
             waiter = entry[1]
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             done.append(entry)
+
+    def _note_names(self, batch: list[_Entry]) -> None:
+        """Look, in the background, whether a joined listener takes the events just
+        stored under names not seen lately; warn of those that no listener takes."""
+        now = time.monotonic()
+        if now - self._listened_since > 60.0 or len(self._listened) > 10_000:
+            self._listened.clear()
+            self._listened_since = now
+        names = {record.name for record, _, _ in batch}.difference(self._listened)
+        if names and (self._listening_task is None or self._listening_task.done()):
+            loop = self._loop
+            assert loop is not None
+            self._listening_task = loop.create_task(self._check_listened(names))
+
+    async def _check_listened(self, names: set[str]) -> None:
+        try:
+            joined = await self.joined()
+        except Exception:
+            return  # an outage is reported by the claims and stores
+        if joined is None:
+            self._listened.update(dict.fromkeys(names, True))
+            return
+        patterns = [p for listener_patterns in joined.values() for p in listener_patterns]
+        for name in sorted(names):
+            listened = any(matches(p, name) for p in patterns)
+            self._listened[name] = listened
+            if not listened:
+                logger.warning(
+                    "event %r was stored for 0 listeners: none joined on the %s store "
+                    "subscribes to it (a listener receives the events stored after it first "
+                    "joined, when a bus with it started)",
+                    name,
+                    self.scheme,
+                )
 
     def _refused(self, entry: _Entry, exc: BaseException) -> None:
         record, waiter, _ = entry
@@ -1074,7 +1132,11 @@ class DurableBackend(Backend):
         self._stop.set()
         self._flush_wake.set()
         self._writer_wake.set()
-        tasks = [t for t in (self._flush_task, self._writer_task, self._renew_task) if t]
+        tasks = [
+            t
+            for t in (self._flush_task, self._writer_task, self._renew_task, self._listening_task)
+            if t
+        ]
         await self._bounded(tasks, left(grace), "the store did not answer")
         self._lost(None)
         with contextlib.suppress(Exception):

@@ -109,7 +109,7 @@ _headers_enc = msgspec.json.Encoder()
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
-_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s")
+_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s", "stale_listener_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.
@@ -476,6 +476,11 @@ class PostgresBackend(DurableBackend):
                 renewed.update((listener, r[0]) for r in rows)
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
 
+    async def joined(self) -> dict[str, list[str]]:
+        async with self._p().acquire() as conn:
+            rows = await conn.fetch(f"SELECT listener, names FROM {self.schema}.listeners")
+        return {r[0]: r[1].split() for r in rows}
+
     async def forget(self, listener: str) -> bool:
         s = self.schema
         async with self._p().acquire() as conn, conn.transaction():
@@ -582,3 +587,17 @@ class PostgresBackend(DurableBackend):
                 last_seen=seen.get(lst),
             )
         return out
+
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        async with self._p().acquire() as conn:
+            now = await conn.fetchval(f"SELECT {_NOW}")
+            rows = await conn.fetch(
+                f"SELECT id, name, created, due FROM {self.schema}.events "
+                "WHERE due > $1 AND due <= $2 ORDER BY due LIMIT $3",
+                now,
+                now + within_s,
+                limit,
+            )
+        return [{"event_id": r[0], "name": r[1], "created": r[2], "due": r[3]} for r in rows]

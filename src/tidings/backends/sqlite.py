@@ -136,7 +136,8 @@ class SQLiteBackend(DurableBackend):
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
         ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``synchronous``, ``codec`` and ``create_dirs`` (make a missing directory)."""
+        ``stale_listener_s``, ``synchronous``, ``codec`` and ``create_dirs`` (make a missing
+        directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -144,7 +145,7 @@ class SQLiteBackend(DurableBackend):
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
         rest, ours = split_options(
             url,
-            floats=("lease_s", "poll_s", "busy_timeout_s"),
+            floats=("lease_s", "poll_s", "busy_timeout_s", "stale_listener_s"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
             bools=("create_dirs",),
@@ -384,6 +385,10 @@ class SQLiteBackend(DurableBackend):
                 renewed.update((lst, seq) for lst, seq in await cursor.fetchall())
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
 
+    async def joined(self) -> dict[str, list[str]]:
+        cursor = await self._connected().execute("SELECT listener, names FROM tidings_listeners")
+        return {listener: names.split() for listener, names in await cursor.fetchall()}
+
     async def forget(self, listener: str) -> bool:
         async with self._write() as db:
             await db.execute("DELETE FROM tidings_deliveries WHERE listener = ?", (listener,))
@@ -518,6 +523,20 @@ class SQLiteBackend(DurableBackend):
                     if s.oldest_age_s is None or age > s.oldest_age_s:
                         s.oldest_age_s = age
         return out
+
+    async def list_delayed(self, within_s: float, limit: int) -> list[dict[str, Any]]:
+        """Events stored for later and due within ``within_s`` seconds, soonest first
+        (``event_id``, ``name``, ``created``, ``due``)."""
+        now = self.clock()
+        cursor = await self._connected().execute(
+            "SELECT id, name, created, due FROM tidings_events "
+            "WHERE due > ? AND due <= ? ORDER BY due LIMIT ?",
+            (now, now + within_s, limit),
+        )
+        return [
+            {"event_id": id_, "name": name, "created": created, "due": due}
+            for id_, name, created, due in await cursor.fetchall()
+        ]
 
     def _connected(self) -> aiosqlite.Connection:
         if self._db is None:

@@ -80,8 +80,11 @@ class Dashboard:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})  # none here: it polls
+            return
         if scope["type"] != "http":
-            return  # no websockets here
+            return
         path = scope.get("path", "/")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
@@ -203,6 +206,7 @@ class Dashboard:
                 "dead_letters": [_data.letter_json(d) for d in letters[:20]],
                 "failures": [f for f in self.sampler.failures if f["listener"] == name][:20],
                 "sees_failures": self.sampler.sees_failures,
+                "counts_here": not bus.backend.durable or _consumes(bus),
                 "can_act": access == "act",
             }
         if path == "dead":

@@ -158,12 +158,14 @@ def by_listener(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 class Sampler:
-    """The bus's delivery counters, sampled at most once a second for the rate charts,
-    and the failures this process saw (when it was set up before the bus started)."""
+    """The listeners' figures, sampled at most once a second for the charts, and the
+    failures this process saw (when it was set up before the bus started)."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=_SAMPLES)
+        self.samples: deque[tuple[float, dict[str, tuple[int, int, int, int]]]] = deque(
+            maxlen=_SAMPLES
+        )
         self.failures: deque[dict[str, Any]] = deque(maxlen=_FAILURES)
         self.sees_failures = False
         if not bus.started:
@@ -183,32 +185,34 @@ class Sampler:
             }
         )
 
-    def sample(self) -> None:
-        """Take a sample of the counters, unless the last is less than a second old."""
-        now = time.time()
+    def sample(self, snapshots: Iterable[Snapshot], now: float | None = None) -> None:
+        """Take a sample of the listeners' figures (delivered, failed, pending, dead) as of
+        ``now`` (default: now), unless the last is less than a second older."""
+        now = time.time() if now is None else now
         if self.samples and now - self.samples[-1][0] < _SAMPLE_EVERY_S:
             return
-        counts: dict[str, tuple[int, int]] = {}
-        for sub in self.bus.registry.subscriptions():
-            name = sub.listener.qualname
-            delivered, failed = counts.get(name, (0, 0))
-            counts[name] = (delivered + sub.delivered, failed + sub.failed)
-        self.samples.append((now, counts))
+        self.samples.append(
+            (now, {s.name: (s.delivered, s.failed, s.pending, s.dead) for s in snapshots})
+        )
 
     def rates(self, listener: str) -> list[list[float]]:
-        """``[time, deliveries/s, failures/s]`` between consecutive samples."""
+        """``[time, deliveries/s, failures/s, pending, dead letters added/s]`` between
+        consecutive samples (the first two counted in this process, the others read from
+        the store)."""
         out: list[list[float]] = []
-        previous: tuple[float, dict[str, tuple[int, int]]] | None = None
+        previous: tuple[float, dict[str, tuple[int, int, int, int]]] | None = None
         for sample in self.samples:
             if previous is not None:
                 span = sample[0] - previous[0]
-                before = previous[1].get(listener, (0, 0))
-                after = sample[1].get(listener, (0, 0))
+                before = previous[1].get(listener, (0, 0, 0, 0))
+                after = sample[1].get(listener, (0, 0, 0, 0))
                 out.append(
                     [
                         sample[0],
                         max(after[0] - before[0], 0) / span,
                         max(after[1] - before[1], 0) / span,
+                        after[2],
+                        max(after[3] - before[3], 0) / span,
                     ]
                 )
             previous = sample
@@ -250,7 +254,6 @@ class Snapshot:
 
 async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
     """Every listener (of this bus, and any other the store knows) with its figures."""
-    sampler.sample()
     snapshots: dict[str, Snapshot] = {}
     for sub in bus.registry.subscriptions():
         name = sub.listener.qualname
@@ -270,6 +273,7 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
         snap.dead = s.dead
         snap.oldest_age_s = s.oldest_age_s
         snap.last_seen = getattr(s, "last_seen", None)
+    sampler.sample(snapshots.values())
     return sorted(snapshots.values(), key=lambda s: s.name)
 
 
@@ -295,8 +299,9 @@ def schedules(bus: Bus) -> list[dict[str, Any]]:
 
 
 async def delayed(bus: Bus, within_s: float) -> dict[str, Any]:
-    """Deliveries waiting for a later time: per listener, and one by one where the
-    backend can list them (``list_delayed(within_s, limit)``)."""
+    """Deliveries waiting for a later time, per listener; and the events due within
+    ``within_s`` seconds one by one, where the store lists them (an optional
+    ``list_delayed(within_s, limit)`` of SQLite, Redis and PostgreSQL; ``None`` else)."""
     per_listener = {
         name: {"delayed": s.delayed, "retrying": s.retrying}
         for name, s in sorted((await on_bus_loop(bus, bus.listener_stats())).items())

@@ -45,17 +45,21 @@ function num(n, cls = "") {
   return `<td class="num ${n ? cls : "zero"}">${esc(n)}</td>`;
 }
 
+// Which figure of a sample each chart draws; "ok" and "fail" are this process's rates,
+// "pending" and "dead" come from the store (for a dashboard whose workers run elsewhere).
+const COLUMN = { ok: 1, fail: 2, pending: 3, dead: 4 };
+
 function spark(points, kind, big = false) {
   const w = big ? 420 : 90;
   const h = big ? 70 : 26;
   const slots = big ? 60 : 30;
   const shown = points.slice(-slots);
-  const top = Math.max(1, ...shown.map((p) => p[kind === "ok" ? 1 : 2]));
+  const top = Math.max(1, ...shown.map((p) => p[COLUMN[kind]]));
   // One slot a sample, the newest on the right: a young chart grows from the right edge.
   const step = w / (slots - 1);
   const first = slots - shown.length;
   const line = shown.map((p, i) => {
-    const v = p[kind === "ok" ? 1 : 2];
+    const v = p[COLUMN[kind]];
     return `${((first + i) * step).toFixed(1)},${(h - 2 - (v / top) * (h - 4)).toFixed(1)}`;
   }).join(" ");
   const area = shown.length ? `${(first * step).toFixed(1)},${h} ${line} ${w},${h}` : "";
@@ -63,9 +67,11 @@ function spark(points, kind, big = false) {
     `preserveAspectRatio="none"><polygon points="${area}"/><polyline points="${line}"/></svg>`;
 }
 
-function rate(points, kind, big = false) {
-  const last = points.length ? points[points.length - 1][kind === "ok" ? 1 : 2] : 0;
-  return `<div class="rate"><span data-rate="${kind}">${last.toFixed(1)}/s</span>${spark(points, kind, big)}</div>`;
+function rate(points, kind, big = false, current = null) {
+  // A level is shown as read now; the chart's last sample may be a second older.
+  const last = points.length ? points[points.length - 1][COLUMN[kind]] : 0;
+  const shown = kind === "pending" ? String(current ?? last) : `${last.toFixed(1)}/s`;
+  return `<div class="rate"><span data-rate="${kind}">${shown}</span>${spark(points, kind, big)}</div>`;
 }
 
 async function api(path, options = {}) {
@@ -125,6 +131,7 @@ async function overview() {
   const data = await api("overview");
   document.getElementById("bus").textContent = `${data.backend} ${data.bus}`;
   setMode(data.can_act);
+  const charts = data.counts_here ? ["ok", "fail"] : ["pending", "dead"];
   const rows = data.listeners.map((l) => `
     <tr data-listener="${esc(l.name)}">
       <td class="name"><a href="#/listener/${encodeURIComponent(l.name)}">${dotted(l.name)}</a></td>
@@ -133,20 +140,21 @@ async function overview() {
       <td class="num ${l.dead ? "bad" : "zero"}" data-col="dead">${l.dead ? `<a href="#/dead?listener=${encodeURIComponent(l.name)}">${l.dead}</a>` : 0}</td>
       <td class="num">${age(l.oldest_age_s)}</td>
       <td class="num" data-col="last-seen">${l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-"}</td>
-      <td class="num" data-col="delivered">${esc(l.delivered)}</td>
-      <td class="num ${l.failed ? "bad" : "zero"}" data-col="failed">${esc(l.failed)}</td>
-      <td>${rate(l.rates, "ok")}</td>
-      <td>${rate(l.rates, "fail")}</td>
+      <td class="num" data-col="delivered">${data.counts_here ? esc(l.delivered) : "-"}</td>
+      <td class="num ${l.failed ? "bad" : "zero"}" data-col="failed">${data.counts_here ? esc(l.failed) : "-"}</td>
+      <td>${rate(l.rates, charts[0], false, l.pending)}</td>
+      <td>${rate(l.rates, charts[1])}</td>
     </tr>`).join("");
   page.innerHTML = `
     <h1>Listeners</h1>
     <p class="note">Pending, in flight, retrying, delayed, dead, the oldest age and when a worker
     last claimed are read from the store. ${data.counts_here ? "Delivered, failed and the rates are this process's." :
-      "Delivered, failed and the rates count only listeners running in this process (none here: the workers run them)."}</p>
+      "The workers run the listeners elsewhere: the charts show the store's pending deliveries and the dead letters added each second."}</p>
     <table id="listeners">
       <thead><tr><th>listener</th><th>events</th><th class="num">pending</th><th class="num">in flight</th>
       <th class="num">retrying</th><th class="num">delayed</th><th class="num">dead</th><th class="num">oldest</th>
-      <th class="num" title="when a worker last claimed for it">last seen</th><th class="num">delivered</th><th class="num">failed</th><th class="num">deliveries/s</th><th class="num">failures/s</th></tr></thead>
+      <th class="num" title="when a worker last claimed for it">last seen</th><th class="num">delivered</th><th class="num">failed</th><th class="num">${data.counts_here ? "deliveries/s" : "pending"}</th>
+      <th class="num">${data.counts_here ? "failures/s" : "dead letters/s"}</th></tr></thead>
       <tbody>${rows || `<tr><td colspan="13" class="note">No listener.</td></tr>`}</tbody>
     </table>`;
 }
@@ -173,7 +181,9 @@ async function listenerPage(name) {
       ${figure("last seen", l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-")}
       ${figure("delivered", l.delivered)}${figure("failed", l.failed)}
     </div>
-    <div class="figures"><div>deliveries/s ${rate(l.rates, "ok", true)}</div><div>failures/s ${rate(l.rates, "fail", true)}</div></div>
+    <div class="figures">${l.counts_here
+      ? `<div>deliveries/s ${rate(l.rates, "ok", true)}</div><div>failures/s ${rate(l.rates, "fail", true)}</div>`
+      : `<div>pending ${rate(l.rates, "pending", true, l.pending)}</div><div>dead letters/s ${rate(l.rates, "dead", true)}</div>`}</div>
     <h2>Recent failures in this process</h2>
     ${l.sees_failures ? (l.failures.length ? `<table id="failures">${head}<tbody>${l.failures.map((f) => failureBlock(f, "failure")).join("")}</tbody></table>` : `<p class="note">None yet.</p>`)
       : `<p class="note">Failures are recorded when the dashboard is made before the bus starts.</p>`}
@@ -358,14 +368,14 @@ async function delayedPage() {
   const rows = Object.entries(data.listeners).map(([name, f]) =>
     `<tr><td class="name">${esc(name)}</td>${num(f.delayed)}${num(f.retrying)}</tr>`).join("");
   const events = data.events === null ? `<p class="note">This backend counts delayed deliveries but does not list them one by one.</p>`
-    : data.events.length ? `<table id="delayed-events"><thead><tr><th>due</th><th>event</th><th>event id</th><th>listener</th></tr></thead><tbody>
+    : data.events.length ? `<table id="delayed-events"><thead><tr><th>due</th><th>event</th><th>event id</th><th>emitted at</th></tr></thead><tbody>
       ${data.events.map((e) => `<tr><td>${when(e.due)} <span class="note">(${relative(e.due)})</span></td><td>${esc(e.name)}</td>
-      <td class="name">${esc(e.event_id)}</td><td class="name">${esc(e.listener || "")}</td></tr>`).join("")}</tbody></table>`
+      <td class="name">${esc(e.event_id)}</td><td>${when(e.created)}</td></tr>`).join("")}</tbody></table>`
     : `<p class="note">Nothing due within the hour.</p>`;
   page.innerHTML = `<h1>Delayed deliveries</h1>
     <table id="delayed"><thead><tr><th>listener</th><th class="num">delayed</th><th class="num">retrying later</th></tr></thead>
     <tbody>${rows || `<tr><td colspan="3" class="note">Nothing waits.</td></tr>`}</tbody></table>
-    <h2>Due within the hour</h2>${events}`;
+    <h2>Events due within the hour</h2>${events}`;
 }
 
 // -- routing ---------------------------------------------------------------------------
