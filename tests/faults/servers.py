@@ -48,10 +48,12 @@ def _missing(what: str) -> None:
 
 class RedisServer:
     """A private redis-server; ``persistent`` writes every command to an append-only
-    file (fsync always), otherwise it keeps nothing across a restart."""
+    file (fsync always), otherwise it keeps nothing across a restart. ``options`` are
+    more of redis-server's arguments."""
 
-    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
+    def __init__(self, directory: Path, *options: str, persistent: bool = True) -> None:
         self.directory = directory
+        self.options = options
         self.persistent = persistent
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,6 +74,7 @@ class RedisServer:
                 *persistence,
                 "--save",
                 "",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -92,11 +95,11 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(directory: Path, *, persistent: bool = True) -> Iterator[RedisServer]:
+def redis_server(directory: Path, *options: str, persistent: bool = True) -> Iterator[RedisServer]:
     """A started :class:`RedisServer`, killed on exit (skips when redis-server is missing)."""
     if shutil.which("redis-server") is None:
         _missing("redis-server")
-    server = RedisServer(directory, persistent=persistent)
+    server = RedisServer(directory, *options, persistent=persistent)
     server.start()
     try:
         yield server
