@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tidings import BackendError, Bus, ConfigurationError, Event, Retry, listener
+from tidings import (
+    BackendError,
+    Bus,
+    ConfigurationError,
+    Event,
+    PublishFailed,
+    Retry,
+    listener,
+)
 from tidings.backends.base import redact
 from tidings.backends.durable import Outcomes, Stored
 from tidings.backends.sqlite import SQLiteBackend
@@ -550,3 +558,22 @@ def test_tidings_emit_says_when_no_listener_takes_the_event(
     result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
     assert result.exit_code == 0, result.output
     assert "stored for 0 listeners" in result.output
+
+
+async def test_publish_with_a_delay_returns_once_the_event_is_stored(tmp_path: Path) -> None:
+    async with Bus(_url(tmp_path), consume=False) as bus:
+        await bus.options(delay=60).publish("later", n=1)
+        with sqlite3.connect(tmp_path / "events.db") as db:
+            assert db.execute("SELECT name FROM tidings_events").fetchall() == [("later",)]
+
+
+async def test_publish_with_a_delay_fails_when_the_store_is_out_of_reach(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout_s=0.01)
+    async with Bus(backend) as bus:
+        locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")  # another process holds the file
+            with pytest.raises(PublishFailed, match="was not stored"):
+                await bus.options(delay=60).publish("later", n=1)
+        finally:
+            locker.close()

@@ -386,8 +386,11 @@ class SQLiteBackend(DurableBackend):
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
 
     async def joined(self) -> dict[str, list[str]]:
-        cursor = await self._connected().execute("SELECT listener, names FROM tidings_listeners")
-        return {listener: names.split() for listener, names in await cursor.fetchall()}
+        async with self._lock:
+            cursor = await self._connected().execute(
+                "SELECT listener, names FROM tidings_listeners"
+            )
+            return {listener: names.split() for listener, names in await cursor.fetchall()}
 
     async def forget(self, listener: str) -> bool:
         async with self._write() as db:
@@ -425,15 +428,19 @@ class SQLiteBackend(DurableBackend):
     # -- inspecting -----------------------------------------------------------------
 
     async def list_dead(self, listener: str | None, limit: int) -> list[DeadLetter]:
-        db = self._connected()
-        cursor = await db.execute(
-            "SELECT d.listener, d.attempt, d.error, d.traceback, d.failed_at, "
-            "e.id, e.name, e.data, e.headers, e.created FROM tidings_deliveries d "
-            "JOIN tidings_events e ON e.seq = d.seq WHERE d.dead = 1 "
-            "AND (? IS NULL OR d.listener = ?) ORDER BY d.failed_at, d.seq LIMIT ?",
-            (listener, listener, limit),
-        )
-        return [dead_letter_row(row) for row in await cursor.fetchall()]
+        # Reads take the connection's lock too: a statement left between its execute
+        # and its fetch would hold a snapshot that makes a transaction begun meanwhile
+        # fail with "database is locked".
+        async with self._lock:
+            cursor = await self._connected().execute(
+                "SELECT d.listener, d.attempt, d.error, d.traceback, d.failed_at, "
+                "e.id, e.name, e.data, e.headers, e.created FROM tidings_deliveries d "
+                "JOIN tidings_events e ON e.seq = d.seq WHERE d.dead = 1 "
+                "AND (? IS NULL OR d.listener = ?) ORDER BY d.failed_at, d.seq LIMIT ?",
+                (listener, listener, limit),
+            )
+            rows = await cursor.fetchall()
+        return [dead_letter_row(row) for row in rows]
 
     def _dead_filter(
         self, ids: Sequence[str] | None, listener: str | None
@@ -471,7 +478,10 @@ class SQLiteBackend(DurableBackend):
             return cursor.rowcount
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
-        db = self._connected()
+        async with self._lock:
+            return await self._listener_stats(self._connected())
+
+    async def _listener_stats(self, db: aiosqlite.Connection) -> dict[str, ListenerStats]:
         now = self.clock()
         out: dict[str, ListenerStats] = {}
         cursor = await db.execute(
