@@ -69,9 +69,9 @@ class DurableStore(ABC):
         """A URL of this test's own store, with ``options`` in its query."""
 
     @abstractmethod
-    async def write_payload(self, name: str, data: bytes) -> str:
-        """Store an event named ``name`` whose payload bytes are ``data``, as another
-        process would (for every listener joined); its id.
+    async def write_payload(self, name: str, data: bytes, *, version: int = 1) -> str:
+        """Store an event named ``name`` whose payload bytes are ``data``, in stored
+        format ``version``, as another process would (for every listener joined); its id.
 
         An event of ``name`` must have been stored before by a bus (so a broker that
         makes per-name structures, such as Redis's consumer groups, has them).
@@ -104,23 +104,23 @@ class SQLiteStore(DurableStore):
         query = _query(options)
         return f"sqlite:///{self.path}" + (f"?{query}" if query else "")
 
-    def _insert(self, name: str, data: bytes, headers: str | None) -> str:
+    def _insert(self, name: str, data: bytes, headers: str | None, version: int = 1) -> str:
         event_id = new_event_id()
         now = time.time()
         # Its own connection: the bus's may be in a transaction, which this waits for.
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute(
-                "INSERT INTO tidings_events (id, name, data, headers, created, due) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (event_id, name, data, headers, now, now),
+                "INSERT INTO tidings_events (id, name, data, headers, created, due, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event_id, name, data, headers, now, now, version),
             )
         finally:
             db.close()
         return event_id
 
-    async def write_payload(self, name: str, data: bytes) -> str:
-        return await asyncio.to_thread(self._insert, name, data, None)
+    async def write_payload(self, name: str, data: bytes, *, version: int = 1) -> str:
+        return await asyncio.to_thread(self._insert, name, data, None, version)
 
     async def write_unreadable(self, name: str) -> None:
         await asyncio.to_thread(self._insert, name, b"{}", BROKEN_HEADERS)
@@ -153,10 +153,12 @@ class RedisStore(DurableStore):
         finally:
             await redis.aclose()
 
-    async def write_payload(self, name: str, data: bytes) -> str:
+    async def write_payload(self, name: str, data: bytes, *, version: int = 1) -> str:
         event_id = new_event_id()
         now = time.time()
-        record = Stored(id=event_id, name=name, data=data, headers={}, created=now, due=now)
+        record = Stored(
+            id=event_id, name=name, data=data, headers={}, created=now, due=now, version=version
+        )
         await self._xadd(name, msgspec.msgpack.encode(record))
         return event_id
 
@@ -189,7 +191,7 @@ class PostgresStore(DurableStore):
     def url(self, **options: object) -> str:
         return f"{POSTGRES_URL}?{_query({'schema': self.schema, **options})}"
 
-    async def _insert(self, name: str, data: bytes, headers: str | None) -> str:
+    async def _insert(self, name: str, data: bytes, headers: str | None, version: int = 1) -> str:
         import asyncpg
 
         s = self.schema
@@ -199,8 +201,9 @@ class PostgresStore(DurableStore):
         try:
             # One delivery per joined listener whose patterns match, as a producer makes.
             await conn.execute(
-                f"WITH e AS (INSERT INTO {s}.events (id, name, data, headers, created, due) "
-                "VALUES ($1, $2, $3, $4, $5, $5) RETURNING seq, name, due) "
+                f"WITH e AS (INSERT INTO {s}.events "
+                "(id, name, data, headers, created, due, version) "
+                "VALUES ($1, $2, $3, $4, $5, $5, $6) RETURNING seq, name, due) "
                 f"INSERT INTO {s}.deliveries (listener, seq, due) "
                 f"SELECT l.listener, e.seq, e.due FROM e JOIN {s}.listeners l "
                 "ON (e.name || '.') ~ l.regex",
@@ -209,13 +212,14 @@ class PostgresStore(DurableStore):
                 data,
                 headers,
                 now,
+                version,
             )
         finally:
             await conn.close()
         return event_id
 
-    async def write_payload(self, name: str, data: bytes) -> str:
-        return await self._insert(name, data, None)
+    async def write_payload(self, name: str, data: bytes, *, version: int = 1) -> str:
+        return await self._insert(name, data, None, version)
 
     async def write_unreadable(self, name: str) -> None:
         await self._insert(name, b"{}", BROKEN_HEADERS)

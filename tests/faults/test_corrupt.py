@@ -1,5 +1,5 @@
-"""Entries no reader can decode, written straight into the store (by another process, an
-older or newer version, a broken disk): each is a dead letter after its first failure,
+"""Entries no reader can decode, written straight into the store (by another process, a
+newer version of tidings, a broken disk): each is a dead letter after its first failure,
 and the events around it are delivered."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tidings import Bus, listener
+from tidings.backends.durable import STORED_VERSION
 
 from .stores import DurableStore
 
@@ -40,13 +41,22 @@ async def _write(store: DurableStore, kind: str) -> None:
         await store.write_payload("order.paid", b'{"no": "args"}')
     elif kind == "too deep payload":
         await store.write_payload("order.paid", _deep_payload(DEPTH))
+    elif kind == "newer stored format":
+        payload = b'{"args":[],"kwargs":{"n":99},"obj":null}'
+        await store.write_payload("order.paid", payload, version=STORED_VERSION + 1)
     else:
         await store.write_unreadable("order.paid")
 
 
 @pytest.mark.parametrize(
     "kind",
-    ["undecodable payload", "payload of another shape", "too deep payload", "unreadable entry"],
+    [
+        "undecodable payload",
+        "payload of another shape",
+        "too deep payload",
+        "newer stored format",
+        "unreadable entry",
+    ],
 )
 async def test_an_entry_that_cannot_be_decoded_is_a_dead_letter_and_the_rest_run(
     store: DurableStore, kind: str
