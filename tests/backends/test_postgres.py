@@ -4,17 +4,11 @@ leases, fan-out in the storing transaction, and a server restarted mid-stream.""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import time
 import types
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -383,161 +377,7 @@ async def test_forgotten_listeners_get_no_more_deliveries(schema: str) -> None:
         assert stats[kept.qualname].last_seen is not None
 
 
-# -- a private server, restarted mid-stream ----------------------------------------------
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-class _Server:
-    """A PostgreSQL cluster of the test's own, in a temporary directory, on a free port."""
-
-    def __init__(self, directory: Path, bin_dir: Path) -> None:
-        self.data = directory / "data"
-        self.bin = bin_dir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = dict(os.environ)
-        self.env = env
-        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.user:
-            shutil.chown(directory, "postgres")
-        subprocess.run(
-            [
-                *self.user,
-                str(bin_dir / "initdb"),
-                "-D",
-                str(self.data),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *self.user,
-                str(self.bin / "postgres"),
-                "-D",
-                str(self.data),
-                "-p",
-                str(self.port),
-                "-k",
-                str(self.data),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=on",
-                "-c",
-                "synchronous_commit=on",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready = subprocess.run(
-                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.DEVNULL,
-            )
-            if ready.returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the private PostgreSQL did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # SIGKILL the postmaster: a crash, not a shutdown. Its backends notice and
-            # exit; the next start recovers from the write-ahead log.
-            pid = int((self.data / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)
-            self.proc.wait()
-            time.sleep(0.5)
-
-
-@pytest.fixture
-def server() -> Iterator[_Server]:
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("PostgreSQL's initdb is not installed; CI needs it", pytrace=False)
-        pytest.skip("PostgreSQL's initdb is not installed")
-    # Not under pytest's tmp_path: the server's user (postgres, when the tests run as
-    # root) must be able to reach it.
-    directory = Path(tempfile.mkdtemp(prefix="tidings-pg-"))
-    try:
-        srv = _Server(directory, bin_dir)
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.kill()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.mark.timeout(180)
-async def test_every_published_event_survives_a_server_killed_mid_stream(
-    server: _Server,
-) -> None:
-    delivered: set[int] = set()
-    under_way = asyncio.Event()
-
-    @listener("job", concurrency=1)
-    async def job(n: int) -> None:
-        await asyncio.sleep(0.001)  # slower than the producer: a backlog builds up
-        delivered.add(n)
-        if len(delivered) >= 100:
-            under_way.set()
-
-    url = f"postgresql://postgres@127.0.0.1:{server.port}/postgres?poll_s=0.01&lease_s=2"
-    published: list[int] = []
-    refused = 0
-    backlog = 0
-    async with Bus(url, listeners=[job], consume=False) as producer:
-        worker = Bus(url, listeners=[job])
-        await worker.start()
-        try:
-            for n in range(2000):
-                if n == 1000:
-                    await asyncio.wait_for(under_way.wait(), 30)
-                    backlog = n - len(delivered)
-                    server.kill()
-                    began = time.monotonic()
-                    with pytest.raises(BackendError):
-                        await producer.publish("job", n=-1)
-                    assert time.monotonic() - began < 60  # an error, not a hang
-                    server.start()
-                while True:
-                    try:
-                        await producer.publish("job", n=n)
-                        break
-                    except BackendError:
-                        refused += 1
-                        await asyncio.sleep(0.05)
-                published.append(n)
-            # Every published event is stored: the worker has them all once it is idle.
-            await asyncio.wait_for(worker.drain(), 60)
-        finally:
-            await worker.aclose(timeout=5)
-    print(
-        f"\nPostgreSQL killed after 1000 of 2000 publishes ({backlog} not yet delivered), "
-        f"{refused} refused while it came back: "
-        f"{len(set(published) - delivered)} of {len(published)} published events lost"
-    )
-    assert set(published) <= delivered
+# A private server killed mid-stream: tests/faults/test_broker_restart.py.
 
 
 def test_the_regex_is_anchored() -> None:

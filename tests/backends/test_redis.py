@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +18,7 @@ from tidings.backends.durable import Outcomes
 from tidings.backends.redis import RedisBackend
 from tidings.errors import BackendError
 
+from ..faults.servers import RedisServer, free_port, redis_server
 from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
 
 
@@ -280,72 +277,13 @@ async def test_200k_events_through_two_listeners_leave_the_stream_trimmed(
     assert stream_bytes < 100_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class _Server:
-    """A private redis-server on a free loopback port, persisting every write."""
-
-    def __init__(self, directory: Path, *options: str, persist: bool = True) -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.options = options
-        self.persist = persist
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes" if self.persist else "no",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                *self.options,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("the private redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+# The private servers (and the server killed mid-stream) live with the fault suite.
+_Server = RedisServer
 
 
 def _private(directory: Path, *options: str, persist: bool = True) -> Iterator[_Server]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("redis-server is not installed; CI needs it", pytrace=False)
-        pytest.skip("redis-server is not installed")
-    srv = _Server(directory, *options, persist=persist)
-    srv.start()
-    try:
+    with redis_server(directory, *options, persistent=persist) as srv:
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
-        srv.kill()
 
 
 @pytest.fixture
@@ -359,60 +297,8 @@ def bare_server(tmp_path: Path) -> Iterator[_Server]:
     yield from _private(tmp_path, persist=False)
 
 
-@pytest.mark.timeout(120)
-async def test_every_published_event_survives_a_server_killed_mid_stream(
-    server: _Server,
-) -> None:
-    delivered: set[int] = set()
-    under_way = asyncio.Event()
-
-    @listener("job", concurrency=1)
-    async def job(n: int) -> None:
-        await asyncio.sleep(0.001)  # slower than the producer: the stream holds a backlog
-        delivered.add(n)
-        if len(delivered) >= 100:
-            under_way.set()
-
-    url = f"redis://127.0.0.1:{server.port}/0?poll_s=0.01&lease_s=2"
-    published: list[int] = []
-    refused = 0
-    backlog = 0
-    async with Bus(url, listeners=[job], consume=False) as producer:
-        worker = Bus(url, listeners=[job])
-        await worker.start()
-        try:
-            for n in range(3000):
-                if n == 1500:
-                    await asyncio.wait_for(under_way.wait(), 30)
-                    backlog = n - len(delivered)
-                    server.kill()
-                    began = time.monotonic()
-                    with pytest.raises(BackendError):
-                        await producer.publish("job", n=-1)
-                    assert time.monotonic() - began < 30  # an error, not a hang
-                    server.start()
-                while True:
-                    try:
-                        await producer.publish("job", n=n)
-                        break
-                    except BackendError:
-                        refused += 1
-                        await asyncio.sleep(0.05)
-                published.append(n)
-            # Every published event is stored: the worker has them all once it is idle.
-            await asyncio.wait_for(worker.drain(), 60)
-        finally:
-            await worker.aclose(timeout=5)
-    print(
-        f"\nserver killed after 1500 of 3000 publishes ({backlog} not yet delivered), "
-        f"{refused} refused while it was down: "
-        f"{len(set(published) - delivered)} of {len(published)} published events lost"
-    )
-    assert set(published) <= delivered
-
-
 async def test_publish_raises_when_redis_is_unreachable(prefix: str) -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(BackendError, match="cannot reach Redis"):
         async with Bus(f"redis://127.0.0.1:{port}/0", consume=False):
             pass
