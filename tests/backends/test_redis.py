@@ -154,6 +154,28 @@ async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(prefix: str) 
     assert attempts == [2]
 
 
+async def test_expired_leases_are_reclaimed_one_per_claim_marked_lost(prefix: str) -> None:
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(n: int) -> None:
+        pass
+
+    dying = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    taking = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(dying, listeners=[on_x]) as producer, Bus(taking, listeners=[on_x]):
+        for n in range(3):
+            await producer.publish("x", n=n)
+        first = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert [c.lost for c in first] == [False] * 3
+        await asyncio.sleep(0.1)  # the dying worker's leases expire
+        taken = []
+        for _ in range(3):
+            (claimed,) = await taking.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+            assert (claimed.lost, claimed.attempt) == (True, 2)
+            taken.append(claimed.record.id)
+        assert taken == [c.record.id for c in first]
+        await taking.settle(Outcomes(acks=first))
+
+
 async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
     runs: list[str] = []
 

@@ -28,9 +28,10 @@ A delivery is an entry in a group's pending list, leased to the process that rea
 Running deliveries are renewed with ``XCLAIM ... JUSTID`` (which resets their idle time
 without counting a delivery), and settled, only while this consumer still owns them
 (a script checks ``XPENDING`` first); entries idle for longer than the lease belonged to a
-process that died, and any consumer takes them over with ``XAUTOCLAIM``, no lock. The
-entry's delivery count is the attempt number (plus the attempts of earlier entries of
-the same delivery, for retries). Entries every group has acknowledged are trimmed
+process that died, and any consumer takes them over with ``XAUTOCLAIM``, no lock, one
+per claim and marked lost (the engine runs it alone: it may be what killed that
+process). The entry's delivery count is the attempt number (plus the attempts of
+earlier entries of the same delivery, for retries). Entries every group has acknowledged are trimmed
 (``XTRIM MINID`` at the oldest position any group still needs), so streams stay small;
 a pass trims the streams this process settled entries of, and all of them now and then.
 
@@ -551,10 +552,14 @@ class RedisBackend(DurableBackend):
             await self._discover(reader)
         claimed: list[Claimed] = []
         limit_asked = limit
-        if now - reader.reclaimed >= max(lease_s * _RECLAIM_SHARE, self.poll_s):
+        if limit > 0 and now - reader.reclaimed >= max(lease_s * _RECLAIM_SHARE, self.poll_s):
             reader.reclaimed = now
-            claimed = await self._reclaim(reader, limit, lease_s)
-            limit -= len(claimed)
+            lost = await self._reclaim(reader, lease_s)
+            if lost is not None:
+                # Handed out alone; the next claim looks for another at once.
+                claimed = [lost]
+                limit = 0
+                reader.reclaimed = float("-inf")
         if self._trim_due(now) <= 0:
             await self._trim_all(now)
         pipe = redis.pipeline(transaction=False)
@@ -793,36 +798,37 @@ class RedisBackend(DurableBackend):
             ),
         )
 
-    async def _reclaim(self, reader: _Reader, limit: int, lease_s: float) -> list[Claimed]:
-        """Take over entries whose lease expired (their process died)."""
+    async def _reclaim(self, reader: _Reader, lease_s: float) -> Claimed | None:
+        """Take over one entry whose lease expired (its process died, maybe running it),
+        marked ``lost``: the engine runs it alone, so a listener that kills its process
+        takes no batch-mate with it."""
         redis = self._r()
         idle_ms = int(lease_s * 1000)
-        out: list[Claimed] = []
         for key in (reader.own, *reader.streams):
-            if len(out) >= limit:
-                break
-            reply = await redis.xautoclaim(
-                key, reader.group, self.owner, idle_ms, start_id="0-0", count=limit - len(out)
-            )
-            entries = [(eid, fields) for eid, fields in reply[1] if fields]
-            if not entries:
-                continue
-            # XAUTOCLAIM counted a delivery; XPENDING tells how many there were.
-            pending = await redis.xpending_range(
-                key,
-                reader.group,
-                min=entries[0][0],
-                max=entries[-1][0],
-                count=len(entries) * 2 + 10,
-                consumername=self.owner,
-            )
-            counts = {p["message_id"]: p["times_delivered"] for p in pending}
-            for eid, fields in entries:
-                if b"w" in fields:
-                    await redis.xack(key, reader.group, eid)
-                    continue
-                out.append(self._claimed(reader.group, key, eid, fields, counts.get(eid, 1)))
-        return out
+            cursor: Any = "0-0"
+            while True:
+                # One at a time: each entry taken over counts a delivery.
+                reply = await redis.xautoclaim(
+                    key, reader.group, self.owner, idle_ms, start_id=cursor, count=1
+                )
+                for eid, fields in reply[1]:
+                    if not fields:
+                        continue
+                    if b"w" in fields:
+                        await redis.xack(key, reader.group, eid)
+                        continue
+                    # XAUTOCLAIM counted a delivery; XPENDING tells how many there were.
+                    pending = await redis.xpending_range(
+                        key, reader.group, min=eid, max=eid, count=1, consumername=self.owner
+                    )
+                    count = pending[0]["times_delivered"] if pending else 1
+                    claimed = self._claimed(reader.group, key, eid, fields, count)
+                    claimed.lost = True
+                    return claimed
+                cursor = reply[0]
+                if _text(cursor) == "0-0":
+                    break
+        return None
 
     async def _trim_all(self, now: float) -> None:
         self._trimmed = now
