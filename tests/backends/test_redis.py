@@ -16,10 +16,12 @@ from pathlib import Path
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
 from tidings.backends.durable import Outcomes
 from tidings.backends.redis import RedisBackend
+from tidings.cli import app as cli
 from tidings.errors import BackendError
 
 from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
@@ -745,3 +747,40 @@ async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
         await producer.publish("user.created")  # a stream new to the worker
         await asyncio.wait_for(retried.wait(), 10)
     assert names == ["job", "user.created", "user.created"]
+
+
+async def test_an_event_stored_for_no_listener_is_warned_of(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @listener("user.*")
+    async def users() -> None:
+        pass
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(backend, listeners=[users]) as bus:
+        assert await backend.joined() == {users.qualname: ["user.*"]}
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await bus.publish("user.created")
+            await bus.publish("usr.created")  # a typo: nobody takes it
+            assert backend._listening_task is not None
+            await backend._listening_task
+    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'usr.created' was stored for 0 listeners" in warned[0]
+
+
+def test_tidings_emit_says_when_no_listener_takes_the_event(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(prefix))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+    result = runner.invoke(cli, ["emit", target, "order.paid", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "stored for 2 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created"])
+    assert result.exit_code == 1
+    assert "stored for 0 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
+    assert result.exit_code == 0, result.output
+    assert "stored for 0 listeners" in result.output

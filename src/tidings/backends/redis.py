@@ -456,6 +456,11 @@ class RedisBackend(DurableBackend):
         self._joined[listener] = list(names)
         self._group_names()
 
+    @_translated
+    async def joined(self) -> dict[str, list[str]]:
+        raw = await self._r().hgetall(self._k_listeners)
+        return {k.decode(): v.decode().split() for k, v in raw.items()}
+
     async def claim_tick(self, schedule: str, tick: float) -> bool:
         key = f"{self.prefix}:tick:{schedule}:{tick!r}"
         return bool(await self._r().set(key, b"1", nx=True, ex=86_400))
