@@ -22,7 +22,7 @@ from tidings import Bus, ConfigurationError, Event, Retry, listener
 from tidings.backends.durable import Outcomes
 from tidings.backends.redis import RedisBackend
 from tidings.cli import app as cli
-from tidings.errors import BackendError
+from tidings.errors import BackendError, PublishFailed
 
 from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
 
@@ -784,3 +784,57 @@ def test_tidings_emit_says_when_no_listener_takes_the_event(
     result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
     assert result.exit_code == 0, result.output
     assert "stored for 0 listeners" in result.output
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[_Server]:
+    """A private redis-server that takes arguments of 1 MiB at most."""
+    yield from _private(tmp_path, "--proto-max-bulk-len", "1mb", persist=False)
+
+
+@pytest.mark.timeout(60)
+async def test_an_event_larger_than_redis_takes_is_dropped_alone(
+    small_server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int, blob: str = "") -> None:
+        seen.append(n)
+
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    async with Bus(url, listeners=[on_x], consume=False) as producer:
+        # One batch: the oversized event among good ones and a delayed one.
+        producer.emit("x", n=1)
+        producer.options(delay=3600).emit("x", n=2)
+        producer.emit("x", n=3)
+        with pytest.raises(PublishFailed, match="proto-max-bulk-len") as refused:
+            await producer.publish("x", n=4, blob="b" * 1_100_000)
+        producer.emit("x", n=5)
+    async with Bus(url, listeners=[on_x]) as worker:
+        await worker.drain()
+        assert (await worker.listener_stats())[on_x.qualname].delayed == 1
+    async with Redis(port=small_server.port) as client:
+        assert await client.zcard("tidings:later") == 1
+    assert sorted(seen) == [1, 3, 5]
+    bad = str(refused.value).split()[1]
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [m for m in logged if bad in m and "refused" in m and "dropped" in m]
+
+
+@pytest.mark.timeout(60)
+async def test_an_event_larger_than_a_limit_lowered_since_start_is_dropped_alone(
+    small_server: _Server,
+) -> None:
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    async with Redis(port=small_server.port) as client:
+        await client.config_set("proto-max-bulk-len", str(512 * 1024 * 1024))
+        async with Bus(url, consume=False) as producer:
+            await client.config_set("proto-max-bulk-len", str(1024 * 1024))
+            # Redis answers an error, or drops the connection while the argument is sent
+            # (which of the two depends on the sockets' buffers): a refusal either way.
+            for size in (1_100_000, 8_000_000):
+                with pytest.raises(PublishFailed, match="refused by the redis store"):
+                    await producer.publish("x", blob="b" * size)
+            await producer.publish("x", n=1)
+        assert await client.xlen("tidings:s:x") == 1

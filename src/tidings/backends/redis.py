@@ -128,6 +128,10 @@ _MOVE_S = 1.0
 _BLOCK_S = 1.0
 # A listener's last claim is written at most this often.
 _SEEN_S = 1.0
+# Redis's largest argument unless its configuration says otherwise (proto-max-bulk-len),
+# and the smallest it can be configured to.
+_MAX_BULK = 512 * 1024 * 1024
+_MIN_BULK = 1024 * 1024
 # Options of ours in the URL's query; the rest go to redis-py.
 _FLOAT_OPTIONS = ("lease_s", "poll_s", "timeout_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
@@ -154,6 +158,10 @@ def _translated(
             raise
 
     return call
+
+
+class ArgumentTooLarge(ValueError):
+    """A batch whose packed entries make an argument larger than Redis takes."""
 
 
 @dataclass(slots=True)
@@ -229,6 +237,7 @@ class RedisBackend(DurableBackend):
         self._k_dead = f"{prefix}:dead"
         self._k_seen = f"{prefix}:seen"
         self._k_alive = f"{prefix}:alive"
+        self._max_bulk = _MAX_BULK  # the server's proto-max-bulk-len, as last read
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -305,6 +314,7 @@ class RedisBackend(DurableBackend):
         self._settle = redis.register_script(_SETTLE)
         self._renew = redis.register_script(_RENEW)
         await self._check_eviction()
+        await self._read_max_bulk()
 
     async def _check_eviction(self) -> None:
         """Warn when Redis may evict keys: an evicted stream loses its events."""
@@ -320,6 +330,32 @@ class RedisBackend(DurableBackend):
                 redact(self.url),
                 policy,
             )
+
+    async def _read_max_bulk(self) -> int:
+        """Read how large one argument may be (``proto-max-bulk-len``): a larger one makes
+        Redis drop the connection, which would look like an outage."""
+        with contextlib.suppress(Exception):  # CONFIG disabled: Redis's default it is
+            reply = await self._redis.config_get("proto-max-bulk-len")
+            value = {_text(k): _text(v) for k, v in reply.items()}.get("proto-max-bulk-len")
+            if value is not None:
+                self._max_bulk = int(value)
+        return self._max_bulk
+
+    def refuses(self, exc: BaseException) -> bool:
+        # A batch too large for one argument is split (and an event too large alone is
+        # dropped); so is what Redis or redis-py refuse to take as a value.
+        if isinstance(exc, ArgumentTooLarge):
+            return True
+        from redis.exceptions import DataError, ResponseError
+
+        if isinstance(exc, DataError):
+            return True
+        if isinstance(exc, ResponseError):
+            message = str(exc)
+            return any(
+                part in message for part in ("invalid bulk length", "exceeds maximum allowed size")
+            )
+        return super().refuses(exc)
 
     async def disconnect(self) -> None:
         for reader in self._readers.values():
@@ -352,11 +388,12 @@ class RedisBackend(DurableBackend):
         index_of: dict[str, int] = {}
         parts: list[bytes] = []
         later: list[tuple[str, int, str, bytes]] = []
+        biggest = 0
         for r in records:
             index = index_of.get(r.name)
             if index is None:
                 if len(index_of) == 65535:
-                    self._queue_store(pipe, index_of, parts, later)
+                    biggest = max(biggest, self._queue_store(pipe, index_of, parts, later))
                     index_of, parts, later = {}, [], []
                 index = index_of[r.name] = len(index_of) + 1
             entry = _pack(r)
@@ -365,9 +402,17 @@ class RedisBackend(DurableBackend):
             else:
                 parts += (_pack_head(index, len(entry)), entry)
         if index_of:
-            self._queue_store(pipe, index_of, parts, later)
+            biggest = max(biggest, self._queue_store(pipe, index_of, parts, later))
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            # Redis drops the connection on an argument larger than it takes: a limit
+            # lowered since it was read is not an outage either.
+            if biggest > _MIN_BULK and biggest > await self._read_max_bulk():
+                raise self._too_large(biggest) from exc
+            raise
         lost = False
-        for reply in await pipe.execute(raise_on_error=False):
+        for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
             lost = lost or reply == 1
@@ -385,7 +430,12 @@ class RedisBackend(DurableBackend):
         index_of: dict[str, int],
         parts: list[bytes],
         later: list[tuple[str, int, str, bytes]],
-    ) -> None:
+    ) -> int:
+        """Queue the script storing a batch on ``pipe``; its largest argument's size.
+
+        Raises:
+            ArgumentTooLarge: an argument is larger than Redis takes (then nothing is queued).
+        """
         # EVAL, not EVALSHA: a restarted server has forgotten its scripts, and the
         # script's text is small beside a batch.
         streams = [self._stream(name) for name in index_of]
@@ -393,6 +443,10 @@ class RedisBackend(DurableBackend):
         for name in index_of:
             groups = self._groups_of.get(name, [])
             spec += (name, len(groups), *groups)
+        now, waiting = b"".join(parts), _strings([v for item in later for v in item])
+        biggest = max(len(now), len(waiting))
+        if biggest > self._max_bulk:
+            raise self._too_large(biggest)
         pipe.eval(
             _STORE,
             3 + len(streams),
@@ -400,11 +454,18 @@ class RedisBackend(DurableBackend):
             self._k_streams,
             self._k_later,
             *streams,
-            b"".join(parts),
+            now,
             _strings(spec),
             f"{self.prefix}:r:",
-            _strings([v for item in later for v in item]),
+            waiting,
             repr(time.time() + _MOVE_S),
+        )
+        return biggest
+
+    def _too_large(self, size: int) -> ArgumentTooLarge:
+        return ArgumentTooLarge(
+            f"the events take {size} bytes in one Redis argument, more than the server's "
+            f"proto-max-bulk-len ({self._max_bulk} bytes)"
         )
 
     async def _prepare(self, names: set[str]) -> None:
