@@ -19,9 +19,10 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
-from tidings.backends.durable import Outcomes
+from tidings.backends.durable import Outcomes, Stored
 from tidings.backends.redis import RedisBackend
 from tidings.cli import app as cli
+from tidings.codec import MAX_DEPTH
 from tidings.errors import BackendError, PublishFailed
 
 from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
@@ -556,18 +557,24 @@ async def test_an_unreadable_entry_is_a_dead_letter_and_its_batch_mates_run(
         await redis.xadd(stream, {"e": b"\xc1 not msgpack"})
         await redis.xadd(stream, {"e": b"\x91" * 50_000 + b"\xc0"})  # nested 50,000 deep
         await redis.xadd(stream, {"other": b"no event in it"})
+        # A well-formed entry whose payload is nested 100,000 deep: read only when run.
+        deep = b'{"args":[],"kwargs":{"n":' + b"[" * 100_000 + b"]" * 100_000 + b'},"obj":null}'
+        record = Stored("deep", "x", deep, {}, time.time(), 0.0)
+        await redis.xadd(stream, {"e": msgspec.msgpack.encode(record)})
         await producer.publish("x", n=2)
     backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
     async with Bus(backend, listeners=[on_x]):
         claimed = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
-        assert [c.error is None for c in claimed] == [True, False, False, False, True]
+        assert [c.error is None for c in claimed] == [True, False, False, False, True, True]
         assert all("cannot be read" in (c.error or "") for c in claimed[1:4])
         await backend.settle(Outcomes(releases=claimed))
     async with Bus(_url(prefix), listeners=[on_x]) as worker:
         await worker.drain()
         dead = await worker.list_dead_letters()
     assert seen == [1, 2]
-    assert len(dead) == 3
+    assert len(dead) == 4
+    (too_deep,) = [d for d in dead if d.event.id == "deep"]
+    assert f"deeper than {MAX_DEPTH} levels" in too_deep.error
 
 
 async def test_an_entry_carries_its_format_version_and_one_without_is_version_1(
