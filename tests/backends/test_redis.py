@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+import typing
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
-from tidings.backends.durable import Outcomes, Stored
+from tidings.backends.durable import Claimed, Outcomes, Stored
 from tidings.backends.redis import RedisBackend
 from tidings.cli import app as cli
 from tidings.codec import MAX_DEPTH
@@ -845,3 +846,8 @@ async def test_an_event_larger_than_a_limit_lowered_since_start_is_dropped_alone
                     await producer.publish("x", blob="b" * size)
             await producer.publish("x", n=1)
         assert await client.xlen("tidings:s:x") == 1
+
+
+def test_renew_is_typed_as_returning_the_deliveries_it_lost() -> None:
+    # (Typed Any, a caller's mistake with the result would pass mypy unseen.)
+    assert typing.get_type_hints(RedisBackend.renew)["return"] == list[Claimed]

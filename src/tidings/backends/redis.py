@@ -973,10 +973,9 @@ class RedisBackend(DurableBackend):
             for reader in self._readers.values():
                 reader.reclaimed = float("-inf")
 
-    # Typed Any until the engine's renew returns the deliveries it lost (a list[Claimed]).
-    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> Any:
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         """Extend the leases of ``claimed``; those this consumer no longer owns (another
-        took them over) are left alone and returned (a ``list[Claimed]``)."""
+        took them over) are left alone and returned."""
         by_key: dict[tuple[bytes, str], list[bytes]] = {}
         for c in claimed:
             by_key.setdefault((c.ref[0], c.listener), []).append(c.ref[1])
