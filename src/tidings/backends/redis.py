@@ -28,16 +28,17 @@ A delivery is an entry in a group's pending list, leased to the process that rea
 Running deliveries are renewed with ``XCLAIM ... JUSTID`` (which resets their idle time
 without counting a delivery), and settled, only while this consumer still owns them
 (a script checks ``XPENDING`` first); entries idle for longer than the lease belonged to a
-process that died, and any consumer takes them over with ``XAUTOCLAIM``, no lock, one
-per claim and marked lost (the engine runs it alone: it may be what killed that
-process). The entry's delivery count is the attempt number (plus the attempts of
-earlier entries of the same delivery, for retries). Entries every group has acknowledged are trimmed
-(``XTRIM MINID`` at the oldest position any group still needs), so streams stay small;
-a pass trims the streams this process settled entries of, and all of them now and then.
+process that died, and any consumer takes them over (``XPENDING ... IDLE``, then
+``XCLAIM``), no lock, one per claim and marked lost: the engine runs it alone, as it may
+be what killed that process. The entry's delivery count is the attempt number (plus the
+attempts of earlier entries of the same delivery, for retries). Entries every group has
+acknowledged are trimmed (``XTRIM MINID`` at the oldest position any group still needs),
+so streams stay small; a pass trims the streams this process settled entries of, and all
+of them now and then.
 
 Written for Redis 7.0. Redis 8.2's ``XACKDEL`` would acknowledge and delete in one
 command (no trimming pass), and ``XREADGROUP ... CLAIM`` would take over idle entries
-in the read itself (no separate ``XAUTOCLAIM``).
+in the read itself (no separate claim of idle entries).
 
 Needs ``pip install 'tidings[redis]'`` (redis-py).
 """
@@ -871,29 +872,29 @@ class RedisBackend(DurableBackend):
         redis = self._r()
         idle_ms = int(lease_s * 1000)
         for key in (reader.own, *reader.streams):
-            cursor: Any = "0-0"
+            tried: set[bytes] = set()
             while True:
-                # One at a time: each entry taken over counts a delivery.
-                reply = await redis.xautoclaim(
-                    key, reader.group, self.owner, idle_ms, start_id=cursor, count=1
+                # The oldest idle entry, found by the server however long the pending
+                # list; then taken over, only if still idle (no other consumer took it).
+                idle = await redis.xpending_range(
+                    key, reader.group, min="-", max="+", count=1, idle=idle_ms
                 )
-                for eid, fields in reply[1]:
-                    if not fields:
-                        continue
-                    if b"w" in fields:
-                        await redis.xack(key, reader.group, eid)
-                        continue
-                    # XAUTOCLAIM counted a delivery; XPENDING tells how many there were.
-                    pending = await redis.xpending_range(
-                        key, reader.group, min=eid, max=eid, count=1, consumername=self.owner
-                    )
-                    count = pending[0]["times_delivered"] if pending else 1
-                    claimed = self._claimed(reader.group, key, eid, fields, count)
-                    claimed.lost = True
-                    return claimed
-                cursor = reply[0]
-                if _text(cursor) == "0-0":
+                if not idle or idle[0]["message_id"] in tried:
                     break
+                eid = idle[0]["message_id"]
+                tried.add(eid)
+                taken = await redis.xclaim(key, reader.group, self.owner, idle_ms, [eid])
+                if not taken or not taken[0][1]:
+                    continue  # taken by another, or trimmed meanwhile
+                fields = taken[0][1]
+                if b"w" in fields:
+                    await redis.xack(key, reader.group, eid)
+                    continue
+                # XCLAIM counted one more delivery than XPENDING told.
+                count = int(idle[0]["times_delivered"]) + 1
+                claimed = self._claimed(reader.group, key, eid, fields, count)
+                claimed.lost = True
+                return claimed
         return None
 
     async def _trim_all(self, now: float) -> None:
