@@ -580,8 +580,6 @@ async def test_a_listener_that_kills_its_process_takes_no_batch_mate_with_it(
     make_bus: BusFactory, backend_name: str, tmp_path: Path
 ) -> None:
     _durable(backend_name)
-    if backend_name.startswith("redis"):
-        pytest.skip("the Redis store does not mark reclaimed deliveries as lost yet")
     out = tmp_path / "delivered.txt"
     url = make_bus().url + "&lease_s=0.3&max_lost_runs=2&poll_s=0.01"
     env = {**os.environ, "TIDINGS_TEST_URL": url, "TIDINGS_TEST_OUT": str(out)}

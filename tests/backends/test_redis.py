@@ -6,17 +6,21 @@ import asyncio
 import logging
 import signal
 import time
+import typing
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
-from tidings.backends.durable import Outcomes
+from tidings.backends.durable import Claimed, Outcomes, Stored
 from tidings.backends.redis import RedisBackend
-from tidings.errors import BackendError
+from tidings.cli import app as cli
+from tidings.codec import MAX_DEPTH
+from tidings.errors import BackendError, PublishFailed
 
 from ..faults.servers import RedisServer, free_port, redis_server
 from ..services import REDIS_URL, drop_prefix, require_redis, unique_prefix
@@ -149,6 +153,28 @@ async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(prefix: str) 
     async with Bus(_url(prefix, lease_s=0.2), listeners=[on_x]) as bus:
         await bus.drain()
     assert attempts == [2]
+
+
+async def test_expired_leases_are_reclaimed_one_per_claim_marked_lost(prefix: str) -> None:
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(n: int) -> None:
+        pass
+
+    dying = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    taking = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(dying, listeners=[on_x]) as producer, Bus(taking, listeners=[on_x]):
+        for n in range(3):
+            await producer.publish("x", n=n)
+        first = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert [c.lost for c in first] == [False] * 3
+        await asyncio.sleep(0.1)  # the dying worker's leases expire
+        taken = []
+        for _ in range(3):
+            (claimed,) = await taking.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+            assert (claimed.lost, claimed.attempt) == (True, 2)
+            taken.append(claimed.record.id)
+        assert taken == [c.record.id for c in first]
+        await taking.settle(Outcomes(acks=first))
 
 
 async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
@@ -418,18 +444,24 @@ async def test_an_unreadable_entry_is_a_dead_letter_and_its_batch_mates_run(
         await redis.xadd(stream, {"e": b"\xc1 not msgpack"})
         await redis.xadd(stream, {"e": b"\x91" * 50_000 + b"\xc0"})  # nested 50,000 deep
         await redis.xadd(stream, {"other": b"no event in it"})
+        # A well-formed entry whose payload is nested 100,000 deep: read only when run.
+        deep = b'{"args":[],"kwargs":{"n":' + b"[" * 100_000 + b"]" * 100_000 + b'},"obj":null}'
+        record = Stored("deep", "x", deep, {}, time.time(), 0.0)
+        await redis.xadd(stream, {"e": msgspec.msgpack.encode(record)})
         await producer.publish("x", n=2)
     backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
     async with Bus(backend, listeners=[on_x]):
         claimed = await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30)
-        assert [c.error is None for c in claimed] == [True, False, False, False, True]
+        assert [c.error is None for c in claimed] == [True, False, False, False, True, True]
         assert all("cannot be read" in (c.error or "") for c in claimed[1:4])
         await backend.settle(Outcomes(releases=claimed))
     async with Bus(_url(prefix), listeners=[on_x]) as worker:
         await worker.drain()
         dead = await worker.list_dead_letters()
     assert seen == [1, 2]
-    assert len(dead) == 3
+    assert len(dead) == 4
+    (too_deep,) = [d for d in dead if d.event.id == "deep"]
+    assert f"deeper than {MAX_DEPTH} levels" in too_deep.error
 
 
 async def test_an_entry_carries_its_format_version_and_one_without_is_version_1(
@@ -609,3 +641,99 @@ async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
         await producer.publish("user.created")  # a stream new to the worker
         await asyncio.wait_for(retried.wait(), 10)
     assert names == ["job", "user.created", "user.created"]
+
+
+async def test_an_event_stored_for_no_listener_is_warned_of(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @listener("user.*")
+    async def users() -> None:
+        pass
+
+    backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
+    async with Bus(backend, listeners=[users]) as bus:
+        assert await backend.joined() == {users.qualname: ["user.*"]}
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await bus.publish("user.created")
+            await bus.publish("usr.created")  # a typo: nobody takes it
+            assert backend._listening_task is not None
+            await backend._listening_task
+    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'usr.created' was stored for 0 listeners" in warned[0]
+
+
+def test_tidings_emit_says_when_no_listener_takes_the_event(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(prefix))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+    result = runner.invoke(cli, ["emit", target, "order.paid", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "stored for 2 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created"])
+    assert result.exit_code == 1
+    assert "stored for 0 listeners" in result.output
+    result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
+    assert result.exit_code == 0, result.output
+    assert "stored for 0 listeners" in result.output
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[_Server]:
+    """A private redis-server that takes arguments of 1 MiB at most."""
+    yield from _private(tmp_path, "--proto-max-bulk-len", "1mb", persist=False)
+
+
+@pytest.mark.timeout(60)
+async def test_an_event_larger_than_redis_takes_is_dropped_alone(
+    small_server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+
+    @listener("x")
+    async def on_x(n: int, blob: str = "") -> None:
+        seen.append(n)
+
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    async with Bus(url, listeners=[on_x], consume=False) as producer:
+        # One batch: the oversized event among good ones and a delayed one.
+        producer.emit("x", n=1)
+        producer.options(delay=3600).emit("x", n=2)
+        producer.emit("x", n=3)
+        with pytest.raises(PublishFailed, match="proto-max-bulk-len") as refused:
+            await producer.publish("x", n=4, blob="b" * 1_100_000)
+        producer.emit("x", n=5)
+    async with Bus(url, listeners=[on_x]) as worker:
+        await worker.drain()
+        assert (await worker.listener_stats())[on_x.qualname].delayed == 1
+    async with Redis(port=small_server.port) as client:
+        assert await client.zcard("tidings:later") == 1
+    assert sorted(seen) == [1, 3, 5]
+    bad = str(refused.value).split()[1]
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [m for m in logged if bad in m and "refused" in m and "dropped" in m]
+
+
+@pytest.mark.timeout(60)
+async def test_an_event_larger_than_a_limit_lowered_since_start_is_dropped_alone(
+    small_server: _Server,
+) -> None:
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    async with Redis(port=small_server.port) as client:
+        await client.config_set("proto-max-bulk-len", str(512 * 1024 * 1024))
+        async with Bus(url, consume=False) as producer:
+            await client.config_set("proto-max-bulk-len", str(1024 * 1024))
+            # Redis answers an error, or drops the connection while the argument is sent
+            # (which of the two depends on the sockets' buffers): a refusal either way.
+            for size in (1_100_000, 8_000_000):
+                with pytest.raises(PublishFailed, match="refused by the redis store"):
+                    await producer.publish("x", blob="b" * size)
+            await producer.publish("x", n=1)
+        assert await client.xlen("tidings:s:x") == 1
+
+
+def test_renew_is_typed_as_returning_the_deliveries_it_lost() -> None:
+    # (Typed Any, a caller's mistake with the result would pass mypy unseen.)
+    assert typing.get_type_hints(RedisBackend.renew)["return"] == list[Claimed]

@@ -28,15 +28,17 @@ A delivery is an entry in a group's pending list, leased to the process that rea
 Running deliveries are renewed with ``XCLAIM ... JUSTID`` (which resets their idle time
 without counting a delivery), and settled, only while this consumer still owns them
 (a script checks ``XPENDING`` first); entries idle for longer than the lease belonged to a
-process that died, and any consumer takes them over with ``XAUTOCLAIM``, no lock. The
-entry's delivery count is the attempt number (plus the attempts of earlier entries of
-the same delivery, for retries). Entries every group has acknowledged are trimmed
-(``XTRIM MINID`` at the oldest position any group still needs), so streams stay small;
-a pass trims the streams this process settled entries of, and all of them now and then.
+process that died, and any consumer takes them over (``XPENDING ... IDLE``, then
+``XCLAIM``), no lock, one per claim and marked lost: the engine runs it alone, as it may
+be what killed that process. The entry's delivery count is the attempt number (plus the
+attempts of earlier entries of the same delivery, for retries). Entries every group has
+acknowledged are trimmed (``XTRIM MINID`` at the oldest position any group still needs),
+so streams stay small; a pass trims the streams this process settled entries of, and all
+of them now and then.
 
 Written for Redis 7.0. Redis 8.2's ``XACKDEL`` would acknowledge and delete in one
 command (no trimming pass), and ``XREADGROUP ... CLAIM`` would take over idle entries
-in the read itself (no separate ``XAUTOCLAIM``).
+in the read itself (no separate claim of idle entries).
 
 Needs ``pip install 'tidings[redis]'`` (redis-py).
 """
@@ -127,6 +129,10 @@ _MOVE_S = 1.0
 _BLOCK_S = 1.0
 # A listener's last claim is written at most this often.
 _SEEN_S = 1.0
+# Redis's largest argument unless its configuration says otherwise (proto-max-bulk-len),
+# and the smallest it can be configured to.
+_MAX_BULK = 512 * 1024 * 1024
+_MIN_BULK = 1024 * 1024
 # Options of ours in the URL's query; the rest go to redis-py.
 _FLOAT_OPTIONS = ("lease_s", "poll_s", "timeout_s")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
@@ -153,6 +159,10 @@ def _translated(
             raise
 
     return call
+
+
+class ArgumentTooLarge(ValueError):
+    """A batch whose packed entries make an argument larger than Redis takes."""
 
 
 @dataclass(slots=True)
@@ -228,6 +238,7 @@ class RedisBackend(DurableBackend):
         self._k_dead = f"{prefix}:dead"
         self._k_seen = f"{prefix}:seen"
         self._k_alive = f"{prefix}:alive"
+        self._max_bulk = _MAX_BULK  # the server's proto-max-bulk-len, as last read
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -304,6 +315,7 @@ class RedisBackend(DurableBackend):
         self._settle = redis.register_script(_SETTLE)
         self._renew = redis.register_script(_RENEW)
         await self._check_eviction()
+        await self._read_max_bulk()
 
     async def _check_eviction(self) -> None:
         """Warn when Redis may evict keys: an evicted stream loses its events."""
@@ -319,6 +331,32 @@ class RedisBackend(DurableBackend):
                 redact(self.url),
                 policy,
             )
+
+    async def _read_max_bulk(self) -> int:
+        """Read how large one argument may be (``proto-max-bulk-len``): a larger one makes
+        Redis drop the connection, which would look like an outage."""
+        with contextlib.suppress(Exception):  # CONFIG disabled: Redis's default it is
+            reply = await self._redis.config_get("proto-max-bulk-len")
+            value = {_text(k): _text(v) for k, v in reply.items()}.get("proto-max-bulk-len")
+            if value is not None:
+                self._max_bulk = int(value)
+        return self._max_bulk
+
+    def refuses(self, exc: BaseException) -> bool:
+        # A batch too large for one argument is split (and an event too large alone is
+        # dropped); so is what Redis or redis-py refuse to take as a value.
+        if isinstance(exc, ArgumentTooLarge):
+            return True
+        from redis.exceptions import DataError, ResponseError
+
+        if isinstance(exc, DataError):
+            return True
+        if isinstance(exc, ResponseError):
+            message = str(exc)
+            return any(
+                part in message for part in ("invalid bulk length", "exceeds maximum allowed size")
+            )
+        return super().refuses(exc)
 
     async def disconnect(self) -> None:
         for reader in self._readers.values():
@@ -351,11 +389,12 @@ class RedisBackend(DurableBackend):
         index_of: dict[str, int] = {}
         parts: list[bytes] = []
         later: list[tuple[str, int, str, bytes]] = []
+        biggest = 0
         for r in records:
             index = index_of.get(r.name)
             if index is None:
                 if len(index_of) == 65535:
-                    self._queue_store(pipe, index_of, parts, later)
+                    biggest = max(biggest, self._queue_store(pipe, index_of, parts, later))
                     index_of, parts, later = {}, [], []
                 index = index_of[r.name] = len(index_of) + 1
             entry = _pack(r)
@@ -364,9 +403,17 @@ class RedisBackend(DurableBackend):
             else:
                 parts += (_pack_head(index, len(entry)), entry)
         if index_of:
-            self._queue_store(pipe, index_of, parts, later)
+            biggest = max(biggest, self._queue_store(pipe, index_of, parts, later))
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            # Redis drops the connection on an argument larger than it takes: a limit
+            # lowered since it was read is not an outage either.
+            if biggest > _MIN_BULK and biggest > await self._read_max_bulk():
+                raise self._too_large(biggest) from exc
+            raise
         lost = False
-        for reply in await pipe.execute(raise_on_error=False):
+        for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
             lost = lost or reply == 1
@@ -384,7 +431,12 @@ class RedisBackend(DurableBackend):
         index_of: dict[str, int],
         parts: list[bytes],
         later: list[tuple[str, int, str, bytes]],
-    ) -> None:
+    ) -> int:
+        """Queue the script storing a batch on ``pipe``; its largest argument's size.
+
+        Raises:
+            ArgumentTooLarge: an argument is larger than Redis takes (then nothing is queued).
+        """
         # EVAL, not EVALSHA: a restarted server has forgotten its scripts, and the
         # script's text is small beside a batch.
         streams = [self._stream(name) for name in index_of]
@@ -392,6 +444,10 @@ class RedisBackend(DurableBackend):
         for name in index_of:
             groups = self._groups_of.get(name, [])
             spec += (name, len(groups), *groups)
+        now, waiting = b"".join(parts), _strings([v for item in later for v in item])
+        biggest = max(len(now), len(waiting))
+        if biggest > self._max_bulk:
+            raise self._too_large(biggest)
         pipe.eval(
             _STORE,
             3 + len(streams),
@@ -399,11 +455,18 @@ class RedisBackend(DurableBackend):
             self._k_streams,
             self._k_later,
             *streams,
-            b"".join(parts),
+            now,
             _strings(spec),
             f"{self.prefix}:r:",
-            _strings([v for item in later for v in item]),
+            waiting,
             repr(time.time() + _MOVE_S),
+        )
+        return biggest
+
+    def _too_large(self, size: int) -> ArgumentTooLarge:
+        return ArgumentTooLarge(
+            f"the events take {size} bytes in one Redis argument, more than the server's "
+            f"proto-max-bulk-len ({self._max_bulk} bytes)"
         )
 
     async def _prepare(self, names: set[str]) -> None:
@@ -454,6 +517,11 @@ class RedisBackend(DurableBackend):
         _raise_unless_busy(await pipe.execute(raise_on_error=False))
         self._joined[listener] = list(names)
         self._group_names()
+
+    @_translated
+    async def joined(self) -> dict[str, list[str]]:
+        raw = await self._r().hgetall(self._k_listeners)
+        return {k.decode(): v.decode().split() for k, v in raw.items()}
 
     async def claim_tick(self, schedule: str, tick: float) -> bool:
         key = f"{self.prefix}:tick:{schedule}:{tick!r}"
@@ -551,10 +619,14 @@ class RedisBackend(DurableBackend):
             await self._discover(reader)
         claimed: list[Claimed] = []
         limit_asked = limit
-        if now - reader.reclaimed >= max(lease_s * _RECLAIM_SHARE, self.poll_s):
+        if limit > 0 and now - reader.reclaimed >= max(lease_s * _RECLAIM_SHARE, self.poll_s):
             reader.reclaimed = now
-            claimed = await self._reclaim(reader, limit, lease_s)
-            limit -= len(claimed)
+            lost = await self._reclaim(reader, lease_s)
+            if lost is not None:
+                # Handed out alone; the next claim looks for another at once.
+                claimed = [lost]
+                limit = 0
+                reader.reclaimed = float("-inf")
         if self._trim_due(now) <= 0:
             await self._trim_all(now)
         pipe = redis.pipeline(transaction=False)
@@ -793,36 +865,37 @@ class RedisBackend(DurableBackend):
             ),
         )
 
-    async def _reclaim(self, reader: _Reader, limit: int, lease_s: float) -> list[Claimed]:
-        """Take over entries whose lease expired (their process died)."""
+    async def _reclaim(self, reader: _Reader, lease_s: float) -> Claimed | None:
+        """Take over one entry whose lease expired (its process died, maybe running it),
+        marked ``lost``: the engine runs it alone, so a listener that kills its process
+        takes no batch-mate with it."""
         redis = self._r()
         idle_ms = int(lease_s * 1000)
-        out: list[Claimed] = []
         for key in (reader.own, *reader.streams):
-            if len(out) >= limit:
-                break
-            reply = await redis.xautoclaim(
-                key, reader.group, self.owner, idle_ms, start_id="0-0", count=limit - len(out)
-            )
-            entries = [(eid, fields) for eid, fields in reply[1] if fields]
-            if not entries:
-                continue
-            # XAUTOCLAIM counted a delivery; XPENDING tells how many there were.
-            pending = await redis.xpending_range(
-                key,
-                reader.group,
-                min=entries[0][0],
-                max=entries[-1][0],
-                count=len(entries) * 2 + 10,
-                consumername=self.owner,
-            )
-            counts = {p["message_id"]: p["times_delivered"] for p in pending}
-            for eid, fields in entries:
+            tried: set[bytes] = set()
+            while True:
+                # The oldest idle entry, found by the server however long the pending
+                # list; then taken over, only if still idle (no other consumer took it).
+                idle = await redis.xpending_range(
+                    key, reader.group, min="-", max="+", count=1, idle=idle_ms
+                )
+                if not idle or idle[0]["message_id"] in tried:
+                    break
+                eid = idle[0]["message_id"]
+                tried.add(eid)
+                taken = await redis.xclaim(key, reader.group, self.owner, idle_ms, [eid])
+                if not taken or not taken[0][1]:
+                    continue  # taken by another, or trimmed meanwhile
+                fields = taken[0][1]
                 if b"w" in fields:
                     await redis.xack(key, reader.group, eid)
                     continue
-                out.append(self._claimed(reader.group, key, eid, fields, counts.get(eid, 1)))
-        return out
+                # XCLAIM counted one more delivery than XPENDING told.
+                count = int(idle[0]["times_delivered"]) + 1
+                claimed = self._claimed(reader.group, key, eid, fields, count)
+                claimed.lost = True
+                return claimed
+        return None
 
     async def _trim_all(self, now: float) -> None:
         self._trimmed = now
@@ -901,10 +974,9 @@ class RedisBackend(DurableBackend):
             for reader in self._readers.values():
                 reader.reclaimed = float("-inf")
 
-    # Typed Any until the engine's renew returns the deliveries it lost (a list[Claimed]).
-    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> Any:
+    async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         """Extend the leases of ``claimed``; those this consumer no longer owns (another
-        took them over) are left alone and returned (a ``list[Claimed]``)."""
+        took them over) are left alone and returned."""
         by_key: dict[tuple[bytes, str], list[bytes]] = {}
         for c in claimed:
             by_key.setdefault((c.ref[0], c.listener), []).append(c.ref[1])
