@@ -4,8 +4,9 @@ workers that start their deliveries in order and drive them.
 Measured, because this module is the cost of every in-process delivery
 (``bench/inproc.py``). Why it is shaped as it is:
 
-- The queue holds one :class:`Entry` per event, not per delivery; an entry stays first
-  in line until the last of its deliveries has started. The envelope
+- The queue holds one :class:`Entry` per event, not per delivery; when one of its
+  deliveries suspends, the event is put back first in line with the subscriptions
+  whose deliveries have not started. The envelope
   (:class:`~tidings.events.Event`) is only built when something reads it.
 - A few long-lived worker tasks (at most ``concurrency``) start the deliveries. A worker
   runs a *pump*: a coroutine that takes the events in a row that share one emitter's
@@ -28,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import operator
 import threading
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,7 @@ class Entry(msgspec.Struct, gc=False):
     long).
     """
 
+    #: The subscriptions whose deliveries have not started.
     subs: tuple[Subscription, ...]
     #: The emitter's context (a copy, shared by the events it emitted in a row).
     context: Context
@@ -75,8 +78,6 @@ class Entry(msgspec.Struct, gc=False):
     emitted_at: float
     #: The envelope, once built.
     event: Event | None = None
-    #: How many of ``subs`` have had their delivery started.
-    started: int = 0
 
 
 def event_of(entry: Entry) -> Event:
@@ -111,13 +112,14 @@ def _binds_when_called(fn: Callable[..., Any]) -> bool:
 class _Worker:
     """One long-lived worker task and the delivery it is in."""
 
-    __slots__ = ("entry", "expired", "sub", "suspended", "task", "timer", "wake")
+    __slots__ = ("entry", "expired", "rest", "suspended", "task", "timer", "wake")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
-        #: The delivery the worker runs (set as each in-line delivery starts).
+        #: The event whose delivery the worker runs: its last started one.
         self.entry: Entry | None = None
-        self.sub: Subscription | None = None
+        #: The iterator over that event's subscriptions the worker's pump is in.
+        self.rest: Iterator[Subscription] | None = None
         #: Whether that delivery has suspended (the worker then waits with it).
         self.suspended = False
         self.timer: asyncio.TimerHandle | None = None
@@ -269,7 +271,7 @@ class Pump:
 
     def pending(self) -> int:
         """Deliveries waiting to start."""
-        return sum(len(entry.subs) - entry.started for entry in self.queue)
+        return sum(len(entry.subs) for entry in self.queue)
 
     def busy(self) -> bool:
         """Whether a worker is starting or running deliveries."""
@@ -334,7 +336,7 @@ class Pump:
                 continue
             self._active -= 1
             self._pumping -= 1
-            worker.entry = worker.sub = None
+            worker.entry = worker.rest = None
             if not queue and self._contexts is not None:
                 # Keep no emitter's context (and its variables' objects) alive once its
                 # events are under way: the next emit makes a new copy.
@@ -348,9 +350,14 @@ class Pump:
         # The worker's delivery suspended: it waits with it, another goes on.
         worker.suspended = True
         self._pumping -= 1
-        sub = worker.sub
-        assert sub is not None
+        entry = worker.entry
+        rest = worker.rest
+        assert entry is not None
+        assert rest is not None
         assert self._runner is not None
+        sub = entry.subs[len(entry.subs) - operator.length_hint(rest) - 1]
+        # The rest of its event's deliveries go on without it, first in line.
+        self._put_back(entry, rest)
         timeout = sub.listener.timeout or self._runner.timeout
         if timeout is not None:
             worker.timer = self._loop.call_later(  # type: ignore[union-attr]
@@ -427,58 +434,69 @@ class Pump:
         runner = self._runner
         assert runner is not None
         on_success = runner.on_success
-        budget = _BATCH
-        while queue:
-            entry = queue[0]
-            if entry.context is not pristine:
-                return False  # another emitter's context: another pump
-            subs = entry.subs
-            at = entry.started
-            if at + 1 < len(subs):
-                entry.started = at + 1  # the rest of its deliveries stay first in line
-            else:
-                popleft()
-            sub = subs[at]
-            call = calls.get(sub, _UNKNOWN)
-            if call is _UNKNOWN:
-                call = self._call_of(sub)
-            if call is None:
-                self._start_other(event_of(entry), sub, pristine)
-                if self._active + len(running) > self.concurrency:
-                    return False  # every place to run is taken: this worker stops
-                continue
-            fn, key = call
-            worker.entry = entry
-            worker.sub = sub
+        for _ in range(_BATCH):
             try:
-                if fn is None or entry.args:
-                    await sub.listener.plan.call(event_of(entry))
+                entry = popleft()
+            except IndexError:
+                return False
+            if entry.context is not pristine:
+                queue.appendleft(entry)
+                return False  # another emitter's context: another pump
+            # The worker's iterator over the event's subscriptions: the rest of them
+            # are taken from it (and put back in line) when a delivery suspends.
+            rest = iter(entry.subs)
+            worker.entry = entry
+            worker.rest = rest
+            for sub in rest:
+                try:
+                    call = calls[sub]
+                except KeyError:
+                    call = self._call_of(sub)
+                if call is None:
+                    self._start_other(event_of(entry), sub, pristine)
+                    if self._active + len(running) > self.concurrency:
+                        # Every place to run is taken: this worker stops.
+                        self._put_back(entry, rest)
+                        return False
+                    continue
+                fn, key = call
+                try:
+                    if fn is None or entry.args:
+                        await sub.listener.plan.call(event_of(entry))
+                    else:
+                        kwargs = entry.kwargs
+                        try:
+                            coro = fn(kwargs) if key is None else fn(kwargs[key])
+                        except (KeyError, TypeError):
+                            # Keywords that do not fit the listener's parameters as they
+                            # are: bind through its plan from now on.
+                            calls[sub] = (None, None)
+                            coro = sub.listener.plan.call(event_of(entry))
+                        await coro
+                except (Exception, asyncio.CancelledError) as exc:
+                    error = self._error_of(worker, sub, exc)
+                    if error is None:
+                        raise  # the worker is cancelled: the bus is closing
+                    runner.failed(event_of(entry), sub, pristine.copy(), error)
                 else:
-                    kwargs = entry.kwargs
-                    try:
-                        coro = fn(kwargs) if key is None else fn(kwargs[key])
-                    except (KeyError, TypeError):
-                        # Keywords that do not fit the listener's parameters as they
-                        # are: bind through its plan from now on.
-                        calls[sub] = (None, None)
-                        coro = sub.listener.plan.call(event_of(entry))
-                    await coro
-            except (Exception, asyncio.CancelledError) as exc:
-                error = self._error_of(worker, sub, exc)
-                if error is None:
-                    raise  # the worker is cancelled: the bus is closing
-                runner.failed(event_of(entry), sub, pristine.copy(), error)
-            else:
-                sub.delivered += 1
-                if on_success or sub.has_success_hooks:
-                    runner.succeeded(event_of(entry), sub, counted=True)
-            if worker.suspended:
-                self._resumed(worker)
-                if self.stopped:
+                    sub.delivered += 1
+                    if on_success or sub.has_success_hooks:
+                        runner.succeeded(event_of(entry), sub, counted=True)
+                if worker.suspended:
+                    # The rest of the event's deliveries were put back when this one
+                    # suspended (``rest`` is empty now).
+                    self._resumed(worker)
+                    if self.stopped:
+                        return False
+                if ctx != pristine:
+                    # The listener set a context variable: a fresh copy for the rest.
+                    self._put_back(entry, rest)
                     return False
-            if ctx != pristine:
-                return False  # the listener set a context variable: a fresh copy next
-            budget -= 1
-            if not budget:
-                return True
-        return False
+        return True
+
+    def _put_back(self, entry: Entry, rest: Iterator[Subscription]) -> None:
+        """Put an event back first in line if ``rest`` (the iterator over its
+        subscriptions a pump is in) holds some: they are taken from it."""
+        if operator.length_hint(rest):
+            entry.subs = tuple(rest)  # consumed: the pump's loop ends
+            self.queue.appendleft(entry)
