@@ -169,6 +169,7 @@ class MemoryBackend(Backend):
         ):
             waiter = self._loop.create_future()  # type: ignore[union-attr]
             self._room_waiters.append(waiter)
+            self._pump.watched = True
             await waiter
         if self._stopped:
             raise NotStartedError(
@@ -304,6 +305,7 @@ class MemoryBackend(Backend):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+        self._pump.watched = bool(self._room_waiters or self._idle_waiters)
 
     def _idle(self) -> bool:
         return (
@@ -321,6 +323,7 @@ class MemoryBackend(Backend):
         while not self._idle():
             waiter = loop.create_future()
             self._idle_waiters.append(waiter)
+            self._pump.watched = True
             await waiter
 
     async def aclose(self, timeout_s: float | None) -> list[str]:

@@ -13,7 +13,7 @@ Measured, because this module is the cost of every in-process delivery
   context and awaits their async listeners one after the other, so a listener that
   finishes without suspending costs a plain ``await``: no task, no ``StopIteration``.
 - The pump runs in a copy of the emitter's context, stepped with ``Context.run`` by the
-  worker (:func:`_drive`), so the worker's own task context is never the listener's.
+  worker (:meth:`Pump._drive`), so the worker's own task context is never the listener's.
   A listener that sets a context variable ends the pump (the copy no longer equals its
   original), and the next pump gets a fresh copy: what one delivery sets is never seen
   by another.
@@ -129,39 +129,6 @@ class _Worker:
         self.wake: asyncio.Future[None] | None = None
 
 
-@types.coroutine
-def _drive(
-    ctx: Context, pump: Coroutine[Any, Any, bool], worker: _Worker, suspend: Callable[..., None]
-) -> Generator[Any, None, bool]:
-    """Run ``pump`` to its end inside ``ctx``, one step at a time (what a task does with
-    its own context), telling ``suspend`` the first time each delivery suspends."""
-    run = ctx.run
-    send = pump.send
-    try:
-        yielded = run(send, None)
-    except StopIteration as stop:
-        return bool(stop.value)
-    while True:
-        if not worker.suspended:
-            suspend(worker)
-        try:
-            yield yielded
-        except GeneratorExit:
-            run(pump.close)
-            raise
-        except BaseException as exc:
-            try:
-                yielded = run(pump.throw, exc)
-            except StopIteration as stop:
-                return bool(stop.value)
-        else:
-            try:
-                yielded = run(send, None)
-            except StopIteration as stop:
-                return bool(stop.value)
-
-
-_UNKNOWN: Any = object()
 # How a listener is awaited in line: (function, keyword) to call ``fn(kwargs[keyword])``,
 # (function, None) to call ``fn(kwargs)``, (None, None) to call it through its binding
 # plan; ``None``: not in line (the runner starts it).
@@ -197,6 +164,9 @@ class Pump:
         self.concurrency = concurrency
         #: Set when the backend closes: nothing starts any more.
         self.stopped = False
+        #: Set while the backend waits for room or for the end of the work: ``changed``
+        #: is called then.
+        self.watched = False
         self._running = running
         self._start_other = start_other
         self._changed = changed
@@ -205,6 +175,7 @@ class Pump:
         self._active = 0  # workers not idle
         self._pumping = 0  # active workers not waiting with a suspended delivery
         self._calls: dict[Subscription, _Call] = {}
+        self._timed = False  # whether a delivery awaited in line may have a timeout
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._contexts: ContextCopies | None = None
@@ -218,6 +189,7 @@ class Pump:
         self._loop = runner.loop
         self._contexts = runner.contexts
         self._calls.clear()
+        self._timed = runner.timeout is not None
         self._workers = []
         self._idle = []
         self._active = self._pumping = 0
@@ -329,7 +301,7 @@ class Pump:
             if queue and not self.stopped and self._active + len(self._running) <= self.concurrency:
                 pristine = queue[0].context
                 ctx = pristine.copy()
-                spent = await _drive(ctx, self._pump(worker, ctx, pristine), worker, self._suspend)
+                spent = await self._drive(worker, ctx, self._pump(worker, ctx, pristine))
                 del pristine, ctx  # keep no emitter's context alive while idle
                 if spent:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
@@ -341,46 +313,79 @@ class Pump:
                 # Keep no emitter's context (and its variables' objects) alive once its
                 # events are under way: the next emit makes a new copy.
                 self._contexts.release()
-            self._changed()
+            if self.watched:
+                self._changed()
             worker.wake = loop.create_future()
             self._idle.append(worker)
             await worker.wake
 
-    def _suspend(self, worker: _Worker) -> None:
-        # The worker's delivery suspended: it waits with it, another goes on.
-        worker.suspended = True
-        self._pumping -= 1
+    @types.coroutine
+    def _drive(
+        self, worker: _Worker, ctx: Context, pump: Coroutine[Any, Any, bool]
+    ) -> Generator[Any, None, bool]:
+        """Run ``pump`` to its end inside ``ctx``, one step at a time (what a task does
+        with its own context), from the worker's task."""
+        run = ctx.run
+        send = pump.send
+        queue = self.queue
+        try:
+            yielded = run(send, None)
+        except StopIteration as stop:
+            return bool(stop.value)
+        while True:
+            if not worker.suspended:
+                # The worker's delivery suspended: the worker waits with it, another
+                # goes on with the queue.
+                worker.suspended = True
+                self._pumping -= 1
+                if self._timed or operator.length_hint(worker.rest):
+                    self._suspended(worker)
+                if queue and not self._pumping:
+                    self.activate()
+                if self.watched:
+                    self._changed()
+            try:
+                yield yielded
+            except GeneratorExit:
+                run(pump.close)
+                raise
+            except BaseException as exc:
+                try:
+                    yielded = run(pump.throw, exc)
+                except StopIteration as stop:
+                    return bool(stop.value)
+            else:
+                try:
+                    yielded = run(send, None)
+                except StopIteration as stop:
+                    return bool(stop.value)
+
+    def _suspended(self, worker: _Worker) -> None:
+        """Arm the timeout of the worker's delivery that suspended, and put the rest of
+        its event's deliveries back first in line."""
         entry = worker.entry
         rest = worker.rest
         assert entry is not None
         assert rest is not None
-        assert self._runner is not None
-        sub = entry.subs[len(entry.subs) - operator.length_hint(rest) - 1]
-        # The rest of its event's deliveries go on without it, first in line.
+        if self._timed:
+            sub = entry.subs[len(entry.subs) - operator.length_hint(rest) - 1]
+            timeout = sub.listener.timeout or self._runner.timeout  # type: ignore[union-attr]
+            if timeout is not None:
+                worker.timer = self._loop.call_later(  # type: ignore[union-attr]
+                    timeout, self._expire, worker, context=self._quiet
+                )
         self._put_back(entry, rest)
-        timeout = sub.listener.timeout or self._runner.timeout
-        if timeout is not None:
-            worker.timer = self._loop.call_later(  # type: ignore[union-attr]
-                timeout, self._expire, worker, context=self._quiet
-            )
-        if self.queue:
-            self.activate()
-        self._changed()
 
-    def _resumed(self, worker: _Worker) -> None:
-        # The worker's suspended delivery ended: the worker goes on.
-        worker.suspended = False
-        self._pumping += 1
-        if worker.timer is not None:
-            worker.timer.cancel()
-            worker.timer = None
+    def _disarm(self, worker: _Worker) -> None:
+        # The worker's suspended delivery, which had a timeout, ended.
+        worker.timer.cancel()  # type: ignore[union-attr]
+        worker.timer = None
         if worker.expired:
             # The listener swallowed its timeout's cancellation (as asyncio.timeout).
             worker.expired = False
             worker.task.uncancel()  # type: ignore[union-attr]
 
     def _expire(self, worker: _Worker) -> None:
-        worker.timer = None
         worker.expired = True
         worker.task.cancel()  # type: ignore[union-attr]
 
@@ -411,6 +416,8 @@ class Pump:
         runner = self._runner
         assert runner is not None
         if listener.is_async and listener.concurrency is None and not runner.observers:
+            if listener.timeout is not None:
+                self._timed = True
             plan = listener.plan
             fn = plan.fn
             names = plan.required_names
@@ -484,8 +491,11 @@ class Pump:
                         runner.succeeded(event_of(entry), sub, counted=True)
                 if worker.suspended:
                     # The rest of the event's deliveries were put back when this one
-                    # suspended (``rest`` is empty now).
-                    self._resumed(worker)
+                    # suspended (``rest`` is empty now): the worker goes on.
+                    worker.suspended = False
+                    self._pumping += 1
+                    if worker.timer is not None:
+                        self._disarm(worker)
                     if self.stopped:
                         return False
                 if ctx != pristine:
