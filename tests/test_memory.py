@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -695,3 +696,115 @@ async def test_wrapped_listeners_taking_part_of_the_payload_are_planned() -> Non
         await bus.drain()
         assert bus.dead_letters() == []
     assert got == ["ada@example.com"]
+
+
+async def test_what_a_delivery_sets_after_it_suspended_reaches_no_later_event() -> None:
+    # A worker goes on with the next events once its suspended delivery ends: in a
+    # fresh copy of the emitter's context if that delivery set a variable.
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="-")
+    seen: list[tuple[int, str, str]] = []
+
+    @listener("x")
+    async def sets_after_waiting(n: int) -> None:
+        before = var.get()
+        await asyncio.sleep(0)
+        seen.append((n, before, var.get()))
+        var.set(f"set by {n}")
+
+    async with Bus(listeners=[sets_after_waiting], concurrency=1) as bus:
+        var.set("emitter")
+        for n in range(5):
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert seen == [(n, "emitter", "emitter") for n in range(5)]
+
+
+async def test_a_timed_out_delivery_frees_its_worker_for_the_next() -> None:
+    started: list[int] = []
+
+    @listener("x", timeout=0.01)
+    async def hangs_once(n: int) -> None:
+        started.append(n)
+        if n == 0:
+            await asyncio.Event().wait()
+        await asyncio.sleep(0)
+
+    async with Bus(listeners=[hangs_once], concurrency=1) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        await bus.drain()
+        dead = bus.dead_letters()
+        assert bus.stats()["listeners"][hangs_once.qualname] == {"delivered": 2, "failed": 1}
+    assert started == [0, 1, 2]
+    assert [d.event.kwargs["n"] for d in dead] == [0]
+    assert "timed out after 0.01s" in dead[0].error
+
+
+async def test_a_listener_that_swallows_its_timeout_succeeds_and_its_worker_goes_on() -> None:
+    # As with asyncio.timeout: a cancellation the listener catches ends nothing, and
+    # the worker is not left being cancelled.
+    cancelling: list[int] = []
+
+    @listener("x", timeout=0.01)
+    async def stubborn(n: int) -> None:
+        if n == 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        await asyncio.sleep(0)
+        task = asyncio.current_task()
+        assert task is not None
+        if n > 0:
+            cancelling.append(task.cancelling())
+
+    async with Bus(listeners=[stubborn], concurrency=1) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        await bus.drain()
+        assert bus.stats()["listeners"][stubborn.qualname] == {"delivered": 3, "failed": 0}
+    assert cancelling == [0, 0]
+
+
+async def test_a_listeners_own_timeout_works_where_it_is_driven() -> None:
+    outcomes: list[str] = []
+
+    @listener("x")
+    async def bounded(n: int) -> None:
+        try:
+            async with asyncio.timeout(0.001):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            outcomes.append(f"timed out {n}")
+
+    async with Bus(listeners=[bounded], concurrency=1) as bus:
+        for n in range(3):
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert outcomes == [f"timed out {n}" for n in range(3)]
+
+
+async def test_suspended_deliveries_are_bounded_by_the_workers_and_all_run() -> None:
+    # More deliveries suspended than the bus lets run at once: the rest wait in line
+    # and start, in order, as places free up.
+    running = 0
+    most = 0
+    order: list[int] = []
+
+    @listener("x")
+    async def waits(n: int) -> None:
+        nonlocal running, most
+        order.append(n)
+        running += 1
+        most = max(most, running)
+        for _ in range(n % 4):
+            await asyncio.sleep(0)
+        running -= 1
+
+    async with Bus(listeners=[waits], concurrency=7) as bus:
+        for n in range(500):
+            bus.emit("x", n=n)
+        await bus.drain()
+        assert bus.stats()["backend"]["running"] == 0
+    assert order == list(range(500))
+    assert most == 7
