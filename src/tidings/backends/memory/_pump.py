@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import logging
 import operator
 import threading
 import time
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from tidings.listeners import Subscription
 
 __all__ = ["Entry", "Pump", "event_of"]
+
+logger = logging.getLogger("tidings.backends.memory")
 
 # Deliveries a worker starts before it lets the loop's other callbacks run.
 _BATCH = 8192
@@ -176,6 +179,12 @@ class Pump:
         self._pumping = 0  # active workers not waiting with a suspended delivery
         self._calls: dict[Subscription, _Call] = {}
         self._timed = False  # whether a delivery awaited in line may have a timeout
+        # Workers woken at once when a delivery suspends and events wait. As many as
+        # wait, so that a burst of deliveries that suspend starts in one turn of the
+        # loop (what batching forwarders count on); halved each time a worker woke to
+        # find nothing left (the deliveries behind did not suspend, one worker ran them
+        # all), doubled each time a delivery suspends while events wait.
+        self._burst = concurrency
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._contexts: ContextCopies | None = None
@@ -193,6 +202,7 @@ class Pump:
         self._workers = []
         self._idle = []
         self._active = self._pumping = 0
+        self._burst = self.concurrency
         self.stopped = False
         # One worker from the start, so that listeners that never suspend cost no task.
         worker = self._new_worker()
@@ -268,20 +278,22 @@ class Pump:
     # -- workers --------------------------------------------------------------------
 
     def activate(self) -> None:
-        """Set a worker to start what waits, unless one is at it already or every
-        place to run is taken."""
-        if self._pumping or not self.queue or self.stopped:
+        """Set workers to start what waits, unless one is at it already: as many as
+        there are events waiting, within the places to run and ``_burst``."""
+        if self._pumping or self.stopped:
             return
-        if self._active + len(self._running) >= self.concurrency:
+        free = self.concurrency - self._active - len(self._running)
+        if free <= 0:
             return
-        self._active += 1
-        self._pumping += 1
-        if self._idle:
-            wake = self._idle.pop().wake
-            assert wake is not None
-            wake.set_result(None)
-        else:
-            self._new_worker()
+        for _ in range(min(len(self.queue), free, self._burst)):
+            self._active += 1
+            self._pumping += 1
+            if self._idle:
+                wake = self._idle.pop().wake
+                assert wake is not None
+                wake.set_result(None)
+            else:
+                self._new_worker()
 
     def _new_worker(self) -> _Worker:
         worker = _Worker()
@@ -297,17 +309,32 @@ class Pump:
         queue = self.queue
         if worker.wake is not None:
             await worker.wake  # made idle: the bus's first worker
+        woken = True
         while True:
             if queue and not self.stopped and self._active + len(self._running) <= self.concurrency:
+                woken = False
                 pristine = queue[0].context
                 ctx = pristine.copy()
-                spent = await self._drive(worker, ctx, self._pump(worker, ctx, pristine))
+                try:
+                    spent = await self._drive(worker, ctx, self._pump(worker, ctx, pristine))
+                except Exception:
+                    # A fault of this module, not of a listener: logged, and the worker
+                    # goes on (a worker that ended would leave the queue unattended).
+                    logger.exception("an in-process worker failed")
+                    if worker.suspended:
+                        worker.suspended = False
+                        self._pumping += 1
+                        if worker.timer is not None:
+                            self._disarm(worker)
+                    spent = False
                 del pristine, ctx  # keep no emitter's context alive while idle
                 if spent:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
                 continue
             self._active -= 1
             self._pumping -= 1
+            if woken and self._burst > 1:
+                self._burst >>= 1  # woken for nothing: wake fewer next time
             worker.entry = worker.rest = None
             if not queue and self._contexts is not None:
                 # Keep no emitter's context (and its variables' objects) alive once its
@@ -318,6 +345,7 @@ class Pump:
             worker.wake = loop.create_future()
             self._idle.append(worker)
             await worker.wake
+            woken = True
 
     @types.coroutine
     def _drive(
@@ -341,6 +369,8 @@ class Pump:
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
                 if queue and not self._pumping:
+                    if self._burst < self.concurrency:
+                        self._burst <<= 1
                     self.activate()
                 if self.watched:
                     self._changed()
