@@ -356,6 +356,7 @@ class Pump:
         run = ctx.run
         send = pump.send
         queue = self.queue
+        running = self._running
         try:
             yielded = run(send, None)
         except StopIteration as stop:
@@ -368,7 +369,7 @@ class Pump:
                 self._pumping -= 1
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
-                if queue and not self._pumping:
+                if queue and not self._pumping and self._active + len(running) < self.concurrency:
                     if self._burst < self.concurrency:
                         self._burst <<= 1
                     self.activate()
