@@ -808,3 +808,22 @@ async def test_suspended_deliveries_are_bounded_by_the_workers_and_all_run() -> 
         assert bus.stats()["backend"]["running"] == 0
     assert order == list(range(500))
     assert most == 7
+
+
+async def test_a_listener_runs_in_a_task_from_its_first_step() -> None:
+    # asyncio.timeout, anyio's cancel scopes and sniffio look for the running task
+    # before a listener ever suspends.
+    seen: list[str] = []
+
+    @listener("x")
+    async def bounded(n: int) -> None:
+        async with asyncio.timeout(5):
+            seen.append(f"{n} in a task: {asyncio.current_task() is not None}")
+            await asyncio.sleep(0)
+
+    async with Bus(listeners=[bounded]) as bus:
+        for n in range(2):
+            bus.emit("x", n=n)
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert seen == ["0 in a task: True", "1 in a task: True"]
