@@ -335,6 +335,18 @@ async def main() -> None:
         if "litestar SimpleEventEmitter" in one:
             ratio = one["tidings"] / one["litestar SimpleEventEmitter"]
             checks.append((f">= 20x Litestar (is {ratio:.1f}x)", ratio >= 20))
+        if "bare await (floor)" in one:
+            ratio = one["tidings"] / one["bare await (floor)"]
+            checks.append((f">= 0.2x bare await (is {ratio:.2f}x)", ratio >= 0.2))
+        awaiting = results.get((1, True), {})
+        if "pyee AsyncIOEventEmitter" in awaiting:
+            ratio = awaiting["tidings"] / awaiting["pyee AsyncIOEventEmitter"]
+            checks.append((f"awaiting once: >= 3x pyee (is {ratio:.2f}x)", ratio >= 3))
+        if "one task per delivery" in awaiting:
+            ratio = awaiting["tidings"] / awaiting["one task per delivery"]
+            checks.append(
+                (f"awaiting once: >= 1.5x one task per delivery (is {ratio:.2f}x)", ratio >= 1.5)
+            )
         print("\ntargets:")
         for label, ok in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {label}")
