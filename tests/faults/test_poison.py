@@ -23,17 +23,8 @@ MAX_LOST_RUNS = 2
 
 @pytest.mark.timeout(180)
 async def test_a_listener_that_kills_its_process_is_isolated_and_buried(
-    tmp_path: Path, store: DurableStore, request: pytest.FixtureRequest
+    tmp_path: Path, store: DurableStore
 ) -> None:
-    if store.kind == "redis":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="the Redis store does not mark a delivery it reclaims after an "
-                "expired lease as lost (Claimed.lost), so the engine does not run it "
-                "alone: the poison takes its batch-mates with it until they are buried",
-            )
-        )
     url = store.url(lease_s=1, poll_s=0.01, max_lost_runs=MAX_LOST_RUNS)
     async with Bus(url, listeners=[app.poisoned, app.calm], consume=False) as producer:
         for n in range(EVENTS):
