@@ -14,6 +14,7 @@ Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings.backends._sqlite_watch import Watch
 from tidings.backends.base import DeadLetter, split_options
 from tidings.backends.durable import (
     Claimed,
@@ -90,6 +92,8 @@ _FANOUT = 5000
 _CLEANUP_S = 1.0
 # A listener's last claim is recorded at most once every so many seconds.
 _SEEN_S = 60.0
+# With the file watched, an idle consumer with nothing coming due claims this often.
+_QUIET_S = 1.0
 # Columns added since the first schema, for files made by an older version.
 _ADDED = (
     ("tidings_events", "version", "INTEGER NOT NULL DEFAULT 1"),
@@ -131,6 +135,12 @@ class SQLiteBackend(DurableBackend):
         self._last_cleanup = 0.0
         # Per listener: when its last claim was recorded.
         self._seen: dict[str, float] = {}
+        # Commits to the file by any connection but its own (None: a memory database).
+        self._watch: Watch | None = None
+        # Per listener: the file's version its last claim began at, and, when that claim
+        # found nothing, until when nothing can come due while the file stays unchanged.
+        self._versions: dict[str, int] = {}
+        self._quiet: dict[str, tuple[int, float]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
@@ -191,8 +201,13 @@ class SQLiteBackend(DurableBackend):
                 cursor = await db.execute(f"PRAGMA table_info({table})")
                 if column not in {row[1] for row in await cursor.fetchall()}:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if self.path != ":memory:" and self._watch is None:
+            self._watch = Watch(self.path)
 
     async def disconnect(self) -> None:
+        if self._watch is not None:
+            await self._watch.aclose()
+            self._watch = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -247,8 +262,22 @@ class SQLiteBackend(DurableBackend):
     ) -> list[Claimed]:
         now = self.clock()
         lost = False
+        version = self._watch.version() if self._watch is not None else -1
+        self._versions[listener] = version
+        quiet = self._quiet.pop(listener, None)
+        if (
+            quiet is not None
+            and version != -1
+            and quiet[0] == version
+            and now < quiet[1]
+            and now - self._seen.get(listener, 0.0) < _SEEN_S
+        ):
+            # Nothing was committed since a claim that found nothing, and nothing it
+            # saw comes due before then: this one would find nothing either.
+            self._quiet[listener] = quiet
+            return []
         async with self._write() as db:
-            await self._fan_out(db, listener, names)
+            more = await self._fan_out(db, listener, names)
             # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
             # index of leased rows makes looking for one cheap.
             leased = await self._lease(
@@ -266,6 +295,11 @@ class SQLiteBackend(DurableBackend):
                     (now, listener),
                 )
             if not leased:
+                if version != -1:
+                    self._quiet[listener] = (
+                        version,
+                        now if more else await _next_due(db, listener),
+                    )
                 return []
             cursor = await db.execute(
                 "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
@@ -308,13 +342,14 @@ class SQLiteBackend(DurableBackend):
         )
         return {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
 
-    async def _fan_out(self, db: aiosqlite.Connection, listener: str, names: Sequence[str]) -> None:
+    async def _fan_out(self, db: aiosqlite.Connection, listener: str, names: Sequence[str]) -> bool:
+        """Turn new events into deliveries of ``listener``; whether more may be left."""
         cursor = await db.execute(
             "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
         )
         row = await cursor.fetchone()
         if row is None:
-            return
+            return False
         position = row[0]
         cursor = await db.execute(
             "SELECT seq, name, due FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -322,7 +357,7 @@ class SQLiteBackend(DurableBackend):
         )
         events = list(await cursor.fetchall())
         if not events:
-            return
+            return False
         # A row whose name is not text was not written by tidings: every listener gets
         # it, to make it a dead letter that says so (rather than stop the fan-out).
         mine = [
@@ -339,6 +374,22 @@ class SQLiteBackend(DurableBackend):
             "UPDATE tidings_listeners SET position = ? WHERE listener = ?",
             (events[-1][0], listener),
         )
+        return len(events) >= _FANOUT
+
+    async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
+        # Woken as soon as another process commits to the file (its events may be for
+        # this listener), not only at the next poll.
+        if self._watch is None:
+            await super().idle_wait(listener, wake)
+            return
+        version = self._versions.get(listener, -1)
+        timeout = self.poll_s
+        quiet = self._quiet.get(listener)
+        if quiet is not None and quiet[0] == version:
+            # Nothing can come due before then unless the file changes, which the watch
+            # sees: no claim needed at every poll meanwhile.
+            timeout = max(self.poll_s, min(quiet[1] - self.clock(), _QUIET_S))
+        await self._watch.wait(wake, version, timeout)
 
     async def settle(self, outcomes: Outcomes) -> None:
         now = self.clock()
@@ -542,6 +593,17 @@ class SQLiteBackend(DurableBackend):
         if self._db is None:
             raise BackendError("the SQLite backend is not connected (start the bus first)")
         return self._db
+
+
+async def _next_due(db: aiosqlite.Connection, listener: str) -> float:
+    """When the first delivery of ``listener`` comes due or its lease expires."""
+    cursor = await db.execute(
+        "SELECT MIN(CASE WHEN lease_until > 0 THEN lease_until ELSE due END) "
+        "FROM tidings_deliveries WHERE listener = ? AND dead = 0",
+        (listener,),
+    )
+    row = await cursor.fetchone()
+    return float(row[0]) if row and row[0] is not None else math.inf
 
 
 class _Transaction:
