@@ -276,8 +276,9 @@ class SQLiteBackend(DurableBackend):
             # saw comes due before then: this one would find nothing either.
             self._quiet[listener] = quiet
             return []
+        fresh: list[Any] = []
+        more = False
         async with self._write() as db:
-            more = await self._fan_out(db, listener, names)
             # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
             # index of leased rows makes looking for one cheap.
             leased = await self._lease(
@@ -285,28 +286,39 @@ class SQLiteBackend(DurableBackend):
             )
             lost = bool(leased)
             if not lost:
+                # Deliveries made earlier (retried, handed back, delayed) come before
+                # new events: their events were stored first.
                 leased = await self._lease(
                     db, "lease_until = 0 AND due <= ?", (now,), limit, listener, now + lease_s
                 )
+                if len(leased) < limit:
+                    fresh, more = await self._fan_out(
+                        db, listener, names, limit - len(leased), now, now + lease_s
+                    )
             if now - self._seen.get(listener, 0.0) >= _SEEN_S:
                 self._seen[listener] = now
                 await db.execute(
                     "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
                     (now, listener),
                 )
-            if not leased:
+            if not leased and not fresh:
                 if version != -1:
                     self._quiet[listener] = (
                         version,
                         now if more else await _next_due(db, listener),
                     )
                 return []
-            cursor = await db.execute(
-                "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
-                f"WHERE seq IN ({','.join('?' * len(leased))}) ORDER BY seq",
-                tuple(leased),
-            )
-            rows = await cursor.fetchall()
+            rows: list[Any] = []
+            if leased:
+                cursor = await db.execute(
+                    "SELECT seq, id, name, data, headers, created, due, version "
+                    f"FROM tidings_events WHERE seq IN ({','.join('?' * len(leased))}) "
+                    "ORDER BY seq",
+                    tuple(leased),
+                )
+                rows = list(await cursor.fetchall())
+            leased.update((row[0], 1) for row in fresh)
+            rows += fresh
         if now - self._last_cleanup > _CLEANUP_S:
             self._last_cleanup = now
             await self._cleanup()
@@ -342,39 +354,87 @@ class SQLiteBackend(DurableBackend):
         )
         return {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
 
-    async def _fan_out(self, db: aiosqlite.Connection, listener: str, names: Sequence[str]) -> bool:
-        """Turn new events into deliveries of ``listener``; whether more may be left."""
+    async def _fan_out(
+        self,
+        db: aiosqlite.Connection,
+        listener: str,
+        names: Sequence[str],
+        room: int,
+        now: float,
+        until: float,
+    ) -> tuple[list[Any], bool]:
+        """Turn new events into deliveries of ``listener``, leasing those due at once (up
+        to ``room``) in the same write: the rows of the events leased, and whether more
+        new events may be left."""
         cursor = await db.execute(
             "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
         )
         row = await cursor.fetchone()
         if row is None:
-            return False
+            return [], False
         position = row[0]
-        cursor = await db.execute(
-            "SELECT seq, name, due FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (position, _FANOUT),
-        )
-        events = list(await cursor.fetchall())
-        if not events:
-            return False
-        # A row whose name is not text was not written by tidings: every listener gets
-        # it, to make it a dead letter that says so (rather than stop the fan-out).
-        mine = [
-            (listener, seq, due if isinstance(due, float | int) else 0.0)
-            for seq, name, due in events
-            if not isinstance(name, str) or any(matches(pattern, name) for pattern in names)
-        ]
-        if mine:
+        leased: list[Any] = []
+        later: list[tuple[str, int, float]] = []
+        read = 0
+        more = False
+        while len(leased) < room:
+            cursor = await db.execute(
+                "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (position, room - len(leased)),
+            )
+            events = list(await cursor.fetchall())
+            for event in events:
+                seq, name, due = event[0], event[2], event[6]
+                # A row whose name is not text was not written by tidings: every listener
+                # gets it, to make it a dead letter that says so (rather than stop the
+                # fan-out).
+                if isinstance(name, str) and not any(matches(p, name) for p in names):
+                    continue
+                due = due if isinstance(due, float | int) else 0.0
+                if due > now:
+                    later.append((listener, seq, due))
+                else:
+                    leased.append(event)
+            if not events:
+                break
+            position = events[-1][0]
+            read += len(events)
+            if read >= _FANOUT:
+                more = True
+                break
+        if read == 0:
+            return [], False
+        if later:
             await db.executemany(
                 "INSERT OR IGNORE INTO tidings_deliveries (listener, seq, due) VALUES (?, ?, ?)",
-                mine,
+                later,
             )
+        # Written once, leased: a new delivery is not inserted to be updated next.
+        taken: set[int] = set()
+        for start in range(0, len(leased), _CHUNK):
+            chunk = leased[start : start + _CHUNK]
+            cursor = await db.execute(
+                "INSERT INTO tidings_deliveries (listener, seq, due, attempt, lease_until, owner) "
+                "SELECT ?, column1, column2, 1, ?, ? FROM "
+                f"(VALUES {','.join(['(?, ?)'] * len(chunk))}) WHERE true "
+                "ON CONFLICT DO NOTHING RETURNING seq",
+                (
+                    listener,
+                    until,
+                    self.owner,
+                    *[
+                        v
+                        for e in chunk
+                        for v in (e[0], e[6] if isinstance(e[6], float | int) else 0.0)
+                    ],
+                ),
+            )
+            taken.update(seq for (seq,) in await cursor.fetchall())
         await db.execute(
-            "UPDATE tidings_listeners SET position = ? WHERE listener = ?",
-            (events[-1][0], listener),
+            "UPDATE tidings_listeners SET position = ? WHERE listener = ?", (position, listener)
         )
-        return len(events) >= _FANOUT
+        return [e for e in leased if e[0] in taken], more
 
     async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
         # Woken as soon as another process commits to the file (its events may be for
