@@ -310,13 +310,14 @@ class SQLiteBackend(DurableBackend):
                 return []
             rows: list[Any] = []
             if leased:
-                cursor = await db.execute(
-                    "SELECT seq, id, name, data, headers, created, due, version "
-                    f"FROM tidings_events WHERE seq IN ({','.join('?' * len(leased))}) "
-                    "ORDER BY seq",
-                    tuple(leased),
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT seq, id, name, data, headers, created, due, version "
+                        f"FROM tidings_events WHERE seq IN ({','.join('?' * len(leased))}) "
+                        "ORDER BY seq",
+                        tuple(leased),
+                    )
                 )
-                rows = list(await cursor.fetchall())
             leased.update((row[0], 1) for row in fresh)
             rows += fresh
         if now - self._last_cleanup > _CLEANUP_S:
@@ -345,14 +346,15 @@ class SQLiteBackend(DurableBackend):
         listener: str,
         until: float,
     ) -> dict[int, int]:
-        cursor = await db.execute(
+        # (Executed and fetched in one call to the connection's thread, as below.)
+        rows = await db.execute_fetchall(
             "UPDATE tidings_deliveries SET attempt = attempt + 1, lease_until = ?, "
             "owner = ? WHERE listener = ? AND seq IN (SELECT seq FROM tidings_deliveries "
             f"WHERE listener = ? AND dead = 0 AND {where} ORDER BY seq LIMIT ?) "
             "RETURNING seq, attempt",
             (until, self.owner, listener, listener, *params, limit),
         )
-        return {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
+        return {seq: attempt for seq, attempt in rows}  # noqa: C416
 
     async def _fan_out(
         self,
@@ -366,24 +368,26 @@ class SQLiteBackend(DurableBackend):
         """Turn new events into deliveries of ``listener``, leasing those due at once (up
         to ``room``) in the same write: the rows of the events leased, and whether more
         new events may be left."""
-        cursor = await db.execute(
-            "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
+        found = list(
+            await db.execute_fetchall(
+                "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
+            )
         )
-        row = await cursor.fetchone()
-        if row is None:
+        if not found:
             return [], False
-        position = row[0]
+        position = found[0][0]
         leased: list[Any] = []
         later: list[tuple[str, int, float]] = []
         read = 0
         more = False
         while len(leased) < room:
-            cursor = await db.execute(
-                "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
-                "WHERE seq > ? ORDER BY seq LIMIT ?",
-                (position, room - len(leased)),
+            events = list(
+                await db.execute_fetchall(
+                    "SELECT seq, id, name, data, headers, created, due, version "
+                    "FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (position, room - len(leased)),
+                )
             )
-            events = list(await cursor.fetchall())
             for event in events:
                 seq, name, due = event[0], event[2], event[6]
                 # A row whose name is not text was not written by tidings: every listener
@@ -414,7 +418,7 @@ class SQLiteBackend(DurableBackend):
         taken: set[int] = set()
         for start in range(0, len(leased), _CHUNK):
             chunk = leased[start : start + _CHUNK]
-            cursor = await db.execute(
+            inserted = await db.execute_fetchall(
                 "INSERT INTO tidings_deliveries (listener, seq, due, attempt, lease_until, owner) "
                 "SELECT ?, column1, column2, 1, ?, ? FROM "
                 f"(VALUES {','.join(['(?, ?)'] * len(chunk))}) WHERE true "
@@ -430,7 +434,7 @@ class SQLiteBackend(DurableBackend):
                     ],
                 ),
             )
-            taken.update(seq for (seq,) in await cursor.fetchall())
+            taken.update(seq for (seq,) in inserted)
         await db.execute(
             "UPDATE tidings_listeners SET position = ? WHERE listener = ?", (position, listener)
         )
@@ -459,10 +463,18 @@ class SQLiteBackend(DurableBackend):
         mine = "WHERE listener = ? AND seq = ? AND owner = ?"
         async with self._write() as db:
             if outcomes.acks:
-                await db.executemany(
-                    f"DELETE FROM tidings_deliveries {mine}",
-                    [(c.listener, c.ref, owner) for c in outcomes.acks],
-                )
+                # One statement per listener and chunk: cheaper than one per delivery.
+                acked: dict[str, list[int]] = {}
+                for c in outcomes.acks:
+                    acked.setdefault(c.listener, []).append(c.ref)
+                for listener, seqs in acked.items():
+                    for start in range(0, len(seqs), _CHUNK):
+                        chunk = seqs[start : start + _CHUNK]
+                        await db.execute(
+                            "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
+                            f"AND seq IN ({','.join('?' * len(chunk))})",
+                            (listener, owner, *chunk),
+                        )
             if outcomes.retries:
                 await db.executemany(
                     f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
