@@ -368,14 +368,9 @@ class SQLiteBackend(DurableBackend):
         """Turn new events into deliveries of ``listener``, leasing those due at once (up
         to ``room``) in the same write: the rows of the events leased, and whether more
         new events may be left."""
-        found = list(
-            await db.execute_fetchall(
-                "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
-            )
-        )
-        if not found:
-            return [], False
-        position = found[0][0]
+        # The first read starts past the listener's position (none: not joined, nothing).
+        after = "(SELECT position FROM tidings_listeners WHERE listener = ?)"
+        position: Any = listener
         leased: list[Any] = []
         later: list[tuple[str, int, float]] = []
         read = 0
@@ -384,10 +379,11 @@ class SQLiteBackend(DurableBackend):
             events = list(
                 await db.execute_fetchall(
                     "SELECT seq, id, name, data, headers, created, due, version "
-                    "FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                    f"FROM tidings_events WHERE seq > {after} ORDER BY seq LIMIT ?",
                     (position, room - len(leased)),
                 )
             )
+            after = "?"
             for event in events:
                 seq, name, due = event[0], event[2], event[6]
                 # A row whose name is not text was not written by tidings: every listener
