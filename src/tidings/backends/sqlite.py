@@ -92,6 +92,8 @@ _FANOUT = 5000
 _CLEANUP_S = 1.0
 # A listener's last claim is recorded at most once every so many seconds.
 _SEEN_S = 60.0
+# A consumer that keeps finding work looks for expired leases at most this often.
+_EXPIRED_S = 1.0
 # With the file watched, an idle consumer with nothing coming due claims this often.
 _QUIET_S = 1.0
 # Columns added since the first schema, for files made by an older version.
@@ -141,6 +143,8 @@ class SQLiteBackend(DurableBackend):
         # found nothing, until when nothing can come due while the file stays unchanged.
         self._versions: dict[str, int] = {}
         self._quiet: dict[str, tuple[int, float]] = {}
+        # Per listener: when a claim last looked for expired leases.
+        self._looked: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
@@ -278,12 +282,17 @@ class SQLiteBackend(DurableBackend):
             return []
         fresh: list[Any] = []
         more = False
+        expired = "lease_until > 0 AND lease_until <= ?"
+        # A busy consumer looks for expired leases now and then, not at every claim (a
+        # claim that finds nothing else always looks).
+        looked = now - self._looked.get(listener, 0.0) >= min(_EXPIRED_S, lease_s / 2)
         async with self._write() as db:
-            # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
-            # index of leased rows makes looking for one cheap.
-            leased = await self._lease(
-                db, "lease_until > 0 AND lease_until <= ?", (now,), 1, listener, now + lease_s
-            )
+            leased = {}
+            if looked:
+                self._looked[listener] = now
+                # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
+                # index of leased rows makes looking for one cheap.
+                leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
             lost = bool(leased)
             if not lost:
                 # Deliveries made earlier (retried, handed back, delayed) come before
@@ -295,6 +304,10 @@ class SQLiteBackend(DurableBackend):
                     fresh, more = await self._fan_out(
                         db, listener, names, limit - len(leased), now, now + lease_s
                     )
+                if not (looked or leased or fresh):
+                    self._looked[listener] = now
+                    leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
+                    lost = bool(leased)
             if now - self._seen.get(listener, 0.0) >= _SEEN_S:
                 self._seen[listener] = now
                 await db.execute(
