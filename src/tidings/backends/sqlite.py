@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
     failed_at REAL,
     PRIMARY KEY (listener, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tidings_deliveries_due ON tidings_deliveries (listener, dead, due);
+DROP INDEX IF EXISTS tidings_deliveries_due;
 CREATE INDEX IF NOT EXISTS tidings_deliveries_seq ON tidings_deliveries (seq);
 CREATE INDEX IF NOT EXISTS tidings_deliveries_leased ON tidings_deliveries (listener, lease_until)
     WHERE lease_until > 0;
