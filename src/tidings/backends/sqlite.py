@@ -92,6 +92,8 @@ _FANOUT = 5000
 _CLEANUP_S = 1.0
 # A listener's last claim is recorded at most once every so many seconds.
 _SEEN_S = 60.0
+# Event names whose match with a listener's patterns is remembered, per listener.
+_TAKES = 10_000
 # A consumer that keeps finding work looks for expired leases at most this often.
 _EXPIRED_S = 1.0
 # With the file watched, an idle consumer with nothing coming due claims this often.
@@ -143,6 +145,8 @@ class SQLiteBackend(DurableBackend):
         # found nothing, until when nothing can come due while the file stays unchanged.
         self._versions: dict[str, int] = {}
         self._quiet: dict[str, tuple[int, float]] = {}
+        # Per listener: whether it takes each event name seen lately.
+        self._takes: dict[str, dict[str, bool]] = {}
         # Per listener: when a claim last looked for expired leases.
         self._looked: dict[str, float] = {}
 
@@ -386,6 +390,7 @@ class SQLiteBackend(DurableBackend):
         position: Any = listener
         leased: list[Any] = []
         later: list[tuple[str, int, float]] = []
+        takes = self._takes.setdefault(listener, {})
         read = 0
         more = False
         while len(leased) < room:
@@ -402,8 +407,14 @@ class SQLiteBackend(DurableBackend):
                 # A row whose name is not text was not written by tidings: every listener
                 # gets it, to make it a dead letter that says so (rather than stop the
                 # fan-out).
-                if isinstance(name, str) and not any(matches(p, name) for p in names):
-                    continue
+                if isinstance(name, str):
+                    wanted = takes.get(name)
+                    if wanted is None:
+                        if len(takes) >= _TAKES:
+                            takes.clear()
+                        wanted = takes[name] = any(matches(p, name) for p in names)
+                    if not wanted:
+                        continue
                 due = due if isinstance(due, float | int) else 0.0
                 if due > now:
                     later.append((listener, seq, due))
