@@ -765,10 +765,16 @@ class DurableBackend(Backend):
             if not claimed:
                 consumer.idle_gen = gen
                 self._progress.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(consumer.wake.wait(), self.poll_s)
+                await self.idle_wait(consumer.listener_id, consumer.wake)
                 continue
             self._start_deliveries(consumer, claimed)
+
+    async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
+        """Wait, after a claim for ``listener`` found nothing, until ``wake`` is set (new
+        events stored here, a drain, a stop) or ``poll_s`` passes; a store that can tell
+        when another process stores events wakes it sooner."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.poll_s)
 
     def _start_deliveries(self, consumer: _Consumer, batch: list[Claimed]) -> None:
         """Start a batch of deliveries; those that finish at once are acknowledged here."""

@@ -14,6 +14,7 @@ Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings.backends._sqlite_watch import Watch
 from tidings.backends.base import DeadLetter, split_options
 from tidings.backends.durable import (
     Claimed,
@@ -71,7 +73,7 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
     failed_at REAL,
     PRIMARY KEY (listener, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tidings_deliveries_due ON tidings_deliveries (listener, dead, due);
+DROP INDEX IF EXISTS tidings_deliveries_due;
 CREATE INDEX IF NOT EXISTS tidings_deliveries_seq ON tidings_deliveries (seq);
 CREATE INDEX IF NOT EXISTS tidings_deliveries_leased ON tidings_deliveries (listener, lease_until)
     WHERE lease_until > 0;
@@ -90,6 +92,12 @@ _FANOUT = 5000
 _CLEANUP_S = 1.0
 # A listener's last claim is recorded at most once every so many seconds.
 _SEEN_S = 60.0
+# Event names whose match with a listener's patterns is remembered, per listener.
+_TAKES = 10_000
+# A consumer that keeps finding work looks for expired leases at most this often.
+_EXPIRED_S = 1.0
+# With the file watched, an idle consumer with nothing coming due claims this often.
+_QUIET_S = 1.0
 # Columns added since the first schema, for files made by an older version.
 _ADDED = (
     ("tidings_events", "version", "INTEGER NOT NULL DEFAULT 1"),
@@ -131,6 +139,16 @@ class SQLiteBackend(DurableBackend):
         self._last_cleanup = 0.0
         # Per listener: when its last claim was recorded.
         self._seen: dict[str, float] = {}
+        # Commits to the file by any connection but its own (None: a memory database).
+        self._watch: Watch | None = None
+        # Per listener: the file's version its last claim began at, and, when that claim
+        # found nothing, until when nothing can come due while the file stays unchanged.
+        self._versions: dict[str, int] = {}
+        self._quiet: dict[str, tuple[int, float]] = {}
+        # Per listener: whether it takes each event name seen lately.
+        self._takes: dict[str, dict[str, bool]] = {}
+        # Per listener: when a claim last looked for expired leases.
+        self._looked: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
@@ -191,8 +209,13 @@ class SQLiteBackend(DurableBackend):
                 cursor = await db.execute(f"PRAGMA table_info({table})")
                 if column not in {row[1] for row in await cursor.fetchall()}:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if self.path != ":memory:" and self._watch is None:
+            self._watch = Watch(self.path)
 
     async def disconnect(self) -> None:
+        if self._watch is not None:
+            await self._watch.aclose()
+            self._watch = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -247,32 +270,73 @@ class SQLiteBackend(DurableBackend):
     ) -> list[Claimed]:
         now = self.clock()
         lost = False
+        version = self._watch.version() if self._watch is not None else -1
+        self._versions[listener] = version
+        quiet = self._quiet.pop(listener, None)
+        if (
+            quiet is not None
+            and version != -1
+            and quiet[0] == version
+            and now < quiet[1]
+            and now - self._seen.get(listener, 0.0) < _SEEN_S
+        ):
+            # Nothing was committed since a claim that found nothing, and nothing it
+            # saw comes due before then: this one would find nothing either.
+            self._quiet[listener] = quiet
+            return []
+        fresh: list[Any] = []
+        more = False
+        expired = "lease_until > 0 AND lease_until <= ?"
+        # A busy consumer looks for expired leases now and then, not at every claim (a
+        # claim that finds nothing else always looks).
+        looked = now - self._looked.get(listener, 0.0) >= min(_EXPIRED_S, lease_s / 2)
         async with self._write() as db:
-            await self._fan_out(db, listener, names)
-            # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
-            # index of leased rows makes looking for one cheap.
-            leased = await self._lease(
-                db, "lease_until > 0 AND lease_until <= ?", (now,), 1, listener, now + lease_s
-            )
+            leased = {}
+            if looked:
+                self._looked[listener] = now
+                # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
+                # index of leased rows makes looking for one cheap.
+                leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
             lost = bool(leased)
             if not lost:
+                # Deliveries made earlier (retried, handed back, delayed) come before
+                # new events: their events were stored first.
                 leased = await self._lease(
                     db, "lease_until = 0 AND due <= ?", (now,), limit, listener, now + lease_s
                 )
+                if len(leased) < limit:
+                    fresh, more = await self._fan_out(
+                        db, listener, names, limit - len(leased), now, now + lease_s
+                    )
+                if not (looked or leased or fresh):
+                    self._looked[listener] = now
+                    leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
+                    lost = bool(leased)
             if now - self._seen.get(listener, 0.0) >= _SEEN_S:
                 self._seen[listener] = now
                 await db.execute(
                     "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
                     (now, listener),
                 )
-            if not leased:
+            if not leased and not fresh:
+                if version != -1:
+                    self._quiet[listener] = (
+                        version,
+                        now if more else await _next_due(db, listener),
+                    )
                 return []
-            cursor = await db.execute(
-                "SELECT seq, id, name, data, headers, created, due, version FROM tidings_events "
-                f"WHERE seq IN ({','.join('?' * len(leased))}) ORDER BY seq",
-                tuple(leased),
-            )
-            rows = await cursor.fetchall()
+            rows: list[Any] = []
+            if leased:
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT seq, id, name, data, headers, created, due, version "
+                        f"FROM tidings_events WHERE seq IN ({','.join('?' * len(leased))}) "
+                        "ORDER BY seq",
+                        tuple(leased),
+                    )
+                )
+            leased.update((row[0], 1) for row in fresh)
+            rows += fresh
         if now - self._last_cleanup > _CLEANUP_S:
             self._last_cleanup = now
             await self._cleanup()
@@ -299,46 +363,117 @@ class SQLiteBackend(DurableBackend):
         listener: str,
         until: float,
     ) -> dict[int, int]:
-        cursor = await db.execute(
+        # (Executed and fetched in one call to the connection's thread, as below.)
+        rows = await db.execute_fetchall(
             "UPDATE tidings_deliveries SET attempt = attempt + 1, lease_until = ?, "
             "owner = ? WHERE listener = ? AND seq IN (SELECT seq FROM tidings_deliveries "
             f"WHERE listener = ? AND dead = 0 AND {where} ORDER BY seq LIMIT ?) "
             "RETURNING seq, attempt",
             (until, self.owner, listener, listener, *params, limit),
         )
-        return {seq: attempt for seq, attempt in await cursor.fetchall()}  # noqa: C416
+        return {seq: attempt for seq, attempt in rows}  # noqa: C416
 
-    async def _fan_out(self, db: aiosqlite.Connection, listener: str, names: Sequence[str]) -> None:
-        cursor = await db.execute(
-            "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
-        )
-        row = await cursor.fetchone()
-        if row is None:
-            return
-        position = row[0]
-        cursor = await db.execute(
-            "SELECT seq, name, due FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (position, _FANOUT),
-        )
-        events = list(await cursor.fetchall())
-        if not events:
-            return
-        # A row whose name is not text was not written by tidings: every listener gets
-        # it, to make it a dead letter that says so (rather than stop the fan-out).
-        mine = [
-            (listener, seq, due if isinstance(due, float | int) else 0.0)
-            for seq, name, due in events
-            if not isinstance(name, str) or any(matches(pattern, name) for pattern in names)
-        ]
-        if mine:
+    async def _fan_out(
+        self,
+        db: aiosqlite.Connection,
+        listener: str,
+        names: Sequence[str],
+        room: int,
+        now: float,
+        until: float,
+    ) -> tuple[list[Any], bool]:
+        """Turn new events into deliveries of ``listener``, leasing those due at once (up
+        to ``room``) in the same write: the rows of the events leased, and whether more
+        new events may be left."""
+        # The first read starts past the listener's position (none: not joined, nothing).
+        after = "(SELECT position FROM tidings_listeners WHERE listener = ?)"
+        position: Any = listener
+        leased: list[Any] = []
+        later: list[tuple[str, int, float]] = []
+        takes = self._takes.setdefault(listener, {})
+        read = 0
+        more = False
+        while len(leased) < room:
+            events = list(
+                await db.execute_fetchall(
+                    "SELECT seq, id, name, data, headers, created, due, version "
+                    f"FROM tidings_events WHERE seq > {after} ORDER BY seq LIMIT ?",
+                    (position, room - len(leased)),
+                )
+            )
+            after = "?"
+            for event in events:
+                seq, name, due = event[0], event[2], event[6]
+                # A row whose name is not text was not written by tidings: every listener
+                # gets it, to make it a dead letter that says so (rather than stop the
+                # fan-out).
+                if isinstance(name, str):
+                    wanted = takes.get(name)
+                    if wanted is None:
+                        if len(takes) >= _TAKES:
+                            takes.clear()
+                        wanted = takes[name] = any(matches(p, name) for p in names)
+                    if not wanted:
+                        continue
+                due = due if isinstance(due, float | int) else 0.0
+                if due > now:
+                    later.append((listener, seq, due))
+                else:
+                    leased.append(event)
+            if not events:
+                break
+            position = events[-1][0]
+            read += len(events)
+            if read >= _FANOUT:
+                more = True
+                break
+        if read == 0:
+            return [], False
+        if later:
             await db.executemany(
                 "INSERT OR IGNORE INTO tidings_deliveries (listener, seq, due) VALUES (?, ?, ?)",
-                mine,
+                later,
             )
+        # Written once, leased: a new delivery is not inserted to be updated next.
+        taken: set[int] = set()
+        for start in range(0, len(leased), _CHUNK):
+            chunk = leased[start : start + _CHUNK]
+            inserted = await db.execute_fetchall(
+                "INSERT INTO tidings_deliveries (listener, seq, due, attempt, lease_until, owner) "
+                "SELECT ?, column1, column2, 1, ?, ? FROM "
+                f"(VALUES {','.join(['(?, ?)'] * len(chunk))}) WHERE true "
+                "ON CONFLICT DO NOTHING RETURNING seq",
+                (
+                    listener,
+                    until,
+                    self.owner,
+                    *[
+                        v
+                        for e in chunk
+                        for v in (e[0], e[6] if isinstance(e[6], float | int) else 0.0)
+                    ],
+                ),
+            )
+            taken.update(seq for (seq,) in inserted)
         await db.execute(
-            "UPDATE tidings_listeners SET position = ? WHERE listener = ?",
-            (events[-1][0], listener),
+            "UPDATE tidings_listeners SET position = ? WHERE listener = ?", (position, listener)
         )
+        return [e for e in leased if e[0] in taken], more
+
+    async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
+        # Woken as soon as another process commits to the file (its events may be for
+        # this listener), not only at the next poll.
+        if self._watch is None:
+            await super().idle_wait(listener, wake)
+            return
+        version = self._versions.get(listener, -1)
+        timeout = self.poll_s
+        quiet = self._quiet.get(listener)
+        if quiet is not None and quiet[0] == version:
+            # Nothing can come due before then unless the file changes, which the watch
+            # sees: no claim needed at every poll meanwhile.
+            timeout = max(self.poll_s, min(quiet[1] - self.clock(), _QUIET_S))
+        await self._watch.wait(wake, version, timeout)
 
     async def settle(self, outcomes: Outcomes) -> None:
         now = self.clock()
@@ -348,10 +483,18 @@ class SQLiteBackend(DurableBackend):
         mine = "WHERE listener = ? AND seq = ? AND owner = ?"
         async with self._write() as db:
             if outcomes.acks:
-                await db.executemany(
-                    f"DELETE FROM tidings_deliveries {mine}",
-                    [(c.listener, c.ref, owner) for c in outcomes.acks],
-                )
+                # One statement per listener and chunk: cheaper than one per delivery.
+                acked: dict[str, list[int]] = {}
+                for c in outcomes.acks:
+                    acked.setdefault(c.listener, []).append(c.ref)
+                for listener, seqs in acked.items():
+                    for start in range(0, len(seqs), _CHUNK):
+                        chunk = seqs[start : start + _CHUNK]
+                        await db.execute(
+                            "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
+                            f"AND seq IN ({','.join('?' * len(chunk))})",
+                            (listener, owner, *chunk),
+                        )
             if outcomes.retries:
                 await db.executemany(
                     f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
@@ -552,6 +695,17 @@ class SQLiteBackend(DurableBackend):
         if self._db is None:
             raise BackendError("the SQLite backend is not connected (start the bus first)")
         return self._db
+
+
+async def _next_due(db: aiosqlite.Connection, listener: str) -> float:
+    """When the first delivery of ``listener`` comes due or its lease expires."""
+    cursor = await db.execute(
+        "SELECT MIN(CASE WHEN lease_until > 0 THEN lease_until ELSE due END) "
+        "FROM tidings_deliveries WHERE listener = ? AND dead = 0",
+        (listener,),
+    )
+    row = await cursor.fetchone()
+    return float(row[0]) if row and row[0] is not None else math.inf
 
 
 class _Transaction:
