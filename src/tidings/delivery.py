@@ -14,10 +14,11 @@ import dataclasses
 import logging
 import math
 import random
+import sys
 import time
 import traceback
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from contextvars import Context
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
 __all__ = ["DeliveryObserver", "Retry", "Runner"]
+
+# Tasks that run their first step at once, in the caller's turn (Python 3.12+).
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 logger = logging.getLogger("tidings.delivery")
 
@@ -96,30 +100,6 @@ def _secs(value: float | timedelta) -> float:
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Drive a coroutine that already ran up to its first suspension, inside a task."""
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            if value is None:
-                # What a task sends: from here on the coroutine is driven by delegation,
-                # with no Python step of this loop per resume.
-                return (yield from coro)
-            try:
-                yielded = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
-
-
 def _set_if_pending(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -194,19 +174,17 @@ class Runner:
                     coro = fn(**kwargs)
                 else:
                     coro = sub.listener.plan.call(event)
-                yielded = run_ctx.run(coro.send, None)
-            except StopIteration:
-                sub.delivered += 1
-                if self.on_success or sub.has_success_hooks:
-                    self.succeeded(event, sub, counted=True)
-                return None
             except (Exception, asyncio.CancelledError) as exc:
-                # (Nothing cancels an eager start: a CancelledError is the listener's.)
                 self.failed(event, sub, ctx, exc)
                 return None
-            return self.loop.create_task(
-                self._resume(coro, yielded, event, sub, ctx), context=run_ctx
-            )
+            # In a task from its first step: what a listener starts there (an
+            # asyncio.timeout, an anyio scope, a library asking for the current task)
+            # belongs to its own task, never to whichever task started it.
+            run = self._run_async(coro, event, sub, ctx)
+            if _EAGER_TASKS:
+                task = asyncio.Task(run, loop=self.loop, context=run_ctx, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+                return None if task.done() else task
+            return self.loop.create_task(run, context=run_ctx)
         listener = sub.listener
         if listener.inline:
             run_ctx = ctx.copy()
@@ -253,23 +231,18 @@ class Runner:
                 except Exception:
                     logger.exception("delivery observer %r raised", finish)
 
-    async def _resume(
-        self,
-        coro: Coroutine[Any, Any, Any],
-        yielded: Any,
-        event: Event,
-        sub: Subscription,
-        ctx: Context,
+    async def _run_async(
+        self, coro: Coroutine[Any, Any, Any], event: Event, sub: Subscription, ctx: Context
     ) -> None:
         timeout = sub.listener.timeout or self.timeout
         deadline = None
         try:
             if timeout is None:
-                await _resume(coro, yielded)
+                await coro
             else:
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
-                    await _resume(coro, yielded)
+                    await coro
         except (Exception, asyncio.CancelledError) as exc:
             error = self._failure_of(sub, exc, deadline)
             if error is None:

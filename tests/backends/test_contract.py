@@ -641,3 +641,31 @@ async def test_what_a_thread_emits_is_stored_as_it_was_emitted(
         {"id": 1, "when": now},
         {"id": 9, "when": now},
     ]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "concurrency=2"])
+async def test_a_listener_runs_in_a_task_of_its_own_from_its_first_step(
+    make_bus: BusFactory, gated: bool
+) -> None:
+    # asyncio.timeout, anyio's scopes and HTTP clients ask for the current task at once;
+    # one that expires must cancel the listener's own task, never the one that started it.
+    got: list[int] = []
+    tasks: set[asyncio.Task[Any] | None] = set()
+
+    @listener("x", retry=Retry(attempts=1), concurrency=2 if gated else None)
+    async def on_x(n: int) -> None:
+        tasks.add(asyncio.current_task())
+        async with asyncio.timeout(0.05):
+            await asyncio.sleep(30 if n == 0 else 0)
+        got.append(n)
+
+    async with make_bus(listeners=[on_x]) as bus:
+        bus.emit("x", n=0)
+        await bus.drain()  # the first timed out in its own task: its consumer goes on
+        bus.emit("x", n=1)
+        bus.emit("x", n=2)
+        await asyncio.wait_for(bus.drain(), 30)
+        dead = await bus.list_dead_letters()
+    assert sorted(got) == [1, 2]
+    assert None not in tasks
+    assert [letter.error for letter in dead] == ["TimeoutError: "]
