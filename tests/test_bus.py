@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tidings import (
+    BindingError,
     Bus,
     ConfigurationError,
     Event,
@@ -577,6 +578,29 @@ async def test_check_serializable_rejects_at_emit_before_anything_is_queued() ->
             await bus.publish("x", value={"nested": [1, 1j]})
         bus.emit("x", value=[1, "two", {"three": 3.0}])
     assert counter.calls == [[1, "two", {"three": 3.0}]]
+
+
+async def test_check_serializable_rejects_at_emit_what_a_durable_store_would_not_deliver() -> None:
+    counter = Counter()
+
+    @listener("x")
+    async def on_x(n: int) -> None:
+        counter.add(n)
+
+    async with Bus(listeners=[on_x], check_serializable=True) as bus:
+        # Read back from a store, '42' is not an int: a durable worker makes it a dead
+        # letter, so an in-process bus that checks refuses it at once.
+        with pytest.raises(BindingError, match=r"parameter 'n' takes int, not '42'"):
+            bus.emit("x", n="42")
+        with pytest.raises(BindingError, match="'n'"):
+            await bus.publish("x", n="42")
+        bus.emit("x", n=42)
+        await bus.drain()
+    assert counter.calls == [42]
+    async with Bus(listeners=[on_x]) as unchecked:
+        unchecked.emit("x", n="42")  # not asked to check: delivered as it is
+        await unchecked.drain()
+    assert counter.calls == [42, "42"]
 
 
 async def test_bus_level_listener_and_subscribe() -> None:

@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -289,7 +291,9 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
         "timeout_s": 5.0,
         "concurrency": None,
         "batch": None,
+        "last_seen": listed[0]["last_seen"],
     }
+    assert isinstance(listed[0]["last_seen"], float)
     assert listed[1]["concurrency"] == 1
     result = runner.invoke(app, ["stats", APP, "--json"])
     assert result.exit_code == 0, result.output
@@ -333,6 +337,30 @@ def test_listeners_of_a_memory_bus_still_list(monkeypatch: pytest.MonkeyPatch) -
         "tests.cli_app.charge",
         "tests.cli_app.audit",
     ]
+    assert all("last_seen" not in row for row in json.loads(result.output))
+    result = runner.invoke(app, ["listeners", APP])
+    assert result.exit_code == 0, result.output
+    assert "last seen" not in result.output
+
+
+def test_listeners_of_a_durable_bus_say_when_a_worker_last_claimed(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["listeners", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["last_seen"] for row in json.loads(result.output)] == [None, None]
+    result = runner.invoke(app, ["listeners", APP])
+    assert result.exit_code == 0, result.output
+    assert "last seen" in result.output
+    charge_line = next(line for line in result.output.splitlines() if ".charge" in line)
+    assert "never" in charge_line
+    before = time.time()
+    _dead_ids(sqlite_url, [-1])  # a worker ran: it claimed for both listeners
+    result = runner.invoke(app, ["listeners", APP, "--json"])
+    assert result.exit_code == 0, result.output
+    seen = [row["last_seen"] for row in json.loads(result.output)]
+    assert all(isinstance(t, float) and before - 1 <= t <= time.time() for t in seen), seen
+    result = runner.invoke(app, ["listeners", APP])
+    charge_line = next(line for line in result.output.splitlines() if ".charge" in line)
+    assert re.search(r"\d+s ago", charge_line), result.output
 
 
 def test_worker_refuses_an_unknown_log_level(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tidings import Bus, PayloadError, listener
+from tidings import BindingError, Bus, PayloadError, listener
 from tidings.testing import capture
 
 
@@ -74,6 +74,22 @@ async def test_fixture_gives_a_started_bus_that_rejects_what_durable_backends_wo
     assert tidings_bus.started
     with pytest.raises(PayloadError):
         tidings_bus.emit("x", value=object())
+
+
+async def test_fixture_rejects_a_value_a_durable_worker_would_make_a_dead_letter(
+    tidings_bus: Bus,
+) -> None:
+    got: list[int] = []
+
+    @tidings_bus.listener("order.paid")
+    async def paid(order_id: int) -> None:
+        got.append(order_id)
+
+    with pytest.raises(BindingError, match="'order_id' takes int"):
+        tidings_bus.emit("order.paid", order_id="42")
+    tidings_bus.emit("order.paid", order_id=42)
+    await tidings_bus.drain()
+    assert got == [42]
 
 
 async def test_a_payload_named_name_is_asserted_like_any_other() -> None:

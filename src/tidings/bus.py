@@ -86,7 +86,9 @@ class Bus:
             (not for the call of an ``inline`` sync listener: nothing can interrupt it).
         on_error, on_success, on_dead: hooks called for every listener.
         check_serializable: reject at emit, with ``PayloadError``, a payload a durable
-            backend could not store (always on for durable backends).
+            backend could not store (always on for durable backends); in process, also
+            reject, with ``BindingError``, a value that would not fit its listener's
+            annotation once read back from a store (a durable worker's dead letter).
         shutdown_timeout: seconds ``aclose()`` drains before giving up.
         sync_workers: threads for sync listeners (default: the executor's default).
         consume: with a durable backend, also run the listeners in this process (the
@@ -803,6 +805,11 @@ class Bus:
         if self.strict:
             for sub in subs:
                 sub.listener.plan.check(event)
+        elif self.check_serializable and not durable:
+            # A durable backend refuses at delivery (a dead letter) a value that does not
+            # fit its parameter's annotation: refused here at emit, as a test would want.
+            for sub in subs:
+                sub.listener.plan.check_values(event)
         for hook in self._emit_hooks:
             hook(event)
         taken: _Taken = []

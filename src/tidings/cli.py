@@ -200,23 +200,51 @@ def listeners_(
         _forget_listener(forget or [], debug)
         return
     bus = _guarded(debug, lambda: load_bus(target))
+    seen = _last_seen(bus, debug) if bus.backend.durable else None
     if json_out:
-        _print_json([_listener_json(bus, lst) for lst in bus.listeners()])
+        rows = [_listener_json(bus, lst) for lst in bus.listeners()]
+        if seen is not None:
+            for row in rows:
+                row["last_seen"] = seen.get(row["listener"])
+        _print_json(rows)
         return
     table = Table(title=f"listeners on {bus.url}")
     for column in ("listener", "events", "kind", "retry", "timeout", "concurrency"):
         table.add_column(column, no_wrap=column == "listener")
+    if seen is not None:
+        table.add_column("last seen", justify="right")
+    now = time.time()
     for lst in bus.listeners():
         retry, timeout = _policy(bus, lst)
-        table.add_row(
+        cells = [
             lst.qualname,
             ", ".join(lst.names),
             _kind(lst),
             f"{retry.attempts} attempts" if retry else "-",
             f"{timeout:g}s" if timeout else "-",
             str(lst.concurrency or "-"),
-        )
+        ]
+        if seen is not None:
+            last = seen.get(lst.qualname)
+            cells.append("never" if last is None else f"{max(0.0, now - last):.0f}s ago")
+        table.add_row(*cells)
     _print_table(table)
+
+
+def _last_seen(bus: Bus, debug: bool) -> dict[str, float | None]:
+    """When a process last claimed deliveries of each listener of ``bus`` (a durable
+    bus, started without consuming to ask its store)."""
+
+    async def run() -> dict[str, float | None]:
+        backend: Any = bus.backend
+        if hasattr(backend, "consume"):
+            backend.consume = False
+        async with bus:
+            stats = await bus.listener_stats()
+        return {name: s.last_seen for name, s in stats.items()}
+
+    _configure_logging(debug)
+    return _guarded(debug, lambda: asyncio.run(run()))
 
 
 def _listener_json(bus: Bus, lst: Listener[..., Any]) -> dict[str, Any]:

@@ -123,7 +123,8 @@ else:
 
     @pytest_asyncio.fixture
     async def tidings_bus() -> AsyncIterator[Bus]:
-        """A started in-process bus with ``check_serializable=True``; closed after."""
+        """A started in-process bus with ``check_serializable=True`` (it refuses at emit
+        what a durable backend could not store or deliver); closed after."""
         async with Bus(check_serializable=True) as bus:
             yield bus
 

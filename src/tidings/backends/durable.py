@@ -382,6 +382,8 @@ class DurableBackend(Backend):
         self._inflight: dict[tuple[str, Subscription], Claimed] = {}
         self._tasks: dict[asyncio.Future[Any], tuple[str, Subscription]] = {}
         self._outcomes = Outcomes()
+        # The outcomes the writer is writing: their leases are still this process's.
+        self._writing: Outcomes | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._writer_wake = asyncio.Event()
         self._writer_idle = asyncio.Event()
@@ -787,11 +789,19 @@ class DurableBackend(Backend):
         # Starts past this many: the runs past the retry policy's were all lost.
         most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
         revive = sub.listener.plan.revive if sub.listener.plan.revivable else None
+        held = self._unwritten_ids(consumer.listener_id)
+        again: list[Claimed] = []
         for claimed in batch:
+            key = (claimed.record.id, sub)
+            if key in inflight or claimed.record.id in held:
+                # Its lease ran out while this process still held it (running, or its
+                # outcome not yet written), and the store handed it back to the same
+                # owner: the run under way or its outcome settles it; never run it twice.
+                again.append(claimed)
+                continue
             event = self._readable(claimed, sub)
             if event is None:
                 continue
-            key = (claimed.record.id, sub)
             inflight[key] = claimed
             if claimed.attempt > most:
                 # Recorded as the delivery's last failure: logged, hooks, dead letter.
@@ -813,6 +823,35 @@ class DurableBackend(Backend):
             self._run(consumer, key, event)
         if outcomes:
             self._writer_wake.set()
+        if again:
+            logger.warning(
+                "%d deliveries of %s were claimed again while this process still held them "
+                "(their lease ran out before their outcome was written: is the %s store slow, "
+                "or lease_s=%gs too short?); they are not run again: %s",
+                len(again),
+                consumer.listener_id,
+                self.scheme,
+                self.lease_s,
+                ", ".join(c.record.id for c in again[:20]),
+            )
+
+    def _unwritten(self) -> list[Claimed]:
+        """The deliveries whose outcome waits to be written, or is being written: this
+        process still holds their leases until it is."""
+        out: list[Claimed] = []
+        for outcomes in (self._writing, self._outcomes):
+            if outcomes:
+                out += outcomes.acks
+                out += [c for c, _, _ in outcomes.retries]
+                out += [c for c, _, _ in outcomes.burials]
+                out += outcomes.releases
+        return out
+
+    def _unwritten_ids(self, listener: str) -> set[str]:
+        """The event ids of ``listener``'s deliveries whose outcome is not written yet."""
+        if not (self._outcomes or self._writing):
+            return set()
+        return {c.record.id for c in self._unwritten() if c.listener == listener}
 
     def _run(
         self, consumer: _Consumer, key: tuple[str, Subscription], event: Event
@@ -968,6 +1007,7 @@ class DurableBackend(Backend):
             self._writer_wake.clear()
             self._writer_idle.clear()
             outcomes, self._outcomes = self._outcomes, Outcomes()
+            self._writing = outcomes
             # What the listeners emitted before these outcomes is stored first: a crash
             # between an ack and its delivery's follow-on events must not lose them.
             await self._stored_up_to(self._puts)
@@ -986,6 +1026,7 @@ class DurableBackend(Backend):
                         )
                         return
                     await asyncio.sleep(0.2)
+            self._writing = None
             self._progress.set()
 
     async def _renewer(self) -> None:
@@ -995,13 +1036,18 @@ class DurableBackend(Backend):
             if self._closing:
                 return
             running = list(self._inflight.values())
-            if running:
+            # Until its outcome is written a delivery stays this process's: its lease
+            # running out meanwhile (a slow store) would let a worker run it again.
+            unwritten = self._unwritten()
+            if running or unwritten:
                 try:
-                    lost = await self.renew(running, self.lease_s) or []
+                    lost = await self.renew(running + unwritten, self.lease_s) or []
                 except Exception as exc:
                     self._outage("renewing leases failed", exc)
                 else:
-                    self._lease_lost(lost)
+                    # One whose outcome was written meanwhile is gone from the store.
+                    held = {id(c) for c in self._inflight.values()}
+                    self._lease_lost([c for c in lost if id(c) in held])
             await self._check_stale()
 
     def _lease_lost(self, lost: Sequence[Claimed]) -> None:

@@ -14,6 +14,7 @@ Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sqlite3
 from collections.abc import Sequence
@@ -107,6 +108,16 @@ _ADDED = (
 _CHUNK = 400
 
 
+async def _ended(db: aiosqlite.Connection) -> None:
+    """Wait (a moment at most) for the thread of a connection that failed or closed to
+    end: it answers the loop once more, and raises if the loop has closed by then."""
+    thread = getattr(db, "_thread", None)
+    for _ in range(5000):
+        if thread is None or not thread.is_alive():
+            return
+        await asyncio.sleep(0.001)
+
+
 class SQLiteBackend(DurableBackend):
     """Deliveries in one SQLite file (see the module docstring).
 
@@ -191,13 +202,24 @@ class SQLiteBackend(DurableBackend):
             ) from exc
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        opening = aiosqlite.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            db = await aiosqlite.connect(
-                self.path, timeout=self.busy_timeout_s, isolation_level=None
-            )
+            db = await opening
         except Exception as exc:
+            await _ended(opening)
             raise BackendError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         self._db = db
+        try:
+            await self._prepare(db)
+        except Exception as exc:
+            self._db = None
+            with contextlib.suppress(Exception):  # the error that matters is below
+                await db.close()
+            await _ended(db)
+            raise BackendError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        """Set the connection up and create (or update) the schema."""
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={self.synchronous}")
         await db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
