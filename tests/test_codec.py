@@ -72,3 +72,19 @@ def test_msgpack_payloads_decode_like_json() -> None:
     assert kwargs["when"] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with pytest.raises(PayloadError, match="argument 'bad'"):
         encode_payload(Event("x", (), {"bad": object()}), "msgpack")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_float_is_refused_where_json_would_turn_it_into_none(value: float) -> None:
+    with pytest.raises(PayloadError, match=r"argument 'v'\[1\]\['x'\] is .*JSON cannot carry"):
+        encode_payload(Event("x", (), {"v": [1.0, {"x": value}]}))
+    with pytest.raises(PayloadError, match=r"Point\.y|Point\['y'\]|JSON cannot carry"):
+        encode_payload(Event("x", (), {}, obj=Point(x=1, y=value)))  # type: ignore[arg-type]
+    # msgpack carries it as it is.
+    (_, kwargs, _) = decode_payload(encode_payload(Event("x", (), {"v": value}), "msgpack"))
+    assert repr(kwargs["v"]) == repr(value)
+
+
+def test_none_and_the_word_null_still_round_trip() -> None:
+    event = Event("x", (None,), {"v": None, "w": "null"})
+    assert decode_payload(encode_payload(event)) == ((None,), {"v": None, "w": "null"}, None)

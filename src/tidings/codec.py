@@ -4,6 +4,7 @@ argument that cannot be serialized. Never pickle."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -106,7 +107,34 @@ def encode_payload(event: Event, codec: str = "json") -> bytes:
             too_deep = True
         if too_deep:
             raise _too_deep(f"the payload of event {event.name!r}")
+    # JSON writes NaN and the infinities as null: the listener would get None. A payload
+    # with no null beyond the envelope's own has none of them (the common case, one scan).
+    if codec != "msgpack" and data.count(b"null") > (event.obj is None):
+        found = _non_finite(event)
+        if found is not None:
+            raise PayloadError(
+                f"event {event.name!r}: {found[0]} is {found[1]!r}, which JSON cannot carry "
+                "(it would arrive as None); send None or a string, or use codec=msgpack"
+            )
     return data
+
+
+def _non_finite(event: Event) -> tuple[str, float] | None:
+    """Where the payload holds a NaN or an infinity, and which, if it does."""
+    roots: list[tuple[str, Any]] = [(f"argument {i}", v) for i, v in enumerate(event.args)]
+    roots += [(f"argument {k!r}", v) for k, v in event.kwargs.items()]
+    if event.obj is not None:
+        roots.append((type(event.obj).__qualname__, event.obj))
+    stack = [(path, msgspec.to_builtins(value, enc_hook=_enc_hook)) for path, value in roots]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, value
+        if isinstance(value, dict):
+            stack.extend((f"{path}[{k!r}]", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 _decoder = msgspec.json.Decoder()
