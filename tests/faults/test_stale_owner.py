@@ -54,7 +54,7 @@ def _overlap(a: Run, b: Run) -> bool:
     return a.start < b_end and b.start < a_end
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 async def test_a_frozen_worker_neither_retakes_nor_settles_what_another_now_owns(
     tmp_path: Path, store: DurableStore
 ) -> None:
@@ -72,12 +72,16 @@ async def test_a_frozen_worker_neither_retakes_nor_settles_what_another_now_owns
 
             return check
 
-        await workers.wait_until(started(1, EVENTS), "every first attempt started", alive=frozen)
+        await workers.wait_until(
+            started(1, EVENTS), "every first attempt started", timeout_s=90, alive=frozen
+        )
         frozen.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         taker = workers.start()
-        # The lease expires, and the other worker takes every delivery over.
-        await workers.wait_until(started(2, EVENTS), "every delivery taken over", alive=taker)
+        # The lease expires, and the other worker takes the deliveries over: one at a
+        # time, since each was lost with its worker. Once it runs one, the frozen worker
+        # runs again: that delivery is no longer its own.
+        await workers.wait_until(started(2, 1), "a delivery taken over", timeout_s=90, alive=taker)
         frozen.send_signal(signal.SIGCONT)
         resumed_at = time.monotonic()
 
@@ -86,7 +90,7 @@ async def test_a_frozen_worker_neither_retakes_nor_settles_what_another_now_owns
             done = {r.n for r in runs if r.attempt >= 2 and r.end is not None}
             return len(done) == EVENTS and all(r.end is not None for r in runs)
 
-        await workers.wait_until(finished, "every delivery made", alive=taker)
+        await workers.wait_until(finished, "every delivery made", timeout_s=90, alive=taker)
         # Room for a late (wrong) retry to start, before the processes stop.
         await workers.wait_until(
             lambda _lines: time.monotonic() > resumed_at + 3 * LEASE_S, "a few leases later"
