@@ -73,7 +73,9 @@ class Workers:
         """What the listeners wrote so far, one list of fields per line."""
         if not self.out.exists():
             return []
-        return [line.split() for line in self.out.read_text().splitlines()]
+        # Only whole lines: the last may still be being written as this reads it.
+        *whole, _partial = self.out.read_text().split("\n")
+        return [line.split() for line in whole]
 
     def logs(self) -> str:
         """The workers' logs (their stderr)."""
