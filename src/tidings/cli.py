@@ -386,20 +386,12 @@ def stats(
         for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
             table.add_column(column, justify="right")
         table.add_column("last seen", justify="right")
+        from tidings.dashboard.live import stat_cells
+
         now = time.time()
         for listener, s in sorted(figures.items()):
-            oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
             seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
-            table.add_row(
-                listener,
-                str(s.pending),
-                str(s.in_flight),
-                str(s.retrying),
-                str(s.delayed),
-                str(s.dead),
-                oldest,
-                seen,
-            )
+            table.add_row(listener, *stat_cells(s), seen)
         return table
 
     table = _with_bus(target, debug, body)

@@ -9,7 +9,14 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["Watch"]
+__all__ = ["Watch", "stat_cells"]
+
+
+def stat_cells(s: Any) -> list[str]:
+    """A listener's store figures as table cells: pending, in flight, retrying, delayed,
+    dead and the oldest's age."""
+    oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
+    return [str(s.pending), str(s.in_flight), str(s.retrying), str(s.delayed), str(s.dead), oldest]
 
 
 class Watch:
@@ -60,18 +67,7 @@ class Watch:
             table.add_column(column, justify="right")
         figures = self.readings[-1][1] if self.readings else {}
         for listener, s in sorted(figures.items()):
-            oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
             rates = self.rates(listener)
             backlog, dead = ("-", "-") if rates is None else (f"{rates[0]:+.1f}", f"{rates[1]:.1f}")
-            table.add_row(
-                listener,
-                str(s.pending),
-                str(s.in_flight),
-                str(s.retrying),
-                str(s.delayed),
-                str(s.dead),
-                oldest,
-                backlog,
-                dead,
-            )
+            table.add_row(listener, *stat_cells(s), backlog, dead)
         return table
