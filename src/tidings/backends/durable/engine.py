@@ -1,10 +1,10 @@
-"""What every durable backend shares: the storage protocol a broker implements, and the
-engine that drives it (buffered publishing, one consumer per listener, leases, batched
-acks, graceful stop).
+"""The engine every durable backend shares: buffered publishing, one consumer per
+listener, leases, batched acks, graceful stop.
 
-A broker only implements the storage methods of :class:`DurableBackend`; it never sees
-a listener, a retry policy or a hook. The bus's runner decides what a failure means,
-and the engine writes the outcome back (ack, retry later, dead letter) in batches.
+A broker only implements the storage methods (:class:`~tidings.backends.durable.store.Store`,
+declared abstract on :class:`DurableBackend`); it never sees a listener, a retry policy
+or a hook. The bus's runner decides what a failure means, and the engine writes the
+outcome back (ack, retry later, dead letter) in batches.
 
 Fan-out: each listener has its own delivery of every event whose name it subscribes to,
 from the moment its listener was first started on the store (by any bus, producing or
@@ -27,13 +27,18 @@ import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from contextvars import Context
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import msgspec
 
 from tidings._patterns import matches
 from tidings.backends.base import Backend, DeadLetter
+from tidings.backends.durable.store import (
+    STORED_VERSION,
+    Claimed,
+    ListenerStats,
+    Outcomes,
+    Stored,
+    event_of,
+)
 from tidings.codec import CODECS, decode_payload, encode_payload, revive_object
 from tidings.errors import (
     BackendError,
@@ -51,173 +56,12 @@ if TYPE_CHECKING:
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = [
-    "STORED_VERSION",
-    "Claimed",
-    "DurableBackend",
-    "ListenerStats",
-    "Outcomes",
-    "Stored",
-    "dead_letter",
-    "dead_letter_row",
-    "stored_row",
-    "unreadable",
-]
+__all__ = ["DurableBackend"]
 
 logger = logging.getLogger("tidings.backends.durable")
 
 # Decoded payloads kept for the other listeners of an event, at most.
 _DECODED = 4096
-
-
-#: The newest stored format this version of tidings reads (and the one it writes).
-STORED_VERSION = 1
-
-
-class Stored(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One event as a broker stores it (a broker may store it as this msgpack array).
-
-    ``version`` is the stored format's: an entry written before it existed reads as 1,
-    and a version-1 entry is packed without it (as older workers read it). A worker
-    makes an entry of a newer format a dead letter rather than misread it.
-    """
-
-    id: str
-    name: str
-    data: bytes
-    headers: dict[str, str]
-    created: float
-    due: float
-    version: int = 1
-
-
-class Claimed(msgspec.Struct):
-    """One delivery a broker handed out under a lease."""
-
-    listener: str
-    attempt: int
-    record: Stored
-    #: The broker's own handle for the delivery (a row key, a stream entry id...).
-    ref: Any = None
-    #: Why the broker could not read the entry into ``record`` (then a placeholder with
-    #: the id it knows): the engine makes the delivery a dead letter with this error.
-    error: str | None = None
-    #: Reclaimed after its lease expired: its last run was lost with its worker. The
-    #: engine runs it alone in its process, so a listener that crashes its process
-    #: takes no other delivery with it.
-    lost: bool = False
-
-
-@dataclass(slots=True)
-class ListenerStats:
-    """What waits for one listener in the store, and when a process last claimed for it
-    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say)."""
-
-    pending: int = 0
-    in_flight: int = 0
-    retrying: int = 0
-    delayed: int = 0
-    dead: int = 0
-    oldest_age_s: float | None = None
-    last_seen: float | None = None
-
-
-@dataclass(slots=True)
-class Outcomes:
-    """Delivery outcomes waiting to be written back, in one batch."""
-
-    acks: list[Claimed] = field(default_factory=list)
-    retries: list[tuple[Claimed, float, str]] = field(default_factory=list)
-    burials: list[tuple[Claimed, str, str]] = field(default_factory=list)
-    releases: list[Claimed] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.acks or self.retries or self.burials or self.releases)
-
-
-def _event(
-    record: Stored, args: tuple[Any, ...], kwargs: dict[str, Any], obj: Any, attempt: int
-) -> Event:
-    """The event of ``record`` (its payload decoded), for delivery attempt ``attempt``."""
-    return Event(
-        record.name,
-        args,
-        kwargs,
-        timestamp=record.created,
-        headers=record.headers,
-        _id=record.id,
-        attempt=attempt,
-        obj=obj,
-    )
-
-
-def dead_letter(
-    record: Stored, listener: str, attempts: int, error: str, traceback: str, failed_at: float
-) -> DeadLetter:
-    """The dead letter of ``record``'s delivery to ``listener``, as a broker kept it (with
-    an empty payload when it cannot be decoded: its error says why)."""
-    try:
-        payload = decode_payload(record.data)
-    except Exception:
-        payload = ((), {}, None)
-    event = _event(record, *payload, attempts)
-    return DeadLetter(
-        event=event,
-        listener=listener,
-        error=error,
-        traceback=traceback,
-        attempts=attempts,
-        failed_at=failed_at,
-    )
-
-
-_headers_dec = msgspec.json.Decoder(dict[str, str])
-
-
-def stored_row(
-    id_: Any,
-    name: Any,
-    data: Any,
-    headers: Any,
-    created: Any,
-    due: Any,
-    version: Any = 1,
-) -> Stored:
-    """A stored event read back from an SQL row, whose headers are JSON text (or NULL).
-
-    Raises:
-        PayloadError: the row does not hold a stored event (written by something else).
-    """
-    if not (isinstance(id_, str) and isinstance(name, str) and isinstance(data, bytes)):
-        raise PayloadError(
-            f"the stored row of event {id_!r} is not an event: id {type(id_).__name__}, "
-            f"name {type(name).__name__}, data {type(data).__name__}"
-        )
-    if headers is not None and not isinstance(headers, str | bytes):
-        raise PayloadError(f"the headers of stored event {id_!r} are not JSON text")
-    try:
-        read = _headers_dec.decode(headers) if headers else {}
-        return Stored(id_, name, data, read, float(created), float(due), int(version))
-    except (msgspec.DecodeError, TypeError, ValueError) as exc:
-        raise PayloadError(f"stored event {id_!r} cannot be read: {exc}") from exc
-
-
-def unreadable(listener: str, attempt: int, id_: Any, ref: Any, exc: BaseException) -> Claimed:
-    """The claim of an entry the broker could not read: a placeholder record with the id
-    it knows, and ``exc`` as the error the engine buries the delivery with."""
-    error = f"{type(exc).__qualname__}: {exc}"
-    return Claimed(listener, attempt, Stored(str(id_), "", b"", {}, 0.0, 0.0), ref, error=error)
-
-
-def dead_letter_row(row: Sequence[Any]) -> DeadLetter:
-    """A dead letter read back from an SQL row of ``listener, attempt, error, traceback,
-    failed_at`` (of the delivery) and ``id, name, data, headers, created`` (of its event)."""
-    listener, attempt, error, tb, failed_at, id_, name, data, headers, created = row
-    try:
-        record = stored_row(id_, name, data, headers, created, created)
-    except PayloadError:
-        record = Stored(str(id_), str(name), b"", {}, 0.0, 0.0)
-    return dead_letter(record, listener, attempt, error or "", tb or "", failed_at or 0.0)
 
 
 class _Consumer:
@@ -980,7 +824,7 @@ class DurableBackend(Backend):
             elif isinstance(obj, dict):
                 # No class known here: its fields arrive as keyword arguments.
                 kwargs, obj = obj, None
-        return _event(record, args, kwargs, obj, claimed.attempt)
+        return event_of(record, args, kwargs, obj, claimed.attempt)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         claimed = self._inflight.pop((event.id, sub), None)
