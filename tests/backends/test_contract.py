@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
@@ -22,7 +23,7 @@ import pydantic
 import pytest
 
 from tidings import EmitError, Event, PayloadError, PublishFailed, Retry, listener
-from tidings.backends.durable import DurableBackend, Outcomes, Stored
+from tidings.backends.durable import Claimed, DurableBackend, Outcomes, Stored
 from tidings.codec import MAX_DEPTH, encode_payload
 
 from .. import poison_app
@@ -521,6 +522,136 @@ async def test_a_worker_that_lost_a_lease_neither_settles_nor_renews_it(
         await second.settle(Outcomes(acks=[taken]))
         stats = (await b.listener_stats())[on_x.qualname]
         assert (stats.in_flight, stats.pending, stats.dead) == (0, 0, 0)
+
+
+async def test_a_lost_delivery_runs_while_its_process_holds_nothing_else(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    # A delivery whose worker died running it may be what killed that worker. It runs
+    # once this process holds no other delivery and claims none: if it kills this
+    # process too, no other delivery is counted a run it never had.
+    _durable(backend_name)
+    claiming = 0
+    at_lost_runs: list[tuple[int, int, int]] = []
+
+    async def note(event: Event) -> None:
+        stats = await worker.listener_stats()
+        at_lost_runs.append((event.attempt, claiming, sum(s.in_flight for s in stats.values())))
+
+    @listener("job")
+    async def first(event: Event) -> None:
+        await note(event)
+
+    @listener("job")
+    async def second(event: Event) -> None:
+        await note(event)
+
+    async with make_bus(listeners=[first, second], consume=False) as producer:
+        for n in range(3):
+            await producer.publish("job", n=n)
+        dying = cast(DurableBackend, producer.backend)
+        for fn in (first, second):
+            assert len(await dying.claim(fn.qualname, fn.names, 10, lease_s=0.01)) == 3
+    worker = make_bus(listeners=[first, second])
+    store = cast(DurableBackend, worker.backend)
+    store.lease_s = 0.5
+    # The dying worker's leases expire (Redis: idle for as long as the worker's lease).
+    await asyncio.sleep(0.5)
+    claim = store.claim
+
+    async def counted_claim(
+        listener: str, names: Sequence[str], limit: int, lease_s: float
+    ) -> list[Claimed]:
+        nonlocal claiming
+        claiming += 1
+        try:
+            return await claim(listener, names, limit, lease_s)
+        finally:
+            claiming -= 1
+
+    store.claim = counted_claim  # type: ignore[method-assign]
+    async with worker:
+        await worker.drain()
+        stats = await worker.listener_stats()
+    # Each started once more (the dying worker's run counted), one at a time.
+    assert at_lost_runs == [(2, 0, 1)] * 6
+    assert all(s.dead == s.pending == s.in_flight == 0 for s in stats.values())
+
+
+async def test_lost_deliveries_handed_back_stay_lost_and_uncounted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        await bus.publish("x")
+        (fresh,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (fresh.attempt, fresh.lost) == (1, False)
+        await store.settle(Outcomes(releases=[fresh]))
+        # Handed back untried: neither counted, nor taken for lost.
+        (again,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (again.attempt, again.lost) == (1, False)
+        await asyncio.sleep(0.1)  # its worker dies: the lease expires
+        (lost,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (lost.attempt, lost.lost) == (2, True)
+        await store.settle(Outcomes(releases=[lost]))
+        # Handed back uncounted, and still lost: whoever takes it runs it alone.
+        (kept,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (kept.attempt, kept.lost) == (2, True)
+
+
+async def test_a_delivery_claimed_again_while_it_runs_counts_no_attempt(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    # Its lease ran out while it ran (the store did not answer the renewals), and its
+    # own process took it over: not run twice, and not counted twice either.
+    _durable(backend_name)
+    attempts: list[int] = []
+    running = asyncio.Event()
+    finish = asyncio.Event()
+
+    @listener("x", retry=Retry(attempts=3, backoff=0, jitter=0))
+    async def slow(event: Event) -> None:
+        attempts.append(event.attempt)
+        if event.attempt == 1:
+            running.set()
+            await finish.wait()
+            raise ConnectionError("later")
+
+    bus = make_bus(listeners=[slow])
+    store = cast(DurableBackend, bus.backend)
+    store.lease_s = 0.2
+    renew, claim = store.renew, store.claim
+    answers = asyncio.Event()
+    claimed_again = asyncio.Event()
+
+    async def unanswered_renew(claimed: Sequence[Claimed], lease_s: float) -> list[Claimed] | None:
+        await answers.wait()
+        return await renew(claimed, lease_s)
+
+    async def watched_claim(
+        listener: str, names: Sequence[str], limit: int, lease_s: float
+    ) -> list[Claimed]:
+        out = await claim(listener, names, limit, lease_s)
+        if out and running.is_set():
+            claimed_again.set()
+        return out
+
+    store.renew = unanswered_renew  # type: ignore[method-assign]
+    store.claim = watched_claim  # type: ignore[method-assign]
+    async with bus:
+        bus.emit("x")
+        await asyncio.wait_for(claimed_again.wait(), 10)
+        answers.set()
+        finish.set()
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    assert attempts == [1, 2]
 
 
 async def test_a_timed_out_sync_listener_is_retried_once_its_thread_returned(
