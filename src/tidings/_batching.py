@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import math
 import re
 import types
 import weakref
@@ -26,6 +25,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar, get_args, get_origin
 
 from tidings._binding import _inject, _signature
+from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event, event_name_of
@@ -204,17 +204,11 @@ def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) 
 
 
 def _wait_seconds(value: float | timedelta, qualname: str) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigurationError(
-            f"batch_wait of listener {qualname} must be 0 or more seconds, not {value!r}"
-        )
-    return seconds
+    what = f"batch_wait of listener {qualname}"
+    result = seconds(value, what)
+    if result < 0:
+        raise ConfigurationError(f"{what} must be 0 or more seconds, not {value!r}")
+    return result
 
 
 class Batching:

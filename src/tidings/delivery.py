@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from tidings._units import seconds
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
 
@@ -66,16 +67,19 @@ class Retry:
             raise ConfigurationError(f"Retry(attempts=...) must be at least 1, not {self.attempts}")
         if not 0 <= self.jitter <= 1:
             raise ConfigurationError(f"Retry(jitter=...) must be within 0..1, not {self.jitter}")
+        for what in ("backoff", "max_backoff"):
+            if seconds(getattr(self, what), f"Retry({what}=...)") < 0:
+                raise ConfigurationError(f"Retry({what}=...) must not be negative")
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = _secs(self.backoff)
+        base = seconds(self.backoff, "Retry(backoff=...)")
         if base:
             try:
                 base *= self.factor ** (attempt - 1)
             except OverflowError:  # far past the cap
                 base = math.inf
-        cap = _secs(self.max_backoff)
+        cap = seconds(self.max_backoff, "Retry(max_backoff=...)")
         base = min(base, cap)
         if self.jitter:
             # Jittered below the cap too (so waits that reached it still spread out),
@@ -93,10 +97,6 @@ NO_RETRY = Retry(attempts=1)
 DeliveryObserver = Callable[
     [Event, "Subscription", Context], Callable[[str, BaseException | None], None]
 ]
-
-
-def _secs(value: float | timedelta) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 @types.coroutine

@@ -21,6 +21,7 @@ from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
+from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
@@ -46,10 +47,10 @@ SuccessHook = Callable[[Event, "Listener[..., Any]"], Any]
 def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
+    result = seconds(value, what)
+    if result <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
-    return seconds
+    return result
 
 
 def _pattern(name: str, qualname: str) -> str:
