@@ -23,6 +23,7 @@ import msgspec
 
 from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
+from tidings._plugins import schema_validator
 from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
 from tidings.backends.durable import DurableBackend, ListenerStats
 from tidings.backends.memory import MemoryBackend
@@ -233,8 +234,6 @@ class Bus:
             ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
                 event name (a bare ``@bus.schema`` on the class).
         """
-        from tidings.contrib.pydantic import validator
-
         if not isinstance(name, str):
             shown = getattr(name, "__name__", repr(name))
             raise ConfigurationError(
@@ -243,7 +242,7 @@ class Bus:
             )
 
         def register(model: M) -> M:
-            self._schemas[name] = validator(name, model)
+            self._schemas[name] = schema_validator(name, model)
             self._refresh_hot()
             return model
 
