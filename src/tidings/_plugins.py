@@ -17,12 +17,13 @@ packaged, or a test).
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from tidings.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     from tidings.events import Event
 
 __all__ = ["INJECTORS", "SCHEMAS", "find", "register", "schema_validator"]
@@ -47,7 +48,10 @@ def find(group: str, package: str) -> Any | None:
         return _loaded[key]
     declared = _declared.get(group)
     if declared is None:
-        # Read once per group: scanning the installed distributions takes milliseconds.
+        # Read once per group: scanning the installed distributions takes milliseconds,
+        # and importing importlib.metadata tens of them (not paid by ``import tidings``).
+        from importlib.metadata import entry_points
+
         declared = _declared[group] = {ep.name: ep for ep in entry_points(group=group)}
     plugin = None
     if package in declared:
