@@ -24,9 +24,7 @@ import msgspec
 from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings._plugins import schema_validator
-from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
-from tidings.backends.durable import DurableBackend, ListenerStats
-from tidings.backends.memory import MemoryBackend
+from tidings.backends.base import Backend, DeadLetter, ListenerStats, backend_from_url, redact
 from tidings.codec import check_serializable, decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
@@ -47,6 +45,8 @@ from tidings.listeners import (
     _seconds,
 )
 from tidings.options import EmitOptions
+from tidings.outbox import publish_in
+from tidings.outbox import require as outbox_of
 from tidings.schedule import Schedule
 
 __all__ = ["Bus"]
@@ -141,7 +141,7 @@ class Bus:
             remake = lambda: backend_from_url(url, **options)  # noqa: E731
         elif not isinstance(backend, Backend):
             raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
-        elif not consume and hasattr(backend, "consume"):
+        elif not consume and backend.durable:
             backend.consume = False
         self._remake = remake
         self.backend = backend
@@ -280,8 +280,7 @@ class Bus:
     def _start_scheduler(self) -> None:
         if self._scheduler is not None:
             self._scheduler.cancel()
-        consumes = getattr(self.backend, "consume", True)
-        if self._schedules and consumes and self._loop is not None:
+        if self._schedules and self.backend.consume and self._loop is not None:
             self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
 
     async def _run_schedules(self, schedules: list[Schedule]) -> None:
@@ -363,10 +362,9 @@ class Bus:
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
                     "create a new Bus, or give the bus a URL so it can make a new backend"
                 )
-            consume = getattr(backend, "consume", True)
+            consume = backend.consume
             backend = self._remake()
-            if hasattr(backend, "consume"):
-                backend.consume = consume
+            backend.consume = consume
             self.backend = backend
             self._put_named = backend.put_named
         self._closed = False
@@ -645,11 +643,8 @@ class Bus:
         kwargs: dict[str, Any],
     ) -> None:
         outbox = None if options is None else options.outbox
-        if outbox is not None and not hasattr(self.backend, "store_with"):
-            raise ConfigurationError(
-                f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
-                f"which only the PostgreSQL backend can do (this bus is on {self.url})"
-            )
+        if outbox is not None:
+            outbox_of(self.backend.outbox, outbox[0], self.url)  # refused before anything
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
@@ -684,7 +679,9 @@ class Bus:
         assert loop is not None
         delay = _delay_s(options)
         if outbox is not None:
-            await self._publish_in(outbox, event, delay)
+            await publish_in(
+                outbox_of(self.backend.outbox, outbox[0], self.url), outbox, event, delay
+            )
             return
         await self._put_wait(event, subs, ctx, delay)
 
@@ -708,18 +705,6 @@ class Bus:
             await put
         else:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
-
-    async def _publish_in(self, outbox: tuple[str, Any], event: Event, delay: float | None) -> None:
-        """Store ``event`` with the caller's connection, in its transaction."""
-        store_with = self.backend.store_with  # type: ignore[attr-defined]
-        kind, handle = outbox
-        if kind == "session":
-            # A SQLAlchemy AsyncSession: its connection, down to the asyncpg one.
-            connection = await handle.connection()
-            raw = await connection.get_raw_connection()
-            handle = raw.driver_connection
-        due = event.timestamp + delay if delay is not None else event.timestamp
-        await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
 
     def _emit_with(
         self,
@@ -869,7 +854,7 @@ class Bus:
             if self.backend.serializes_at_put:
                 # Encoded here, on the emitting thread: a payload that cannot be stored
                 # is this emit's error, and what the caller changes later is not stored.
-                event = _frozen(event, getattr(self.backend, "codec", "json"))
+                event = _frozen(event, self.backend.codec)
             self._to_inbox(event, subs, ctx, delay_s)
         elif delay_s is not None:
             self.backend.put_later(event, subs, ctx, delay_s)
@@ -1003,12 +988,16 @@ class Bus:
     async def list_dead_letters(
         self, *, listener: str | None = None, limit: int = 100
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first: of one listener (qualified name) or of all."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.list_dead(listener, limit)
-        dead = [d for d in self.dead_letters() if listener is None or d.listener == listener]
-        return dead[:limit]
+        """Dead letters, oldest first: of one listener (qualified name) or of all.
+
+        Those the backend raised on when handed them are kept by the bus, and listed too.
+        """
+        kept = self._runner.kept if self._runner is not None else []
+        dead = await self.backend.list_dead(listener, limit)
+        if not kept:
+            return dead
+        mine = [d for d in kept if listener is None or d.listener == listener]
+        return sorted([*dead, *mine], key=lambda d: d.failed_at)[:limit]
 
     async def replay_dead_letters(
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
@@ -1017,15 +1006,10 @@ class Bus:
 
         Returns how many deliveries were replayed.
         """
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.replay_dead(ids, listener)
-        if not isinstance(backend, MemoryBackend):
-            raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
-        subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
-        count = 0
+        count = await self.backend.replay_dead(ids, listener)
         kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        for letter in [*backend.take_dead(ids, listener), *kept]:
+        subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
+        for letter in kept:
             sub = subs.get(letter.listener)
             if sub is None:
                 logger.warning(
@@ -1034,7 +1018,7 @@ class Bus:
                     letter.listener,
                 )
                 continue
-            backend.put(letter.event.for_attempt(1), (sub,), _copy_context())
+            await self.backend.put_wait(letter.event.for_attempt(1), (sub,), _copy_context())
             count += 1
         return count
 
@@ -1042,25 +1026,12 @@ class Bus:
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
     ) -> int:
         """Forget dead letters (by event id, listener, or all); how many."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.purge_dead(ids, listener)
-        if not isinstance(backend, MemoryBackend):
-            raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
         kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        return len(backend.take_dead(ids, listener)) + len(kept)
+        return await self.backend.purge_dead(ids, listener) + len(kept)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.listener_stats()
-        out: dict[str, ListenerStats] = {}
-        for sub in self.registry.subscriptions():
-            out[sub.listener.qualname] = ListenerStats(
-                dead=sum(1 for d in backend.dead_letters() if d.listener == sub.listener.qualname)
-            )
-        return out
+        return await self.backend.listener_stats()
 
     async def forget_listener(self, name: str) -> bool:
         """Remove a listener (by qualified name) from the durable store: its deliveries
@@ -1071,10 +1042,7 @@ class Bus:
             ConfigurationError: the bus is not on a durable store.
             BackendError: the store failed.
         """
-        backend = self.backend
-        if not isinstance(backend, DurableBackend):
-            raise ConfigurationError(f"{self.url} keeps no listeners to forget")
-        return await backend.forget(name)
+        return await self.backend.forget(name)
 
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""

@@ -52,6 +52,8 @@ from tidings.errors import BackendError, ConfigurationError
 if TYPE_CHECKING:
     import asyncpg
 
+    from tidings.events import Event
+
 __all__ = ["MIGRATIONS", "PostgresBackend", "pattern_regex"]
 
 logger = logging.getLogger("tidings.backends.postgres")
@@ -169,6 +171,8 @@ class PostgresBackend(DurableBackend):
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        #: Publishing in the caller's transaction (see :mod:`tidings.outbox`).
+        self.outbox = self
         if not _IDENT.match(schema):
             raise ConfigurationError(
                 f"a schema name is lower-case letters, digits and '_', not {schema!r}"
@@ -346,6 +350,12 @@ class PostgresBackend(DurableBackend):
             asyncpg.exceptions._base.DataError,
         )
         return isinstance(exc, refused) or super().refuses(exc)
+
+    async def store_in(self, connection: Any, event: Event, delay_s: float | None) -> None:
+        """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
+        outbox: see :mod:`tidings.outbox`)."""
+        due = event.timestamp if delay_s is None else event.timestamp + delay_s
+        await self.store_with(connection, [self._record(event, due)])
 
     async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:
         """Store events with ``conn``, in its current transaction if it is in one."""
