@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from contextvars import Context
 from dataclasses import dataclass, field
@@ -178,20 +178,32 @@ class Delivery:
         """The bus's event loop, which the delivery runs on."""
         return self._runner.loop
 
-    def start(self, *, executor: Executor | None = None) -> asyncio.Future[Any] | None:
+    def start(
+        self,
+        *,
+        executor: Executor | None = None,
+        work: Callable[[Event], Awaitable[Any]] | None = None,
+    ) -> asyncio.Future[Any] | None:
         """Start the delivery on the bus's loop (call it on that loop's thread): ``None``
         if it finished at once, else the task that runs it. Its outcome (success, a
         retry, a dead letter) is handled by the bus; this never raises for it.
 
         Args:
             executor: where a sync listener is called (default: the bus's threads).
+            work: what runs in place of the listener, with its policy (timeout,
+                retries, hooks, dead letter): ``await work(event)`` (a backend that
+                forwards the delivery elsewhere).
         """
         runner = self._runner
-        fut = self._future = (
-            runner.run(self.event, self.subscription, self.context)
-            if executor is None
-            else runner.run_in(executor, self.event, self.subscription, self.context)
-        )
+        event, sub, ctx = self.event, self.subscription, self.context
+        fut: asyncio.Future[Any] | None
+        if work is not None:
+            fut = runner.run_work(work, event, sub, ctx)
+        elif executor is not None:
+            fut = runner.run_in(executor, event, sub, ctx)
+        else:
+            fut = runner.run(event, sub, ctx)
+        self._future = fut
         if fut is None:
             self._end()
         else:
@@ -318,6 +330,21 @@ class Runner:
         # The thread runs in a copy of its own; the task awaiting it (and what the
         # listener may return) in another.
         return self.loop.create_task(self._run_sync(event, sub, ctx), context=ctx.copy())
+
+    def run_work(
+        self,
+        work: Callable[[Event], Awaitable[Any]],
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+    ) -> asyncio.Future[Any]:
+        """Like :meth:`run`, awaiting ``work(event)`` in place of the listener."""
+
+        async def call() -> Any:
+            return await work(event)
+
+        run = self._run_async(call(), event, sub, ctx)
+        return self.loop.create_task(run, context=ctx.copy())
 
     def run_in(
         self, executor: Executor, event: Event, sub: Subscription, ctx: Context
