@@ -159,6 +159,7 @@ async def test_closing_reports_what_a_custom_backend_never_ran(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     example = readme_example(1)
+
     @listener("report.due", retry=Retry(attempts=2, backoff=3600))
     def render(n: int) -> None:
         raise RuntimeError("printer jammed")

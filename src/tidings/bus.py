@@ -24,7 +24,9 @@ import msgspec
 from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
 from tidings._plugins import schema_validator
-from tidings.backends.base import Backend, DeadLetter, ListenerStats, backend_from_url, redact
+from tidings.backends._options import redact
+from tidings.backends._urls import backend_from_url
+from tidings.backends.base import Backend, DeadLetter, ListenerStats
 from tidings.codec import check_serializable, decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (

@@ -36,7 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from tidings._patterns import _split
-from tidings.backends.base import DeadLetter, redact, split_options
+from tidings.backends._options import redact, split_options
+from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,
