@@ -94,10 +94,10 @@ def test_debug_off_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIDINGS_DEBUG", "0")
     bus = Bus()
     assert bus._observers == []
-    assert bus._emit_hooks == []
+    assert bus.router.emit_hooks == []
     on = Bus(debug=True)
     assert len(on._observers) == 1
-    assert len(on._emit_hooks) == 1
+    assert len(on.router.emit_hooks) == 1
 
 
 SCRIPT = """

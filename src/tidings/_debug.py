@@ -62,7 +62,7 @@ def install(bus: Bus) -> None:
         handler = _Fallback()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(handler)
-    bus._add_emit_hook(_Emits(bus))
+    bus.router.add_emit_hook(_Emits(bus))
     bus._observers.append(_observe)
 
 

@@ -71,7 +71,7 @@ class Hold:
             )
             for item in items:
                 if type(item) is tuple:
-                    for hook in bus._drop_hooks:
+                    for hook in bus.router.drop_hooks:
                         hook(item[0])
             return
         plain: list[list[Any]] = []
@@ -121,8 +121,8 @@ class Hold:
         self.open = False
         for item in self.items:
             if type(item) is tuple:
-                self.bus._put_back(item[4])
-                for hook in self.bus._drop_hooks:
+                self.bus.router.put_back(item[4])
+                for hook in self.bus.router.drop_hooks:
                     hook(item[0])
         if self.items:
             logger.info(

@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -23,20 +22,19 @@ import msgspec
 
 from tidings import _debug, _holding, _sync
 from tidings._contexts import ContextCopies
+from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
+from tidings._routing import Router, Taken
 from tidings.backends._options import redact
 from tidings.backends._urls import backend_from_url
 from tidings.backends.base import Backend, DeadLetter, ListenerStats
-from tidings.codec import check_serializable, decode_payload, encode_payload
+from tidings.codec import decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
-    NoListenersError,
     NotStartedError,
-    PayloadError,
-    QueueFull,
 )
-from tidings.events import Event, event_name_of
+from tidings.events import Event
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -49,7 +47,7 @@ from tidings.listeners import (
 from tidings.options import EmitOptions
 from tidings.outbox import publish_in
 from tidings.outbox import require as outbox_of
-from tidings.schedule import Schedule
+from tidings.scheduling import Schedule, Scheduler
 
 __all__ = ["Bus"]
 
@@ -64,10 +62,6 @@ _copy_context = contextvars.copy_context
 _time = time.time
 _current_hold = _holding.current
 _get_ident = threading.get_ident
-# An event handed over from another thread: subscriptions, context and delay.
-_Handed = tuple[Event, tuple[Subscription, ...], contextvars.Context, float | None]
-# The ``once`` subscriptions an emit took, with where they were in their registries.
-_Taken = list[tuple[Subscription, int]]
 # An error naming undelivered events names at most this many.
 _MAX_IDS_LOGGED = 100
 
@@ -151,10 +145,15 @@ class Bus:
         self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
         self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
         self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
-        self.strict = strict
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
         self.timeout = _seconds(timeout, "the bus's timeout")
-        self.check_serializable = check_serializable or backend.durable
+        #: Which subscriptions each event reaches, and what is checked on its way.
+        self.router = Router(
+            self.registry,
+            strict=strict,
+            check_serializable=check_serializable or backend.durable,
+            changed=self._refresh_hot,
+        )
         self.shutdown_timeout = (
             shutdown_timeout.total_seconds()
             if isinstance(shutdown_timeout, timedelta)
@@ -169,14 +168,8 @@ class Bus:
         self._executor: ThreadPoolExecutor | None = None
         self._runner: Runner | None = None
         self._closed = False
-        self._typed_ok: dict[type[Any], str] = {}
-        self._emit_hooks: list[Callable[[Event], None]] = []
-        # Told of each event the ASGI middleware dropped after the hooks above saw it.
-        self._drop_hooks: list[Callable[[Event], None]] = []
         # Told of every delivery (tracing); the runner takes them when the bus starts.
         self._observers: list[DeliveryObserver] = []
-        # Payload checks by event name (see schema); while empty, emit never looks.
-        self._schemas: dict[str, Callable[[Event], None]] = {}
         # Middlewares holding events until a response is sent (see tidings.asgi).
         self._holders = 0
         # Set while emit may take its flat path (see emit).
@@ -186,17 +179,23 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them (with their
-        # delay, if any).
-        self._inbox: deque[_Handed] = deque()
-        self._inbox_scheduled = False
-        # Set while the inbox's first event waits for room in the backend.
-        self._inbox_waiter: asyncio.Task[None] | None = None
+        # Events emitted on other threads, waiting for the loop to take them.
+        self._inbox = Inbox()
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
-        self._schedules: list[Schedule] = []
-        self._scheduler: asyncio.Task[None] | None = None
+        #: Fires the cron schedules (see :meth:`schedule`).
+        self.scheduler = Scheduler(self._fire)
         if _debug.enabled(debug):
             _debug.install(self)
+
+    @property
+    def strict(self) -> bool:
+        """Whether an event nobody listens to, or one a listener cannot take, is refused."""
+        return self.router.strict
+
+    @property
+    def check_serializable(self) -> bool:
+        """Whether a payload a durable backend could not store is refused at emit."""
+        return self.router.check_serializable
 
     # -- listeners ------------------------------------------------------------------
 
@@ -244,8 +243,7 @@ class Bus:
             )
 
         def register(model: M) -> M:
-            self._schemas[name] = schema_validator(name, model)
-            self._refresh_hot()
+            self.router.add_schema(name, schema_validator(name, model))
             return model
 
         return register if model is None else register(model)
@@ -262,7 +260,7 @@ class Bus:
                 (``0 0 30 2 *``), or a bad event name.
         """
         entry = Schedule(cron, name, args, kwargs)
-        self._schedules.append(entry)
+        self.scheduler.entries.append(entry)
         if self._loop is not None:
             self._start_scheduler()
         return entry
@@ -279,37 +277,16 @@ class Bus:
 
         return decorate
 
+    async def _fire(self, entry: Schedule, tick: float) -> None:
+        """Fire one tick of a schedule, if this process claims it."""
+        if await self.backend.claim_tick(entry.key, tick):
+            await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                entry.name, *entry.args, **entry.kwargs
+            )
+
     def _start_scheduler(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-        if self._schedules and self.backend.consume and self._loop is not None:
-            self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
-
-    async def _run_schedules(self, schedules: list[Schedule]) -> None:
-        due: dict[int, float] = {}
-        for i, entry in enumerate(schedules):
-            self._plan_tick(due, i, entry, time.time())
-        while due:
-            i = min(due, key=due.__getitem__)
-            entry, tick = schedules[i], due[i]
-            await asyncio.sleep(max(0.0, tick - time.time()))
-            try:
-                if await self.backend.claim_tick(entry.key, tick):
-                    await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
-                        entry.name, *entry.args, **entry.kwargs
-                    )
-            except Exception:
-                logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
-            self._plan_tick(due, i, entry, tick)
-
-    @staticmethod
-    def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> None:
-        """Set schedule ``i``'s next tick; one that has none stops alone, logged."""
-        try:
-            due[i] = entry.next_after(after)
-        except Exception:
-            due.pop(i, None)
-            logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
+        if self.backend.consume and self._loop is not None:
+            self.scheduler.start(self._loop)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -350,6 +327,7 @@ class Bus:
             contexts=self._contexts,
         )
         await self.backend.start(self._runner)
+        self._inbox.open(self.backend, loop)
         self._thread = _get_ident()
         self._loop = loop
         self._refresh_hot()
@@ -372,10 +350,7 @@ class Bus:
         self._closed = False
         self._loop = None
         self._thread = 0
-        self._inbox.clear()
-        self._inbox_scheduled = False
-        self._inbox_waiter = None
-        self._scheduler = None
+        self.scheduler.forget()
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished.
@@ -393,7 +368,7 @@ class Bus:
             return
         runner = self._runner
         while True:
-            await self._empty_inbox()  # what other threads emitted is queued first
+            await self._inbox.empty()  # what other threads emitted is queued first
             await self.backend.drain()
             if runner is None or not runner.hooks_running:
                 return
@@ -426,22 +401,14 @@ class Bus:
             if isinstance(timeout, timedelta)
             else float(timeout)
         )
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
-            self._scheduler = None
+        await self.scheduler.stop()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._empty_inbox(), limit)
-        if self._inbox_waiter is not None:
-            # Still no room: what other threads emitted stays out of a closing backend.
-            self._inbox_waiter.cancel()
-            await asyncio.gather(self._inbox_waiter, return_exceptions=True)
-        left = [entry[0].id for entry in self._inbox]
-        self._inbox.clear()
+            await asyncio.wait_for(self._inbox.empty(), limit)
+        left = await self._inbox.close()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
-        self._closed = True
+        self._closed = self._inbox.closed = True
         self._refresh_hot()
         if undelivered:
             shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
@@ -584,11 +551,11 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._to_inbox(event, subs, self._contexts.copy_elsewhere(), None)
+                    self._inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         self._dispatch(event, None)
 
     async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
@@ -650,7 +617,7 @@ class Bus:
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         if options is not None and options.headers:
             event.headers = dict(options.headers)
         prepared = self._prepare(event)
@@ -663,10 +630,10 @@ class Bus:
             # Cancelled while it waited: in memory, that means before it was queued; a
             # durable backend may have it stored already.
             if not self.backend.durable:
-                self._put_back(taken)
+                self.router.put_back(taken)
             raise
         except Exception:
-            self._put_back(taken)
+            self.router.put_back(taken)
             raise
 
     async def _publish_prepared(
@@ -719,47 +686,14 @@ class Bus:
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         if options.headers:
             event.headers = dict(options.headers)
         self._dispatch(event, options.due_in())
 
-    def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
-        if isinstance(obj, str):
-            # A str subclass (a StrEnum member, say) names the event its value names.
-            return Event(str.__str__(obj), args, kwargs)
-        if isinstance(obj, Enum) and isinstance(obj.value, str):
-            # A plain Enum member names the event its value names, as a StrEnum does.
-            return Event(obj.value, args, kwargs)
-        cls = type(obj)
-        name = self._typed_ok.get(cls)
-        if name is None:
-            name = event_name_of(cls)
-            if name is None:
-                raise ConfigurationError(
-                    f"emit() takes an event name or a typed event, not {obj!r}: give "
-                    f"{cls.__qualname__} __event_name__ = '...' or call "
-                    "tidings.register_event(cls, name)"
-                )
-            bound = self.registry.event_class(name)
-            if bound is None:
-                # Bound by no listener: the first class emitted under the name is.
-                bound = next((c for c, n in self._typed_ok.items() if n == name), None)
-            if bound is not None and bound is not cls:
-                raise ConfigurationError(
-                    f"event {name!r} is bound to {bound.__qualname__}, not {cls.__qualname__}"
-                )
-            self._typed_ok[cls] = name
-        if args or kwargs:
-            raise PayloadError(
-                f"a typed event ({cls.__qualname__}) is emitted alone: its fields are the "
-                f"payload, not extra arguments {args or ''}{kwargs or ''}"
-            )
-        return Event(name, (), {}, obj=obj)
-
     def _prepare(
         self, event: Event
-    ) -> tuple[tuple[Subscription, ...], contextvars.Context, _Taken] | None:
+    ) -> tuple[tuple[Subscription, ...], contextvars.Context, Taken] | None:
         if self._loop is None or self._closed:
             if self.disabled:
                 logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
@@ -773,57 +707,17 @@ class Bus:
         if self.disabled:
             logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
             return None
-        if self._schemas:
-            validate = self._schemas.get(event.name)
-            if validate is not None:
-                validate(event)
-        registry = self.registry
-        subs = registry._cache.get(event.name)
-        if subs is None:
-            subs = registry.resolve(event.name)
         durable = self.backend.durable
-        if not subs and self.strict and not durable:
-            raise NoListenersError(f"no listener subscribes to event {event.name!r}")
-        if self.check_serializable and not (
+        serialize = self.router.check_serializable and not (
             self.backend.serializes_at_put and _get_ident() == self._thread
-        ):
-            check_serializable(event)
-        if self.strict:
-            for sub in subs:
-                sub.listener.plan.check(event)
-        elif self.check_serializable and not durable:
-            # A durable backend refuses at delivery (a dead letter) a value that does not
-            # fit its parameter's annotation: refused here at emit, as a test would want.
-            for sub in subs:
-                sub.listener.plan.check_values(event)
-        for hook in self._emit_hooks:
-            hook(event)
-        taken: _Taken = []
-        if registry.has_once:
-            subs = self._take_once(subs, taken)  # last: an emit refused above takes none
-        if not subs and not durable:
-            logger.debug("no listener for event %r; ignored", event.name)
+        )
+        routed = self.router.route(event, durable=durable, serialize=serialize)
+        if routed is None:
             return None
+        subs, taken = routed
         if _get_ident() == self._thread:
             return subs, self._emitter_context(), taken
         return subs, _copy_context() if durable else self._contexts.copy_elsewhere(), taken
-
-    def _take_once(self, subs: tuple[Subscription, ...], taken: _Taken) -> tuple[Subscription, ...]:
-        out: list[Subscription] = []
-        for sub in subs:
-            if sub.listener.once:
-                index = sub.registry._take(sub)
-                if index is None:
-                    continue  # another emit took it first
-                taken.append((sub, index))
-            out.append(sub)
-        return tuple(out)
-
-    @staticmethod
-    def _put_back(taken: _Taken) -> None:  # also called for held events that are dropped
-        """Subscribe again the ``once`` listeners an emit took and could not queue for."""
-        for sub, index in reversed(taken):
-            sub.registry._put_back(sub, index)
 
     def _dispatch(self, event: Event, delay_s: float | None) -> None:
         prepared = self._prepare(event)
@@ -842,7 +736,7 @@ class Bus:
         try:
             self._hand_over(event, subs, ctx, delay_s)
         except Exception:
-            self._put_back(taken)
+            self.router.put_back(taken)
             raise
 
     def _hand_over(
@@ -857,90 +751,18 @@ class Bus:
                 # Encoded here, on the emitting thread: a payload that cannot be stored
                 # is this emit's error, and what the caller changes later is not stored.
                 event = _frozen(event, self.backend.codec)
-            self._to_inbox(event, subs, ctx, delay_s)
+            self._inbox.hand(event, subs, ctx, delay_s)
         elif delay_s is not None:
             self.backend.put_later(event, subs, ctx, delay_s)
         else:
             self.backend.put(event, subs, ctx)
 
-    def _to_inbox(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None,
-    ) -> None:
-        """Hand an event emitted on another thread over to the loop's."""
-        if delay_s is None and not self.backend.has_room(1 + len(self._inbox)):
-            raise QueueFull(
-                f"the in-process queue is full; cannot queue event {event.name!r} "
-                "(raise max_pending, or await bus.publish(...) to wait for room)"
-            )
-        # Handed over in bursts: one wake-up of the loop for the events other threads
-        # emit before it gets to them. An append is atomic, and the flag is cleared
-        # before the inbox is read, so no event waits without a wake-up on its way.
-        self._inbox.append((event, subs, ctx, delay_s))
-        if not self._inbox_scheduled:
-            self._inbox_scheduled = True
-            self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
-
-    def _take_inbox(self) -> None:
-        self._inbox_scheduled = False
-        if self._inbox_waiter is not None:
-            return  # the first waits for room; the rest follow it
-        inbox = self._inbox
-        if self._closed:
-            # Emitted on another thread as the bus closed, and handed over too late.
-            while inbox:
-                event = inbox.popleft()[0]
-                logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
-            return
-        backend = self.backend
-        while inbox:
-            event, subs, ctx, delay_s = inbox[0]
-            try:
-                if delay_s is None:
-                    backend.put(event, subs, ctx)
-                else:
-                    backend.put_later(event, subs, ctx, delay_s)
-            except QueueFull:
-                # The loop's own emits filled the queue first. Room was counted for this
-                # one when it was emitted: it waits for room rather than be dropped.
-                self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
-                return
-            except Exception:
-                # This one event's failure; it never stalls the events behind it.
-                logger.exception(
-                    "event %s (%s) emitted from a thread could not be queued", event.id, event.name
-                )
-            inbox.popleft()
-
-    async def _wait_for_room(self) -> None:
-        event, subs, ctx, _delay = self._inbox[0]
-        try:
-            await self.backend.put_wait(event, subs, ctx)
-        except Exception:
-            logger.exception(
-                "event %s (%s) emitted from a thread could not be queued", event.id, event.name
-            )
-        finally:
-            self._inbox_waiter = None
-        self._inbox.popleft()
-        self._take_inbox()
-
-    async def _empty_inbox(self) -> None:
-        """Queue what other threads emitted, waiting for room if need be."""
-        self._take_inbox()
-        while self._inbox_waiter is not None:
-            await asyncio.wait({self._inbox_waiter})
-
     def _refresh_hot(self) -> None:
         self._hot = (
             self._loop is not None
             and not self._closed
-            and not (self.disabled or self.strict or self.check_serializable)
-            and not self._emit_hooks
-            and not self._schemas
+            and not self.disabled
+            and not self.router.sees_each_event
         )
         # While nothing needs to see each event, the backend may supply the whole of
         # emit (an instance attribute, found before the method); it hands anything
@@ -961,14 +783,6 @@ class Bus:
     def _hold_requests(self, on: bool) -> None:
         """Count a middleware that holds this bus's events during requests."""
         self._holders += 1 if on else -1
-        self._refresh_hot()
-
-    def _add_emit_hook(self, hook: Callable[[Event], None]) -> None:
-        self._emit_hooks.append(hook)
-        self._refresh_hot()
-
-    def _remove_emit_hook(self, hook: Callable[[Event], None]) -> None:
-        self._emit_hooks.remove(hook)
         self._refresh_hot()
 
     # -- inspecting -----------------------------------------------------------------

@@ -526,9 +526,9 @@ class Registry:
         return out
 
     def _remove(self, sub: Subscription) -> bool:
-        return self._take(sub) is not None
+        return self.take(sub) is not None
 
-    def _take(self, sub: Subscription) -> int | None:
+    def take(self, sub: Subscription) -> int | None:
         """Remove ``sub``; where it was, or ``None`` if it was not here (any more)."""
         with self._lock:
             try:
@@ -539,8 +539,8 @@ class Registry:
             self._invalidate()
             return index
 
-    def _put_back(self, sub: Subscription, index: int) -> None:
-        """Subscribe ``sub`` again where :meth:`_take` took it from."""
+    def put_back(self, sub: Subscription, index: int) -> None:
+        """Subscribe ``sub`` again where :meth:`take` took it from."""
         with self._lock:
             self._subs.insert(index, sub)
             self._invalidate()

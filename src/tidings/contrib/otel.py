@@ -60,7 +60,7 @@ def instrument(bus: Bus, *, tracer_provider: TracerProvider | None = None) -> No
     if any(isinstance(o, _Observer) for o in bus._observers):
         raise ConfigurationError("this bus is already instrumented")
     tracer = trace.get_tracer("tidings", tracer_provider=tracer_provider)
-    bus._add_emit_hook(_Producer(tracer))
+    bus.router.add_emit_hook(_Producer(tracer))
     bus._observers.append(_Observer(tracer))
 
 

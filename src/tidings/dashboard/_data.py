@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 import traceback
 from collections import deque
@@ -279,13 +278,10 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
 
 def schedules(bus: Bus) -> list[dict[str, Any]]:
     """The bus's cron schedules, with their last and next ticks."""
-    from tidings.schedule import _croniter
-
     now = time.time()
     out = []
-    for entry in getattr(bus, "_schedules", []):
-        start = dt.datetime.fromtimestamp(now, dt.UTC)
-        last = float(_croniter()(entry.cron, start).get_prev(float))
+    for entry in bus.scheduler.entries:
+        last = entry.last_before(now)
         out.append(
             {
                 "cron": entry.cron,
