@@ -1,7 +1,8 @@
-"""Events emitted on other threads than the bus's loop's, handed over to that loop.
+"""Events handed to the backend from whichever thread emitted them.
 
-An emit from another thread appends to a deque (atomic) and, for the first event of a
-burst, schedules one wake-up of the loop; the loop then queues the whole burst.
+On the loop's thread an event goes straight to the backend. An emit from another thread
+appends to a deque (atomic) and, for the first event of a burst, schedules one wake-up
+of the loop; the loop then queues the whole burst.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
+import msgspec
+
+from tidings.codec import decode_payload, encode_payload
 from tidings.errors import QueueFull
 from tidings.events import Event
 
@@ -27,12 +32,17 @@ logger = logging.getLogger("tidings.bus")
 _Handed = tuple[Event, "tuple[Subscription, ...]", contextvars.Context, float | None]
 
 
+_get_ident = threading.get_ident
+
+
 class Inbox:
-    """Hands events emitted on other threads to a backend, on its loop's thread."""
+    """Hands events to a backend on its loop's thread, from any thread."""
 
     def __init__(self) -> None:
         self.backend: Backend | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: The loop's thread.
+        self.thread = 0
         #: Set when the bus closed: what arrives later is dropped, and logged.
         self.closed = False
         self._handed: deque[_Handed] = deque()
@@ -44,10 +54,58 @@ class Inbox:
         """Hand events to ``backend`` on ``loop`` from now on."""
         self.backend = backend
         self.loop = loop
+        self.thread = _get_ident()
         self.closed = False
         self._handed.clear()
         self._scheduled = False
         self._waiter = None
+
+    def hand_over(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None,
+    ) -> None:
+        """Queue an event in the backend now, or hand it to the loop's thread.
+
+        Raises:
+            QueueFull: the backend has no room for it.
+            PayloadError: a backend that stores payloads cannot store this one.
+        """
+        backend = self.backend
+        assert backend is not None
+        if _get_ident() != self.thread:
+            if backend.serializes_at_put:
+                # Encoded here, on the emitting thread: a payload that cannot be stored
+                # is this emit's error, and what the caller changes later is not stored.
+                event = _frozen(event, backend.codec)
+            self.hand(event, subs, ctx, delay_s)
+        elif delay_s is not None:
+            backend.put_later(event, subs, ctx, delay_s)
+        else:
+            backend.put(event, subs, ctx)
+
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """The backend's ``put_wait``, run on its loop whichever loop awaits it (a test
+        client's, in a thread of its own)."""
+        loop = self.loop
+        assert loop is not None
+        put = (
+            self.backend.put_wait(event, subs, ctx)  # type: ignore[union-attr]
+            if delay_s is None
+            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)  # type: ignore[union-attr]
+        )
+        if asyncio.get_running_loop() is loop:
+            await put
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
 
     def hand(
         self,
@@ -136,3 +194,14 @@ class Inbox:
         left = [entry[0].id for entry in self._handed]
         self._handed.clear()
         return left
+
+
+def _frozen(event: Event, codec: str) -> Event:
+    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
+    backend's format (so it is stored as it would have been).
+
+    Raises:
+        PayloadError: the payload cannot be serialized.
+    """
+    args, kwargs, obj = decode_payload(encode_payload(event, codec))
+    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

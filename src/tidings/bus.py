@@ -18,17 +18,16 @@ from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-import msgspec
-
-from tidings import _debug, _holding, _sync
+from tidings import _debug, _sync
 from tidings._contexts import ContextCopies
+from tidings._hold import Held, Hold
+from tidings._hold import current as _current_hold
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
 from tidings._routing import Router, Taken
 from tidings.backends._options import redact
 from tidings.backends._urls import backend_from_url
 from tidings.backends.base import Backend, DeadLetter, ListenerStats
-from tidings.codec import decode_payload, encode_payload
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
@@ -60,7 +59,6 @@ T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
-_current_hold = _holding.current
 _get_ident = threading.get_ident
 # An error naming undelivered events names at most this many.
 _MAX_IDS_LOGGED = 100
@@ -179,8 +177,8 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them.
-        self._inbox = Inbox()
+        #: Hands events to the backend from any thread (see :mod:`tidings._inbox`).
+        self.inbox = Inbox()
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         #: Fires the cron schedules (see :meth:`schedule`).
         self.scheduler = Scheduler(self._fire)
@@ -327,7 +325,7 @@ class Bus:
             contexts=self._contexts,
         )
         await self.backend.start(self._runner)
-        self._inbox.open(self.backend, loop)
+        self.inbox.open(self.backend, loop)
         self._thread = _get_ident()
         self._loop = loop
         self._refresh_hot()
@@ -368,7 +366,7 @@ class Bus:
             return
         runner = self._runner
         while True:
-            await self._inbox.empty()  # what other threads emitted is queued first
+            await self.inbox.empty()  # what other threads emitted is queued first
             await self.backend.drain()
             if runner is None or not runner.hooks_running:
                 return
@@ -404,11 +402,11 @@ class Bus:
         await self.scheduler.stop()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._inbox.empty(), limit)
-        left = await self._inbox.close()
+            await asyncio.wait_for(self.inbox.empty(), limit)
+        left = await self.inbox.close()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
-        self._closed = self._inbox.closed = True
+        self._closed = self.inbox.closed = True
         self._refresh_hot()
         if undelivered:
             shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
@@ -526,24 +524,13 @@ class Bus:
             if self._hot and _get_ident() == self._thread:
                 subs = self._routes.get(name_or_event)
                 if subs:
-                    if self._holders:
-                        hold = _current_hold()
-                        if hold is not None and hold.bus is not self:
-                            hold = _holding.Hold.find(self)  # another bus's, outside
-                        if hold is not None and hold.open:
-                            # Held until the response is sent (tidings.asgi); nothing
-                            # to check on a plain bus, so not even an envelope yet.
-                            hold.items.append(
-                                [
-                                    subs,
-                                    self._emitter_context(),
-                                    name_or_event,
-                                    args,
-                                    kwargs,
-                                    _time(),
-                                ]
-                            )
-                            return
+                    hold = self._open_hold() if self._holders else None
+                    if hold is not None:
+                        # Held until the response is sent (tidings.asgi); nothing to
+                        # check on a plain bus, so not even an envelope yet.
+                        ctx = self._emitter_context()
+                        hold.items.append(Held(subs, ctx, name_or_event, args, kwargs, _time()))
+                        return
                     self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
                     return
             elif self._hot and not self._holders:
@@ -551,7 +538,7 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
+                    self.inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
@@ -652,28 +639,7 @@ class Bus:
                 outbox_of(self.backend.outbox, outbox[0], self.url), outbox, event, delay
             )
             return
-        await self._put_wait(event, subs, ctx, delay)
-
-    async def _put_wait(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None = None,
-    ) -> None:
-        """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
-        test client's, in a thread of its own)."""
-        loop = self._loop
-        assert loop is not None
-        put = (
-            self.backend.put_wait(event, subs, ctx)
-            if delay_s is None
-            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)
-        )
-        if asyncio.get_running_loop() is loop:
-            await put
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
+        await self.inbox.put_wait(event, subs, ctx, delay)
 
     def _emit_with(
         self,
@@ -724,38 +690,19 @@ class Bus:
         if prepared is None:
             return
         subs, ctx, taken = prepared
-        if self._holders:
-            hold = _current_hold()
-            if hold is not None and hold.bus is not self:
-                hold = _holding.Hold.find(self)
-            if hold is not None and hold.open:
-                # Emitted while a request is handled: validated now, queued once the
-                # response is sent (tidings.asgi).
-                hold.items.append((event, subs, ctx, delay_s, taken))
-                return
+        hold = self._open_hold() if self._holders else None
+        if hold is not None:
+            # Emitted while a request is handled: validated now, queued once the response
+            # is sent (tidings.asgi).
+            held = Held(subs, ctx, event.name, event.args, event.kwargs, event.timestamp)
+            held.event, held.delay_s, held.taken = event, delay_s, taken
+            hold.items.append(held)
+            return
         try:
-            self._hand_over(event, subs, ctx, delay_s)
+            self.inbox.hand_over(event, subs, ctx, delay_s)
         except Exception:
             self.router.put_back(taken)
             raise
-
-    def _hand_over(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None,
-    ) -> None:
-        if _get_ident() != self._thread:
-            if self.backend.serializes_at_put:
-                # Encoded here, on the emitting thread: a payload that cannot be stored
-                # is this emit's error, and what the caller changes later is not stored.
-                event = _frozen(event, self.backend.codec)
-            self._inbox.hand(event, subs, ctx, delay_s)
-        elif delay_s is not None:
-            self.backend.put_later(event, subs, ctx, delay_s)
-        else:
-            self.backend.put(event, subs, ctx)
 
     def _refresh_hot(self) -> None:
         self._hot = (
@@ -780,10 +727,18 @@ class Bus:
             fast.__doc__ = Bus.emit.__doc__
             self.__dict__["emit"] = fast
 
-    def _hold_requests(self, on: bool) -> None:
-        """Count a middleware that holds this bus's events during requests."""
-        self._holders += 1 if on else -1
+    def hold_requests(self) -> None:
+        """Hold this bus's events during each request until its response is sent: what
+        :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
+        self._holders += 1
         self._refresh_hot()
+
+    def _open_hold(self) -> Hold | None:
+        """The open hold of the request being handled, if any."""
+        hold = _current_hold()
+        if hold is not None and hold.bus is not self:
+            hold = Hold.find(self)  # another bus's, outside
+        return hold if hold is not None and hold.open else None
 
     # -- inspecting -----------------------------------------------------------------
 
@@ -897,14 +852,3 @@ def _disabled() -> bool:
 def _delay_s(options: EmitOptions | None) -> float | None:
     """Seconds from now until an event with these options is due, or ``None``."""
     return None if options is None else options.due_in()
-
-
-def _frozen(event: Event, codec: str) -> Event:
-    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
-    backend's format (so it is stored as it would have been).
-
-    Raises:
-        PayloadError: the payload cannot be serialized.
-    """
-    args, kwargs, obj = decode_payload(encode_payload(event, codec))
-    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

@@ -34,6 +34,7 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
+    from tidings._hold import Held
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
     from tidings.outbox import Outbox
@@ -176,16 +177,15 @@ class Backend(ABC):
         may queue it without building the envelope until something reads it."""
         self.put(Event(name, args, kwargs), subs, ctx)
 
-    def put_held(self, entries: list[list[Any]]) -> None:
-        """Queue named events that were emitted earlier and held until now (see
-        :mod:`tidings.asgi`), like :meth:`put`. Each entry is ``[subscriptions, the
-        emitter's context, name, args, kwargs, time of the emit]``.
+    def put_held(self, items: list[Held]) -> None:
+        """Queue events that were emitted earlier and held until now (see
+        :mod:`tidings.asgi`), like :meth:`put`.
 
         Raises:
             QueueFull: there is no room for all of them (those that fit are queued).
         """
-        for subs, ctx, name, args, kwargs, timestamp in entries:
-            self.put(Event(name, args, kwargs, timestamp=timestamp), subs, ctx)
+        for item in items:
+            self.put(item.envelope(), item.subs, item.context)
 
     def fast_emit(
         self,

@@ -28,6 +28,7 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
+    from tidings._hold import Held
     from tidings.delivery import Delivery, Runner
     from tidings.listeners import Subscription
 
@@ -117,13 +118,15 @@ class MemoryBackend(Backend):
             "bus.publish(...) to wait for room, or raise max_pending"
         )
 
-    def put_held(self, entries: list[list[Any]]) -> None:
+    def put_held(self, items: list[Held]) -> None:
         pump = self._pump
         fits = max(pump.room - len(self._queue), 0)
-        for subs, ctx, name, args, kwargs, emitted_at in entries[:fits]:
-            pump.put(Entry(subs, ctx, name, args, kwargs, emitted_at))
-        if fits < len(entries):
-            raise self._full(entries[fits][2])
+        for item in items[:fits]:
+            pump.put(
+                Entry(item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at)
+            )
+        if fits < len(items):
+            raise self._full(items[fits].name)
 
     def put_named(
         self,
