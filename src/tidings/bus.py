@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -18,15 +17,17 @@ from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-from tidings import _debug, _sync
+from tidings import _dead, _debug, _sync
+from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
 from tidings._hold import Held, Hold
 from tidings._hold import current as _current_hold
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
 from tidings._routing import Router, Taken
-from tidings.backends._options import redact
-from tidings.backends._urls import backend_from_url
+from tidings._switches import disabled
+from tidings._units import seconds
+from tidings.backends._urls import backend_for
 from tidings.backends.base import Backend, DeadLetter, ListenerStats
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
@@ -60,8 +61,6 @@ T = TypeVar("T")
 _copy_context = contextvars.copy_context
 _time = time.time
 _get_ident = threading.get_ident
-# An error naming undelivered events names at most this many.
-_MAX_IDS_LOGGED = 100
 
 
 class Bus:
@@ -113,30 +112,11 @@ class Bus:
         consume: bool = True,
         debug: bool | None = None,
     ) -> None:
-        #: Where deliveries wait, for messages (a URL's password is never shown).
-        self.url = (
-            redact(backend)
-            if isinstance(backend, str)
-            else "memory://"
-            if backend is None
-            else repr(backend)
+        backend, url, remake = backend_for(
+            backend, max_pending=max_pending, concurrency=concurrency, consume=consume
         )
-        remake: Callable[[], Backend] | None = None
-        if backend is None or isinstance(backend, str):
-            options: dict[str, Any] = {"max_pending": max_pending}
-            if backend and not backend.startswith("memory"):
-                options["consume"] = consume
-            else:
-                options["concurrency"] = concurrency
-            url = backend or "memory://"
-            backend = backend_from_url(url, **options)
-            # A durable backend does not start twice: a bus that starts again after
-            # aclose() makes its backend anew from the URL.
-            remake = lambda: backend_from_url(url, **options)  # noqa: E731
-        elif not isinstance(backend, Backend):
-            raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
-        elif not consume and backend.durable:
-            backend.consume = False
+        #: Where deliveries wait, for messages (a URL's password is never shown).
+        self.url = url
         self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
@@ -152,15 +132,11 @@ class Bus:
             check_serializable=check_serializable or backend.durable,
             changed=self._refresh_hot,
         )
-        self.shutdown_timeout = (
-            shutdown_timeout.total_seconds()
-            if isinstance(shutdown_timeout, timedelta)
-            else float(shutdown_timeout)
-        )
+        self.shutdown_timeout = seconds(shutdown_timeout, "the bus's shutdown_timeout")
         self.sync_workers = sync_workers
         #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
         #: each time the bus starts.
-        self.disabled = _disabled()
+        self.disabled = disabled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -308,7 +284,7 @@ class Bus:
             self._reopen()
         if self._loop is not None:
             return
-        self.disabled = _disabled()
+        self.disabled = disabled()
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
         self._runner = Runner(
@@ -392,13 +368,7 @@ class Bus:
         if self._loop is None or self._closed:
             self._closed = True
             return
-        limit = (
-            self.shutdown_timeout
-            if timeout is None
-            else timeout.total_seconds()
-            if isinstance(timeout, timedelta)
-            else float(timeout)
-        )
+        limit = self.shutdown_timeout if timeout is None else seconds(timeout, "aclose's timeout")
         await self.scheduler.stop()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
@@ -408,38 +378,15 @@ class Bus:
         undelivered.extend(left)
         self._closed = self.inbox.closed = True
         self._refresh_hot()
-        if undelivered:
-            shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
-            more = len(undelivered) - _MAX_IDS_LOGGED
-            logger.error(
-                "bus closed with %d undelivered event(s) after %.3gs: %s%s",
-                len(undelivered),
-                limit,
-                shown,
-                f" and {more} more (all ids at debug level)" if more > 0 else "",
-            )
-            if more > 0:
-                logger.debug("undelivered event ids: %s", ", ".join(undelivered))
+        report_undelivered(undelivered, limit)
         if self._runner is not None:
             try:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)
             except TimeoutError:
                 logger.error("bus closed before its hooks finished")
-        await self._close_listeners()
+        await close_listeners(self.registry)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _close_listeners(self) -> None:
-        """Close what listeners hold open once their deliveries are over: a listener
-        function with an async ``aclose`` (a forwarder's connections) is closed here."""
-        for sub in self.registry.subscriptions():
-            close = getattr(sub.listener.fn, "aclose", None)
-            if close is None:
-                continue
-            try:
-                await close()
-            except Exception:
-                logger.exception("closing listener %s raised", sub.listener.qualname)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -763,12 +710,7 @@ class Bus:
 
         Those the backend raised on when handed them are kept by the bus, and listed too.
         """
-        kept = self._runner.kept if self._runner is not None else []
-        dead = await self.backend.list_dead(listener, limit)
-        if not kept:
-            return dead
-        mine = [d for d in kept if listener is None or d.listener == listener]
-        return sorted([*dead, *mine], key=lambda d: d.failed_at)[:limit]
+        return await _dead.list_dead(self.backend, self._runner, listener, limit)
 
     async def replay_dead_letters(
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
@@ -777,28 +719,13 @@ class Bus:
 
         Returns how many deliveries were replayed.
         """
-        count = await self.backend.replay_dead(ids, listener)
-        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
-        for letter in kept:
-            sub = subs.get(letter.listener)
-            if sub is None:
-                logger.warning(
-                    "dead letter of event %s for %s not replayed: no such listener here",
-                    letter.event.id,
-                    letter.listener,
-                )
-                continue
-            await self.backend.put_wait(letter.event.for_attempt(1), (sub,), _copy_context())
-            count += 1
-        return count
+        return await _dead.replay_dead(self.backend, self._runner, self.registry, ids, listener)
 
     async def purge_dead_letters(
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
     ) -> int:
         """Forget dead letters (by event id, listener, or all); how many."""
-        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        return await self.backend.purge_dead(ids, listener) + len(kept)
+        return await _dead.purge_dead(self.backend, self._runner, ids, listener)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
@@ -826,27 +753,6 @@ class Bus:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._loop else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-def _disabled() -> bool:
-    """``TIDINGS_DISABLE`` as a boolean.
-
-    Raises:
-        ConfigurationError: a value that is neither true nor false.
-    """
-    value = os.environ.get("TIDINGS_DISABLE", "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(
-        f"TIDINGS_DISABLE={value!r} is not a boolean: 1/true/yes/on disables emitting, "
-        "0/false/no/off (or unset) enables it"
-    )
 
 
 def _delay_s(options: EmitOptions | None) -> float | None:
