@@ -149,3 +149,17 @@ def test_the_protocol_and_the_bus_import_no_backend() -> None:
     assert not _reached(import_graph(deferred=True), "tidings.backends.base") & backends
     assert not _reached(import_graph(deferred=True), "tidings.delivery") & backends
     assert not _reached(import_graph(), "tidings.bus") & backends
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    crossing: list[str] = []
+    for name, path in _module_names().items():
+        for node in _imports(ast.parse(path.read_text(), str(path)), deferred=True):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tidings"):
+                crossing.extend(
+                    f"{name} imports {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_")
+                    and f"{node.module}.{alias.name}" not in _module_names()
+                )
+    assert crossing == []

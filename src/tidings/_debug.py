@@ -63,7 +63,7 @@ def install(bus: Bus) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(handler)
     bus.router.add_emit_hook(_Emits(bus))
-    bus._observers.append(_observe)
+    bus.observers.append(_observe)
 
 
 class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]

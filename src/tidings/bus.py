@@ -41,8 +41,8 @@ from tidings.listeners import (
     Registry,
     Subscription,
     SuccessHook,
-    _hooks,
-    _seconds,
+    hooks_of,
+    seconds_or_none,
 )
 from tidings.options import EmitOptions
 from tidings.outbox import publish_in
@@ -120,11 +120,11 @@ class Bus:
         self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
-        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
-        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = _seconds(timeout, "the bus's timeout")
+        self.timeout = seconds_or_none(timeout, "the bus's timeout")
         #: Which subscriptions each event reaches, and what is checked on its way.
         self.router = Router(
             self.registry,
@@ -142,8 +142,9 @@ class Bus:
         self._executor: ThreadPoolExecutor | None = None
         self._runner: Runner | None = None
         self._closed = False
-        # Told of every delivery (tracing); the runner takes them when the bus starts.
-        self._observers: list[DeliveryObserver] = []
+        #: Told of every delivery (tracing, metrics); the runner takes them when the bus
+        #: starts.
+        self.observers: list[DeliveryObserver] = []
         # Middlewares holding events until a response is sent (see tidings.asgi).
         self._holders = 0
         # Set while emit may take its flat path (see emit).
@@ -265,6 +266,11 @@ class Bus:
     # -- lifecycle ------------------------------------------------------------------
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the bus runs on, once started (``None`` before)."""
+        return self._loop
+
+    @property
     def started(self) -> bool:
         """Whether the bus accepts events."""
         return self._loop is not None and not self._closed
@@ -297,7 +303,7 @@ class Bus:
             on_success=self.on_success,
             on_dead=self.on_dead,
             registry=self.registry,
-            observers=self._observers,
+            observers=self.observers,
             contexts=self._contexts,
         )
         await self.backend.start(self._runner)
@@ -401,9 +407,6 @@ class Bus:
         await self.aclose()
 
     # -- from sync code -------------------------------------------------------------
-
-    # The background thread running the bus's loop while in ``with bus:``.
-    _loop_thread: _sync.LoopThread | None = None
 
     def __enter__(self) -> Bus:
         """Start the bus on an event loop of its own, in a background thread, for

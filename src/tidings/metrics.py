@@ -135,7 +135,7 @@ class Metrics(Collector):
         bus.on_dead = (*bus.on_dead, self._on_dead)
         if self.detailed:
             bus.router.add_emit_hook(self._on_emit)
-            bus._observers.append(self._observe)
+            bus.observers.append(self._observe)
         bus._metrics = self  # type: ignore[attr-defined]
         self.registry.register(self)
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from tidings._patterns import _split
+from tidings._patterns import split_segment
 from tidings.backends._options import redact, split_options
 from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
@@ -143,7 +143,7 @@ def pattern_regex(patterns: Sequence[str]) -> str:
             if segment == "**":
                 parts.append(r"(?:[^.]*\.)*")
             else:
-                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in _split(segment)]
+                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in split_segment(segment)]
                 parts.append("".join(pieces) + r"\.")
         alternatives.append("".join(parts))
     return "^(?:" + "|".join(alternatives) + ")$"

@@ -36,7 +36,7 @@ _FAILURES = 200
 async def on_bus_loop(bus: Bus, work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` on the bus's event loop, whichever loop serves the dashboard (a
     bus run by ``with Bus(...)`` has a loop of its own, in a thread)."""
-    loop = bus._loop
+    loop = bus.loop
     if loop is None or loop is asyncio.get_running_loop():
         return await work
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
