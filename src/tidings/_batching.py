@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, get_args, get_origin
 
-from tidings._binding import _inject, _signature
+from tidings._binding import inject, signature_of
 from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import BindingError, ConfigurationError
@@ -159,8 +159,8 @@ def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) 
     Raises:
         ConfigurationError: the function does not take one list of either.
     """
-    sig = _signature(fn, qualname)
-    if _inject(fn, sig, qualname) is not None:
+    sig = signature_of(fn, qualname)
+    if inject(fn, sig, qualname) is not None:
         raise ConfigurationError(
             f"batch listener {qualname} takes injected parameters (Depends), which are "
             "resolved for one event: resolve them inside the function, for the batch"

@@ -74,7 +74,7 @@ def _packages(sig: inspect.Signature) -> set[str]:
     return found
 
 
-def _inject(
+def inject(
     fn: Callable[..., Any], sig: inspect.Signature, qualname: str
 ) -> tuple[Callable[..., Any], inspect.Signature] | None:
     for package in _packages(sig):
@@ -86,7 +86,7 @@ def _inject(
     return None
 
 
-def _signature(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
+def signature_of(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
     try:
         return inspect.signature(fn, eval_str=True)
     except (NameError, TypeError, SyntaxError):
@@ -187,8 +187,8 @@ class CallPlan:
 
     def __init__(self, fn: Callable[..., Any], qualname: str) -> None:
         self.qualname = qualname
-        sig = _signature(fn, qualname)
-        injected = _inject(fn, sig, qualname)
+        sig = signature_of(fn, qualname)
+        injected = inject(fn, sig, qualname)
         if injected is not None:
             fn, sig = injected
         #: What is called: the function, or the injector's wrapper of it.
