@@ -21,13 +21,24 @@ from typing import cast
 import msgspec
 import pydantic
 import pytest
+from typer.testing import CliRunner, Result
 
-from tidings import EmitError, Event, PayloadError, PublishFailed, Retry, listener
+from tidings import (
+    BackendError,
+    Bus,
+    EmitError,
+    Event,
+    PayloadError,
+    PublishFailed,
+    Retry,
+    listener,
+)
 from tidings.backends.durable import Claimed, DurableBackend, Outcomes, Stored
+from tidings.cli import app as cli
 from tidings.codec import MAX_DEPTH, encode_payload
 
 from .. import poison_app
-from .conftest import BusFactory
+from .conftest import BreakStore, BusFactory
 
 FAST = Retry(attempts=3, backoff=0.001, jitter=0)
 
@@ -803,3 +814,280 @@ async def test_a_listener_runs_in_a_task_of_its_own_from_its_first_step(
     assert sorted(got) == [1, 2]
     assert in_task == [True] * 3
     assert [letter.error for letter in dead] == ["TimeoutError: "]
+
+
+# -- what a durable store keeps across processes and workers -----------------------------
+
+
+async def test_events_stored_before_any_worker_ran_reach_it(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    seen: list[int] = []
+
+    @listener("user.created")
+    async def welcome(n: int) -> None:
+        seen.append(n)
+
+    async with make_bus(listeners=[welcome], consume=False) as producer:
+        for n in range(100):
+            producer.emit("user.created", n=n)
+        await producer.publish("user.created", n=100)
+    assert seen == []
+    async with make_bus(listeners=[welcome]) as worker:
+        await worker.drain()
+    assert sorted(seen) == list(range(101))
+
+
+async def test_a_listener_added_later_receives_new_events_only(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    first: list[int] = []
+    later: list[int] = []
+
+    @listener("x")
+    async def old(n: int) -> None:
+        first.append(n)
+
+    @listener("x")
+    async def new(n: int) -> None:
+        later.append(n)
+
+    async with make_bus(listeners=[old]) as bus:
+        bus.emit("x", n=1)
+        await bus.drain()
+    async with make_bus(listeners=[old, new]) as bus:
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert first == [1, 2]
+    assert later == [2]
+
+
+async def test_two_workers_share_the_work_and_never_run_a_delivery_twice(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    seen: list[tuple[str, int]] = []
+
+    def make(tag: str) -> Bus:
+        @listener("job")
+        async def job(n: int) -> None:
+            await asyncio.sleep(0.01)  # long enough that one worker cannot take all
+            seen.append((tag, n))
+
+        # Both buses run "the same" listener: one qualified name, one delivery per event.
+        job.qualname = "tests.job"
+        return make_bus(listeners=[job])
+
+    a, b = make("a"), make("b")
+    async with a, b:
+        for n in range(300):
+            (a if n % 2 else b).emit("job", n=n)
+        await a.drain()
+        await b.drain()
+    assert sorted(n for _, n in seen) == list(range(300))
+    assert {tag for tag, _ in seen} == {"a", "b"}
+
+
+async def test_expired_leases_are_reclaimed_one_per_claim_with_the_next_attempt(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    attempts: list[int] = []
+
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(event: Event) -> None:
+        attempts.append(event.attempt)
+
+    async with (
+        make_bus(listeners=[on_x], consume=False) as producer,
+        make_bus(listeners=[on_x], consume=False) as other,
+    ):
+        dying, taking = cast(DurableBackend, producer.backend), cast(DurableBackend, other.backend)
+        for n in range(4):
+            await producer.publish("x", n=n)
+        # A worker that claims and dies: its leases are neither renewed nor released.
+        first = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert [(c.attempt, c.lost) for c in first] == [(1, False)] * 4
+        await asyncio.sleep(0.2)  # its leases expire (Redis: idle for the taker's lease)
+        taken = []
+        for _ in range(3):
+            (claimed,) = await taking.claim(on_x.qualname, on_x.names, 10, lease_s=0.2)
+            assert (claimed.attempt, claimed.lost) == (2, True)
+            taken.append(claimed)
+        assert [c.record.id for c in taken] == [c.record.id for c in first[:3]]
+        await taking.settle(Outcomes(acks=taken))
+    # The last one is run by a worker, as its next attempt.
+    worker = make_bus(listeners=[on_x])
+    cast(DurableBackend, worker.backend).lease_s = 0.2
+    async with worker:
+        await worker.drain()
+    assert attempts == [2]
+
+
+async def test_the_attempt_count_survives_a_restart(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    attempts: list[int] = []
+    first = asyncio.Event()
+
+    @listener("x", retry=Retry(attempts=3, backoff=0.05, jitter=0))
+    async def flaky(event: Event) -> None:
+        attempts.append(event.attempt)
+        first.set()
+        raise ConnectionError("down")
+
+    bus = make_bus(listeners=[flaky])
+    await bus.start()
+    bus.emit("x")
+    await first.wait()
+    await bus.aclose(timeout=0)  # stops before the retry is due
+    assert attempts == [1]
+    async with make_bus(listeners=[flaky]) as bus:
+        await bus.drain()
+        (dead,) = await bus.list_dead_letters()
+    assert attempts == [1, 2, 3]
+    assert dead.attempts == 3
+
+
+async def test_a_worker_stopping_hands_back_what_it_did_not_run(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @listener("slow", concurrency=1)
+    async def slow(n: int) -> None:
+        runs.append(n)
+        started.set()
+        await asyncio.sleep(0.05)
+
+    worker = make_bus(listeners=[slow])
+    cast(DurableBackend, worker.backend).drain_on_close = False
+    await worker.start()
+    for n in range(10):
+        worker.emit("slow", n=n)
+    await started.wait()
+    await worker.aclose(timeout=5)  # finishes the running one, claims no more
+    assert runs == [0]
+    async with make_bus(listeners=[slow]) as bus:
+        stats = await bus.listener_stats()
+        assert (stats[slow.qualname].pending, stats[slow.qualname].in_flight) == (9, 0)
+        await bus.drain()
+    assert runs == list(range(10))  # nothing lost, nothing repeated
+
+
+async def test_stats_count_what_waits(make_bus: BusFactory, backend_name: str) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x], consume=False) as bus:
+        for _ in range(5):
+            bus.emit("x")
+        bus.options(delay=60).emit("x")
+        await bus.drain()
+        stats = (await bus.listener_stats())[on_x.qualname]
+    assert (stats.pending, stats.delayed, stats.in_flight, stats.retrying) == (5, 1, 0, 0)
+    assert stats.oldest_age_s is not None
+
+
+async def test_forgotten_listeners_get_no_more_deliveries(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def kept() -> None:
+        pass
+
+    @listener("x")
+    async def removed() -> None:
+        pass
+
+    async with make_bus(listeners=[kept, removed], consume=False):
+        pass  # both joined
+    async with make_bus(listeners=[kept]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        assert (await bus.listener_stats())[removed.qualname].pending == 1
+        assert await bus.forget_listener(removed.qualname) is True
+        assert await bus.forget_listener(removed.qualname) is False
+        bus.emit("x")
+        await bus.drain()
+        stats = await bus.listener_stats()
+        assert await cast(DurableBackend, bus.backend).joined() == {kept.qualname: ["x"]}
+    assert removed.qualname not in stats
+    last_seen = stats[kept.qualname].last_seen
+    assert last_seen is not None
+    assert abs(time.time() - last_seen) < 60
+
+
+async def test_an_event_stored_for_no_listener_is_warned_of(
+    make_bus: BusFactory, backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _durable(backend_name)
+
+    @listener("user.*")
+    async def users() -> None:
+        pass
+
+    async with make_bus(listeners=[users], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        assert await store.joined() == {users.qualname: ["user.*"]}
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await bus.publish("user.created")
+            await bus.publish("usr.created")  # a typo: nobody takes it
+            assert store._listening_task is not None
+            await store._listening_task
+    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'usr.created' was stored for 0 listeners" in warned[0]
+
+
+async def test_tidings_emit_says_when_no_listener_takes_the_event(
+    make_bus: BusFactory, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _durable(backend_name)
+    monkeypatch.setenv("TIDINGS_TEST_URL", make_bus().url)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+
+    def emit(*args: str) -> Result:
+        return runner.invoke(cli, ["emit", target, *args])
+
+    # (The command runs its own event loop: in a thread of its own.)
+    result = await asyncio.to_thread(emit, "order.paid", "--json", '{"order_id": 1}')
+    assert result.exit_code == 0, result.output
+    assert "stored for 2 listeners" in result.output
+    result = await asyncio.to_thread(emit, "usr.created")
+    assert result.exit_code == 1
+    assert "stored for 0 listeners" in result.output
+    result = await asyncio.to_thread(emit, "usr.created", "--allow-none")
+    assert result.exit_code == 0, result.output
+    assert "stored for 0 listeners" in result.output
+
+
+async def test_storage_errors_reach_the_caller_as_backend_errors(
+    make_bus: BusFactory, backend_name: str, break_store: BreakStore
+) -> None:
+    _durable(backend_name)
+    async with make_bus(consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        driver_error = await break_store()
+        for call in (
+            bus.list_dead_letters(),
+            bus.replay_dead_letters(),
+            bus.purge_dead_letters(),
+            bus.listener_stats(),
+            bus.forget_listener("x"),
+            store.join("x", ["x"]),
+        ):
+            with pytest.raises(BackendError) as info:
+                await call
+            assert isinstance(info.value.__cause__, driver_error)
