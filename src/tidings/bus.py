@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import Enum
-from types import MethodType, TracebackType
+from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from tidings import _dead, _debug, _sync
@@ -474,14 +474,18 @@ class Bus:
             if self._hot and _get_ident() == self._thread:
                 subs = self._routes.get(name_or_event)
                 if subs:
+                    # The emitter's context, shared with the events it emitted before
+                    # (ContextCopies.copy, inlined: this is the cost of every emit).
+                    ctx = self._contexts.shared
+                    if ctx is None or _copy_context() != ctx:
+                        ctx = self._contexts.renew()
                     hold = self._open_hold() if self._holders else None
                     if hold is not None:
                         # Held until the response is sent (tidings.asgi); nothing to
                         # check on a plain bus, so not even an envelope yet.
-                        ctx = self._emitter_context()
                         hold.items.append(Held(subs, ctx, name_or_event, args, kwargs, _time()))
                         return
-                    self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
+                    self._put_named(subs, ctx, name_or_event, args, kwargs)
                     return
             elif self._hot and not self._holders:
                 # Another thread, on a plain bus: nothing to check either.
@@ -661,21 +665,6 @@ class Bus:
             and not self.disabled
             and not self.router.sees_each_event
         )
-        # While nothing needs to see each event, the backend may supply the whole of
-        # emit (an instance attribute, found before the method); it hands anything
-        # else back to the method.
-        fast = (
-            self.backend.fast_emit(
-                self._routes, self._thread, MethodType(Bus.emit, self), self._contexts
-            )
-            if self._hot and not self._holders  # a held event must meet emit itself
-            else None
-        )
-        if fast is None:
-            self.__dict__.pop("emit", None)
-        else:
-            fast.__doc__ = Bus.emit.__doc__
-            self.__dict__["emit"] = fast
 
     def hold_requests(self) -> None:
         """Hold this bus's events during each request until its response is sent: what

@@ -1,5 +1,6 @@
-"""The in-process fast path: the queued events, the emit that queues them, and the
-workers that start their deliveries in order and drive them.
+"""The in-process fast path: the queued events, and the workers that start their
+deliveries in order and drive them (the bus's flat ``emit`` queues them through
+``MemoryBackend.put_named``).
 
 Measured, because this module is the cost of every in-process delivery
 (``bench/inproc.py``). Why it is shaped as it is:
@@ -27,12 +28,9 @@ Measured, because this module is the cost of every in-process delivery
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import operator
-import threading
-import time
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
@@ -57,9 +55,6 @@ logger = logging.getLogger("tidings.backends.memory")
 # Deliveries a worker starts before it lets the loop's other callbacks run.
 _BATCH = 8192
 
-_copy_context = contextvars.copy_context
-_time = time.time
-_get_ident = threading.get_ident
 
 
 class Entry(msgspec.Struct, gc=False):
@@ -88,8 +83,8 @@ def event_of(entry: Entry) -> Event:
     event = entry.event
     if event is None:
         name = entry.name
-        # The fast emit queues a ``str`` subclass (a ``StrEnum`` member) as it is: its
-        # event is named with the plain value.
+        # A ``str`` subclass (a ``StrEnum`` member) queued as it is: its event is
+        # named with the plain value.
         event = entry.event = Event(
             name if type(name) is str else str.__str__(name),
             entry.args,
@@ -176,7 +171,9 @@ class Pump:
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._active = 0  # workers not idle
-        self._pumping = 0  # active workers not waiting with a suspended delivery
+        #: Active workers not waiting with a suspended delivery (while 0, a new event
+        #: needs :meth:`activate`).
+        self.pumping = 0
         self._calls: dict[Subscription, _Call] = {}
         self._timed = False  # whether a delivery awaited in line may have a timeout
         # Workers woken at once when a delivery suspends and events wait. As many as
@@ -201,7 +198,7 @@ class Pump:
         self._timed = runner.timeout is not None
         self._workers = []
         self._idle = []
-        self._active = self._pumping = 0
+        self._active = self.pumping = 0
         self._burst = self.concurrency
         self.stopped = False
         # One worker from the start, so that listeners that never suspend cost no task.
@@ -211,44 +208,10 @@ class Pump:
 
     # -- queueing -------------------------------------------------------------------
 
-    def emitter(
-        self,
-        routes: Mapping[str, tuple[Subscription, ...]],
-        thread: int,
-        fallback: Callable[..., None],
-        contexts: ContextCopies,
-    ) -> Callable[..., None]:
-        """The bus's fast ``emit`` (see :meth:`tidings.backends.base.Backend.fast_emit`)."""
-        queue = self.queue
-        append = queue.append
-        renew = contexts.renew
-
-        # What MemoryBackend.put_named does, without a method call or an attribute
-        # read more than needed: this function is the whole cost of an emit. A name
-        # that is no key of the routes (a typed event, unhashable or not) is the
-        # fallback's to handle.
-        def emit(name_or_event: Any, /, *args: Any, **kwargs: Any) -> None:
-            if _get_ident() == thread and len(queue) < self.room:
-                try:
-                    subs = routes.get(name_or_event)
-                except TypeError:
-                    subs = None
-                if subs:
-                    ctx = contexts.shared
-                    if _copy_context() != ctx:
-                        ctx = renew()
-                    append(Entry(subs, ctx, name_or_event, args, kwargs, _time()))
-                    if not self._pumping:
-                        self.activate()
-                    return
-            fallback(name_or_event, *args, **kwargs)
-
-        return emit
-
     def put(self, entry: Entry) -> None:
         """Queue an event (room is the caller's to check)."""
         self.queue.append(entry)
-        if not self._pumping:
+        if not self.pumping:
             self.activate()
 
     def pending(self) -> int:
@@ -273,21 +236,21 @@ class Pump:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._workers = []
         self._idle = []
-        self._active = self._pumping = 0
+        self._active = self.pumping = 0
 
     # -- workers --------------------------------------------------------------------
 
     def activate(self) -> None:
         """Set workers to start what waits, unless one is at it already: as many as
         there are events waiting, within the places to run and ``_burst``."""
-        if self._pumping or self.stopped:
+        if self.pumping or self.stopped:
             return
         free = self.concurrency - self._active - len(self._running)
         if free <= 0:
             return
         for _ in range(min(len(self.queue), free, self._burst)):
             self._active += 1
-            self._pumping += 1
+            self.pumping += 1
             if self._idle:
                 wake = self._idle.pop().wake
                 assert wake is not None
@@ -323,7 +286,7 @@ class Pump:
                     logger.exception("an in-process worker failed")
                     if worker.suspended:
                         worker.suspended = False
-                        self._pumping += 1
+                        self.pumping += 1
                         if worker.timer is not None:
                             self._disarm(worker)
                     spent = False
@@ -332,7 +295,7 @@ class Pump:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
                 continue
             self._active -= 1
-            self._pumping -= 1
+            self.pumping -= 1
             if woken and self._burst > 1:
                 self._burst >>= 1  # woken for nothing: wake fewer next time
             worker.entry = worker.rest = None
@@ -366,10 +329,10 @@ class Pump:
                 # The worker's delivery suspended: the worker waits with it, another
                 # goes on with the queue.
                 worker.suspended = True
-                self._pumping -= 1
+                self.pumping -= 1
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
-                if queue and not self._pumping and self._active + len(running) < self.concurrency:
+                if queue and not self.pumping and self._active + len(running) < self.concurrency:
                     if self._burst < self.concurrency:
                         self._burst <<= 1
                     self.activate()
@@ -524,7 +487,7 @@ class Pump:
                     # The rest of the event's deliveries were put back when this one
                     # suspended (``rest`` is empty now): the worker goes on.
                     worker.suspended = False
-                    self._pumping += 1
+                    self.pumping += 1
                     if worker.timer is not None:
                         self._disarm(worker)
                     if self.stopped:
