@@ -34,7 +34,7 @@ from tidings.errors import (
     ConfigurationError,
     NotStartedError,
 )
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -151,6 +151,7 @@ class Bus:
         self._hot = False
         self._routes = self.registry.routes
         self._put_named = backend.put_named
+        self._inlet = backend.inlet
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
@@ -327,6 +328,8 @@ class Bus:
             backend.consume = consume
             self.backend = backend
             self._put_named = backend.put_named
+            self._inlet = backend.inlet
+        self._inlet = backend.inlet
         self._closed = False
         self._loop = None
         self._thread = 0
@@ -469,31 +472,42 @@ class Bus:
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        if type(name_or_event) is str:
-            # The common case, kept flat: a started plain bus, on its loop's thread.
-            if self._hot and _get_ident() == self._thread:
-                subs = self._routes.get(name_or_event)
+        if self._hot:
+            # The common case, kept flat: a started plain bus. This is the cost of
+            # every emit (bench/inproc.py).
+            if _get_ident() == self._thread:
+                try:
+                    subs = self._routes.get(name_or_event)
+                except TypeError:  # unhashable: a typed event, not a name
+                    subs = None
                 if subs:
                     # The emitter's context, shared with the events it emitted before
-                    # (ContextCopies.copy, inlined: this is the cost of every emit).
+                    # (ContextCopies.copy, inlined).
                     ctx = self._contexts.shared
                     if ctx is None or _copy_context() != ctx:
                         ctx = self._contexts.renew()
-                    hold = self._open_hold() if self._holders else None
-                    if hold is not None:
-                        # Held until the response is sent (tidings.asgi); nothing to
-                        # check on a plain bus, so not even an envelope yet.
-                        hold.items.append(Held(subs, ctx, name_or_event, args, kwargs, _time()))
+                    if self._holders and self._hold(subs, ctx, name_or_event, args, kwargs):
                         return
+                    inlet = self._inlet
+                    if inlet is not None:
+                        queue = inlet.queue
+                        if len(queue) < inlet.room:
+                            queue.append(
+                                QueuedEvent(subs, ctx, name_or_event, args, kwargs, _time())
+                            )
+                            if not inlet.pumping:
+                                inlet.activate()
+                            return
                     self._put_named(subs, ctx, name_or_event, args, kwargs)
                     return
-            elif self._hot and not self._holders:
+            elif not self._holders and type(name_or_event) is str:
                 # Another thread, on a plain bus: nothing to check either.
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
                     self.inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
                     return
+        if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
             event = self.router.typed(name_or_event, args, kwargs)
@@ -671,6 +685,23 @@ class Bus:
         :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
         self._holders += 1
         self._refresh_hot()
+
+    def _hold(
+        self,
+        subs: tuple[Subscription, ...],
+        ctx: contextvars.Context,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """Hold a plain named event until the response is sent, if a request is being
+        handled (tidings.asgi): nothing to check, so not even an envelope yet."""
+        hold = self._open_hold()
+        if hold is None:
+            return False
+        name = name if type(name) is str else str.__str__(name)  # a StrEnum member's value
+        hold.items.append(Held(subs, ctx, name, args, kwargs, _time()))
+        return True
 
     def _open_hold(self) -> Hold | None:
         """The open hold of the request being handled, if any."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tidings.delivery import DeadLetter, Delivery
 from tidings.errors import ConfigurationError, NotStartedError
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._hold import Held
@@ -42,6 +42,7 @@ __all__ = [
     "Backend",
     "DeadLetter",
     "DeadLetters",
+    "Inlet",
     "ListenerStats",
 ]
 
@@ -84,6 +85,22 @@ class DeadLetters(Protocol):
         ...
 
 
+class Inlet(Protocol):
+    """A queue the bus's ``emit`` appends plain named events to itself, without a call
+    into the backend: the in-process fast path (``bench/inproc.py``)."""
+
+    #: The queued events.
+    queue: deque[QueuedEvent]
+    #: How many may wait: past it, the bus calls ``put_named`` (which raises ``QueueFull``).
+    room: int
+    #: Zero while nothing takes from the queue: the bus then calls :meth:`activate`.
+    pumping: int
+
+    def activate(self) -> None:
+        """Start taking from the queue."""
+        ...
+
+
 class Backend(ABC):
     """Where deliveries wait and run: implement :meth:`deliver`, the rest is optional.
 
@@ -105,6 +122,9 @@ class Backend(ABC):
     #: Publishing inside the caller's database transaction, where the backend can
     #: (``bus.options(connection=...).publish(...)``); ``None`` where it cannot.
     outbox: Outbox | None = None
+    #: A queue ``emit`` may append plain named events to directly (see :class:`Inlet`);
+    #: ``None``: it calls :meth:`put_named`.
+    inlet: Inlet | None = None
 
     def __init__(self, *, max_dead_letters: int = 1000) -> None:
         #: The bus's runner, once started.

@@ -21,9 +21,9 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from tidings.backends.base import Backend
-from tidings.backends.memory._pump import Entry, Pump, event_of
+from tidings.backends.memory._pump import Pump
 from tidings.errors import NotStartedError, QueueFull
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._hold import Held
@@ -89,6 +89,8 @@ class MemoryBackend(Backend):
             changed=self._changed,
         )
         self._queue = self._pump.queue
+        #: The bus's flat emit appends plain named events here.
+        self.inlet = self._pump
         self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
         self._gates: dict[Subscription, _Gate] = {}
         self._timers: dict[asyncio.TimerHandle, list[Event]] = {}
@@ -123,7 +125,9 @@ class MemoryBackend(Backend):
         fits = max(pump.room - len(self._queue), 0)
         for item in items[:fits]:
             pump.put(
-                Entry(item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at)
+                QueuedEvent(
+                    item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at
+                )
             )
         if fits < len(items):
             raise self._full(items[fits].name)
@@ -141,7 +145,7 @@ class MemoryBackend(Backend):
         queue = self._queue
         if len(queue) >= pump.room:
             raise self._full(name)
-        queue.append(Entry(subs, ctx, name, args, kwargs, _time()))
+        queue.append(QueuedEvent(subs, ctx, name, args, kwargs, _time()))
         if not pump.pumping:
             pump.activate()
 
@@ -180,7 +184,9 @@ class MemoryBackend(Backend):
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         # A typed event's listeners bind through their plans: non-empty "args" say so.
         args = event.args if event.obj is None else _TYPED
-        self._pump.put(Entry(subs, ctx, event.name, args, event.kwargs, event.timestamp, event))
+        self._pump.put(
+            QueuedEvent(subs, ctx, event.name, args, event.kwargs, event.timestamp, event)
+        )
 
     def put_later(
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
@@ -338,7 +344,7 @@ class MemoryBackend(Backend):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         # Waiting, including what was queued while the running ones were cancelled.
-        undelivered.extend(event_of(entry).id for entry in self._queue)
+        undelivered.extend(entry.envelope().id for entry in self._queue)
         self._queue.clear()
         self._backlogged = 0
         self._pump.room = self.max_pending

@@ -5,7 +5,7 @@ deliveries in order and drive them (the bus's flat ``emit`` queues them through
 Measured, because this module is the cost of every in-process delivery
 (``bench/inproc.py``). Why it is shaped as it is:
 
-- The queue holds one :class:`Entry` per event, not per delivery; when one of its
+- The queue holds one :class:`QueuedEvent` per event, not per delivery; when one of its
   deliveries suspends, the event is put back first in line with the subscriptions
   whose deliveries have not started. The envelope
   (:class:`~tidings.events.Event`) is only built when something reads it.
@@ -37,61 +37,21 @@ from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from tidings._binding import keyword_caller
 from tidings.delivery import cancelled_from_outside
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
 
-__all__ = ["Entry", "Pump", "event_of"]
+__all__ = ["Pump"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
 # Deliveries a worker starts before it lets the loop's other callbacks run.
 _BATCH = 8192
-
-
-
-class Entry(msgspec.Struct, gc=False):
-    """One queued event and where its deliveries stand.
-
-    Not tracked by the garbage collector: a burst of waiting events adds nothing for
-    it to follow (an entry only lives while it waits, so it never closes a cycle for
-    long).
-    """
-
-    #: The subscriptions whose deliveries have not started.
-    subs: tuple[Subscription, ...]
-    #: The emitter's context (a copy, shared by the events it emitted in a row).
-    context: Context
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    #: When it was emitted (``time.time()``).
-    emitted_at: float
-    #: The envelope, once built.
-    event: Event | None = None
-
-
-def event_of(entry: Entry) -> Event:
-    """The envelope of a queued event, built the first time it is asked for."""
-    event = entry.event
-    if event is None:
-        name = entry.name
-        # A ``str`` subclass (a ``StrEnum`` member) queued as it is: its event is
-        # named with the plain value.
-        event = entry.event = Event(
-            name if type(name) is str else str.__str__(name),
-            entry.args,
-            entry.kwargs,
-            entry.emitted_at,
-        )
-    return event
 
 
 def _binds_when_called(fn: Callable[..., Any]) -> bool:
@@ -115,7 +75,7 @@ class _Worker:
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         #: The event whose delivery the worker runs: its last started one.
-        self.entry: Entry | None = None
+        self.entry: QueuedEvent | None = None
         #: The iterator over that event's subscriptions the worker's pump is in.
         self.rest: Iterator[Subscription] | None = None
         #: Whether that delivery has suspended (the worker then waits with it).
@@ -155,7 +115,7 @@ class Pump:
         start_other: Callable[[Event, Subscription, Context], None],
         changed: Callable[[], None],
     ) -> None:
-        self.queue: deque[Entry] = deque()
+        self.queue: deque[QueuedEvent] = deque()
         #: Events the queue has room for: ``max_pending`` less the deliveries held back
         #: by listeners' concurrency limits.
         self.room = max_pending
@@ -208,7 +168,7 @@ class Pump:
 
     # -- queueing -------------------------------------------------------------------
 
-    def put(self, entry: Entry) -> None:
+    def put(self, entry: QueuedEvent) -> None:
         """Queue an event (room is the caller's to check)."""
         self.queue.append(entry)
         if not self.pumping:
@@ -224,7 +184,7 @@ class Pump:
 
     def suspended(self) -> list[Event]:
         """The events of the deliveries suspended in workers now."""
-        return [event_of(w.entry) for w in self._workers if w.suspended and w.entry is not None]
+        return [w.entry.envelope() for w in self._workers if w.suspended and w.entry is not None]
 
     async def stop(self) -> None:
         """Stop every worker: what they were running is cancelled."""
@@ -454,7 +414,7 @@ class Pump:
                 except KeyError:
                     call = self._call_of(sub)
                 if call is None:
-                    self._start_other(event_of(entry), sub, pristine)
+                    self._start_other(entry.envelope(), sub, pristine)
                     if self._active + len(running) > self.concurrency:
                         # Every place to run is taken: this worker stops.
                         self._put_back(entry, rest)
@@ -463,7 +423,7 @@ class Pump:
                 fn, key = call
                 try:
                     if fn is None or entry.args:
-                        await sub.listener.plan.call(event_of(entry))
+                        await sub.listener.plan.call(entry.envelope())
                     else:
                         kwargs = entry.kwargs
                         try:
@@ -472,17 +432,17 @@ class Pump:
                             # Keywords that do not fit the listener's parameters as they
                             # are: bind through its plan from now on.
                             calls[sub] = (None, None)
-                            coro = sub.listener.plan.call(event_of(entry))
+                            coro = sub.listener.plan.call(entry.envelope())
                         await coro
                 except (Exception, asyncio.CancelledError) as exc:
                     error = self._error_of(worker, sub, exc)
                     if error is None:
                         raise  # the worker is cancelled: the bus is closing
-                    runner.failed(event_of(entry), sub, pristine.copy(), error)
+                    runner.failed(entry.envelope(), sub, pristine.copy(), error)
                 else:
                     sub.delivered += 1
                     if on_success or sub.has_success_hooks:
-                        runner.succeeded(event_of(entry), sub, counted=True)
+                        runner.succeeded(entry.envelope(), sub, counted=True)
                 if worker.suspended:
                     # The rest of the event's deliveries were put back when this one
                     # suspended (``rest`` is empty now): the worker goes on.
@@ -498,7 +458,7 @@ class Pump:
                     return False
         return True
 
-    def _put_back(self, entry: Entry, rest: Iterator[Subscription]) -> None:
+    def _put_back(self, entry: QueuedEvent, rest: Iterator[Subscription]) -> None:
         """Put an event back first in line if ``rest`` (the iterator over its
         subscriptions a pump is in) holds some: they are taken from it."""
         if operator.length_hint(rest):
