@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from tidings.bus import Bus
     from tidings.listeners import Subscription
 
-__all__ = ["Held", "Hold", "current", "enter", "leave"]
+__all__ = ["Held", "Hold", "current", "enter", "leave", "open_hold"]
 
 logger = logging.getLogger("tidings.asgi")
 
@@ -178,3 +178,11 @@ class Hold:
                 ", ".join(item.name for item in self.items),
             )
         self.items = []
+
+
+def open_hold(bus: Bus) -> Hold | None:
+    """The open hold of ``bus`` for the request being handled here, if any."""
+    hold = _current.get()
+    if hold is not None and hold.bus is not bus:
+        hold = Hold.find(bus)  # another bus's, outside
+    return hold if hold is not None and hold.open else None

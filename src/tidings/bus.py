@@ -20,11 +20,11 @@ from typing import Any, ParamSpec, TypeVar, overload
 from tidings import _dead, _debug, _sync
 from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
-from tidings._hold import Held, Hold
-from tidings._hold import current as _current_hold
+from tidings._hold import Held, open_hold
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
-from tidings._routing import Router, Taken
+from tidings._routing import Router
+from tidings._sending import Sender
 from tidings._switches import disabled
 from tidings._units import seconds
 from tidings.backends._urls import backend_for
@@ -45,8 +45,6 @@ from tidings.listeners import (
     seconds_or_none,
 )
 from tidings.options import EmitOptions
-from tidings.outbox import publish_in
-from tidings.outbox import require as outbox_of
 from tidings.scheduling import Schedule, Scheduler
 
 __all__ = ["Bus"]
@@ -145,19 +143,20 @@ class Bus:
         #: Told of every delivery (tracing, metrics); the runner takes them when the bus
         #: starts.
         self.observers: list[DeliveryObserver] = []
-        # Middlewares holding events until a response is sent (see tidings.asgi).
-        self._holders = 0
+        #: Middlewares holding this bus's events until a response is sent (tidings.asgi).
+        self.holders = 0
         # Set while emit may take its flat path (see emit).
         self._hot = False
         self._routes = self.registry.routes
         self._put_named = backend.put_named
         self._inlet = backend.inlet
-        # What events emitted on the loop's thread share of the emitter's context (an
-        # in-process backend delivers in it; a durable one has no use for it).
-        self._contexts = ContextCopies()
+        #: What events emitted on the loop's thread share of the emitter's context (an
+        #: in-process backend delivers in it; a durable one has no use for it).
+        self.contexts = ContextCopies()
+        #: Sends what the flat path of emit does not (see :mod:`tidings._sending`).
+        self.sender = Sender(self)
         #: Hands events to the backend from any thread (see :mod:`tidings._inbox`).
         self.inbox = Inbox()
-        self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         #: Fires the cron schedules (see :meth:`schedule`).
         self.scheduler = Scheduler(self._fire)
         if _debug.enabled(debug):
@@ -305,7 +304,7 @@ class Bus:
             on_dead=self.on_dead,
             registry=self.registry,
             observers=self.observers,
-            contexts=self._contexts,
+            contexts=self.contexts,
         )
         await self.backend.start(self._runner)
         self.inbox.open(self.backend, loop)
@@ -483,10 +482,10 @@ class Bus:
                 if subs:
                     # The emitter's context, shared with the events it emitted before
                     # (ContextCopies.copy, inlined).
-                    ctx = self._contexts.shared
+                    ctx = self.contexts.shared
                     if ctx is None or _copy_context() != ctx:
-                        ctx = self._contexts.renew()
-                    if self._holders and self._hold(subs, ctx, name_or_event, args, kwargs):
+                        ctx = self.contexts.renew()
+                    if self.holders and self._hold(subs, ctx, name_or_event, args, kwargs):
                         return
                     inlet = self._inlet
                     if inlet is not None:
@@ -500,18 +499,14 @@ class Bus:
                             return
                     self._put_named(subs, ctx, name_or_event, args, kwargs)
                     return
-            elif not self._holders and type(name_or_event) is str:
+            elif not self.holders and type(name_or_event) is str:
                 # Another thread, on a plain bus: nothing to check either.
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self.inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
+                    self.inbox.hand(event, subs, self.contexts.copy_elsewhere(), None)
                     return
-        if type(name_or_event) is str:
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        self._dispatch(event, None)
+        self.sender.emit(None, name_or_event, args, kwargs)
 
     async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Like :meth:`emit`, but wait until the backend has accepted the event.
@@ -520,7 +515,7 @@ class Bus:
         stored. Raises what :meth:`emit` raises, except ``QueueFull``. Every keyword is
         payload; options travel apart: ``await bus.options(delay=60).publish(...)``.
         """
-        await self._publish(None, name_or_event, args, kwargs)
+        await self.sender.publish(None, name_or_event, args, kwargs)
 
     def options(
         self,
@@ -559,119 +554,6 @@ class Bus:
             session=session,
         )
 
-    async def _publish(
-        self,
-        options: EmitOptions | None,
-        name_or_event: str | Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        outbox = None if options is None else options.outbox
-        if outbox is not None:
-            outbox_of(self.backend.outbox, outbox[0], self.url)  # refused before anything
-        if type(name_or_event) is str:
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        if options is not None and options.headers:
-            event.headers = dict(options.headers)
-        prepared = self._prepare(event)
-        if prepared is None:
-            return
-        subs, ctx, taken = prepared
-        try:
-            await self._publish_prepared(event, subs, ctx, options, outbox)
-        except asyncio.CancelledError:
-            # Cancelled while it waited: in memory, that means before it was queued; a
-            # durable backend may have it stored already.
-            if not self.backend.durable:
-                self.router.put_back(taken)
-            raise
-        except Exception:
-            self.router.put_back(taken)
-            raise
-
-    async def _publish_prepared(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        options: EmitOptions | None,
-        outbox: tuple[str, Any] | None,
-    ) -> None:
-        loop = self._loop
-        assert loop is not None
-        delay = _delay_s(options)
-        if outbox is not None:
-            await publish_in(
-                outbox_of(self.backend.outbox, outbox[0], self.url), outbox, event, delay
-            )
-            return
-        await self.inbox.put_wait(event, subs, ctx, delay)
-
-    def _emit_with(
-        self,
-        options: EmitOptions,
-        name_or_event: str | Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        """``emit`` with options (see :meth:`options`)."""
-        if type(name_or_event) is str:
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        if options.headers:
-            event.headers = dict(options.headers)
-        self._dispatch(event, options.due_in())
-
-    def _prepare(
-        self, event: Event
-    ) -> tuple[tuple[Subscription, ...], contextvars.Context, Taken] | None:
-        if self._loop is None or self._closed:
-            if self.disabled:
-                logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
-                return None
-            state = "is closed" if self._closed else "is not started"
-            raise NotStartedError(
-                f"cannot emit {event.name!r}: the bus {state}; start it with "
-                "'async with bus:' or 'await bus.start()' (a framework plugin does this "
-                "in the app's lifespan)"
-            )
-        if self.disabled:
-            logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
-            return None
-        durable = self.backend.durable
-        serialize = self.router.check_serializable and not (
-            self.backend.serializes_at_put and _get_ident() == self._thread
-        )
-        routed = self.router.route(event, durable=durable, serialize=serialize)
-        if routed is None:
-            return None
-        subs, taken = routed
-        if _get_ident() == self._thread:
-            return subs, self._emitter_context(), taken
-        return subs, _copy_context() if durable else self._contexts.copy_elsewhere(), taken
-
-    def _dispatch(self, event: Event, delay_s: float | None) -> None:
-        prepared = self._prepare(event)
-        if prepared is None:
-            return
-        subs, ctx, taken = prepared
-        hold = self._open_hold() if self._holders else None
-        if hold is not None:
-            # Emitted while a request is handled: validated now, queued once the response
-            # is sent (tidings.asgi).
-            held = Held(subs, ctx, event.name, event.args, event.kwargs, event.timestamp)
-            held.event, held.delay_s, held.taken = event, delay_s, taken
-            hold.items.append(held)
-            return
-        try:
-            self.inbox.hand_over(event, subs, ctx, delay_s)
-        except Exception:
-            self.router.put_back(taken)
-            raise
-
     def _refresh_hot(self) -> None:
         self._hot = (
             self._loop is not None
@@ -683,7 +565,7 @@ class Bus:
     def hold_requests(self) -> None:
         """Hold this bus's events during each request until its response is sent: what
         :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
-        self._holders += 1
+        self.holders += 1
         self._refresh_hot()
 
     def _hold(
@@ -696,19 +578,12 @@ class Bus:
     ) -> bool:
         """Hold a plain named event until the response is sent, if a request is being
         handled (tidings.asgi): nothing to check, so not even an envelope yet."""
-        hold = self._open_hold()
+        hold = open_hold(self)
         if hold is None:
             return False
         name = name if type(name) is str else str.__str__(name)  # a StrEnum member's value
         hold.items.append(Held(subs, ctx, name, args, kwargs, _time()))
         return True
-
-    def _open_hold(self) -> Hold | None:
-        """The open hold of the request being handled, if any."""
-        hold = _current_hold()
-        if hold is not None and hold.bus is not self:
-            hold = Hold.find(self)  # another bus's, outside
-        return hold if hold is not None and hold.open else None
 
     # -- inspecting -----------------------------------------------------------------
 
@@ -776,8 +651,3 @@ class Bus:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._loop else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
-
-
-def _delay_s(options: EmitOptions | None) -> float | None:
-    """Seconds from now until an event with these options is due, or ``None``."""
-    return None if options is None else options.due_in()
