@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from tidings import _dead, _debug, _sync
 from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
-from tidings._hold import Held, open_hold
+from tidings._hold import hold_named
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
 from tidings._routing import Router
@@ -485,7 +485,7 @@ class Bus:
                     ctx = self.contexts.shared
                     if ctx is None or _copy_context() != ctx:
                         ctx = self.contexts.renew()
-                    if self.holders and self._hold(subs, ctx, name_or_event, args, kwargs):
+                    if self.holders and hold_named(self, subs, ctx, name_or_event, args, kwargs):
                         return
                     inlet = self._inlet
                     if inlet is not None:
@@ -567,23 +567,6 @@ class Bus:
         :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
         self.holders += 1
         self._refresh_hot()
-
-    def _hold(
-        self,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        name: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> bool:
-        """Hold a plain named event until the response is sent, if a request is being
-        handled (tidings.asgi): nothing to check, so not even an envelope yet."""
-        hold = open_hold(self)
-        if hold is None:
-            return False
-        name = name if type(name) is str else str.__str__(name)  # a StrEnum member's value
-        hold.items.append(Held(subs, ctx, name, args, kwargs, _time()))
-        return True
 
     # -- inspecting -----------------------------------------------------------------
 
