@@ -5,25 +5,23 @@ subscriptions its name resolves to."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from tidings import _dead, _debug, _sync
-from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
 from tidings._hold import hold_named
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
 from tidings._routing import Router
+from tidings._running import Running
 from tidings._sending import Sender
 from tidings._switches import disabled
 from tidings._units import seconds
@@ -135,10 +133,9 @@ class Bus:
         #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
         #: each time the bus starts.
         self.disabled = disabled()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._runner: Runner | None = None
+        # Set once started (and kept once closed, until the bus starts again).
+        self._running: Running | None = None
+        self._thread = 0  # the loop's, for emit's flat path
         self._closed = False
         #: Told of every delivery (tracing, metrics); the runner takes them when the bus
         #: starts.
@@ -236,7 +233,7 @@ class Bus:
         """
         entry = Schedule(cron, name, args, kwargs)
         self.scheduler.entries.append(entry)
-        if self._loop is not None:
+        if self._running is not None:
             self._start_scheduler()
         return entry
 
@@ -260,20 +257,24 @@ class Bus:
             )
 
     def _start_scheduler(self) -> None:
-        if self.backend.consume and self._loop is not None:
-            self.scheduler.start(self._loop)
+        if self.backend.consume and self._running is not None:
+            self.scheduler.start(self._running.loop)
 
     # -- lifecycle ------------------------------------------------------------------
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the bus runs on, once started (``None`` before)."""
-        return self._loop
+        return None if self._running is None else self._running.loop
+
+    @property
+    def _runner(self) -> Runner | None:
+        return None if self._running is None else self._running.runner
 
     @property
     def started(self) -> bool:
         """Whether the bus accepts events."""
-        return self._loop is not None and not self._closed
+        return self._running is not None and not self._closed
 
     async def start(self) -> None:
         """Start handing deliveries to listeners on the running event loop.
@@ -288,35 +289,18 @@ class Bus:
         """
         if self._closed:
             self._reopen()
-        if self._loop is not None:
+        if self._running is not None:
             return
         self.disabled = disabled()
-        loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
-        self._runner = Runner(
-            loop=loop,
-            backend=self.backend,
-            executor=self._executor,
-            retry=self.retry,
-            timeout=self.timeout,
-            on_error=self.on_error,
-            on_success=self.on_success,
-            on_dead=self.on_dead,
-            registry=self.registry,
-            observers=self.observers,
-            contexts=self.contexts,
-        )
-        await self.backend.start(self._runner)
-        self.inbox.open(self.backend, loop)
-        self._thread = _get_ident()
-        self._loop = loop
+        running = await Running.start(self)
+        self._running, self._thread = running, running.thread
         self._refresh_hot()
         self._start_scheduler()
 
     def _reopen(self) -> None:
         """Make a closed bus ready to start again."""
         backend = self.backend
-        if backend.durable and self._loop is not None:  # it ran: it cannot start again
+        if backend.durable and self._running is not None:  # it ran: it cannot start again
             if self._remake is None:
                 raise NotStartedError(
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
@@ -328,9 +312,8 @@ class Bus:
             self.backend = backend
             self._put_named = backend.put_named
             self._inlet = backend.inlet
-        self._inlet = backend.inlet
         self._closed = False
-        self._loop = None
+        self._running = None
         self._thread = 0
         self.scheduler.forget()
 
@@ -340,22 +323,8 @@ class Bus:
         May be awaited on another event loop than the bus's (a test client that runs
         the app in a thread of its own, say).
         """
-        loop = self._loop
-        if loop is None:
-            return
-        if asyncio.get_running_loop() is not loop:
-            if not loop.is_running():
-                raise RuntimeError("the bus's event loop is not running: nothing can drain")
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
-            return
-        runner = self._runner
-        while True:
-            await self.inbox.empty()  # what other threads emitted is queued first
-            await self.backend.drain()
-            if runner is None or not runner.hooks_running:
-                return
-            # Async hooks may emit: their events are waited for too.
-            await runner.drain_hooks()
+        if self._running is not None:
+            await self._running.drain(self)
 
     async def aclose(
         self, _app: object = None, /, *, timeout: float | timedelta | None = None
@@ -373,28 +342,15 @@ class Bus:
         """
         if isinstance(_app, int | float | timedelta):
             raise TypeError(f"aclose() takes its timeout by keyword: aclose(timeout={_app!r})")
-        if self._loop is None or self._closed:
+        running = self._running
+        if running is None or self._closed:
             self._closed = True
             return
         limit = self.shutdown_timeout if timeout is None else seconds(timeout, "aclose's timeout")
-        await self.scheduler.stop()
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.inbox.empty(), limit)
-        left = await self.inbox.close()
-        undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
-        undelivered.extend(left)
+        undelivered = await running.stop(self, limit)
         self._closed = self.inbox.closed = True
         self._refresh_hot()
-        report_undelivered(undelivered, limit)
-        if self._runner is not None:
-            try:
-                await asyncio.wait_for(self._runner.drain_hooks(), limit)
-            except TimeoutError:
-                logger.error("bus closed before its hooks finished")
-        await close_listeners(self.registry)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await running.finish(self, limit, undelivered)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -556,7 +512,7 @@ class Bus:
 
     def _refresh_hot(self) -> None:
         self._hot = (
-            self._loop is not None
+            self._running is not None
             and not self._closed
             and not self.disabled
             and not self.router.sees_each_event
@@ -632,5 +588,5 @@ class Bus:
         return {"listeners": per_listener, "backend": self.backend.stats()}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "started" if self._loop else "not started"
+        state = "closed" if self._closed else "started" if self._running else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
