@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -827,3 +828,23 @@ async def test_a_listener_runs_in_a_task_from_its_first_step() -> None:
         await bus.drain()
         assert bus.dead_letters() == []
     assert seen == ["0 in a task: True", "1 in a task: True"]
+
+
+async def test_closing_runs_the_delayed_events_due_within_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got: list[int] = []
+
+    @listener("a.b")
+    async def note(x: int) -> None:
+        got.append(x)
+
+    bus = Bus(listeners=[note], shutdown_timeout=30)
+    async with bus:
+        bus.options(delay=0.01).emit("a.b", x=1)
+        bus.options(delay=3600).emit("a.b", x=2)
+        began = time.monotonic()
+    assert got == [1]
+    # The one due in an hour is reported at once, with the time really waited.
+    assert time.monotonic() - began < 10
+    assert "1 undelivered event(s) after 0.0" in caplog.text

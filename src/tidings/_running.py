@@ -29,7 +29,7 @@ _MAX_IDS_LOGGED = 100
 class Running:
     """What a started bus runs on."""
 
-    __slots__ = ("executor", "loop", "runner", "thread")
+    __slots__ = ("executor", "loop", "runner", "stopped_in_s", "thread")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, runner: Runner
@@ -40,6 +40,8 @@ class Running:
         #: The threads of the bus's sync listeners.
         self.executor = executor
         self.runner = runner
+        #: How long the last stop took to close the backend, in seconds.
+        self.stopped_in_s = 0.0
 
     @classmethod
     async def start(cls, bus: Bus) -> Running:
@@ -94,31 +96,33 @@ class Running:
         left = await bus.inbox.close()
         undelivered = await bus.backend.aclose(max(limit_s - (time.monotonic() - began), 0.0))
         undelivered.extend(left)
+        self.stopped_in_s = time.monotonic() - began
         return undelivered
 
     async def finish(self, bus: Bus, limit_s: float, undelivered: list[str]) -> None:
         """Once the bus is closed: report ``undelivered``, wait (``limit_s`` at most) for
         hooks still running, close what listeners hold open, let the threads go."""
-        report_undelivered(undelivered, limit_s)
-        try:
-            await asyncio.wait_for(self.runner.drain_hooks(), limit_s)
-        except TimeoutError:
-            logger.error("bus closed before its hooks finished")
+        report_undelivered(undelivered, self.stopped_in_s)
+        if self.runner.hooks_running:  # (wait_for(..., 0) times out before it begins)
+            try:
+                await asyncio.wait_for(self.runner.drain_hooks(), limit_s)
+            except TimeoutError:
+                logger.error("bus closed before its hooks finished")
         await close_listeners(bus.registry)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def report_undelivered(ids: list[str], limit_s: float) -> None:
-    """Log once, by event id, what a bus closed without delivering (after ``limit_s``
-    seconds of draining)."""
+def report_undelivered(ids: list[str], waited_s: float) -> None:
+    """Log once, by event id, what a bus closed without delivering (after draining for
+    ``waited_s`` seconds)."""
     if not ids:
         return
     shown = ", ".join(ids[:_MAX_IDS_LOGGED])
     more = len(ids) - _MAX_IDS_LOGGED
     logger.error(
-        "bus closed with %d undelivered event(s) after %.3gs: %s%s",
+        "bus closed with %d undelivered event(s) after %.2fs: %s%s",
         len(ids),
-        limit_s,
+        waited_s,
         shown,
         f" and {more} more (all ids at debug level)" if more > 0 else "",
     )

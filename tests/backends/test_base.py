@@ -138,7 +138,7 @@ async def test_closing_reports_and_forgets_deliveries_that_never_ran(
     async with Bus(backend, listeners=[work], shutdown_timeout=0) as bus:
         bus.emit("job.due", n=1)
         event_id = backend.kept[0].event.id
-    assert f"1 undelivered event(s) after 0s: {event_id}" in caplog.text
+    assert f"1 undelivered event(s) after 0.00s: {event_id}" in caplog.text
     assert backend.stats()["pending"] == 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from contextvars import Context
@@ -319,7 +320,7 @@ class MemoryBackend(Backend):
 
     async def aclose(self, timeout_s: float | None) -> list[str]:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drain(), timeout_s)
+            await asyncio.wait_for(self._drain_due(timeout_s), timeout_s)
         # Nothing starts from now on, not even what a cancelled delivery makes room for;
         # and what waits for room is told it will never get any.
         self._stopped = True
@@ -350,6 +351,19 @@ class MemoryBackend(Backend):
         self._pump.room = self.max_pending
         self._retrying = 0
         return list(dict.fromkeys(undelivered))
+
+    async def _drain_due(self, timeout_s: float | None) -> None:
+        """Drain, and run the delayed events that come due within ``timeout_s``
+        seconds (those due later are reported undelivered at once, not waited for)."""
+        loop = asyncio.get_running_loop()
+        deadline = math.inf if timeout_s is None else loop.time() + timeout_s
+        while True:
+            await self.drain()
+            due = [handle.when() for handle in self._timers if handle.when() <= deadline]
+            if not due:
+                return
+            # Timers fire on the loop: sleep until the next one has, then drain again.
+            await asyncio.sleep(max(min(due) - loop.time(), 0.0))
 
     def stats(self) -> dict[str, Any]:
         return {
