@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tidings import Bus, Event, Listener, NotStartedError, QueueFull, listener
+from tidings.backends.base import ListenerStats
 from tidings.backends.memory import MemoryBackend
 from tidings.testing import capture
 
@@ -259,6 +260,15 @@ async def test_replaying_dead_letters_into_a_full_queue_waits_for_room() -> None
         await bus.drain()
         assert bus.dead_letters() == []
     assert delivered == [0, 1, 2]
+
+
+async def test_listener_stats_list_every_listener_before_the_bus_starts() -> None:
+    @listener("x")
+    async def one(n: int) -> None:
+        pass
+
+    bus = Bus(listeners=[one])
+    assert await bus.listener_stats() == {one.qualname: ListenerStats()}
 
 
 async def test_nothing_starts_once_aclose_reported_it_undelivered(
