@@ -304,3 +304,24 @@ async def test_a_timeout_of_the_work_run_in_place_of_the_listener_names_the_deli
         await asyncio.wait_for(bus.drain(), 10)
         (letter,) = await bus.list_dead_letters()
     assert f"delivery to {work.qualname} timed out after 0.01s" in letter.error
+
+
+@pytest.mark.parametrize(
+    ("url", "old", "new"),
+    [
+        ("sqlite:///events.db?lease_s=5", "lease_s", "lease"),
+        ("redis://127.0.0.1:6379/15?poll_s=0.1", "poll_s", "poll_interval"),
+        ("redis://127.0.0.1:6379/15?timeout_s=2", "timeout_s", "timeout"),
+        ("postgresql://postgres@127.0.0.1/test?retention_s=60", "retention_s", "retention"),
+        (
+            "postgresql://postgres@127.0.0.1/test?stale_listener_s=60",
+            "stale_listener_s",
+            "stale_after",
+        ),
+    ],
+)
+def test_an_option_of_an_earlier_release_is_named_with_its_new_name(
+    url: str, old: str, new: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"option '{old}' .* is now '{new}'"):
+        Bus(url)
