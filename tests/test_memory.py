@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tidings import Bus, Event, Listener, NotStartedError, QueueFull, listener
+from tidings.backends.base import ListenerStats
 from tidings.backends.memory import MemoryBackend
 from tidings.testing import capture
 
@@ -228,6 +229,47 @@ async def test_dead_letters_keep_the_most_recent() -> None:
         dead = bus.dead_letters()
         assert bus.stats()["backend"]["dead"] == 5
     assert [d.event.kwargs["n"] for d in dead] == [15, 16, 17, 18, 19]
+
+
+async def test_replaying_dead_letters_into_a_full_queue_waits_for_room() -> None:
+    failing = True
+    delivered: list[int] = []
+    release = asyncio.Event()
+
+    @listener("x")
+    async def flaky(n: int) -> None:
+        if failing:
+            raise RuntimeError(n)
+        delivered.append(n)
+
+    @listener("block")
+    async def block() -> None:
+        await release.wait()
+
+    async with Bus(listeners=[flaky, block], max_pending=2) as bus:
+        for n in range(3):
+            await bus.publish("x", n=n)
+        await bus.drain()
+        assert len(bus.dead_letters()) == 3
+        failing = False
+        while bus.backend.has_room(1):
+            bus.emit("block")  # the queue is full until the loop's next turn
+        try:
+            assert await bus.replay_dead_letters() == 3
+        finally:
+            release.set()
+        await bus.drain()
+        assert bus.dead_letters() == []
+    assert delivered == [0, 1, 2]
+
+
+async def test_listener_stats_list_every_listener_before_the_bus_starts() -> None:
+    @listener("x")
+    async def one(n: int) -> None:
+        pass
+
+    bus = Bus(listeners=[one])
+    assert await bus.listener_stats() == {one.qualname: ListenerStats()}
 
 
 async def test_nothing_starts_once_aclose_reported_it_undelivered(

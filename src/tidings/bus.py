@@ -565,8 +565,14 @@ class Bus:
         return await _dead.purge_dead(self.backend, self._runner, ids, listener)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
-        """What waits per listener: in the store for a durable backend, else here."""
-        return await self.backend.listener_stats()
+        """What waits per listener: in the store for a durable backend, else here.
+        Before the bus starts, every listener is listed (with what the store says, if
+        it can say yet)."""
+        stats = await self.backend.listener_stats()
+        if self._runner is None:
+            for sub in self.registry.subscriptions():
+                stats.setdefault(sub.listener.qualname, ListenerStats())
+        return stats
 
     async def forget_listener(self, name: str) -> bool:
         """Remove a listener (by qualified name) from the durable store: its deliveries

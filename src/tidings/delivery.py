@@ -145,6 +145,10 @@ def cancelled_from_outside() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+# A delivery's state: not started, started (running or ended), cancelled unstarted.
+_NEW, _STARTED, _CANCELLED = 0, 1, 2
+
+
 class Delivery:
     """One event for one listener, ready to run with the bus's policy (its timeout, its
     retries, its hooks and, after the last attempt, its dead letter).
@@ -159,7 +163,7 @@ class Delivery:
         context: the emitter's context; the listener runs in a copy of it.
     """
 
-    __slots__ = ("_ended", "_future", "_runner", "context", "event", "subscription")
+    __slots__ = ("_ended", "_future", "_runner", "_state", "context", "event", "subscription")
 
     def __init__(
         self,
@@ -175,6 +179,18 @@ class Delivery:
         self._runner = runner
         self._ended = ended
         self._future: asyncio.Future[Any] | None = None
+        self._state = _NEW
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` has run (the delivery may have ended since)."""
+        return self._state == _STARTED
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether it was cancelled before it started (closing the bus reported it as
+        undelivered): it never runs."""
+        return self._state == _CANCELLED
 
     @property
     def listener(self) -> str:
@@ -202,6 +218,12 @@ class Delivery:
                 retries, hooks, dead letter): ``await work(event)`` (a backend that
                 forwards the delivery elsewhere).
         """
+        if self._state == _CANCELLED:
+            # Reported undelivered when the bus closed: running it now would deliver
+            # what the bus said it never would (a framework's background task run late).
+            logger.warning("%r was cancelled (the bus closed before it ran); not run", self)
+            return None
+        self._state = _STARTED
         runner = self._runner
         event, sub, ctx = self.event, self.subscription, self.context
         fut: asyncio.Future[Any] | None
@@ -231,10 +253,12 @@ class Delivery:
             await asyncio.wait([fut])
 
     def cancel(self) -> None:
-        """Cancel the delivery if it runs; forget it if it never started."""
+        """Cancel the delivery if it runs; if it never started, it never will (a later
+        :meth:`start` or ``await delivery()`` returns without running it)."""
         if self._future is not None:
             self._future.cancel()
-        else:
+        elif self._state == _NEW:
+            self._state = _CANCELLED
             self._end()
 
     def _end(self, _fut: object = None) -> None:
@@ -525,7 +549,9 @@ class Runner:
     def timed_out(self, sub: Subscription, exc: BaseException) -> TimeoutError:
         """The error of a delivery its timeout ended (``exc``: what ended it)."""
         timeout = sub.listener.timeout or self.timeout
-        error = TimeoutError(f"listener {sub.listener.qualname} timed out after {timeout}s")
+        # Names the delivery, not the listener: the work a backend ran in its place
+        # (``start(work=...)``) may be what timed out.
+        error = TimeoutError(f"delivery to {sub.listener.qualname} timed out after {timeout}s")
         error.__cause__ = exc
         return error
 
@@ -582,6 +608,12 @@ class Runner:
         except Exception as error:
             self._backend_failed("dead", event, sub, exc, error)
 
+    def deliver_failed(self, event: Event, sub: Subscription, error: Exception) -> None:
+        """Keep a delivery that the backend's ``deliver()`` raised on, where no caller
+        could be told (a retry or a delayed event coming due): as a dead letter of this
+        process (``Bus.dead_letters()``), so it is never lost without a word."""
+        self._backend_failed("deliver", event, sub, error, error)
+
     def _backend_failed(
         self, method: str, event: Event, sub: Subscription, exc: BaseException, error: Exception
     ) -> None:
@@ -601,13 +633,13 @@ class Runner:
             exc_info=error,
         )
         letter = DeadLetter.of(event, sub.listener.qualname, exc, time.time())
-        self.kept.append(
-            dataclasses.replace(
+        if exc is not error:
+            letter = dataclasses.replace(
                 letter,
                 traceback=f"{letter.traceback}\nand then {backend}.{method}() raised:\n"
                 + "".join(traceback.format_exception(error)),
             )
-        )
+        self.kept.append(letter)
 
     def take_kept(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
         """Remove and return the kept dead letters of these event ids and/or listener."""

@@ -3,6 +3,9 @@ protocol's defaults a backend of one method relies on."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 
 from tidings import BackendError, Bus, ConfigurationError, Event, Retry, listener
@@ -140,6 +143,167 @@ async def test_closing_reports_and_forgets_deliveries_that_never_ran(
         event_id = backend.kept[0].event.id
     assert f"1 undelivered event(s) after 0.00s: {event_id}" in caplog.text
     assert backend.stats()["pending"] == 0
+
+
+class _Refusing(Backend):
+    """Raises on the deliveries ``refuses`` picks, and runs the others at once."""
+
+    def __init__(self, refuses: str) -> None:
+        super().__init__()
+        self.refuses = refuses
+
+    def deliver(self, delivery: Delivery) -> None:
+        if (self.refuses == "first" and delivery.event.kwargs["n"] == 1) or (
+            self.refuses == "retries" and delivery.event.attempt > 1
+        ):
+            raise RuntimeError("the pool is full")
+        delivery.start()
+
+
+async def test_an_emit_that_deliver_raises_on_leaves_nothing_pending() -> None:
+    ran: list[int] = []
+
+    @listener("job.due")
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    backend = _Refusing("first")
+    async with Bus(backend, listeners=[work]) as bus:
+        with pytest.raises(RuntimeError, match="the pool is full"):
+            bus.emit("job.due", n=1)
+        assert backend.stats()["pending"] == 0
+        bus.emit("job.due", n=2)
+        await asyncio.wait_for(bus.drain(), 10)
+    assert ran == [2]
+
+
+def test_an_emit_from_another_thread_that_deliver_raises_on_leaves_nothing_pending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("job.due")
+    def work(n: int) -> None:
+        pass
+
+    backend = _Refusing("first")
+    with Bus(backend, listeners=[work]) as bus:
+        bus.emit("job.due", n=1)  # from this thread: queued on the bus's
+        bus.run_sync(bus.inbox.empty())
+        assert backend.stats()["pending"] == 0
+        bus.run_sync(asyncio.wait_for(bus.drain(), 10))
+    assert "could not be queued" in caplog.text
+
+
+async def test_a_retry_that_deliver_raises_on_is_kept_as_a_dead_letter() -> None:
+    @listener("job.due", retry=Retry(attempts=3, backoff=0))
+    async def work(n: int) -> None:
+        raise ValueError("bad job")
+
+    backend = _Refusing("retries")
+    async with Bus(backend, listeners=[work]) as bus:
+        bus.emit("job.due", n=2)
+        await asyncio.wait_for(bus.drain(), 10)
+        assert backend.stats()["pending"] == 0
+        (letter,) = await bus.list_dead_letters()
+        assert (letter.listener, letter.attempts) == (work.qualname, 2)
+        assert letter.error == "RuntimeError: the pool is full"
+
+
+async def test_a_delivery_cancelled_as_the_bus_closed_never_runs_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[int] = []
+
+    @listener("job.due")
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    backend = _Kept()
+    async with Bus(backend, listeners=[work], shutdown_timeout=0) as bus:
+        bus.emit("job.due", n=1)
+    (delivery,) = backend.kept
+    assert delivery.cancelled
+    with caplog.at_level(logging.WARNING, logger="tidings.delivery"):
+        await delivery()  # a framework's background task, run after the bus closed
+        assert delivery.start() is None
+    assert ran == []
+    assert "was cancelled" in caplog.text
+
+
+async def test_a_listeners_concurrency_holds_on_a_one_method_backend() -> None:
+    running: list[int] = []
+    finished: list[int] = []
+    peak = 0
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @listener("job.due", concurrency=1)
+    async def work(n: int) -> None:
+        nonlocal peak
+        running.append(n)
+        peak = max(peak, len(running))
+        started.set()
+        await release.wait()
+        running.remove(n)
+        finished.append(n)
+
+    backend = _Now()
+    async with Bus(backend, listeners=[work]) as bus:
+        for n in range(3):
+            bus.emit("job.due", n=n)
+        await started.wait()  # any other started by now would have run as far
+        assert running == [0]
+        assert backend.stats()["pending"] == 3  # those held back count as pending
+        release.set()
+        await asyncio.wait_for(bus.drain(), 10)
+    assert (peak, finished) == (1, [0, 1, 2])
+
+
+async def test_drain_does_not_wait_for_a_delayed_event_and_closing_reports_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @listener("job.due")
+    async def work(n: int) -> None:
+        raise AssertionError("due in an hour")
+
+    backend = _Now()
+    async with Bus(backend, listeners=[work], shutdown_timeout=0) as bus:
+        bus.options(delay=3600).emit("job.due", n=1)
+        await asyncio.wait_for(bus.drain(), 10)
+        assert backend.stats()["pending"] == 0
+    assert "1 undelivered event(s) after 0s: " in caplog.text
+
+
+async def test_a_backend_that_skips_super_init_is_told_at_start() -> None:
+    class Forgetful(Backend):
+        def __init__(self) -> None:
+            pass
+
+        def deliver(self, delivery: Delivery) -> None:
+            delivery.start()
+
+    with pytest.raises(ConfigurationError, match=r"must call super\(\)\.__init__\(\)"):
+        async with Bus(Forgetful()):
+            pass
+
+
+async def test_a_timeout_of_the_work_run_in_place_of_the_listener_names_the_delivery() -> None:
+    never = asyncio.Event()
+
+    class Forwarding(Backend):
+        def deliver(self, delivery: Delivery) -> None:
+            async def forward(event: Event) -> None:
+                await never.wait()
+
+            delivery.start(work=forward)
+
+    @listener("job.due", timeout=0.01)
+    async def work(n: int) -> None:
+        pass
+
+    async with Bus(Forwarding(), listeners=[work]) as bus:
+        bus.emit("job.due", n=1)
+        await asyncio.wait_for(bus.drain(), 10)
+        (letter,) = await bus.list_dead_letters()
+    assert f"delivery to {work.qualname} timed out after 0.01s" in letter.error
 
 
 @pytest.mark.parametrize(

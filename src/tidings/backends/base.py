@@ -101,6 +101,19 @@ class Inlet(Protocol):
         ...
 
 
+class _DeliveryGate:
+    """One listener's concurrency limit over :meth:`Backend.deliver`: its deliveries
+    handed out, and those waiting for one of them to end."""
+
+    __slots__ = ("backlog", "limit", "running", "scheduled")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running: set[Delivery] = set()
+        self.backlog: deque[Delivery] = deque()
+        self.scheduled = False
+
+
 class Backend(ABC):
     """Where deliveries wait and run: implement :meth:`deliver`, the rest is optional.
 
@@ -129,9 +142,13 @@ class Backend(ABC):
     def __init__(self, *, max_dead_letters: int = 1000) -> None:
         #: The bus's runner, once started.
         self.runner: Runner | None = None
-        # Deliveries handed out (or waiting on a timer) that have not ended.
+        # Deliveries handed out (or waiting for a retry, or behind their listener's
+        # concurrency limit) that have not ended.
         self._handed: dict[Delivery, None] = {}
-        self._delivery_timers: dict[asyncio.TimerHandle, Delivery] = {}
+        # Delayed events and retries on a timer: the event each will deliver.
+        self._delivery_timers: dict[asyncio.TimerHandle, Event] = {}
+        # Listeners' concurrency limits, kept over deliver().
+        self._delivery_gates: dict[Subscription, _DeliveryGate] = {}
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._dead: deque[DeadLetter] = deque(maxlen=max_dead_letters)
 
@@ -142,13 +159,27 @@ class Backend(ABC):
         loop, once per listener of each event (and again for each retry).
 
         Until it has run, the delivery counts as pending: ``bus.drain()`` waits for it,
-        and closing the bus reports it as undelivered.
+        and closing the bus reports it as undelivered (and cancels it: it never runs
+        after). A listener's ``concurrency`` holds here too: past it, a delivery is
+        handed over only once one of the listener's deliveries has ended. If this
+        raises, the delivery is dropped: ``emit`` raises it, and a retry or a delayed
+        event coming due is kept as a dead letter instead.
         """
 
     # -- optional: what the bus calls, with defaults over deliver() ----------------
 
     async def start(self, runner: Runner) -> None:
-        """Begin handing deliveries to ``runner`` (on its loop)."""
+        """Begin handing deliveries to ``runner`` (on its loop).
+
+        Raises:
+            ConfigurationError: the subclass's ``__init__`` never called
+                ``super().__init__()``.
+        """
+        if not hasattr(self, "_handed"):
+            raise ConfigurationError(
+                f"{type(self).__qualname__}.__init__() must call super().__init__() "
+                "(Backend keeps the deliveries handed out)"
+            )
         self.runner = runner
 
     def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
@@ -159,14 +190,17 @@ class Backend(ABC):
             QueueFull: there is no room now.
         """
         for sub in subs:
-            self.deliver(self.delivery(event, sub, ctx))
+            self._hand(self.delivery(event, sub, ctx))
 
     def put_later(
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
     ) -> None:
-        """Queue the deliveries once ``delay_s`` seconds have passed."""
+        """Queue the deliveries once ``delay_s`` seconds have passed (until then they
+        are not pending: ``drain()`` does not wait for them)."""
+        if self.runner is None:
+            raise NotStartedError(f"cannot deliver event {event.name!r}: not started")
         for sub in subs:
-            self._later(delay_s, self.delivery(event, sub, ctx))
+            self._later(delay_s, event, sub, ctx, None)
 
     async def put_wait(
         self,
@@ -212,8 +246,9 @@ class Backend(ABC):
             self.put(item.envelope(), item.subs, item.context)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
-        """Run one delivery again (``event.attempt`` is the next attempt) after a delay."""
-        self._later(delay_s, self.delivery(event, sub, ctx))
+        """Run one delivery again (``event.attempt`` is the next attempt) after a delay;
+        pending meanwhile."""
+        self._later(delay_s, event, sub, ctx, self.delivery(event, sub, ctx))
 
     def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
         """Keep a delivery that failed its last attempt as a dead letter."""
@@ -236,8 +271,10 @@ class Backend(ABC):
             await asyncio.wait_for(self.drain(), timeout_s)
         for handle in self._delivery_timers:
             handle.cancel()
+        undelivered = [event.id for event in self._delivery_timers.values()]
         self._delivery_timers.clear()
-        undelivered = [d.event.id for d in self._handed]
+        undelivered += [d.event.id for d in self._handed]
+        self._delivery_gates.clear()
         for delivery in list(self._handed):
             delivery.cancel()
         self._handed.clear()
@@ -282,8 +319,19 @@ class Backend(ABC):
             return 0
         subs = {sub.listener.qualname: sub for sub in runner.registry.subscriptions()}
         letters = [d for d in self.take_dead(ids, listener) if d.listener in subs]
-        for letter in letters:
-            self.put(letter.event.for_attempt(1), (subs[letter.listener],), copy_context())
+        for index, letter in enumerate(letters):
+            try:
+                # Waits for room: a full queue never loses the letters taken.
+                await self.put_wait(
+                    letter.event.for_attempt(1), (subs[letter.listener],), copy_context()
+                )
+            except BaseException:
+                # Those not queued stay dead letters.
+                self._dead = deque(
+                    sorted([*letters[index:], *self._dead], key=lambda d: d.failed_at),
+                    maxlen=self._dead.maxlen,
+                )
+                raise
         return len(letters)
 
     async def purge_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
@@ -332,19 +380,83 @@ class Backend(ABC):
         self._handed[made] = None
         return made
 
-    def _later(self, delay_s: float, delivery: Delivery) -> None:
+    def _hand(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` to :meth:`deliver`, within its listener's concurrency limit
+        (past it, the delivery waits, pending, for one of the listener's to end).
+
+        Raises:
+            Exception: what ``deliver`` raised; the delivery is then no longer pending.
+        """
+        limit = delivery.subscription.listener.concurrency
+        if limit is not None:
+            gate = self._delivery_gates.get(delivery.subscription)
+            if gate is None:
+                gate = self._delivery_gates[delivery.subscription] = _DeliveryGate(limit)
+            if len(gate.running) >= gate.limit or gate.backlog:
+                gate.backlog.append(delivery)  # keeps the listener's order
+                return
+            gate.running.add(delivery)
+        self._give(delivery)
+
+    def _give(self, delivery: Delivery) -> None:
+        try:
+            self.deliver(delivery)
+        except BaseException:
+            if not delivery.started:
+                # Never to run: else it stays pending for ever (drain() waiting for it).
+                delivery.cancel()
+            raise
+
+    def _give_or_keep(self, delivery: Delivery, *, gated: bool) -> None:
+        """Hand ``delivery`` where no caller can be told that ``deliver`` raised (a
+        timer, a listener's backlog): the delivery is then kept as a dead letter."""
+        try:
+            if gated:
+                self._give(delivery)
+            else:
+                self._hand(delivery)
+        except Exception as error:
+            if self.runner is not None:
+                self.runner.deliver_failed(delivery.event, delivery.subscription, error)
+
+    def _later(
+        self,
+        delay_s: float,
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+        delivery: Delivery | None,
+    ) -> None:
+        """Hand ``delivery`` (or, for a delayed event, one made then) after ``delay_s``."""
         assert self.runner is not None
         handle: asyncio.TimerHandle
 
         def fire() -> None:
             self._delivery_timers.pop(handle, None)
-            self.deliver(delivery)
+            self._give_or_keep(delivery or self.delivery(event, sub, ctx), gated=False)
 
         handle = self.runner.loop.call_later(delay_s, fire)
-        self._delivery_timers[handle] = delivery
+        self._delivery_timers[handle] = event
+
+    def _pump_delivery_gate(self, gate: _DeliveryGate) -> None:
+        gate.scheduled = False
+        while gate.backlog and len(gate.running) < gate.limit:
+            delivery = gate.backlog.popleft()
+            if delivery in self._handed:  # not cancelled meanwhile
+                gate.running.add(delivery)
+                self._give_or_keep(delivery, gated=True)
 
     def _ended(self, delivery: Delivery) -> None:
         self._handed.pop(delivery, None)
+        if delivery.subscription.listener.concurrency is not None:
+            gate = self._delivery_gates.get(delivery.subscription)
+            if gate is not None and delivery in gate.running:
+                gate.running.discard(delivery)
+                if gate.backlog and not gate.scheduled and self.runner is not None:
+                    # On the next turn: a delivery that ends within deliver() never
+                    # hands the next one from inside it.
+                    gate.scheduled = True
+                    self.runner.loop.call_soon(self._pump_delivery_gate, gate)
         if not self._handed and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
