@@ -3,9 +3,9 @@
 SIGTERM or SIGINT stops it gracefully: it claims nothing more, lets running deliveries
 finish within the shutdown timeout, and hands the rest back to the store for the next
 worker. A sync listener still running in its thread then (Python cannot stop a thread)
-keeps its delivery: the worker exits once the thread returns, with its outcome written,
-or at once on a second signal. A worker killed outright loses nothing either: its
-leases expire and any other worker reclaims them.
+keeps its delivery: the worker returns once the thread has, with its outcome written; a
+second signal stops that wait (the lease is left to expire). A worker killed outright
+loses nothing either: its leases expire and any other worker reclaims them.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ async def run_worker(
         logger.info("worker stopping: finishing running deliveries")
         backend.stop_claiming()
         await bus.aclose(timeout=shutdown_timeout_s)
-        # A second signal is no longer caught: it ends the process without waiting.
+        # A second signal is no longer caught: it stops the wait below (SIGTERM ends
+        # the process, SIGINT raises KeyboardInterrupt).
         _restore(loop, installed)
         # Sync listeners' threads that still run keep the process alive anyway (Python
         # waits for them as it exits): their deliveries stay this worker's meanwhile,
