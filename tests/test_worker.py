@@ -39,20 +39,20 @@ ROOT = Path(__file__).resolve().parent.parent
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The store the worker runs on: a fresh SQLite file, a key prefix or a schema."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+        yield f"sqlite:///{tmp_path / 'events.db'}?lease=1&poll_interval=0.01"
         return
     if request.param == "postgres":
         require_postgres()
         schema = unique_schema()
         try:
-            yield f"{POSTGRES_URL}?schema={schema}&lease_s=1&poll_s=0.01"
+            yield f"{POSTGRES_URL}?schema={schema}&lease=1&poll_interval=0.01"
         finally:
             await drop_schema(schema)
         return
     require_redis()
     prefix = unique_prefix()
     try:
-        yield f"{REDIS_URL}?prefix={prefix}&lease_s=1&poll_s=0.01"
+        yield f"{REDIS_URL}?prefix={prefix}&lease=1&poll_interval=0.01"
     finally:
         await drop_prefix(prefix)
 
@@ -195,7 +195,7 @@ async def test_run_worker_stops_on_its_event(tmp_path: Path) -> None:
         ready.append(count)
         stop.set()
 
-    await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout_s=1)
+    await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout=1)
     assert ready == [1]
     assert not bus.started
 
@@ -210,7 +210,7 @@ async def test_a_worker_holds_a_delivery_whose_thread_outlives_its_stop(tmp_path
         loop.call_soon_threadsafe(started.set)
         gate.wait(30)
 
-    url = f"sqlite:///{tmp_path / 'events.db'}?poll_s=0.01&lease_s=0.3"
+    url = f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01&lease=0.3"
     async with Bus(url, listeners=[blocked], consume=False) as producer:
         await producer.publish("x")
     bus = Bus(url, listeners=[blocked])
@@ -232,7 +232,7 @@ async def test_a_worker_holds_a_delivery_whose_thread_outlives_its_stop(tmp_path
     bus.aclose = watched_aclose  # type: ignore[method-assign,assignment]
     backend.renew = watched_renew  # type: ignore[method-assign]
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_worker(bus, stop=stop, shutdown_timeout_s=0))
+    worker = asyncio.create_task(run_worker(bus, stop=stop, shutdown_timeout=0))
     try:
         await started.wait()
         stop.set()

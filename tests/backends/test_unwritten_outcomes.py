@@ -61,7 +61,7 @@ async def test_a_delivery_handed_back_before_its_ack_is_written_runs_once(
     async def on_x(n: int) -> None:
         runs.append(n)
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=30)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=30)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.publish("x", n=1)
         await backend.settling.wait()  # ran; its ack is not written yet
@@ -83,7 +83,7 @@ async def test_a_delivery_handed_back_before_its_burial_is_written_is_one_dead_l
     async def on_x() -> None:
         raise ValueError("no")
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=30)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=30)
     on_dead = lambda event, fn, exc: dead.append(event.id)  # noqa: E731
     async with Bus(backend, listeners=[on_x], on_dead=on_dead) as bus:
         await bus.publish("x")
@@ -103,7 +103,7 @@ async def test_the_lease_of_a_delivery_is_renewed_until_its_outcome_is_written(
     async def on_x() -> None:
         pass
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=1.0)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=1.0)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.publish("x")
         await backend.settling.wait()  # ran; its ack is not written yet
@@ -147,7 +147,7 @@ async def test_a_delivery_whose_thread_outlived_closing_is_buried_when_it_raises
         gated.hold()
         raise ValueError("late")
 
-    backend = SQLiteBackend(tmp_path / "events.db", poll_s=0.01)
+    backend = SQLiteBackend(tmp_path / "events.db", poll_interval=0.01)
     on_dead = lambda event, fn, exc: dead.append(str(exc))  # noqa: E731
     bus = Bus(backend, listeners=[fails], on_dead=on_dead)
     try:
@@ -175,7 +175,7 @@ async def test_a_timed_out_delivery_whose_thread_outlived_closing_is_retried(
             gated.hold()  # returns, but long after its timeout
 
     path = tmp_path / "events.db"
-    backend = SQLiteBackend(path, poll_s=0.01)
+    backend = SQLiteBackend(path, poll_interval=0.01)
     bus = Bus(backend, listeners=[slow])
     try:
         await bus.start()
@@ -187,7 +187,7 @@ async def test_a_timed_out_delivery_whose_thread_outlived_closing_is_retried(
         gated.gate.set()
     await backend.wait_closed()
     assert await _stats(path, slow.qualname) == (1, 0, 0, 0)  # its retry is due
-    async with Bus(f"sqlite:///{path}?poll_s=0.01", listeners=[slow]) as again:
+    async with Bus(f"sqlite:///{path}?poll_interval=0.01", listeners=[slow]) as again:
         await again.drain()
     assert attempts == [1, 2]
 
@@ -204,8 +204,9 @@ def test_a_stopped_delivery_is_left_to_its_lease_when_the_loop_stops_first(
         gate.wait(30)
 
     path = tmp_path / "events.db"
+    url = f"sqlite:///{path}?poll_interval=0.01"
     try:
-        with Bus(f"sqlite:///{path}?poll_s=0.01", listeners=[blocked], shutdown_timeout=0) as bus:
+        with Bus(url, listeners=[blocked], shutdown_timeout=0) as bus:
             bus.emit("x")
             assert started.wait(30)
         # The bus's loop stopped with it, while the thread runs on.
