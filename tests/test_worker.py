@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from tidings import Bus, ConfigurationError
+from tidings import Bus, ConfigurationError, listener
+from tidings.backends.durable import Claimed, DurableBackend
 from tidings.worker import run_worker
 
 from . import crash_app
@@ -195,3 +198,49 @@ async def test_run_worker_stops_on_its_event(tmp_path: Path) -> None:
     await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout=1)
     assert ready == [1]
     assert not bus.started
+
+
+async def test_a_worker_holds_a_delivery_whose_thread_outlives_its_stop(tmp_path: Path) -> None:
+    gate = threading.Event()
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    @listener("x")
+    def blocked() -> None:
+        loop.call_soon_threadsafe(started.set)
+        gate.wait(30)
+
+    url = f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01&lease=0.3"
+    async with Bus(url, listeners=[blocked], consume=False) as producer:
+        await producer.publish("x")
+    bus = Bus(url, listeners=[blocked])
+    backend = cast(DurableBackend, bus.backend)
+    aclose, renew = bus.aclose, backend.renew
+    closed = asyncio.Event()
+    renewed_after_close = asyncio.Event()
+
+    async def watched_aclose(*, timeout: float | None = None) -> None:
+        await aclose(timeout=timeout)
+        closed.set()
+
+    async def watched_renew(claimed: Sequence[Claimed], lease_s: float) -> list[Claimed] | None:
+        out = await renew(claimed, lease_s)
+        if closed.is_set():
+            renewed_after_close.set()
+        return out
+
+    bus.aclose = watched_aclose  # type: ignore[method-assign,assignment]
+    backend.renew = watched_renew  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(bus, stop=stop, shutdown_timeout=0))
+    try:
+        await started.wait()
+        stop.set()
+        await renewed_after_close.wait()  # closed, and still holding the delivery
+        assert not worker.done()
+    finally:
+        gate.set()
+    await worker  # once the thread returned
+    async with Bus(url, consume=False) as bus:
+        stats = (await bus.listener_stats())[blocked.qualname]
+    assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 0)

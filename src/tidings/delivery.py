@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tidings.backends.base import Backend
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
-__all__ = ["DeadLetter", "Delivery", "DeliveryObserver", "Retry", "Runner"]
+__all__ = ["Abandoned", "DeadLetter", "Delivery", "DeliveryObserver", "Retry", "Runner"]
 
 # Tasks that run their first step at once, in the caller's turn (Python 3.12+).
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -97,6 +97,25 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """A delivery whose task was cancelled while its sync listener still ran in a
+    thread (a thread cannot be stopped): its outcome is known once the thread returns.
+
+    Attributes:
+        event: the event of the delivery.
+        context: the delivery's copy of the emitter's context.
+        running: the thread's call.
+        timed_out: the timeout that had ended the delivery before it was cancelled
+            (then its outcome, whatever the thread does), or ``None``.
+    """
+
+    event: Event
+    context: Context
+    running: asyncio.Future[Any]
+    timed_out: BaseException | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,8 +329,9 @@ class Runner:
         #: here as dead letters (oldest first) rather than lost.
         self.kept: list[DeadLetter] = []
         #: Deliveries ``(event id, subscription)`` whose task was cancelled while their
-        #: sync listener's thread still ran: not to be handed to another worker yet.
-        self.abandoned: set[tuple[str, Subscription]] = set()
+        #: sync listener's thread still ran: not to be handed to another worker yet. A
+        #: backend takes out those it handles (see :meth:`settle_abandoned`).
+        self.abandoned: dict[tuple[str, Subscription], Abandoned] = {}
         self.observers = tuple(observers)
         # Observed deliveries not finished yet: (id(event), sub) -> (event, finishers).
         self._observed: dict[tuple[int, Subscription], tuple[Event, list[Any]]] = {}
@@ -498,7 +518,7 @@ class Runner:
         except (Exception, asyncio.CancelledError) as exc:
             error = self._failure_of(sub, exc, deadline)
             if running is not None and not running.done():
-                await self._outlive(running, event, sub, stopping=error is None)
+                await self._outlive(running, event, sub, ctx, error)
             if error is None:
                 raise
             self.failed(event, sub, ctx, error)
@@ -506,24 +526,49 @@ class Runner:
             self.succeeded(event, sub)
 
     async def _outlive(
-        self, running: asyncio.Future[Any], event: Event, sub: Subscription, *, stopping: bool
+        self,
+        running: asyncio.Future[Any],
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+        timed_out: BaseException | None,
     ) -> None:
         """A sync listener's thread outlives its delivery's task (a timeout, or the bus
         stopping). A timed-out delivery is retried (or buried) only once the thread has
         returned, so one delivery never runs twice at once; a stopping one is marked
         ``abandoned``, so a durable backend does not hand it to another worker while
-        the thread still runs (its lease expires once this process has exited)."""
+        the thread still runs (it holds the delivery until the thread returns)."""
         key = (event.id, sub)
-        if not stopping:
+        if timed_out is not None:
             try:
                 await asyncio.wait([running])
                 return
             except asyncio.CancelledError:
-                self.abandoned.add(key)
-                running.add_done_callback(lambda _f: self.abandoned.discard(key))
+                self.abandoned[key] = Abandoned(event, ctx, running, timed_out)
                 raise
-        self.abandoned.add(key)
-        running.add_done_callback(lambda _f: self.abandoned.discard(key))
+        self.abandoned[key] = Abandoned(event, ctx, running, None)
+
+    def settle_abandoned(self, sub: Subscription, abandoned: Abandoned) -> bool | None:
+        """Record the outcome of an abandoned delivery once its thread has returned, as
+        its task would have: ``True`` if it succeeded; ``False`` if it failed (retried
+        or made a dead letter through the backend, as any failure); ``None`` if it did
+        not finish (its call returned a coroutine, which is closed unrun)."""
+        event, ctx, running = abandoned.event, abandoned.context, abandoned.running
+        if abandoned.timed_out is not None:
+            self.failed(event, sub, ctx, abandoned.timed_out)
+            return False
+        if running.cancelled():
+            return None
+        exc = running.exception()
+        if exc is not None:
+            self.failed(event, sub, ctx, exc)
+            return False
+        result = running.result()
+        if asyncio.iscoroutine(result):
+            result.close()
+            return None
+        self.succeeded(event, sub)
+        return True
 
     # -- outcomes -------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 SIGTERM or SIGINT stops it gracefully: it claims nothing more, lets running deliveries
 finish within the shutdown timeout, and hands the rest back to the store for the next
-worker. A worker killed outright loses nothing either: its leases expire and any other
-worker reclaims them.
+worker. A sync listener still running in its thread then (Python cannot stop a thread)
+keeps its delivery: the worker returns once the thread has, with its outcome written; a
+second signal stops that wait (the lease is left to expire). A worker killed outright
+loses nothing either: its leases expire and any other worker reclaims them.
 """
 
 from __future__ import annotations
@@ -93,10 +95,23 @@ async def run_worker(
         logger.info("worker stopping: finishing running deliveries")
         backend.stop_claiming()
         await bus.aclose(timeout=shutdown_timeout)
+        # A second signal is no longer caught: it stops the wait below (SIGTERM ends
+        # the process, SIGINT raises KeyboardInterrupt).
+        _restore(loop, installed)
+        # Sync listeners' threads that still run keep the process alive anyway (Python
+        # waits for them as it exits): their deliveries stay this worker's meanwhile,
+        # so that no other worker runs them beside these threads.
+        await backend.wait_closed()
         logger.info("worker stopped")
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        _restore(loop, installed)
+
+
+def _restore(loop: asyncio.AbstractEventLoop, installed: list[signal.Signals]) -> None:
+    """Give the signals handled while the worker ran back their default handling."""
+    for sig in installed:
+        loop.remove_signal_handler(sig)
+    installed.clear()
 
 
 def _log_delivery(

@@ -688,6 +688,56 @@ async def test_a_timed_out_sync_listener_is_retried_once_its_thread_returned(
     assert overlapped == [False]
 
 
+async def test_a_sync_listener_still_running_after_close_keeps_its_delivery(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    # A thread cannot be stopped: a bus closed while its sync listener runs holds that
+    # delivery's lease until the thread returns, then writes its outcome. No worker,
+    # of this process or another, takes it to run it again meanwhile.
+    _durable(backend_name)
+    lease_s = 1.0
+    attempts: list[int] = []
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+
+    @listener("x")
+    def blocked(event: Event) -> None:
+        attempts.append(event.attempt)
+        loop.call_soon_threadsafe(started.set)
+        gate.wait(30)
+
+    first = make_bus(listeners=[blocked])
+    store = cast(DurableBackend, first.backend)
+    store.lease_s = lease_s
+    disconnect = store.disconnect
+    disconnected = asyncio.Event()
+
+    async def watched_disconnect() -> None:
+        await disconnect()
+        disconnected.set()
+
+    store.disconnect = watched_disconnect  # type: ignore[method-assign]
+    try:
+        await first.start()
+        first.emit("x")
+        await started.wait()
+        await first.aclose(timeout=0)  # returns at once: its thread runs on
+        async with make_bus(listeners=[blocked], consume=False) as second:
+            other = cast(DurableBackend, second.backend)
+            await asyncio.sleep(1.5 * lease_s)  # past the lease, were it left to expire
+            # (Redis reclaims what has been idle for the claiming worker's lease.)
+            taken = await other.claim(blocked.qualname, blocked.names, 10, lease_s=lease_s)
+            gate.set()
+            await disconnected.wait()  # the thread returned and its outcome was written
+            stats = (await second.listener_stats())[blocked.qualname]
+    finally:
+        gate.set()
+    assert [c.attempt for c in taken] == []
+    assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 0)
+    assert attempts == [1]
+
+
 async def test_put_wait_with_a_delay_delivers_later(make_bus: BusFactory) -> None:
     got = asyncio.Event()
 

@@ -54,7 +54,7 @@ from tidings.errors import (
 from tidings.events import Event
 
 if TYPE_CHECKING:
-    from tidings.delivery import Delivery, Runner
+    from tidings.delivery import Abandoned, Delivery, Runner
     from tidings.listeners import Subscription
 
 __all__ = ["DurableBackend"]
@@ -237,6 +237,10 @@ class DurableBackend(Backend):
         self._consumers: list[_Consumer] = []
         self._inflight: dict[tuple[str, Subscription], Claimed] = {}
         self._tasks: dict[asyncio.Future[Any], tuple[str, Subscription]] = {}
+        # Deliveries whose task was cancelled while their sync listener's thread runs
+        # on: still this process's (their leases renewed) until the thread returns.
+        self._outliving: dict[tuple[str, Subscription], Claimed] = {}
+        self._seeing_out: asyncio.Task[None] | None = None
         self._outcomes = Outcomes()
         # The outcomes the writer is writing: their leases are still this process's.
         self._writing: Outcomes | None = None
@@ -826,14 +830,19 @@ class DurableBackend(Backend):
     ) -> None:
         consumer.running -= 1
         claimed = self._inflight.pop(key, None)
+        runner = self._runner
+        abandoned = runner.abandoned.pop(key, None) if cancelled and runner else None
         if claimed is not None:
-            runner = self._runner
-            if cancelled and runner is not None and key in runner.abandoned:
+            if abandoned is not None:
                 # Its thread still runs: handed back now, another worker would run it
-                # beside it. Its lease expires once this process has exited.
-                runner.abandoned.discard(key)
+                # beside it. Its lease stays this process's until the thread returns.
+                self._outliving[key] = claimed
+                abandoned.running.add_done_callback(
+                    functools.partial(self._outlived, key, abandoned)
+                )
                 logger.warning(
-                    "event %s for %s is left to its lease: its thread still runs",
+                    "event %s for %s was stopped while its thread still runs: its lease "
+                    "is held until the thread returns, and its outcome written then",
                     key[0],
                     consumer.listener_id,
                 )
@@ -843,6 +852,26 @@ class DurableBackend(Backend):
                 self._writer_wake.set()
         consumer.wake.set()
         self._progress.set()
+
+    def _outlived(
+        self, key: tuple[str, Subscription], abandoned: Abandoned, _running: object
+    ) -> None:
+        """The thread of a stopped delivery returned: write its outcome."""
+        runner = self._runner
+        if key not in self._outliving or runner is None:
+            return  # its lease was lost to another worker meanwhile
+        # A failure is retried or buried through retry() and dead(), as any.
+        succeeded = runner.settle_abandoned(key[1], abandoned)
+        claimed = self._outliving.pop(key, None)
+        if claimed is not None:
+            (self._outcomes.acks if succeeded else self._outcomes.releases).append(claimed)
+        self._writer_wake.set()
+        self._progress.set()
+
+    def _held(self, key: tuple[str, Subscription]) -> Claimed | None:
+        """Take the lease of a delivery this process ran, to write its outcome."""
+        claimed = self._inflight.pop(key, None)
+        return self._outliving.pop(key, None) if claimed is None else claimed
 
     def _decode(self, claimed: Claimed, sub: Subscription) -> Event:
         record = claimed.record
@@ -870,13 +899,13 @@ class DurableBackend(Backend):
         return event_of(record, args, kwargs, obj, claimed.attempt)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
-        claimed = self._inflight.pop((event.id, sub), None)
+        claimed = self._held((event.id, sub))
         if claimed is not None:
             self._outcomes.retries.append((claimed, delay_s, ""))
             self._writer_wake.set()
 
     def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
-        claimed = self._inflight.pop((event.id, sub), None)
+        claimed = self._held((event.id, sub))
         if claimed is not None:
             error = f"{type(exc).__qualname__}: {exc}"
             tb = "".join(traceback.format_exception(exc))
@@ -922,7 +951,7 @@ class DurableBackend(Backend):
                 await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
             if self._closing:
                 return
-            running = list(self._inflight.values())
+            running = [*self._inflight.values(), *self._outliving.values()]
             # Until its outcome is written a delivery stays this process's: its lease
             # running out meanwhile (a slow store) would let a worker run it again.
             unwritten = self._unwritten()
@@ -933,7 +962,7 @@ class DurableBackend(Backend):
                     self._outage("renewing leases failed", exc)
                 else:
                     # One whose outcome was written meanwhile is gone from the store.
-                    held = {id(c) for c in self._inflight.values()}
+                    held = {id(c) for c in (*self._inflight.values(), *self._outliving.values())}
                     self._lease_lost([c for c in lost if id(c) in held])
             await self._check_stale()
 
@@ -943,9 +972,10 @@ class DurableBackend(Backend):
         if not lost:
             return
         mine = {id(c) for c in lost}
-        for key, claimed in list(self._inflight.items()):
-            if id(claimed) in mine:
-                del self._inflight[key]
+        for held in (self._inflight, self._outliving):
+            for key, claimed in list(held.items()):
+                if id(claimed) in mine:
+                    del held[key]
         logger.warning(
             "%d deliveries' leases were lost to another worker while they ran (was this "
             "process frozen, or the store out of reach, for over lease=%gs?); their "
@@ -1058,10 +1088,13 @@ class DurableBackend(Backend):
                 fut.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+            # (Those whose threads still run stay this process's: see _finished.)
+            stopped = len(pending) - len(self._outliving)
+            if stopped > 0:
                 logger.warning(
                     "%d running deliveries were stopped; they stay in the %s store for the "
                     "next worker",
-                    len(pending),
+                    stopped,
                     self.scheme,
                 )
         if self._alone_task is not None:
@@ -1078,9 +1111,67 @@ class DurableBackend(Backend):
         ]
         await self._bounded(tasks, left(grace), "the store did not answer")
         self._lost(None)
+        if self._outliving or self._outcomes:
+            # Threads that cannot be stopped, nor waited for past the timeout, still run
+            # deliveries: the store stays open for them in the background.
+            self._seeing_out = loop.create_task(self._see_out())
+            return list(self._unstored)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.disconnect(), left(grace))
         return list(self._unstored)
+
+    async def wait_closed(self) -> None:
+        """Wait, after :meth:`aclose`, until the store is let go: at once, unless it
+        stopped deliveries whose sync listeners' threads still ran; then once those
+        threads have returned and their outcomes are written (or the loop stops)."""
+        if self._seeing_out is not None:
+            await asyncio.wait([self._seeing_out])
+
+    async def _see_out(self) -> None:
+        """Once closed, hold the leases of the deliveries whose threads still run and
+        write each one's outcome when its thread returns; then disconnect. If the loop
+        stops first, their leases are left to expire (the process is exiting)."""
+        try:
+            while self._outliving or self._outcomes:
+                self._writer_wake.clear()
+                if self._outcomes:
+                    outcomes, self._outcomes = self._outcomes, Outcomes()
+                    self._writing = outcomes
+                    try:
+                        await self.settle(outcomes)
+                    except Exception as exc:
+                        logger.error(
+                            "%s store: the outcomes of %d deliveries whose threads outlived "
+                            "closing could not be written (%s); they will run again",
+                            self.scheme,
+                            len(outcomes.acks) + len(outcomes.retries) + len(outcomes.burials),
+                            exc,
+                        )
+                    self._writing = None
+                    continue
+                try:
+                    lost = await self.renew(list(self._outliving.values()), self.lease_s)
+                except Exception as exc:
+                    self._outage("renewing leases failed", exc)
+                else:
+                    # One whose outcome was written meanwhile is gone from the store.
+                    held = {id(c) for c in self._outliving.values()}
+                    self._lease_lost([c for c in lost or [] if id(c) in held])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._writer_wake.wait(), self.lease_s / 3)
+        except asyncio.CancelledError:
+            if self._outliving:
+                logger.warning(
+                    "the event loop stopped while the threads of %d deliveries still ran: "
+                    "their leases are left to expire (lease=%gs), and another worker "
+                    "will run them again",
+                    len(self._outliving),
+                    self.lease_s,
+                )
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await self.disconnect()
 
     async def _bounded(
         self, tasks: list[asyncio.Task[None]], timeout: float | None, why: str
