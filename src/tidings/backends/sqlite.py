@@ -336,9 +336,6 @@ class SQLiteBackend(DurableBackend):
             if version != -1:
                 self._quiet[listener] = (version, got.quiet_until)
             return []
-        if now - self._last_cleanup > _CLEANUP_S:
-            self._last_cleanup = now
-            await self._cleanup()
         leased = got.leased
         out: list[Claimed] = []
         for seq, id_, *fields in got.rows:
@@ -592,9 +589,17 @@ class SQLiteBackend(DurableBackend):
         await self._watch.wait(wake, version, timeout)
 
     async def settle(self, outcomes: Outcomes) -> None:
-        await self._transact(self._settling, outcomes, self.clock())
+        now = self.clock()
+        # Old events are deleted in the same write as the acks that free them, off the
+        # way of a claim (which a fresh event waits for).
+        cleanup = now - self._last_cleanup > _CLEANUP_S
+        if cleanup:
+            self._last_cleanup = now
+        await self._transact(self._settling, outcomes, now, cleanup)
 
-    def _settling(self, conn: sqlite3.Connection, outcomes: Outcomes, now: float) -> None:
+    def _settling(
+        self, conn: sqlite3.Connection, outcomes: Outcomes, now: float, cleanup: bool
+    ) -> None:
         owner = self.owner
         # Each only where this process still holds the lease: a worker that lost it
         # (frozen past it) must not settle what another now runs.
@@ -629,6 +634,8 @@ class SQLiteBackend(DurableBackend):
                 f"lease_until = 0, owner = NULL {mine}",
                 [(c.listener, c.ref, owner) for c in outcomes.releases],
             )
+        if cleanup:
+            _delete_old_events(conn)
 
     async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         renewed = await self._transact(self._renewing, claimed, self.clock() + lease_s)
