@@ -134,8 +134,8 @@ class Metrics(Collector):
         bus.on_error = (*bus.on_error, self._on_error)
         bus.on_dead = (*bus.on_dead, self._on_dead)
         if self.detailed:
-            bus._add_emit_hook(self._on_emit)
-            bus._observers.append(self._observe)
+            bus.router.add_emit_hook(self._on_emit)
+            bus.observers.append(self._observe)
         bus._metrics = self  # type: ignore[attr-defined]
         self.registry.register(self)
 
