@@ -8,6 +8,11 @@ Events are fanned out lazily: a consumer turns the events past its listener's po
 into its own deliveries in the same transaction that leases them. Events every listener
 has moved past, and that no delivery refers to any more, are deleted.
 
+Each write is one transaction run whole in one call to the connection's thread, so the
+file's write lock is held for its statements alone: never while this process's event
+loop is busy elsewhere. A claim reads first and writes only when it has something to
+lease or record (a reader never waits for a writer in WAL mode).
+
 Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 """
 
