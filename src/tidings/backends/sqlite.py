@@ -162,9 +162,14 @@ class SQLiteBackend(DurableBackend):
         self._seen: dict[str, float] = {}
         # Commits to the file by any connection but its own (None: a memory database).
         self._watch: Watch | None = None
-        # Per listener: the file's version its last claim began at, and, when that claim
-        # found nothing, until when nothing can come due while the file stays unchanged.
-        self._versions: dict[str, int] = {}
+        # Per listener: the file's version its last claim began at (None: not read, the
+        # claim before found work), and, when that claim found nothing, until when
+        # nothing can come due while the file stays unchanged.
+        self._versions: dict[str, int | None] = {}
+        # The listeners whose last claim found work: the next claim does not read the
+        # file's version (a read on this thread would hand the interpreter's lock to the
+        # connection's thread, busy settling, and wait for it back).
+        self._busy: set[str] = set()
         self._quiet: dict[str, tuple[int, float]] = {}
         # Per listener: whether it takes each event name seen lately.
         self._takes: dict[str, dict[str, bool]] = {}
@@ -311,12 +316,14 @@ class SQLiteBackend(DurableBackend):
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
     ) -> list[Claimed]:
         now = self.clock()
-        version = self._watch.version() if self._watch is not None else -1
+        version: int | None = -1
+        if self._watch is not None:
+            version = None if listener in self._busy else self._watch.version()
         self._versions[listener] = version
         quiet = self._quiet.pop(listener, None)
         if (
             quiet is not None
-            and version != -1
+            and version not in (-1, None)
             and quiet[0] == version
             and now < quiet[1]
             and now - self._seen.get(listener, 0.0) < _SEEN_S
@@ -339,9 +346,11 @@ class SQLiteBackend(DurableBackend):
         if got.looked:
             self._looked[listener] = now
         if not got.rows and not got.leased:
-            if version != -1:
+            self._busy.discard(listener)
+            if version is not None and version != -1:
                 self._quiet[listener] = (version, got.quiet_until)
             return []
+        self._busy.add(listener)
         leased = got.leased
         out: list[Claimed] = []
         for seq, id_, *fields in got.rows:
@@ -586,6 +595,10 @@ class SQLiteBackend(DurableBackend):
             await super().idle_wait(listener, wake)
             return
         version = self._versions.get(listener, -1)
+        if version is None:
+            # The claim that found nothing did not know the file's version: claim again
+            # at once, knowing it, before waiting for the file to change.
+            return
         timeout = self.poll_s
         quiet = self._quiet.get(listener)
         if quiet is not None and quiet[0] == version:
