@@ -107,6 +107,8 @@ _SEEN_S = 60.0
 _TAKES = 10_000
 # A consumer that keeps finding work looks for expired leases at most this often.
 _EXPIRED_S = 1.0
+# The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
+_LEASE_EXPIRED = 1.0
 # With the file watched, an idle consumer with nothing coming due claims this often.
 _QUIET_S = 1.0
 # Columns added since the first schema, for files made by an older version.
@@ -615,6 +617,10 @@ class SQLiteBackend(DurableBackend):
         if cleanup:
             self._last_cleanup = now
         await self._transact(self._settling, outcomes, now, cleanup)
+        for c in outcomes.releases:
+            if c.lost:
+                # Handed back with its lease expired: the next claim looks for it.
+                self._looked.pop(c.listener, None)
 
     def _settling(
         self, conn: sqlite3.Connection, outcomes: Outcomes, now: float, cleanup: bool
@@ -623,6 +629,14 @@ class SQLiteBackend(DurableBackend):
         # Each only where this process still holds the lease: a worker that lost it
         # (frozen past it) must not settle what another now runs.
         mine = "WHERE listener = ? AND seq = ? AND owner = ?"
+        if outcomes.uncounted:
+            # Only while the attempt is the one that claim counted (its outcome may
+            # have been written meanwhile; never another process's claim).
+            conn.executemany(
+                "UPDATE tidings_deliveries SET attempt = attempt - 1 WHERE listener = ? "
+                "AND seq = ? AND attempt = ? AND (owner IS NULL OR owner = ?)",
+                [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
+            )
         if outcomes.acks:
             # One statement per listener and chunk: cheaper than one per delivery.
             acked: dict[str, list[int]] = {}
@@ -648,10 +662,14 @@ class SQLiteBackend(DurableBackend):
                 [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
             )
         if outcomes.releases:
+            # A lost one's lease is left expired: it is reclaimed as lost again.
             conn.executemany(
                 "UPDATE tidings_deliveries SET attempt = MAX(attempt - 1, 0), "
-                f"lease_until = 0, owner = NULL {mine}",
-                [(c.listener, c.ref, owner) for c in outcomes.releases],
+                f"lease_until = ?, owner = NULL {mine}",
+                [
+                    (_LEASE_EXPIRED if c.lost else 0, c.listener, c.ref, owner)
+                    for c in outcomes.releases
+                ],
             )
         if cleanup:
             _delete_old_events(conn)
