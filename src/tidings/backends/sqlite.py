@@ -249,7 +249,9 @@ class SQLiteBackend(DurableBackend):
                 if column not in {row[1] for row in await cursor.fetchall()}:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if self.path != ":memory:" and self._watch is None:
-            self._watch = Watch(self.path)
+            # A consumer polled more often than the watch looks at its slowest is woken
+            # as often as it asked.
+            self._watch = Watch(self.path, slowest_s=self.poll_s)
 
     async def disconnect(self) -> None:
         if self._watch is not None:
