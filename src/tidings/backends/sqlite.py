@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -32,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings._units import seconds
 from tidings.backends._options import split_options
 from tidings.backends._sqlite_watch import Watch
 from tidings.backends.base import DeadLetter
@@ -135,7 +137,7 @@ class SQLiteBackend(DurableBackend):
 
     Args:
         path: the database file (created if missing).
-        busy_timeout_s: how long a write waits for another process's transaction.
+        busy_timeout: how long a write waits for another process's transaction.
         synchronous: SQLite's ``synchronous`` pragma: ``NORMAL`` (the default) survives
             a process crash; ``FULL`` also survives a power loss, slower.
         **options: see :class:`~tidings.backends.durable.DurableBackend`.
@@ -147,7 +149,7 @@ class SQLiteBackend(DurableBackend):
         self,
         path: str | Path,
         *,
-        busy_timeout_s: float = 30.0,
+        busy_timeout: float | timedelta = 30.0,
         synchronous: str = "NORMAL",
         **options: Any,
     ) -> None:
@@ -155,7 +157,7 @@ class SQLiteBackend(DurableBackend):
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"unknown SQLite synchronous mode {synchronous!r}")
         self.path = str(path)
-        self.busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = max(seconds(busy_timeout, "busy_timeout"), 0.0)
         self.synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
@@ -181,9 +183,9 @@ class SQLiteBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
-        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``stale_listener_s``, ``synchronous``, ``codec`` and ``create_dirs`` (make a missing
-        directory)."""
+        ``lease``, ``poll_interval``, ``busy_timeout`` (durations in seconds), ``batch``,
+        ``concurrency``, ``max_lost_runs``, ``stale_after``, ``synchronous``, ``codec`` and
+        ``create_dirs`` (make a missing directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -191,7 +193,7 @@ class SQLiteBackend(DurableBackend):
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
         rest, ours = split_options(
             url,
-            floats=("lease_s", "poll_s", "busy_timeout_s", "stale_listener_s"),
+            floats=("lease", "poll_interval", "busy_timeout", "stale_after"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
             bools=("create_dirs",),
