@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import threading
 import time
 from datetime import timedelta
@@ -177,6 +178,17 @@ def test_retry_backoff_grows_and_is_capped() -> None:
     waits = [capped.delay_for(5) for _ in range(200)]
     assert max(waits) <= 4
     assert min(waits) < 4  # still spread out below the cap
+
+
+def test_retry_backoff_without_a_cap_keeps_growing() -> None:
+    uncapped = Retry(attempts=20, backoff=1, max_backoff=math.inf, jitter=0)
+    assert uncapped.delay_for(11) == 1024
+
+
+@pytest.mark.parametrize("backoff", [-1, float("nan"), "1"])
+def test_a_retry_backoff_that_is_no_duration_is_refused(backoff: Any) -> None:
+    with pytest.raises(ConfigurationError, match="backoff"):
+        Retry(backoff=backoff)
 
 
 def test_retry_backoff_stays_capped_however_late_the_attempt() -> None:

@@ -49,7 +49,8 @@ class Retry:
     Args:
         attempts: tries in all, the first included (1 means never retry).
         backoff: seconds (or a ``timedelta``) before the second try; doubled by
-            ``factor`` for each further one, capped at ``max_backoff``.
+            ``factor`` for each further one, capped at ``max_backoff`` (``math.inf``: no
+            cap).
         jitter: a fraction of the wait added or taken at random (0.1 = +/-10%), never
             past ``max_backoff``.
         on: the exception types worth retrying; any other fails at once.
@@ -67,9 +68,16 @@ class Retry:
             raise ConfigurationError(f"Retry(attempts=...) must be at least 1, not {self.attempts}")
         if not 0 <= self.jitter <= 1:
             raise ConfigurationError(f"Retry(jitter=...) must be within 0..1, not {self.jitter}")
-        for what in ("backoff", "max_backoff"):
-            if seconds(getattr(self, what), f"Retry({what}=...)") < 0:
-                raise ConfigurationError(f"Retry({what}=...) must not be negative")
+        if seconds(self.backoff, "Retry(backoff=...)") < 0 or self._cap_s() < 0:
+            raise ConfigurationError(
+                f"Retry(backoff=..., max_backoff=...) must not be negative, not "
+                f"{self.backoff!r} and {self.max_backoff!r}"
+            )
+
+    def _cap_s(self) -> float:
+        if self.max_backoff == math.inf:
+            return math.inf
+        return seconds(self.max_backoff, "Retry(max_backoff=...)")
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -79,7 +87,7 @@ class Retry:
                 base *= self.factor ** (attempt - 1)
             except OverflowError:  # far past the cap
                 base = math.inf
-        cap = seconds(self.max_backoff, "Retry(max_backoff=...)")
+        cap = self._cap_s()
         base = min(base, cap)
         if self.jitter:
             # Jittered below the cap too (so waits that reached it still spread out),

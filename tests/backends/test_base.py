@@ -140,3 +140,24 @@ async def test_closing_reports_and_forgets_deliveries_that_never_ran(
         event_id = backend.kept[0].event.id
     assert f"1 undelivered event(s) after 0s: {event_id}" in caplog.text
     assert backend.stats()["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "old", "new"),
+    [
+        ("sqlite:///events.db?lease_s=5", "lease_s", "lease"),
+        ("redis://127.0.0.1:6379/15?poll_s=0.1", "poll_s", "poll_interval"),
+        ("redis://127.0.0.1:6379/15?timeout_s=2", "timeout_s", "timeout"),
+        ("postgresql://postgres@127.0.0.1/test?retention_s=60", "retention_s", "retention"),
+        (
+            "postgresql://postgres@127.0.0.1/test?stale_listener_s=60",
+            "stale_listener_s",
+            "stale_after",
+        ),
+    ],
+)
+def test_an_option_of_an_earlier_release_is_named_with_its_new_name(
+    url: str, old: str, new: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"option '{old}' .* is now '{new}'"):
+        Bus(url)

@@ -11,6 +11,19 @@ from tidings.errors import ConfigurationError
 __all__ = ["redact", "split_options"]
 
 
+# Options of earlier releases, by the name that replaced them: durations are named for
+# what they are, not for their unit. Named in the error rather than passed on to the
+# driver (asyncpg would send an unknown one to the server as a setting).
+_RENAMED = {
+    "lease_s": "lease",
+    "poll_s": "poll_interval",
+    "stale_listener_s": "stale_after",
+    "busy_timeout_s": "busy_timeout",
+    "retention_s": "retention",
+    "timeout_s": "timeout",
+}
+
+
 def split_options(
     url: str,
     *,
@@ -23,12 +36,18 @@ def split_options(
     query (the driver's parameters), and the options, converted.
 
     Raises:
-        ConfigurationError: an option's value does not convert.
+        ConfigurationError: an option's value does not convert, or an option of an
+            earlier release (``lease_s``: now ``lease``).
     """
     parts = urlsplit(url)
     rest: list[tuple[str, str]] = []
     options: dict[str, Any] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _RENAMED:
+            raise ConfigurationError(
+                f"option {key!r} in {redact(url)!r} is now {_RENAMED[key]!r} "
+                f"(?{_RENAMED[key]}={value}: seconds)"
+            )
         try:
             if key in floats:
                 options[key] = float(value)
