@@ -365,3 +365,21 @@ async def test_publish_with_a_delay_fails_when_the_store_is_out_of_reach(tmp_pat
                 await bus.options(delay=60).publish("later", n=1)
         finally:
             locker.close()
+
+
+async def test_a_claim_with_nothing_to_do_takes_no_write_lock(tmp_path: Path) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    # A write would wait at most 10ms for the lock held below, then fail.
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout=0.01)
+    async with Bus(backend, listeners=[on_x]):
+        assert await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
+        backend._quiet.clear()  # claim again, not only remember that nothing came
+        locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")  # another process writes meanwhile
+            assert await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
+        finally:
+            locker.close()

@@ -27,9 +27,12 @@ class Watch:
 
     Args:
         path: the database file (already created).
+        slowest_s: the longest interval between looks while the file is quiet (at most
+            a few dozen milliseconds).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, slowest_s: float = _SLOW_S) -> None:
+        self._slowest_s = min(slowest_s, _SLOW_S)
         # Never waits for a lock: a busy file is read as changed (the claim that
         # follows waits as claims do).
         self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -81,7 +84,7 @@ class Watch:
             changed = [wake for wake, seen in self._waiters.items() if seen != now or now == -1]
             for wake in changed:
                 wake.set()
-            interval = _FAST_S if changed else min(interval * _BACKOFF, _SLOW_S)
+            interval = _FAST_S if changed else min(interval * _BACKOFF, self._slowest_s)
 
     async def aclose(self) -> None:
         """Stop watching and close the watch's connection."""

@@ -8,6 +8,11 @@ Events are fanned out lazily: a consumer turns the events past its listener's po
 into its own deliveries in the same transaction that leases them. Events every listener
 has moved past, and that no delivery refers to any more, are deleted.
 
+Each write is one transaction run whole in one call to the connection's thread, so the
+file's write lock is held for its statements alone: never while this process's event
+loop is busy elsewhere. A claim reads first and writes only when it has something to
+lease or record (a reader never waits for a writer in WAL mode).
+
 Needs ``pip install 'tidings[sqlite]'`` (aiosqlite).
 """
 
@@ -17,10 +22,12 @@ import asyncio
 import contextlib
 import math
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
     import aiosqlite
 
 __all__ = ["SQLiteBackend"]
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tidings_events (
@@ -157,9 +166,14 @@ class SQLiteBackend(DurableBackend):
         self._seen: dict[str, float] = {}
         # Commits to the file by any connection but its own (None: a memory database).
         self._watch: Watch | None = None
-        # Per listener: the file's version its last claim began at, and, when that claim
-        # found nothing, until when nothing can come due while the file stays unchanged.
-        self._versions: dict[str, int] = {}
+        # Per listener: the file's version its last claim began at (None: not read, the
+        # claim before found work), and, when that claim found nothing, until when
+        # nothing can come due while the file stays unchanged.
+        self._versions: dict[str, int | None] = {}
+        # The listeners whose last claim found work: the next claim does not read the
+        # file's version (a read on this thread would hand the interpreter's lock to the
+        # connection's thread, busy settling, and wait for it back).
+        self._busy: set[str] = set()
         self._quiet: dict[str, tuple[int, float]] = {}
         # Per listener: whether it takes each event name seen lately.
         self._takes: dict[str, dict[str, bool]] = {}
@@ -237,7 +251,9 @@ class SQLiteBackend(DurableBackend):
                 if column not in {row[1] for row in await cursor.fetchall()}:
                     await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if self.path != ":memory:" and self._watch is None:
-            self._watch = Watch(self.path)
+            # A consumer polled more often than the watch looks at its slowest is woken
+            # as often as it asked.
+            self._watch = Watch(self.path, slowest_s=self.poll_s)
 
     async def disconnect(self) -> None:
         if self._watch is not None:
@@ -250,7 +266,22 @@ class SQLiteBackend(DurableBackend):
     def _write(self) -> _Transaction:
         if self._db is None:
             raise BackendError("the SQLite backend is not connected (start the bus first)")
-        return _Transaction(self._db, self._lock)
+        return _Transaction(self._db, self._lock, self.busy_timeout_s)
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(conn, *args)`` in one call to the connection's thread, ``conn`` being
+        the connection itself: a write transaction begun there holds the file's lock
+        for its statements alone, never across turns of this process's event loop
+        (which may be busy running deliveries meanwhile)."""
+        db = self._connected()
+        async with self._lock:
+            # aiosqlite runs each of its own calls so.
+            result = await db._execute(_call, db, fn, args)  # type: ignore[no-untyped-call]
+        return cast(_T, result)
+
+    async def _transact(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(conn, *args)`` in one write transaction (see :meth:`_in_thread`)."""
+        return await self._in_thread(_transaction, self.busy_timeout_s, fn, args)
 
     # -- producing ------------------------------------------------------------------
 
@@ -267,12 +298,7 @@ class SQLiteBackend(DurableBackend):
             )
             for r in records
         ]
-        async with self._write() as db:
-            await db.executemany(
-                "INSERT INTO tidings_events (id, name, data, headers, created, due, version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        await self._transact(_insert_events, rows)
 
     def refuses(self, exc: BaseException) -> bool:
         # A constraint (a NaN due time is stored as NULL), a value SQLite cannot bind,
@@ -296,13 +322,14 @@ class SQLiteBackend(DurableBackend):
         self, listener: str, names: Sequence[str], limit: int, lease_s: float
     ) -> list[Claimed]:
         now = self.clock()
-        lost = False
-        version = self._watch.version() if self._watch is not None else -1
+        version: int | None = -1
+        if self._watch is not None:
+            version = None if listener in self._busy else self._watch.version()
         self._versions[listener] = version
         quiet = self._quiet.pop(listener, None)
         if (
             quiet is not None
-            and version != -1
+            and version not in (-1, None)
             and quiet[0] == version
             and now < quiet[1]
             and now - self._seen.get(listener, 0.0) < _SEEN_S
@@ -311,124 +338,174 @@ class SQLiteBackend(DurableBackend):
             # saw comes due before then: this one would find nothing either.
             self._quiet[listener] = quiet
             return []
-        fresh: list[Any] = []
-        more = False
-        expired = "lease_until > 0 AND lease_until <= ?"
         # A busy consumer looks for expired leases now and then, not at every claim (a
         # claim that finds nothing else always looks).
         looked = now - self._looked.get(listener, 0.0) >= min(_EXPIRED_S, lease_s / 2)
-        async with self._write() as db:
-            leased = {}
-            if looked:
-                self._looked[listener] = now
-                # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
-                # index of leased rows makes looking for one cheap.
-                leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
-            lost = bool(leased)
-            if not lost:
-                # Deliveries made earlier (retried, handed back, delayed) come before
-                # new events: their events were stored first.
-                leased = await self._lease(
-                    db, "lease_until = 0 AND due <= ?", (now,), limit, listener, now + lease_s
-                )
-                if len(leased) < limit:
-                    fresh, more = await self._fan_out(
-                        db, listener, names, limit - len(leased), now, now + lease_s
-                    )
-                if not (looked or leased or fresh):
-                    self._looked[listener] = now
-                    leased = await self._lease(db, expired, (now,), 1, listener, now + lease_s)
-                    lost = bool(leased)
-            if now - self._seen.get(listener, 0.0) >= _SEEN_S:
-                self._seen[listener] = now
-                await db.execute(
-                    "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
-                    (now, listener),
-                )
-            if not leased and not fresh:
-                if version != -1:
-                    self._quiet[listener] = (
-                        version,
-                        now if more else await _next_due(db, listener),
-                    )
-                return []
-            rows: list[Any] = []
-            if leased:
-                rows = list(
-                    await db.execute_fetchall(
-                        "SELECT seq, id, name, data, headers, created, due, version "
-                        f"FROM tidings_events WHERE seq IN ({','.join('?' * len(leased))}) "
-                        "ORDER BY seq",
-                        tuple(leased),
-                    )
-                )
-            leased.update((row[0], 1) for row in fresh)
-            rows += fresh
-        if now - self._last_cleanup > _CLEANUP_S:
-            self._last_cleanup = now
-            await self._cleanup()
+        if looked:
+            self._looked[listener] = now
+        seen = now - self._seen.get(listener, 0.0) >= _SEEN_S
+        if seen:
+            self._seen[listener] = now
+        got = await self._in_thread(
+            self._claiming, listener, tuple(names), limit, now, now + lease_s, looked, seen
+        )
+        if got.looked:
+            self._looked[listener] = now
+        if not got.rows and not got.leased:
+            self._busy.discard(listener)
+            if version is not None and version != -1:
+                self._quiet[listener] = (version, got.quiet_until)
+            return []
+        self._busy.add(listener)
+        leased = got.leased
         out: list[Claimed] = []
-        for seq, id_, *fields in rows:
+        for seq, id_, *fields in got.rows:
             attempt = leased.pop(seq)
             try:
                 record = stored_row(id_, *fields)
             except Exception as exc:
                 out.append(unreadable(listener, attempt, id_, seq, exc))
                 continue
-            out.append(Claimed(listener, attempt, record, seq, lost=lost))
+            out.append(Claimed(listener, attempt, record, seq, lost=got.lost))
         for seq, attempt in leased.items():  # a delivery whose event row is gone
             missing = LookupError(f"the stored event of delivery {seq} is missing")
             out.append(unreadable(listener, attempt, f"#{seq}", seq, missing))
         return out
 
-    async def _lease(
+    def _claiming(
         self,
-        db: aiosqlite.Connection,
+        conn: sqlite3.Connection,
+        listener: str,
+        names: tuple[str, ...],
+        limit: int,
+        now: float,
+        until: float,
+        looked: bool,
+        seen: bool,
+    ) -> _Claim:
+        """The claim, in the connection's thread: new events are read first, outside any
+        transaction (a reader never waits for a writer); the write lock is taken only
+        when there is something to lease or to record."""
+        new = self._new_events(conn, listener, names, limit, now)
+        if new.read == 0 and not seen:
+            # Nothing new: a write is needed only if a delivery is due or a lease expired.
+            due = _next_due(conn, listener)
+            if due > now:
+                return _Claim(quiet_until=due)
+        _begin(conn, self.busy_timeout_s)
+        try:
+            got = self._claiming_in_transaction(
+                conn, listener, names, limit, now, until, looked, new
+            )
+            if seen:
+                conn.execute(
+                    "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
+                    (now, listener),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return got
+
+    def _claiming_in_transaction(
+        self,
+        conn: sqlite3.Connection,
+        listener: str,
+        names: tuple[str, ...],
+        limit: int,
+        now: float,
+        until: float,
+        looked: bool,
+        new: _NewEvents,
+    ) -> _Claim:
+        got = _Claim()
+        expired = "lease_until > 0 AND lease_until <= ?"
+        if looked:
+            # A delivery whose lease expired is reclaimed alone (see Claimed.lost); the
+            # index of leased rows makes looking for one cheap.
+            got.leased = self._lease(conn, expired, now, 1, listener, until)
+            got.looked = True
+        if got.leased:
+            got.lost = True
+        else:
+            # Deliveries made earlier (retried, handed back, delayed) come before new
+            # events: their events were stored first.
+            got.leased = self._lease(
+                conn, "lease_until = 0 AND due <= ?", now, limit, listener, until
+            )
+            if len(got.leased) < limit:
+                (position,) = conn.execute(
+                    "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
+                ).fetchone() or (None,)
+                if position != new.start:
+                    # Another process moved this listener on since the read: read again,
+                    # under the lock.
+                    new = self._new_events(conn, listener, names, limit, now)
+                got.rows, more = self._fan_out(conn, listener, new, limit - len(got.leased), until)
+                got.more = more
+            if not (looked or got.leased or got.rows):
+                got.looked = True
+                got.leased = self._lease(conn, expired, now, 1, listener, until)
+                got.lost = bool(got.leased)
+        if not got.leased and not got.rows:
+            got.quiet_until = now if got.more else _next_due(conn, listener)
+            return got
+        if got.leased:
+            marks = ",".join("?" * len(got.leased))
+            got.rows = [
+                *conn.execute(
+                    "SELECT seq, id, name, data, headers, created, due, version "
+                    f"FROM tidings_events WHERE seq IN ({marks}) ORDER BY seq",
+                    tuple(got.leased),
+                ).fetchall(),
+                *got.rows,
+            ]
+        got.leased.update((row[0], 1) for row in got.rows if row[0] not in got.leased)
+        return got
+
+    def _lease(
+        self,
+        conn: sqlite3.Connection,
         where: str,
-        params: tuple[Any, ...],
+        at: float,
         limit: int,
         listener: str,
         until: float,
     ) -> dict[int, int]:
-        # (Executed and fetched in one call to the connection's thread, as below.)
-        rows = await db.execute_fetchall(
+        rows = conn.execute(
             "UPDATE tidings_deliveries SET attempt = attempt + 1, lease_until = ?, "
             "owner = ? WHERE listener = ? AND seq IN (SELECT seq FROM tidings_deliveries "
             f"WHERE listener = ? AND dead = 0 AND {where} ORDER BY seq LIMIT ?) "
             "RETURNING seq, attempt",
-            (until, self.owner, listener, listener, *params, limit),
-        )
+            (until, self.owner, listener, listener, at, limit),
+        ).fetchall()
         return {seq: attempt for seq, attempt in rows}  # noqa: C416
 
-    async def _fan_out(
+    def _new_events(
         self,
-        db: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         listener: str,
-        names: Sequence[str],
+        names: tuple[str, ...],
         room: int,
         now: float,
-        until: float,
-    ) -> tuple[list[Any], bool]:
-        """Turn new events into deliveries of ``listener``, leasing those due at once (up
-        to ``room``) in the same write: the rows of the events leased, and whether more
-        new events may be left."""
-        # The first read starts past the listener's position (none: not joined, nothing).
-        after = "(SELECT position FROM tidings_listeners WHERE listener = ?)"
-        position: Any = listener
-        leased: list[Any] = []
-        later: list[tuple[str, int, float]] = []
+    ) -> _NewEvents:
+        """The events past ``listener``'s position that it takes, up to ``room`` of them
+        due now (read, not yet written down)."""
+        row = conn.execute(
+            "SELECT position FROM tidings_listeners WHERE listener = ?", (listener,)
+        ).fetchone()
+        new = _NewEvents(None if row is None else row[0])
+        if new.start is None:
+            return new  # not joined: nothing
+        new.position = new.start
         takes = self._takes.setdefault(listener, {})
-        read = 0
-        more = False
-        while len(leased) < room:
-            events = list(
-                await db.execute_fetchall(
-                    "SELECT seq, id, name, data, headers, created, due, version "
-                    f"FROM tidings_events WHERE seq > {after} ORDER BY seq LIMIT ?",
-                    (position, room - len(leased)),
-                )
-            )
-            after = "?"
+        while len(new.due) < room:
+            events = conn.execute(
+                "SELECT seq, id, name, data, headers, created, due, version "
+                "FROM tidings_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (new.position, room - len(new.due)),
+            ).fetchall()
             for event in events:
                 seq, name, due = event[0], event[2], event[6]
                 # A row whose name is not text was not written by tidings: every listener
@@ -444,32 +521,48 @@ class SQLiteBackend(DurableBackend):
                         continue
                 due = due if isinstance(due, float | int) else 0.0
                 if due > now:
-                    later.append((listener, seq, due))
+                    new.later.append((listener, seq, due))
                 else:
-                    leased.append(event)
+                    new.due.append(event)
             if not events:
                 break
-            position = events[-1][0]
-            read += len(events)
-            if read >= _FANOUT:
-                more = True
+            new.position = events[-1][0]
+            new.read += len(events)
+            if new.read >= _FANOUT:
+                new.more = True
                 break
-        if read == 0:
+        return new
+
+    def _fan_out(
+        self, conn: sqlite3.Connection, listener: str, new: _NewEvents, room: int, until: float
+    ) -> tuple[list[Any], bool]:
+        """Turn new events into deliveries of ``listener``, leasing those due at once (up
+        to ``room``) in the same write: the rows of the events leased, and whether more
+        new events may be left."""
+        if new.read == 0:
             return [], False
+        due, later, position, more = new.due, new.later, new.position, new.more
+        if len(due) > room:
+            # Deliveries leased again took some of the room: the events past the last
+            # one leased stay new.
+            due = due[:room]
+            position = due[-1][0]  # (room is at least 1)
+            later = [entry for entry in later if entry[1] <= position]
+            more = True
         if later:
-            await db.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO tidings_deliveries (listener, seq, due) VALUES (?, ?, ?)",
                 later,
             )
         # Written once, leased: a new delivery is not inserted to be updated next.
-        taken: set[int] = set()
-        for start in range(0, len(leased), _CHUNK):
-            chunk = leased[start : start + _CHUNK]
-            inserted = await db.execute_fetchall(
+        taken: list[Any] = []
+        for start in range(0, len(due), _CHUNK):
+            chunk = due[start : start + _CHUNK]
+            cursor = conn.execute(
                 "INSERT INTO tidings_deliveries (listener, seq, due, attempt, lease_until, owner) "
                 "SELECT ?, column1, column2, 1, ?, ? FROM "
                 f"(VALUES {','.join(['(?, ?)'] * len(chunk))}) WHERE true "
-                "ON CONFLICT DO NOTHING RETURNING seq",
+                "ON CONFLICT DO NOTHING",
                 (
                     listener,
                     until,
@@ -481,11 +574,25 @@ class SQLiteBackend(DurableBackend):
                     ],
                 ),
             )
-            taken.update(seq for (seq,) in inserted)
-        await db.execute(
+            if cursor.rowcount == len(chunk):
+                taken += chunk
+                continue
+            # A delivery of one of them was there already (never made by tidings, which
+            # moves the position in the same write): only the rows just written are ours.
+            ours = {
+                seq
+                for (seq,) in conn.execute(
+                    "SELECT seq FROM tidings_deliveries WHERE listener = ? AND owner = ? "
+                    "AND lease_until = ? AND attempt = 1 "
+                    f"AND seq IN ({','.join('?' * len(chunk))})",
+                    (listener, self.owner, until, *[e[0] for e in chunk]),
+                )
+            }
+            taken += [e for e in chunk if e[0] in ours]
+        conn.execute(
             "UPDATE tidings_listeners SET position = ? WHERE listener = ?", (position, listener)
         )
-        return [e for e in leased if e[0] in taken], more
+        return taken, more
 
     async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
         # Woken as soon as another process commits to the file (its events may be for
@@ -494,6 +601,10 @@ class SQLiteBackend(DurableBackend):
             await super().idle_wait(listener, wake)
             return
         version = self._versions.get(listener, -1)
+        if version is None:
+            # The claim that found nothing did not know the file's version: claim again
+            # at once, knowing it, before waiting for the file to change.
+            return
         timeout = self.poll_s
         quiet = self._quiet.get(listener)
         if quiet is not None and quiet[0] == version:
@@ -504,71 +615,87 @@ class SQLiteBackend(DurableBackend):
 
     async def settle(self, outcomes: Outcomes) -> None:
         now = self.clock()
+        # Old events are deleted in the same write as the acks that free them, off the
+        # way of a claim (which a fresh event waits for).
+        cleanup = now - self._last_cleanup > _CLEANUP_S
+        if cleanup:
+            self._last_cleanup = now
+        await self._transact(self._settling, outcomes, now, cleanup)
+        for c in outcomes.releases:
+            if c.lost:
+                # Handed back with its lease expired: the next claim looks for it.
+                self._looked.pop(c.listener, None)
+
+    def _settling(
+        self, conn: sqlite3.Connection, outcomes: Outcomes, now: float, cleanup: bool
+    ) -> None:
         owner = self.owner
         # Each only where this process still holds the lease: a worker that lost it
         # (frozen past it) must not settle what another now runs.
         mine = "WHERE listener = ? AND seq = ? AND owner = ?"
-        async with self._write() as db:
-            if outcomes.uncounted:
-                # Only while the attempt is the one that claim counted (its outcome may
-                # have been written meanwhile; never another process's claim).
-                await db.executemany(
-                    "UPDATE tidings_deliveries SET attempt = attempt - 1 WHERE listener = ? "
-                    "AND seq = ? AND attempt = ? AND (owner IS NULL OR owner = ?)",
-                    [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
-                )
-            if outcomes.acks:
-                # One statement per listener and chunk: cheaper than one per delivery.
-                acked: dict[str, list[int]] = {}
-                for c in outcomes.acks:
-                    acked.setdefault(c.listener, []).append(c.ref)
-                for listener, seqs in acked.items():
-                    for start in range(0, len(seqs), _CHUNK):
-                        chunk = seqs[start : start + _CHUNK]
-                        await db.execute(
-                            "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
-                            f"AND seq IN ({','.join('?' * len(chunk))})",
-                            (listener, owner, *chunk),
-                        )
-            if outcomes.retries:
-                await db.executemany(
-                    f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
-                    [(now + delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
-                )
-            if outcomes.burials:
-                await db.executemany(
-                    "UPDATE tidings_deliveries SET dead = 1, error = ?, traceback = ?, "
-                    f"failed_at = ?, lease_until = 0, owner = NULL {mine}",
-                    [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
-                )
-            if outcomes.releases:
-                # A lost one's lease is left expired: it is reclaimed as lost again.
-                await db.executemany(
-                    "UPDATE tidings_deliveries SET attempt = MAX(attempt - 1, 0), "
-                    f"lease_until = ?, owner = NULL {mine}",
-                    [
-                        (_LEASE_EXPIRED if c.lost else 0, c.listener, c.ref, owner)
-                        for c in outcomes.releases
-                    ],
-                )
-                for c in outcomes.releases:
-                    if c.lost:
-                        self._looked.pop(c.listener, None)
+        if outcomes.uncounted:
+            # Only while the attempt is the one that claim counted (its outcome may
+            # have been written meanwhile; never another process's claim).
+            conn.executemany(
+                "UPDATE tidings_deliveries SET attempt = attempt - 1 WHERE listener = ? "
+                "AND seq = ? AND attempt = ? AND (owner IS NULL OR owner = ?)",
+                [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
+            )
+        if outcomes.acks:
+            # One statement per listener and chunk: cheaper than one per delivery.
+            acked: dict[str, list[int]] = {}
+            for c in outcomes.acks:
+                acked.setdefault(c.listener, []).append(c.ref)
+            for listener, seqs in acked.items():
+                for start in range(0, len(seqs), _CHUNK):
+                    chunk = seqs[start : start + _CHUNK]
+                    conn.execute(
+                        "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
+                        f"AND seq IN ({','.join('?' * len(chunk))})",
+                        (listener, owner, *chunk),
+                    )
+        if outcomes.retries:
+            conn.executemany(
+                f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
+                [(now + delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
+            )
+        if outcomes.burials:
+            conn.executemany(
+                "UPDATE tidings_deliveries SET dead = 1, error = ?, traceback = ?, "
+                f"failed_at = ?, lease_until = 0, owner = NULL {mine}",
+                [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
+            )
+        if outcomes.releases:
+            # A lost one's lease is left expired: it is reclaimed as lost again.
+            conn.executemany(
+                "UPDATE tidings_deliveries SET attempt = MAX(attempt - 1, 0), "
+                f"lease_until = ?, owner = NULL {mine}",
+                [
+                    (_LEASE_EXPIRED if c.lost else 0, c.listener, c.ref, owner)
+                    for c in outcomes.releases
+                ],
+            )
+        if cleanup:
+            _delete_old_events(conn)
 
     async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
-        until = self.clock() + lease_s
-        renewed: set[tuple[str, int]] = set()
-        async with self._write() as db:
-            for start in range(0, len(claimed), _CHUNK):
-                chunk = claimed[start : start + _CHUNK]
-                cursor = await db.execute(
-                    "UPDATE tidings_deliveries SET lease_until = ? WHERE owner = ? AND "
-                    f"(listener, seq) IN (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
-                    "RETURNING listener, seq",
-                    (until, self.owner, *[v for c in chunk for v in (c.listener, c.ref)]),
-                )
-                renewed.update((lst, seq) for lst, seq in await cursor.fetchall())
+        renewed = await self._transact(self._renewing, claimed, self.clock() + lease_s)
         return [c for c in claimed if (c.listener, c.ref) not in renewed]
+
+    def _renewing(
+        self, conn: sqlite3.Connection, claimed: Sequence[Claimed], until: float
+    ) -> set[tuple[str, int]]:
+        renewed: set[tuple[str, int]] = set()
+        for start in range(0, len(claimed), _CHUNK):
+            chunk = claimed[start : start + _CHUNK]
+            cursor = conn.execute(
+                "UPDATE tidings_deliveries SET lease_until = ? WHERE owner = ? AND "
+                f"(listener, seq) IN (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
+                "RETURNING listener, seq",
+                (until, self.owner, *[v for c in chunk for v in (c.listener, c.ref)]),
+            )
+            renewed.update((lst, seq) for lst, seq in cursor.fetchall())
+        return renewed
 
     async def joined(self) -> dict[str, list[str]]:
         async with self._lock:
@@ -588,16 +715,7 @@ class SQLiteBackend(DurableBackend):
         return known
 
     async def _cleanup(self) -> None:
-        async with self._write() as db:
-            # Events every joined listener has moved past (all of them, when none is
-            # joined: a listener joined later receives new events only).
-            await db.execute(
-                "DELETE FROM tidings_events WHERE seq <= COALESCE("
-                "(SELECT MIN(position) FROM tidings_listeners), "
-                "(SELECT MAX(seq) FROM tidings_events)) "
-                "AND NOT EXISTS (SELECT 1 FROM tidings_deliveries d "
-                "WHERE d.seq = tidings_events.seq)"
-            )
+        await self._transact(_delete_old_events)
 
     async def claim_tick(self, schedule: str, tick: float) -> bool:
         async with self._write() as db:
@@ -739,28 +857,141 @@ class SQLiteBackend(DurableBackend):
         return self._db
 
 
-async def _next_due(db: aiosqlite.Connection, listener: str) -> float:
+def _next_due(conn: sqlite3.Connection, listener: str) -> float:
     """When the first delivery of ``listener`` comes due or its lease expires."""
-    cursor = await db.execute(
+    row = conn.execute(
         "SELECT MIN(CASE WHEN lease_until > 0 THEN lease_until ELSE due END) "
         "FROM tidings_deliveries WHERE listener = ? AND dead = 0",
         (listener,),
-    )
-    row = await cursor.fetchone()
+    ).fetchone()
     return float(row[0]) if row and row[0] is not None else math.inf
+
+
+def _delete_old_events(conn: sqlite3.Connection) -> None:
+    """Delete the events every joined listener has moved past (all of them, when none is
+    joined: a listener joined later receives new events only) and that no delivery
+    refers to any more."""
+    conn.execute(
+        "DELETE FROM tidings_events WHERE seq <= COALESCE("
+        "(SELECT MIN(position) FROM tidings_listeners), "
+        "(SELECT MAX(seq) FROM tidings_events)) "
+        "AND NOT EXISTS (SELECT 1 FROM tidings_deliveries d "
+        "WHERE d.seq = tidings_events.seq)"
+    )
+
+
+def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert stored events' rows, as few statements as the bound-value limit allows:
+    each statement is one step, where ``executemany`` takes one per row."""
+    per = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 7)
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.execute(
+            "INSERT INTO tidings_events (id, name, data, headers, created, due, version) "
+            f"VALUES {','.join(['(?, ?, ?, ?, ?, ?, ?)'] * len(chunk))}",
+            [v for row in chunk for v in row],
+        )
+
+
+def _call(db: aiosqlite.Connection, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
+    return fn(db._conn, *args)
+
+
+def _transaction(
+    conn: sqlite3.Connection, busy_timeout_s: float, fn: Callable[..., _T], args: tuple[Any, ...]
+) -> _T:
+    """``fn(conn, *args)`` between ``BEGIN IMMEDIATE`` and ``COMMIT`` (``ROLLBACK`` if it
+    raises)."""
+    _begin(conn, busy_timeout_s)
+    try:
+        result = fn(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return result
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the error that matters is being raised
+            conn.execute("ROLLBACK")
+
+
+# While another connection writes, BEGIN IMMEDIATE is tried again after this pause,
+# doubled up to the longest.
+_BEGIN_PAUSE_S = 0.00005
+_BEGIN_PAUSE_MAX_S = 0.001
+
+
+def _begin(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """``BEGIN IMMEDIATE`` on ``conn`` (in its thread), waiting up to ``busy_timeout_s``
+    for another connection's write transaction to end.
+
+    SQLite's own wait (``busy_timeout``) sleeps 1, 2, 5, 10, 20... milliseconds between
+    tries: a producer that commits and begins again at once keeps a waiting consumer out
+    for tens of milliseconds. Trying again every millisecond at most finds the gap.
+    """
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + busy_timeout_s
+        pause = _BEGIN_PAUSE_S
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if (
+                    exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY
+                    or time.monotonic() >= deadline
+                ):
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, _BEGIN_PAUSE_MAX_S)
+    finally:
+        # The statements of the transaction (and reads) wait as configured.
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+
+
+@dataclass(slots=True)
+class _NewEvents:
+    """What a claim read past a listener's position: the events due now that it takes,
+    those it takes later (``(listener, seq, due)``), and where the read ended."""
+
+    start: int | None
+    position: int = 0
+    due: list[Any] = field(default_factory=list)
+    later: list[tuple[str, int, float]] = field(default_factory=list)
+    read: int = 0
+    more: bool = False
+
+
+@dataclass(slots=True)
+class _Claim:
+    """What a claim leased (``leased``: seq -> attempt; ``rows``: their events), or when
+    it may next find something (``quiet_until``)."""
+
+    leased: dict[int, int] = field(default_factory=dict)
+    rows: list[Any] = field(default_factory=list)
+    lost: bool = False
+    looked: bool = False
+    more: bool = False
+    quiet_until: float = 0.0
 
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` on the shared connection, one at a time."""
 
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
+    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock, busy_timeout_s: float) -> None:
         self.db = db
         self.lock = lock
+        self.busy_timeout_s = busy_timeout_s
 
     async def __aenter__(self) -> aiosqlite.Connection:
         await self.lock.acquire()
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
+            # One call to the connection's thread (aiosqlite's own way to run one).
+            await self.db._execute(_begin, self.db._conn, self.busy_timeout_s)  # type: ignore[no-untyped-call]
         except BaseException:
             # Cancelled, the BEGIN still runs on the connection's thread: end what it
             # began there (statements run in order, so before the next transaction's).

@@ -36,8 +36,12 @@ __all__ = [
 STORED_VERSION = 1
 
 
-class Stored(msgspec.Struct, array_like=True, omit_defaults=True):
+class Stored(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One event as a broker stores it (a broker may store it as this msgpack array).
+
+    Untracked by the garbage collector (``gc=False``: it holds no reference back to
+    anything that holds it), as :class:`Claimed`: a busy worker makes one of each per
+    delivery, and fewer tracked objects mean fewer collections.
 
     ``version`` is the stored format's: an entry written before it existed reads as 1,
     and a version-1 entry is packed without it (as older workers read it). A worker
@@ -53,7 +57,7 @@ class Stored(msgspec.Struct, array_like=True, omit_defaults=True):
     version: int = 1
 
 
-class Claimed(msgspec.Struct):
+class Claimed(msgspec.Struct, gc=False):
     """One delivery a broker handed out under a lease."""
 
     listener: str
