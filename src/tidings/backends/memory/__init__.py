@@ -22,13 +22,13 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from tidings.backends.base import Backend, DeadLetter
-from tidings.backends.memory._pump import Entry, Pump, event_of
+from tidings.backends.memory._pump import Entry, Pump, event_of, timed
 from tidings.errors import NotStartedError, QueueFull
 from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.delivery import Runner
+    from tidings.delivery import Runner, Tally
     from tidings.listeners import Subscription
 
 __all__ = ["MemoryBackend"]
@@ -40,6 +40,8 @@ _BATCH = 8192
 
 # The positional arguments of a typed event's entry: never called with directly.
 _TYPED = (None,)
+
+_clock = time.perf_counter
 
 _GateEntry = tuple[Event, "tuple[Subscription, ...]", Context]
 
@@ -97,6 +99,29 @@ class MemoryBackend(Backend):
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tally: Tally | None = None
+        # With a tally: when each delivery in ``_running`` started (``perf_counter``).
+        self._started: dict[asyncio.Future[Any], float] = {}
+
+    def count_into(self, tally: Tally) -> None:
+        """Count emits and time deliveries into ``tally`` for metrics, before start
+        (see :class:`tidings.delivery.Tally`)."""
+        self._tally = self._pump.tally = tally
+
+    def in_progress(self) -> list[Subscription]:
+        """The subscriptions of the deliveries running now, one per delivery (those
+        suspended in line are known with a tally only)."""
+        # Copied at once: a scrape may read this from another thread.
+        running = list(self._running.values())
+        return self._pump.in_progress() + [sub for _event, sub in running]
+
+    def _emitted(self, name: str) -> None:
+        tally = self._tally
+        if tally is not None:
+            if name in tally.emitted:
+                tally.emitted[name] += 1
+            else:
+                tally.first_emit(name)
 
     async def start(self, runner: Runner) -> None:
         self._runner = runner
@@ -121,6 +146,7 @@ class MemoryBackend(Backend):
         fits = max(pump.room - len(self._queue), 0)
         for subs, ctx, name, args, kwargs, emitted_at in entries[:fits]:
             pump.put(Entry(subs, ctx, name, args, kwargs, emitted_at))
+            self._emitted(name)
         if fits < len(entries):
             raise self._full(entries[fits][2])
 
@@ -135,6 +161,7 @@ class MemoryBackend(Backend):
         if len(self._queue) >= self._pump.room:
             raise self._full(name)
         self._pump.put(Entry(subs, ctx, name, args, kwargs, time.time()))
+        self._emitted(name)
 
     def fast_emit(
         self,
@@ -149,6 +176,7 @@ class MemoryBackend(Backend):
         if len(self._queue) >= self._pump.room:
             raise self._full(event.name)
         self._force(event, subs, ctx)
+        self._emitted(event.name)
 
     async def put_wait(
         self,
@@ -176,6 +204,7 @@ class MemoryBackend(Backend):
                 f"cannot queue event {event.name!r}: the bus closed while it waited for room"
             )
         self._force(event, subs, ctx)
+        self._emitted(event.name)
 
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         # A typed event's listeners bind through their plans: non-empty "args" say so.
@@ -186,6 +215,7 @@ class MemoryBackend(Backend):
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
     ) -> None:
         self._timer(delay_s, [event], self._force, event, subs, ctx)
+        self._emitted(event.name)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         self._retrying += 1
@@ -237,7 +267,7 @@ class MemoryBackend(Backend):
         if sub.listener.concurrency is not None:
             self._gated(event, sub, ctx)
             return
-        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        fut = self._run(event, sub, ctx)
         if fut is not None:
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
@@ -255,11 +285,23 @@ class MemoryBackend(Backend):
             self._pump.room -= 1
 
     def _start_gated(self, gate: _Gate, event: Event, sub: Subscription, ctx: Context) -> None:
-        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        fut = self._run(event, sub, ctx)
         if fut is not None:
             gate.running += 1
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
+
+    def _run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
+        """Start a delivery through the runner (timed, with a tally)."""
+        if self._tally is None:
+            return self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        started = _clock()
+        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        if fut is None:
+            timed(self._tally, sub, _clock() - started)
+        else:
+            self._started[fut] = started
+        return fut
 
     def _pump_gate(self, gate: _Gate) -> None:
         """Start a gate's backlogged deliveries while it has room (bounded per call)."""
@@ -277,6 +319,9 @@ class MemoryBackend(Backend):
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
         _, sub = self._running.pop(fut)
+        started = self._started.pop(fut, None)
+        if started is not None and not fut.cancelled():
+            timed(self._tally, sub, _clock() - started)  # type: ignore[arg-type]
         if not fut.cancelled() and fut.exception() is not None:
             logger.error(
                 "delivery task of %s raised", sub.listener.qualname, exc_info=fut.exception()

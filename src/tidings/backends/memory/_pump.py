@@ -47,10 +47,10 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.delivery import Runner
+    from tidings.delivery import Runner, Tally
     from tidings.listeners import Subscription
 
-__all__ = ["Entry", "Pump", "event_of"]
+__all__ = ["Entry", "Pump", "event_of", "timed"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
@@ -60,6 +60,9 @@ _BATCH = 8192
 _copy_context = contextvars.copy_context
 _time = time.time
 _get_ident = threading.get_ident
+_clock = time.perf_counter
+# How long deliveries are timed one by one once a run of them was slow.
+_TIMED_FOR_S = 10.0
 
 
 class Entry(msgspec.Struct, gc=False):
@@ -99,6 +102,15 @@ def event_of(entry: Entry) -> Event:
     return event
 
 
+def timed(tally: Tally, sub: Subscription, took_s: float) -> None:
+    """Count a delivery timed on its own into ``tally``."""
+    name = sub.listener.qualname
+    if took_s < tally.exact_below_s:
+        tally.seconds[name] = tally.seconds.get(name, 0.0) + took_s
+    else:
+        tally.slow(name, took_s)
+
+
 def _binds_when_called(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` is a plain ``async def`` (or a method of one): calling it with
     keywords it does not take raises ``TypeError`` before any of its code runs, so a
@@ -115,7 +127,7 @@ def _binds_when_called(fn: Callable[..., Any]) -> bool:
 class _Worker:
     """One long-lived worker task and the delivery it is in."""
 
-    __slots__ = ("entry", "expired", "rest", "suspended", "task", "timer", "wake")
+    __slots__ = ("entry", "expired", "mark", "rest", "sub", "suspended", "task", "timer", "wake")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
@@ -130,6 +142,10 @@ class _Worker:
         self.expired = False
         #: What an idle worker waits for.
         self.wake: asyncio.Future[None] | None = None
+        #: With a tally: the clock when the worker's current run (or timed delivery)
+        #: began, and the subscription of its suspended delivery.
+        self.mark = 0.0
+        self.sub: Subscription | None = None
 
 
 # How a listener is awaited in line: (function, keyword) to call ``fn(kwargs[keyword])``,
@@ -191,6 +207,10 @@ class Pump:
         # Workers and their timers run in an empty context of their own: a worker task
         # made while an emitter's context is current would keep it alive.
         self._quiet = Context()
+        #: What metrics count (see :class:`tidings.delivery.Tally`), set before start.
+        self.tally: Tally | None = None
+        # Until when (``_clock()``) every delivery is timed one by one.
+        self._timed_until = 0.0
 
     def start(self, runner: Runner) -> None:
         """Begin starting deliveries with ``runner`` (on its loop)."""
@@ -203,6 +223,7 @@ class Pump:
         self._idle = []
         self._active = self._pumping = 0
         self._burst = self.concurrency
+        self._timed_until = 0.0
         self.stopped = False
         # One worker from the start, so that listeners that never suspend cost no task.
         worker = self._new_worker()
@@ -222,6 +243,8 @@ class Pump:
         queue = self.queue
         append = queue.append
         renew = contexts.renew
+        tally = self.tally
+        counts = {} if tally is None else tally.emitted
 
         # What MemoryBackend.put_named does, without a method call or an attribute
         # read more than needed: this function is the whole cost of an emit. A name
@@ -234,6 +257,11 @@ class Pump:
                 except TypeError:
                     subs = None
                 if subs:
+                    if tally is not None:
+                        try:
+                            counts[name_or_event] += 1
+                        except KeyError:
+                            tally.first_emit(name_or_event)
                     ctx = contexts.shared
                     if _copy_context() != ctx:
                         ctx = renew()
@@ -315,6 +343,8 @@ class Pump:
                 woken = False
                 pristine = queue[0].context
                 ctx = pristine.copy()
+                if self.tally is not None:
+                    worker.mark = _clock()
                 try:
                     spent = await self._drive(worker, ctx, self._pump(worker, ctx, pristine))
                 except Exception:
@@ -327,6 +357,8 @@ class Pump:
                         if worker.timer is not None:
                             self._disarm(worker)
                     spent = False
+                if self.tally is not None:
+                    self._ran(worker)
                 del pristine, ctx  # keep no emitter's context alive while idle
                 if spent:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
@@ -357,6 +389,7 @@ class Pump:
         send = pump.send
         queue = self.queue
         running = self._running
+        tally = self.tally
         try:
             yielded = run(send, None)
         except StopIteration as stop:
@@ -367,6 +400,14 @@ class Pump:
                 # goes on with the queue.
                 worker.suspended = True
                 self._pumping -= 1
+                if tally is not None:
+                    # Unless each delivery is timed from its start, this one is timed
+                    # from now, and the run of deliveries before it is checked.
+                    now = _clock()
+                    if now >= self._timed_until:
+                        if now - worker.mark >= tally.exact_below_s:
+                            self._timed_until = now + _TIMED_FOR_S
+                        worker.mark = now
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
                 if queue and not self._pumping and self._active + len(running) < self.concurrency:
@@ -391,6 +432,23 @@ class Pump:
                 except StopIteration as stop:
                     return bool(stop.value)
 
+    def _ran(self, worker: _Worker) -> None:
+        """A run of deliveries the worker started without timing each ended: if it was
+        too long for them to be known short, they are timed one by one from now."""
+        now = _clock()
+        if now - worker.mark >= self.tally.exact_below_s:  # type: ignore[union-attr]
+            self._timed_until = now + _TIMED_FOR_S
+
+    def in_progress(self) -> list[Subscription]:
+        """The subscriptions of the deliveries suspended in workers now (with a tally)."""
+        out: list[Subscription] = []
+        for worker in list(self._workers):
+            entry = worker.entry
+            if worker.suspended and entry is not None:
+                # Unless the rest of its event was put back, the delivery is its last.
+                out.append(worker.sub or entry.subs[-1])
+        return out
+
     def _suspended(self, worker: _Worker) -> None:
         """Arm the timeout of the worker's delivery that suspended, and put the rest of
         its event's deliveries back first in line."""
@@ -398,8 +456,9 @@ class Pump:
         rest = worker.rest
         assert entry is not None
         assert rest is not None
-        if self._timed:
+        if self._timed or self.tally is not None:
             sub = entry.subs[len(entry.subs) - operator.length_hint(rest) - 1]
+            worker.sub = sub
             timeout = sub.listener.timeout or self._runner.timeout  # type: ignore[union-attr]
             if timeout is not None:
                 worker.timer = self._loop.call_later(  # type: ignore[union-attr]
@@ -472,6 +531,11 @@ class Pump:
         runner = self._runner
         assert runner is not None
         on_success = runner.on_success
+        tally = self.tally
+        seconds = {} if tally is None else tally.seconds
+        exact_below_s = 0.0 if tally is None else tally.exact_below_s
+        # Whether each delivery is timed on its own (see tidings.delivery.Tally).
+        timing = tally is not None and worker.mark < self._timed_until
         for _ in range(_BATCH):
             try:
                 entry = popleft()
@@ -527,8 +591,25 @@ class Pump:
                     self._pumping += 1
                     if worker.timer is not None:
                         self._disarm(worker)
+                    if tally is not None:
+                        worker.sub = None
+                        timing = True
                     if self.stopped:
                         return False
+                if timing:
+                    # Kept in line: this is the cost of every delivery that suspends.
+                    now = _clock()
+                    took_s = now - worker.mark
+                    worker.mark = now
+                    name = sub.listener.qualname
+                    if took_s < exact_below_s:
+                        try:
+                            seconds[name] += took_s
+                        except KeyError:
+                            seconds[name] = took_s
+                    else:
+                        tally.slow(name, took_s)  # type: ignore[union-attr]
+                    timing = now < self._timed_until
                 if ctx != pristine:
                     # The listener set a context variable: a fresh copy for the rest.
                     self._put_back(entry, rest)
