@@ -22,6 +22,10 @@ Measured, because this module is the cost of every in-process delivery
   delivery that suspends therefore costs a step of a task that already exists, not a
   task of its own; its timeout is armed then (a timer that cancels the worker, as
   :func:`asyncio.timeout` would).
+- With metrics (a :class:`~tidings.delivery.Tally`), the emit adds to a count by name,
+  and a worker reads the clock when its pump starts and ends and when a delivery
+  suspends and ends: a delivery that does not suspend costs nothing more. A run of them
+  too long to know each short has the next ones timed one by one, for a while.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ _copy_context = contextvars.copy_context
 _time = time.time
 _get_ident = threading.get_ident
 _clock = time.perf_counter
-# How long deliveries are timed one by one once a run of them was slow.
+# How long deliveries are timed one by one once a run of them was too long to tell
+# (many short ones, or a slow one), and once one of them was slow.
+_RECHECK_S = 0.05
 _TIMED_FOR_S = 10.0
 
 
@@ -127,7 +133,18 @@ def _binds_when_called(fn: Callable[..., Any]) -> bool:
 class _Worker:
     """One long-lived worker task and the delivery it is in."""
 
-    __slots__ = ("entry", "expired", "mark", "rest", "sub", "suspended", "task", "timer", "wake")
+    __slots__ = (
+        "entry",
+        "expired",
+        "mark",
+        "rest",
+        "sub",
+        "suspended",
+        "suspended_at",
+        "task",
+        "timer",
+        "wake",
+    )
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
@@ -142,9 +159,11 @@ class _Worker:
         self.expired = False
         #: What an idle worker waits for.
         self.wake: asyncio.Future[None] | None = None
-        #: With a tally: the clock when the worker's current run (or timed delivery)
-        #: began, and the subscription of its suspended delivery.
+        #: With a tally: the clock when the worker's current run of deliveries (or its
+        #: delivery timed on its own) began, when its delivery suspended, and that
+        #: delivery's subscription if the rest of its event was put back.
         self.mark = 0.0
+        self.suspended_at = 0.0
         self.sub: Subscription | None = None
 
 
@@ -358,7 +377,7 @@ class Pump:
                             self._disarm(worker)
                     spent = False
                 if self.tally is not None:
-                    self._ran(worker)
+                    self._ran(worker, _clock())
                 del pristine, ctx  # keep no emitter's context alive while idle
                 if spent:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
@@ -401,13 +420,7 @@ class Pump:
                 worker.suspended = True
                 self._pumping -= 1
                 if tally is not None:
-                    # Unless each delivery is timed from its start, this one is timed
-                    # from now, and the run of deliveries before it is checked.
-                    now = _clock()
-                    if now >= self._timed_until:
-                        if now - worker.mark >= tally.exact_below_s:
-                            self._timed_until = now + _TIMED_FOR_S
-                        worker.mark = now
+                    worker.suspended_at = _clock()
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
                 if queue and not self._pumping and self._active + len(running) < self.concurrency:
@@ -432,12 +445,11 @@ class Pump:
                 except StopIteration as stop:
                     return bool(stop.value)
 
-    def _ran(self, worker: _Worker) -> None:
-        """A run of deliveries the worker started without timing each ended: if it was
-        too long for them to be known short, they are timed one by one from now."""
-        now = _clock()
+    def _ran(self, worker: _Worker, now: float) -> None:
+        """A run of deliveries the worker started without timing each ended ``now``: if
+        it was too long for them to be known short, the next ones are timed one by one."""
         if now - worker.mark >= self.tally.exact_below_s:  # type: ignore[union-attr]
-            self._timed_until = now + _TIMED_FOR_S
+            self._timed_until = max(self._timed_until, now + _RECHECK_S)
 
     def in_progress(self) -> list[Subscription]:
         """The subscriptions of the deliveries suspended in workers now (with a tally)."""
@@ -592,23 +604,36 @@ class Pump:
                     if worker.timer is not None:
                         self._disarm(worker)
                     if tally is not None:
+                        # Timed from when it suspended (kept in line: this is the cost
+                        # of every delivery that suspends).
+                        now = _clock()
+                        took_s = now - worker.suspended_at
+                        if worker.suspended_at - worker.mark >= exact_below_s:
+                            # Its own start (when each is timed), or the run before it.
+                            if timing:
+                                took_s = now - worker.mark
+                            self._ran(worker, worker.suspended_at)
+                        worker.mark = now
                         worker.sub = None
-                        timing = True
+                        name = sub.listener.qualname
+                        if took_s < exact_below_s:
+                            try:
+                                seconds[name] += took_s
+                            except KeyError:
+                                seconds[name] = took_s
+                        else:
+                            tally.slow(name, took_s)
+                        timing = now < self._timed_until
                     if self.stopped:
                         return False
-                if timing:
-                    # Kept in line: this is the cost of every delivery that suspends.
+                elif timing:
                     now = _clock()
                     took_s = now - worker.mark
                     worker.mark = now
-                    name = sub.listener.qualname
-                    if took_s < exact_below_s:
-                        try:
-                            seconds[name] += took_s
-                        except KeyError:
-                            seconds[name] = took_s
-                    else:
-                        tally.slow(name, took_s)  # type: ignore[union-attr]
+                    timed(tally, sub, took_s)  # type: ignore[arg-type]
+                    if took_s >= exact_below_s:
+                        # A listener that blocks the loop: keep timing each delivery.
+                        self._timed_until = now + _TIMED_FOR_S
                     timing = now < self._timed_until
                 if ctx != pristine:
                     # The listener set a context variable: a fresh copy for the rest.
