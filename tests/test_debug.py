@@ -93,11 +93,11 @@ async def test_tidings_debug_in_the_environment_turns_it_on(
 def test_debug_off_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIDINGS_DEBUG", "0")
     bus = Bus()
-    assert bus._observers == []
-    assert bus._emit_hooks == []
+    assert bus.observers == []
+    assert bus.router.emit_hooks == []
     on = Bus(debug=True)
-    assert len(on._observers) == 1
-    assert len(on._emit_hooks) == 1
+    assert len(on.observers) == 1
+    assert len(on.router.emit_hooks) == 1
 
 
 SCRIPT = """

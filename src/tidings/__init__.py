@@ -26,7 +26,7 @@ from tidings.errors import (
 from tidings.events import Event, register_event
 from tidings.listeners import Listener, Registry, Subscription, listener
 from tidings.options import EmitOptions
-from tidings.schedule import Schedule
+from tidings.scheduling import Schedule
 
 __all__ = [
     "Backend",

@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import math
 import re
 import types
 import weakref
@@ -25,7 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, Generic, TypeVar, get_args, get_origin
 
-from tidings._binding import _inject, _signature
+from tidings._binding import inject, signature_of
+from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event, event_name_of
@@ -159,8 +159,8 @@ def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) 
     Raises:
         ConfigurationError: the function does not take one list of either.
     """
-    sig = _signature(fn, qualname)
-    if _inject(fn, sig, qualname) is not None:
+    sig = signature_of(fn, qualname)
+    if inject(fn, sig, qualname) is not None:
         raise ConfigurationError(
             f"batch listener {qualname} takes injected parameters (Depends), which are "
             "resolved for one event: resolve them inside the function, for the batch"
@@ -204,17 +204,11 @@ def _element(fn: Callable[..., Any], qualname: str, typed: Sequence[type[Any]]) 
 
 
 def _wait_seconds(value: float | timedelta, qualname: str) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigurationError(
-            f"batch_wait of listener {qualname} must be 0 or more seconds, not {value!r}"
-        )
-    return seconds
+    what = f"batch_wait of listener {qualname}"
+    result = seconds(value, what)
+    if result < 0:
+        raise ConfigurationError(f"{what} must be 0 or more seconds, not {value!r}")
+    return result
 
 
 class Batching:

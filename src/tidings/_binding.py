@@ -8,21 +8,21 @@ given shape of event (number of positional arguments, keyword names, typed class
 computed once and cached, so a call costs a dictionary lookup.
 
 An integration may inject some parameters itself (FastAPI's ``Depends``): its injector,
-registered with :func:`register_injector` for the package its markers come from, wraps
-the function once, at registration, into one that takes only the event's parameters.
+a plugin of the package its markers come from (see :mod:`tidings._plugins`), wraps the
+function once, at registration, into one that takes only the event's parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import operator
 import types
 from collections.abc import Callable
 from typing import Any, Union, get_args, get_origin
 
+from tidings._plugins import INJECTORS, find, register
 from tidings.codec import as_stored, converter
 from tidings.errors import BindingError, ConfigurationError, PayloadError
 from tidings.events import Event
@@ -57,15 +57,11 @@ Injector = Callable[
     tuple[Callable[..., Any], inspect.Signature] | None,
 ]
 
-_injectors: dict[str, Injector] = {}
-# The module that registers the injector of a package, imported the first time a
-# listener's signature mentions that package (so the core never imports it).
-_INJECTOR_MODULES = {"fastapi": "tidings.contrib.fastapi", "starlette": "tidings.contrib.fastapi"}
-
 
 def register_injector(package: str, injector: Injector) -> None:
-    """Let ``injector`` wrap listeners whose parameters mention ``package``'s objects."""
-    _injectors[package] = injector
+    """Let ``injector`` wrap listeners whose parameters mention ``package``'s objects
+    (instead of the ``tidings.injectors`` entry point named ``package``)."""
+    register(INJECTORS, package, injector)
 
 
 def _packages(sig: inspect.Signature) -> set[str]:
@@ -78,16 +74,11 @@ def _packages(sig: inspect.Signature) -> set[str]:
     return found
 
 
-def _inject(
+def inject(
     fn: Callable[..., Any], sig: inspect.Signature, qualname: str
 ) -> tuple[Callable[..., Any], inspect.Signature] | None:
     for package in _packages(sig):
-        if package not in _injectors and package in _INJECTOR_MODULES:
-            try:
-                importlib.import_module(_INJECTOR_MODULES[package])
-            except ImportError:
-                continue
-        injector = _injectors.get(package)
+        injector: Injector | None = find(INJECTORS, package)
         if injector is not None:
             injected = injector(fn, sig, qualname)
             if injected is not None:
@@ -95,7 +86,7 @@ def _inject(
     return None
 
 
-def _signature(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
+def signature_of(fn: Callable[..., Any], qualname: str) -> inspect.Signature:
     try:
         return inspect.signature(fn, eval_str=True)
     except (NameError, TypeError, SyntaxError):
@@ -196,8 +187,8 @@ class CallPlan:
 
     def __init__(self, fn: Callable[..., Any], qualname: str) -> None:
         self.qualname = qualname
-        sig = _signature(fn, qualname)
-        injected = _inject(fn, sig, qualname)
+        sig = signature_of(fn, qualname)
+        injected = inject(fn, sig, qualname)
         if injected is not None:
             fn, sig = injected
         #: What is called: the function, or the injector's wrapper of it.

@@ -62,8 +62,8 @@ def install(bus: Bus) -> None:
         handler = _Fallback()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(handler)
-    bus._add_emit_hook(_Emits(bus))
-    bus._observers.append(_observe)
+    bus.router.add_emit_hook(_Emits(bus))
+    bus.observers.append(_observe)
 
 
 class _Fallback(logging.StreamHandler):  # type: ignore[type-arg]

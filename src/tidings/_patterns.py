@@ -37,11 +37,12 @@ def is_pattern(name: str) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _segment_regex(segment: str) -> re.Pattern[str]:
     return re.compile(
-        "".join(".*" if part == "*" else re.escape(part) for part in _split(segment)), re.DOTALL
+        "".join(".*" if part == "*" else re.escape(part) for part in split_segment(segment)),
+        re.DOTALL,
     )
 
 
-def _split(segment: str) -> list[str]:
+def split_segment(segment: str) -> list[str]:
     out: list[str] = []
     for i, chunk in enumerate(segment.split("*")):
         if i:

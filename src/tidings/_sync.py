@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from tidings.bus import Bus
 
 __all__ = ["LoopThread", "enter", "leave", "run"]
+
+# The background thread running each bus's loop while in ``with bus:``.
+_threads: weakref.WeakKeyDictionary[Bus, LoopThread] = weakref.WeakKeyDictionary()
 
 T = TypeVar("T")
 
@@ -87,7 +91,7 @@ def enter(bus: Bus) -> Bus:
         ConfigurationError: the bus is started already.
         What :meth:`Bus.start` raises (the thread is stopped first).
     """
-    if bus.started or bus._loop_thread is not None:
+    if bus.started or bus in _threads:
         raise ConfigurationError(
             "this bus is started already: 'with bus:' starts it on an event loop of its "
             "own, in a background thread, and cannot share the one it runs on"
@@ -99,16 +103,15 @@ def enter(bus: Bus) -> Bus:
     except BaseException:
         thread.stop()
         raise
-    bus._loop_thread = thread
+    _threads[bus] = thread
     return bus
 
 
 def leave(bus: Bus) -> None:
     """Drain ``bus`` (bounded by its ``shutdown_timeout``), close it and stop its thread."""
-    thread = bus._loop_thread
+    thread = _threads.pop(bus, None)
     if thread is None:
         return
-    bus._loop_thread = None
     try:
         thread.run(bus.aclose())
     finally:
@@ -122,10 +125,10 @@ def run(bus: Bus, awaitable: Awaitable[T]) -> T:
         NotStartedError: the bus is not started, or closed.
         ConfigurationError: called on the bus's own loop, where it would wait forever.
     """
-    loop = bus._loop
+    loop = bus.loop
     try:
         if loop is None or not bus.started:
-            state = "is closed" if bus._loop is not None else "is not started"
+            state = "is closed" if bus.loop is not None else "is not started"
             raise NotStartedError(
                 f"the bus {state}: start it with 'with bus:' (or 'async with bus:' on a "
                 "running event loop) before waiting on it from sync code"
@@ -135,7 +138,7 @@ def run(bus: Bus, awaitable: Awaitable[T]) -> T:
                 "the bus's event loop is not running (was it stopped without closing the "
                 "bus?): nothing would ever run what is waited for"
             )
-        if threading.get_ident() == bus._thread:
+        if threading.get_ident() == bus.inbox.thread:
             raise ConfigurationError(
                 "a sync wait on the bus was called on the bus's own event loop, where it "
                 "would wait forever: await it there (await bus.publish(...))"

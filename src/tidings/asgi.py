@@ -24,16 +24,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from tidings._holding import Hold, _current
+from tidings._hold import Hold, enter, leave
 from tidings.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from tidings.bus import Bus
 
 __all__ = ["EventsMiddleware"]
-
-_enter = _current.set
-_leave = _current.reset
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -60,7 +57,7 @@ class EventsMiddleware:
         self.app = app
         self.bus = bus
         self.on_error = on_error
-        bus._hold_requests(True)
+        bus.hold_requests()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,7 +76,7 @@ class EventsMiddleware:
             elif kind == "http.response.start":
                 hold.status = message["status"]
 
-        token = _enter(hold)
+        token = enter(hold)
         try:
             await self.app(scope, receive, sending)
         except BaseException:
@@ -90,6 +87,6 @@ class EventsMiddleware:
                     hold.drop()
             raise
         finally:
-            _leave(token)
+            leave(token)
         if hold.open:
             await hold.release()

@@ -8,10 +8,8 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -19,34 +17,37 @@ from enum import Enum
 from types import MethodType, TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
-import msgspec
-
-from tidings import _debug, _holding, _sync
+from tidings import _dead, _debug, _sync
+from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
-from tidings.backends.base import Backend, DeadLetter, backend_from_url, redact
-from tidings.backends.durable import DurableBackend, ListenerStats
-from tidings.backends.memory import MemoryBackend
-from tidings.codec import check_serializable, decode_payload, encode_payload
+from tidings._hold import Held, Hold
+from tidings._hold import current as _current_hold
+from tidings._inbox import Inbox
+from tidings._plugins import schema_validator
+from tidings._routing import Router, Taken
+from tidings._switches import disabled
+from tidings._units import seconds
+from tidings.backends._urls import backend_for
+from tidings.backends.base import Backend, DeadLetter, ListenerStats
 from tidings.delivery import DeliveryObserver, Retry, Runner
 from tidings.errors import (
     ConfigurationError,
-    NoListenersError,
     NotStartedError,
-    PayloadError,
-    QueueFull,
 )
-from tidings.events import Event, event_name_of
+from tidings.events import Event
 from tidings.listeners import (
     ErrorHook,
     Listener,
     Registry,
     Subscription,
     SuccessHook,
-    _hooks,
-    _seconds,
+    hooks_of,
+    seconds_or_none,
 )
 from tidings.options import EmitOptions
-from tidings.schedule import Schedule
+from tidings.outbox import publish_in
+from tidings.outbox import require as outbox_of
+from tidings.scheduling import Schedule, Scheduler
 
 __all__ = ["Bus"]
 
@@ -59,14 +60,7 @@ T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
-_current_hold = _holding.current
 _get_ident = threading.get_ident
-# An event handed over from another thread: subscriptions, context and delay.
-_Handed = tuple[Event, tuple[Subscription, ...], contextvars.Context, float | None]
-# The ``once`` subscriptions an emit took, with where they were in their registries.
-_Taken = list[tuple[Subscription, int]]
-# An error naming undelivered events names at most this many.
-_MAX_IDS_LOGGED = 100
 
 
 class Bus:
@@ -118,62 +112,39 @@ class Bus:
         consume: bool = True,
         debug: bool | None = None,
     ) -> None:
-        #: Where deliveries wait, for messages (a URL's password is never shown).
-        self.url = (
-            redact(backend)
-            if isinstance(backend, str)
-            else "memory://"
-            if backend is None
-            else repr(backend)
+        backend, url, remake = backend_for(
+            backend, max_pending=max_pending, concurrency=concurrency, consume=consume
         )
-        remake: Callable[[], Backend] | None = None
-        if backend is None or isinstance(backend, str):
-            options: dict[str, Any] = {"max_pending": max_pending}
-            if backend and not backend.startswith("memory"):
-                options["consume"] = consume
-            else:
-                options["concurrency"] = concurrency
-            url = backend or "memory://"
-            backend = backend_from_url(url, **options)
-            # A durable backend does not start twice: a bus that starts again after
-            # aclose() makes its backend anew from the URL.
-            remake = lambda: backend_from_url(url, **options)  # noqa: E731
-        elif not isinstance(backend, Backend):
-            raise ConfigurationError(f"backend must be a URL or a Backend, not {backend!r}")
-        elif not consume and hasattr(backend, "consume"):
-            backend.consume = False
+        #: Where deliveries wait, for messages (a URL's password is never shown).
+        self.url = url
         self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
-        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
-        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
-        self.strict = strict
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = _seconds(timeout, "the bus's timeout")
-        self.check_serializable = check_serializable or backend.durable
-        self.shutdown_timeout = (
-            shutdown_timeout.total_seconds()
-            if isinstance(shutdown_timeout, timedelta)
-            else float(shutdown_timeout)
+        self.timeout = seconds_or_none(timeout, "the bus's timeout")
+        #: Which subscriptions each event reaches, and what is checked on its way.
+        self.router = Router(
+            self.registry,
+            strict=strict,
+            check_serializable=check_serializable or backend.durable,
+            changed=self._refresh_hot,
         )
+        self.shutdown_timeout = seconds(shutdown_timeout, "the bus's shutdown_timeout")
         self.sync_workers = sync_workers
         #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
         #: each time the bus starts.
-        self.disabled = _disabled()
+        self.disabled = disabled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._executor: ThreadPoolExecutor | None = None
         self._runner: Runner | None = None
         self._closed = False
-        self._typed_ok: dict[type[Any], str] = {}
-        self._emit_hooks: list[Callable[[Event], None]] = []
-        # Told of each event the ASGI middleware dropped after the hooks above saw it.
-        self._drop_hooks: list[Callable[[Event], None]] = []
-        # Told of every delivery (tracing); the runner takes them when the bus starts.
-        self._observers: list[DeliveryObserver] = []
-        # Payload checks by event name (see schema); while empty, emit never looks.
-        self._schemas: dict[str, Callable[[Event], None]] = {}
+        #: Told of every delivery (tracing, metrics); the runner takes them when the bus
+        #: starts.
+        self.observers: list[DeliveryObserver] = []
         # Middlewares holding events until a response is sent (see tidings.asgi).
         self._holders = 0
         # Set while emit may take its flat path (see emit).
@@ -183,17 +154,23 @@ class Bus:
         # What events emitted on the loop's thread share of the emitter's context (an
         # in-process backend delivers in it; a durable one has no use for it).
         self._contexts = ContextCopies()
-        # Events emitted on other threads, waiting for the loop to take them (with their
-        # delay, if any).
-        self._inbox: deque[_Handed] = deque()
-        self._inbox_scheduled = False
-        # Set while the inbox's first event waits for room in the backend.
-        self._inbox_waiter: asyncio.Task[None] | None = None
+        #: Hands events to the backend from any thread (see :mod:`tidings._inbox`).
+        self.inbox = Inbox()
         self._emitter_context = _copy_context if backend.durable else self._contexts.copy
-        self._schedules: list[Schedule] = []
-        self._scheduler: asyncio.Task[None] | None = None
+        #: Fires the cron schedules (see :meth:`schedule`).
+        self.scheduler = Scheduler(self._fire)
         if _debug.enabled(debug):
             _debug.install(self)
+
+    @property
+    def strict(self) -> bool:
+        """Whether an event nobody listens to, or one a listener cannot take, is refused."""
+        return self.router.strict
+
+    @property
+    def check_serializable(self) -> bool:
+        """Whether a payload a durable backend could not store is refused at emit."""
+        return self.router.check_serializable
 
     # -- listeners ------------------------------------------------------------------
 
@@ -233,8 +210,6 @@ class Bus:
             ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
                 event name (a bare ``@bus.schema`` on the class).
         """
-        from tidings.contrib.pydantic import validator
-
         if not isinstance(name, str):
             shown = getattr(name, "__name__", repr(name))
             raise ConfigurationError(
@@ -243,8 +218,7 @@ class Bus:
             )
 
         def register(model: M) -> M:
-            self._schemas[name] = validator(name, model)
-            self._refresh_hot()
+            self.router.add_schema(name, schema_validator(name, model))
             return model
 
         return register if model is None else register(model)
@@ -261,7 +235,7 @@ class Bus:
                 (``0 0 30 2 *``), or a bad event name.
         """
         entry = Schedule(cron, name, args, kwargs)
-        self._schedules.append(entry)
+        self.scheduler.entries.append(entry)
         if self._loop is not None:
             self._start_scheduler()
         return entry
@@ -278,40 +252,23 @@ class Bus:
 
         return decorate
 
+    async def _fire(self, entry: Schedule, tick: float) -> None:
+        """Fire one tick of a schedule, if this process claims it."""
+        if await self.backend.claim_tick(entry.key, tick):
+            await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                entry.name, *entry.args, **entry.kwargs
+            )
+
     def _start_scheduler(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-        consumes = getattr(self.backend, "consume", True)
-        if self._schedules and consumes and self._loop is not None:
-            self._scheduler = self._loop.create_task(self._run_schedules(list(self._schedules)))
-
-    async def _run_schedules(self, schedules: list[Schedule]) -> None:
-        due: dict[int, float] = {}
-        for i, entry in enumerate(schedules):
-            self._plan_tick(due, i, entry, time.time())
-        while due:
-            i = min(due, key=due.__getitem__)
-            entry, tick = schedules[i], due[i]
-            await asyncio.sleep(max(0.0, tick - time.time()))
-            try:
-                if await self.backend.claim_tick(entry.key, tick):
-                    await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
-                        entry.name, *entry.args, **entry.kwargs
-                    )
-            except Exception:
-                logger.exception("schedule %s could not fire its tick %s", entry.key, tick)
-            self._plan_tick(due, i, entry, tick)
-
-    @staticmethod
-    def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> None:
-        """Set schedule ``i``'s next tick; one that has none stops alone, logged."""
-        try:
-            due[i] = entry.next_after(after)
-        except Exception:
-            due.pop(i, None)
-            logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
+        if self.backend.consume and self._loop is not None:
+            self.scheduler.start(self._loop)
 
     # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the bus runs on, once started (``None`` before)."""
+        return self._loop
 
     @property
     def started(self) -> bool:
@@ -333,7 +290,7 @@ class Bus:
             self._reopen()
         if self._loop is not None:
             return
-        self.disabled = _disabled()
+        self.disabled = disabled()
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
         self._runner = Runner(
@@ -346,10 +303,11 @@ class Bus:
             on_success=self.on_success,
             on_dead=self.on_dead,
             registry=self.registry,
-            observers=self._observers,
+            observers=self.observers,
             contexts=self._contexts,
         )
         await self.backend.start(self._runner)
+        self.inbox.open(self.backend, loop)
         self._thread = _get_ident()
         self._loop = loop
         self._refresh_hot()
@@ -364,19 +322,15 @@ class Bus:
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
                     "create a new Bus, or give the bus a URL so it can make a new backend"
                 )
-            consume = getattr(backend, "consume", True)
+            consume = backend.consume
             backend = self._remake()
-            if hasattr(backend, "consume"):
-                backend.consume = consume
+            backend.consume = consume
             self.backend = backend
             self._put_named = backend.put_named
         self._closed = False
         self._loop = None
         self._thread = 0
-        self._inbox.clear()
-        self._inbox_scheduled = False
-        self._inbox_waiter = None
-        self._scheduler = None
+        self.scheduler.forget()
 
     async def drain(self) -> None:
         """Wait until every queued, running and retrying delivery has finished.
@@ -394,7 +348,7 @@ class Bus:
             return
         runner = self._runner
         while True:
-            await self._empty_inbox()  # what other threads emitted is queued first
+            await self.inbox.empty()  # what other threads emitted is queued first
             await self.backend.drain()
             if runner is None or not runner.hooks_running:
                 return
@@ -420,62 +374,25 @@ class Bus:
         if self._loop is None or self._closed:
             self._closed = True
             return
-        limit = (
-            self.shutdown_timeout
-            if timeout is None
-            else timeout.total_seconds()
-            if isinstance(timeout, timedelta)
-            else float(timeout)
-        )
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
-            self._scheduler = None
+        limit = self.shutdown_timeout if timeout is None else seconds(timeout, "aclose's timeout")
+        await self.scheduler.stop()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._empty_inbox(), limit)
-        if self._inbox_waiter is not None:
-            # Still no room: what other threads emitted stays out of a closing backend.
-            self._inbox_waiter.cancel()
-            await asyncio.gather(self._inbox_waiter, return_exceptions=True)
-        left = [entry[0].id for entry in self._inbox]
-        self._inbox.clear()
+            await asyncio.wait_for(self.inbox.empty(), limit)
+        left = await self.inbox.close()
         undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
         undelivered.extend(left)
-        self._closed = True
+        self._closed = self.inbox.closed = True
         self._refresh_hot()
-        if undelivered:
-            shown = ", ".join(undelivered[:_MAX_IDS_LOGGED])
-            more = len(undelivered) - _MAX_IDS_LOGGED
-            logger.error(
-                "bus closed with %d undelivered event(s) after %.3gs: %s%s",
-                len(undelivered),
-                limit,
-                shown,
-                f" and {more} more (all ids at debug level)" if more > 0 else "",
-            )
-            if more > 0:
-                logger.debug("undelivered event ids: %s", ", ".join(undelivered))
+        report_undelivered(undelivered, limit)
         if self._runner is not None:
             try:
                 await asyncio.wait_for(self._runner.drain_hooks(), limit)
             except TimeoutError:
                 logger.error("bus closed before its hooks finished")
-        await self._close_listeners()
+        await close_listeners(self.registry)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _close_listeners(self) -> None:
-        """Close what listeners hold open once their deliveries are over: a listener
-        function with an async ``aclose`` (a forwarder's connections) is closed here."""
-        for sub in self.registry.subscriptions():
-            close = getattr(sub.listener.fn, "aclose", None)
-            if close is None:
-                continue
-            try:
-                await close()
-            except Exception:
-                logger.exception("closing listener %s raised", sub.listener.qualname)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -490,9 +407,6 @@ class Bus:
         await self.aclose()
 
     # -- from sync code -------------------------------------------------------------
-
-    # The background thread running the bus's loop while in ``with bus:``.
-    _loop_thread: _sync.LoopThread | None = None
 
     def __enter__(self) -> Bus:
         """Start the bus on an event loop of its own, in a background thread, for
@@ -560,24 +474,13 @@ class Bus:
             if self._hot and _get_ident() == self._thread:
                 subs = self._routes.get(name_or_event)
                 if subs:
-                    if self._holders:
-                        hold = _current_hold()
-                        if hold is not None and hold.bus is not self:
-                            hold = _holding.Hold.find(self)  # another bus's, outside
-                        if hold is not None and hold.open:
-                            # Held until the response is sent (tidings.asgi); nothing
-                            # to check on a plain bus, so not even an envelope yet.
-                            hold.items.append(
-                                [
-                                    subs,
-                                    self._emitter_context(),
-                                    name_or_event,
-                                    args,
-                                    kwargs,
-                                    _time(),
-                                ]
-                            )
-                            return
+                    hold = self._open_hold() if self._holders else None
+                    if hold is not None:
+                        # Held until the response is sent (tidings.asgi); nothing to
+                        # check on a plain bus, so not even an envelope yet.
+                        ctx = self._emitter_context()
+                        hold.items.append(Held(subs, ctx, name_or_event, args, kwargs, _time()))
+                        return
                     self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
                     return
             elif self._hot and not self._holders:
@@ -585,11 +488,11 @@ class Bus:
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self._to_inbox(event, subs, self._contexts.copy_elsewhere(), None)
+                    self.inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
                     return
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         self._dispatch(event, None)
 
     async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
@@ -646,15 +549,12 @@ class Bus:
         kwargs: dict[str, Any],
     ) -> None:
         outbox = None if options is None else options.outbox
-        if outbox is not None and not hasattr(self.backend, "store_with"):
-            raise ConfigurationError(
-                f"publish({outbox[0]}=...) stores the event in the caller's transaction, "
-                f"which only the PostgreSQL backend can do (this bus is on {self.url})"
-            )
+        if outbox is not None:
+            outbox_of(self.backend.outbox, outbox[0], self.url)  # refused before anything
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         if options is not None and options.headers:
             event.headers = dict(options.headers)
         prepared = self._prepare(event)
@@ -667,10 +567,10 @@ class Bus:
             # Cancelled while it waited: in memory, that means before it was queued; a
             # durable backend may have it stored already.
             if not self.backend.durable:
-                self._put_back(taken)
+                self.router.put_back(taken)
             raise
         except Exception:
-            self._put_back(taken)
+            self.router.put_back(taken)
             raise
 
     async def _publish_prepared(
@@ -685,42 +585,11 @@ class Bus:
         assert loop is not None
         delay = _delay_s(options)
         if outbox is not None:
-            await self._publish_in(outbox, event, delay)
+            await publish_in(
+                outbox_of(self.backend.outbox, outbox[0], self.url), outbox, event, delay
+            )
             return
-        await self._put_wait(event, subs, ctx, delay)
-
-    async def _put_wait(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None = None,
-    ) -> None:
-        """The backend's ``put_wait``, run on the bus's loop whichever loop awaits it (a
-        test client's, in a thread of its own)."""
-        loop = self._loop
-        assert loop is not None
-        put = (
-            self.backend.put_wait(event, subs, ctx)
-            if delay_s is None
-            else self.backend.put_wait(event, subs, ctx, delay_s=delay_s)
-        )
-        if asyncio.get_running_loop() is loop:
-            await put
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(put, loop))
-
-    async def _publish_in(self, outbox: tuple[str, Any], event: Event, delay: float | None) -> None:
-        """Store ``event`` with the caller's connection, in its transaction."""
-        store_with = self.backend.store_with  # type: ignore[attr-defined]
-        kind, handle = outbox
-        if kind == "session":
-            # A SQLAlchemy AsyncSession: its connection, down to the asyncpg one.
-            connection = await handle.connection()
-            raw = await connection.get_raw_connection()
-            handle = raw.driver_connection
-        due = event.timestamp + delay if delay is not None else event.timestamp
-        await store_with(handle, [self.backend._record(event, due)])  # type: ignore[attr-defined]
+        await self.inbox.put_wait(event, subs, ctx, delay)
 
     def _emit_with(
         self,
@@ -733,47 +602,14 @@ class Bus:
         if type(name_or_event) is str:
             event = Event(name_or_event, args, kwargs)
         else:
-            event = self._typed(name_or_event, args, kwargs)
+            event = self.router.typed(name_or_event, args, kwargs)
         if options.headers:
             event.headers = dict(options.headers)
         self._dispatch(event, options.due_in())
 
-    def _typed(self, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Event:
-        if isinstance(obj, str):
-            # A str subclass (a StrEnum member, say) names the event its value names.
-            return Event(str.__str__(obj), args, kwargs)
-        if isinstance(obj, Enum) and isinstance(obj.value, str):
-            # A plain Enum member names the event its value names, as a StrEnum does.
-            return Event(obj.value, args, kwargs)
-        cls = type(obj)
-        name = self._typed_ok.get(cls)
-        if name is None:
-            name = event_name_of(cls)
-            if name is None:
-                raise ConfigurationError(
-                    f"emit() takes an event name or a typed event, not {obj!r}: give "
-                    f"{cls.__qualname__} __event_name__ = '...' or call "
-                    "tidings.register_event(cls, name)"
-                )
-            bound = self.registry.event_class(name)
-            if bound is None:
-                # Bound by no listener: the first class emitted under the name is.
-                bound = next((c for c, n in self._typed_ok.items() if n == name), None)
-            if bound is not None and bound is not cls:
-                raise ConfigurationError(
-                    f"event {name!r} is bound to {bound.__qualname__}, not {cls.__qualname__}"
-                )
-            self._typed_ok[cls] = name
-        if args or kwargs:
-            raise PayloadError(
-                f"a typed event ({cls.__qualname__}) is emitted alone: its fields are the "
-                f"payload, not extra arguments {args or ''}{kwargs or ''}"
-            )
-        return Event(name, (), {}, obj=obj)
-
     def _prepare(
         self, event: Event
-    ) -> tuple[tuple[Subscription, ...], contextvars.Context, _Taken] | None:
+    ) -> tuple[tuple[Subscription, ...], contextvars.Context, Taken] | None:
         if self._loop is None or self._closed:
             if self.disabled:
                 logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
@@ -787,174 +623,43 @@ class Bus:
         if self.disabled:
             logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
             return None
-        if self._schemas:
-            validate = self._schemas.get(event.name)
-            if validate is not None:
-                validate(event)
-        registry = self.registry
-        subs = registry._cache.get(event.name)
-        if subs is None:
-            subs = registry.resolve(event.name)
         durable = self.backend.durable
-        if not subs and self.strict and not durable:
-            raise NoListenersError(f"no listener subscribes to event {event.name!r}")
-        if self.check_serializable and not (
+        serialize = self.router.check_serializable and not (
             self.backend.serializes_at_put and _get_ident() == self._thread
-        ):
-            check_serializable(event)
-        if self.strict:
-            for sub in subs:
-                sub.listener.plan.check(event)
-        elif self.check_serializable and not durable:
-            # A durable backend refuses at delivery (a dead letter) a value that does not
-            # fit its parameter's annotation: refused here at emit, as a test would want.
-            for sub in subs:
-                sub.listener.plan.check_values(event)
-        for hook in self._emit_hooks:
-            hook(event)
-        taken: _Taken = []
-        if registry.has_once:
-            subs = self._take_once(subs, taken)  # last: an emit refused above takes none
-        if not subs and not durable:
-            logger.debug("no listener for event %r; ignored", event.name)
+        )
+        routed = self.router.route(event, durable=durable, serialize=serialize)
+        if routed is None:
             return None
+        subs, taken = routed
         if _get_ident() == self._thread:
             return subs, self._emitter_context(), taken
         return subs, _copy_context() if durable else self._contexts.copy_elsewhere(), taken
-
-    def _take_once(self, subs: tuple[Subscription, ...], taken: _Taken) -> tuple[Subscription, ...]:
-        out: list[Subscription] = []
-        for sub in subs:
-            if sub.listener.once:
-                index = sub.registry._take(sub)
-                if index is None:
-                    continue  # another emit took it first
-                taken.append((sub, index))
-            out.append(sub)
-        return tuple(out)
-
-    @staticmethod
-    def _put_back(taken: _Taken) -> None:  # also called for held events that are dropped
-        """Subscribe again the ``once`` listeners an emit took and could not queue for."""
-        for sub, index in reversed(taken):
-            sub.registry._put_back(sub, index)
 
     def _dispatch(self, event: Event, delay_s: float | None) -> None:
         prepared = self._prepare(event)
         if prepared is None:
             return
         subs, ctx, taken = prepared
-        if self._holders:
-            hold = _current_hold()
-            if hold is not None and hold.bus is not self:
-                hold = _holding.Hold.find(self)
-            if hold is not None and hold.open:
-                # Emitted while a request is handled: validated now, queued once the
-                # response is sent (tidings.asgi).
-                hold.items.append((event, subs, ctx, delay_s, taken))
-                return
-        try:
-            self._hand_over(event, subs, ctx, delay_s)
-        except Exception:
-            self._put_back(taken)
-            raise
-
-    def _hand_over(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None,
-    ) -> None:
-        if _get_ident() != self._thread:
-            if self.backend.serializes_at_put:
-                # Encoded here, on the emitting thread: a payload that cannot be stored
-                # is this emit's error, and what the caller changes later is not stored.
-                event = _frozen(event, getattr(self.backend, "codec", "json"))
-            self._to_inbox(event, subs, ctx, delay_s)
-        elif delay_s is not None:
-            self.backend.put_later(event, subs, ctx, delay_s)
-        else:
-            self.backend.put(event, subs, ctx)
-
-    def _to_inbox(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        delay_s: float | None,
-    ) -> None:
-        """Hand an event emitted on another thread over to the loop's."""
-        if delay_s is None and not self.backend.has_room(1 + len(self._inbox)):
-            raise QueueFull(
-                f"the in-process queue is full; cannot queue event {event.name!r} "
-                "(raise max_pending, or await bus.publish(...) to wait for room)"
-            )
-        # Handed over in bursts: one wake-up of the loop for the events other threads
-        # emit before it gets to them. An append is atomic, and the flag is cleared
-        # before the inbox is read, so no event waits without a wake-up on its way.
-        self._inbox.append((event, subs, ctx, delay_s))
-        if not self._inbox_scheduled:
-            self._inbox_scheduled = True
-            self._loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
-
-    def _take_inbox(self) -> None:
-        self._inbox_scheduled = False
-        if self._inbox_waiter is not None:
-            return  # the first waits for room; the rest follow it
-        inbox = self._inbox
-        if self._closed:
-            # Emitted on another thread as the bus closed, and handed over too late.
-            while inbox:
-                event = inbox.popleft()[0]
-                logger.error("event %s (%s) arrived after the bus closed", event.id, event.name)
+        hold = self._open_hold() if self._holders else None
+        if hold is not None:
+            # Emitted while a request is handled: validated now, queued once the response
+            # is sent (tidings.asgi).
+            held = Held(subs, ctx, event.name, event.args, event.kwargs, event.timestamp)
+            held.event, held.delay_s, held.taken = event, delay_s, taken
+            hold.items.append(held)
             return
-        backend = self.backend
-        while inbox:
-            event, subs, ctx, delay_s = inbox[0]
-            try:
-                if delay_s is None:
-                    backend.put(event, subs, ctx)
-                else:
-                    backend.put_later(event, subs, ctx, delay_s)
-            except QueueFull:
-                # The loop's own emits filled the queue first. Room was counted for this
-                # one when it was emitted: it waits for room rather than be dropped.
-                self._inbox_waiter = self._loop.create_task(self._wait_for_room())  # type: ignore[union-attr]
-                return
-            except Exception:
-                # This one event's failure; it never stalls the events behind it.
-                logger.exception(
-                    "event %s (%s) emitted from a thread could not be queued", event.id, event.name
-                )
-            inbox.popleft()
-
-    async def _wait_for_room(self) -> None:
-        event, subs, ctx, _delay = self._inbox[0]
         try:
-            await self.backend.put_wait(event, subs, ctx)
+            self.inbox.hand_over(event, subs, ctx, delay_s)
         except Exception:
-            logger.exception(
-                "event %s (%s) emitted from a thread could not be queued", event.id, event.name
-            )
-        finally:
-            self._inbox_waiter = None
-        self._inbox.popleft()
-        self._take_inbox()
-
-    async def _empty_inbox(self) -> None:
-        """Queue what other threads emitted, waiting for room if need be."""
-        self._take_inbox()
-        while self._inbox_waiter is not None:
-            await asyncio.wait({self._inbox_waiter})
+            self.router.put_back(taken)
+            raise
 
     def _refresh_hot(self) -> None:
         self._hot = (
             self._loop is not None
             and not self._closed
-            and not (self.disabled or self.strict or self.check_serializable)
-            and not self._emit_hooks
-            and not self._schemas
+            and not self.disabled
+            and not self.router.sees_each_event
         )
         # While nothing needs to see each event, the backend may supply the whole of
         # emit (an instance attribute, found before the method); it hands anything
@@ -972,18 +677,18 @@ class Bus:
             fast.__doc__ = Bus.emit.__doc__
             self.__dict__["emit"] = fast
 
-    def _hold_requests(self, on: bool) -> None:
-        """Count a middleware that holds this bus's events during requests."""
-        self._holders += 1 if on else -1
+    def hold_requests(self) -> None:
+        """Hold this bus's events during each request until its response is sent: what
+        :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
+        self._holders += 1
         self._refresh_hot()
 
-    def _add_emit_hook(self, hook: Callable[[Event], None]) -> None:
-        self._emit_hooks.append(hook)
-        self._refresh_hot()
-
-    def _remove_emit_hook(self, hook: Callable[[Event], None]) -> None:
-        self._emit_hooks.remove(hook)
-        self._refresh_hot()
+    def _open_hold(self) -> Hold | None:
+        """The open hold of the request being handled, if any."""
+        hold = _current_hold()
+        if hold is not None and hold.bus is not self:
+            hold = Hold.find(self)  # another bus's, outside
+        return hold if hold is not None and hold.open else None
 
     # -- inspecting -----------------------------------------------------------------
 
@@ -1004,12 +709,11 @@ class Bus:
     async def list_dead_letters(
         self, *, listener: str | None = None, limit: int = 100
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first: of one listener (qualified name) or of all."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.list_dead(listener, limit)
-        dead = [d for d in self.dead_letters() if listener is None or d.listener == listener]
-        return dead[:limit]
+        """Dead letters, oldest first: of one listener (qualified name) or of all.
+
+        Those the backend raised on when handed them are kept by the bus, and listed too.
+        """
+        return await _dead.list_dead(self.backend, self._runner, listener, limit)
 
     async def replay_dead_letters(
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
@@ -1018,50 +722,17 @@ class Bus:
 
         Returns how many deliveries were replayed.
         """
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.replay_dead(ids, listener)
-        if not isinstance(backend, MemoryBackend):
-            raise ConfigurationError(f"{type(backend).__name__} cannot replay dead letters")
-        subs = {sub.listener.qualname: sub for sub in self.registry.subscriptions()}
-        count = 0
-        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        for letter in [*backend.take_dead(ids, listener), *kept]:
-            sub = subs.get(letter.listener)
-            if sub is None:
-                logger.warning(
-                    "dead letter of event %s for %s not replayed: no such listener here",
-                    letter.event.id,
-                    letter.listener,
-                )
-                continue
-            backend.put(letter.event.for_attempt(1), (sub,), _copy_context())
-            count += 1
-        return count
+        return await _dead.replay_dead(self.backend, self._runner, self.registry, ids, listener)
 
     async def purge_dead_letters(
         self, *, ids: Sequence[str] | None = None, listener: str | None = None
     ) -> int:
         """Forget dead letters (by event id, listener, or all); how many."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.purge_dead(ids, listener)
-        if not isinstance(backend, MemoryBackend):
-            raise ConfigurationError(f"{type(backend).__name__} cannot purge dead letters")
-        kept = self._runner.take_kept(ids, listener) if self._runner is not None else []
-        return len(backend.take_dead(ids, listener)) + len(kept)
+        return await _dead.purge_dead(self.backend, self._runner, ids, listener)
 
     async def listener_stats(self) -> dict[str, ListenerStats]:
         """What waits per listener: in the store for a durable backend, else here."""
-        backend = self.backend
-        if isinstance(backend, DurableBackend):
-            return await backend.listener_stats()
-        out: dict[str, ListenerStats] = {}
-        for sub in self.registry.subscriptions():
-            out[sub.listener.qualname] = ListenerStats(
-                dead=sum(1 for d in backend.dead_letters() if d.listener == sub.listener.qualname)
-            )
-        return out
+        return await self.backend.listener_stats()
 
     async def forget_listener(self, name: str) -> bool:
         """Remove a listener (by qualified name) from the durable store: its deliveries
@@ -1072,10 +743,7 @@ class Bus:
             ConfigurationError: the bus is not on a durable store.
             BackendError: the store failed.
         """
-        backend = self.backend
-        if not isinstance(backend, DurableBackend):
-            raise ConfigurationError(f"{self.url} keeps no listeners to forget")
-        return await backend.forget(name)
+        return await self.backend.forget(name)
 
     def stats(self) -> dict[str, Any]:
         """Delivered and failed counts per listener, and the backend's counters."""
@@ -1090,38 +758,6 @@ class Bus:
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-def _disabled() -> bool:
-    """``TIDINGS_DISABLE`` as a boolean.
-
-    Raises:
-        ConfigurationError: a value that is neither true nor false.
-    """
-    value = os.environ.get("TIDINGS_DISABLE", "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(
-        f"TIDINGS_DISABLE={value!r} is not a boolean: 1/true/yes/on disables emitting, "
-        "0/false/no/off (or unset) enables it"
-    )
-
-
 def _delay_s(options: EmitOptions | None) -> float | None:
     """Seconds from now until an event with these options is due, or ``None``."""
     return None if options is None else options.due_in()
-
-
-def _frozen(event: Event, codec: str) -> Event:
-    """A copy of ``event`` (same id) whose payload is what it encodes to now, in the
-    backend's format (so it is stored as it would have been).
-
-    Raises:
-        PayloadError: the payload cannot be serialized.
-    """
-    args, kwargs, obj = decode_payload(encode_payload(event, codec))
-    return msgspec.structs.replace(event, _id=event.id, args=args, kwargs=kwargs, obj=obj)

@@ -18,22 +18,23 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from contextvars import Context
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tidings._units import seconds
 from tidings.errors import BindingError, ConfigurationError
 from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.backends.base import Backend, DeadLetter
+    from tidings.backends.base import Backend
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
-__all__ = ["DeliveryObserver", "Retry", "Runner", "Tally"]
+__all__ = ["DeadLetter", "Delivery", "DeliveryObserver", "Retry", "Runner", "Tally"]
 
 # Tasks that run their first step at once, in the caller's turn (Python 3.12+).
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -66,16 +67,19 @@ class Retry:
             raise ConfigurationError(f"Retry(attempts=...) must be at least 1, not {self.attempts}")
         if not 0 <= self.jitter <= 1:
             raise ConfigurationError(f"Retry(jitter=...) must be within 0..1, not {self.jitter}")
+        for what in ("backoff", "max_backoff"):
+            if seconds(getattr(self, what), f"Retry({what}=...)") < 0:
+                raise ConfigurationError(f"Retry({what}=...) must not be negative")
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = _secs(self.backoff)
+        base = seconds(self.backoff, "Retry(backoff=...)")
         if base:
             try:
                 base *= self.factor ** (attempt - 1)
             except OverflowError:  # far past the cap
                 base = math.inf
-        cap = _secs(self.max_backoff)
+        cap = seconds(self.max_backoff, "Retry(max_backoff=...)")
         base = min(base, cap)
         if self.jitter:
             # Jittered below the cap too (so waits that reached it still spread out),
@@ -85,6 +89,31 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery that failed its last attempt."""
+
+    event: Event
+    listener: str
+    error: str
+    traceback: str
+    attempts: int
+    failed_at: float
+
+    @classmethod
+    def of(cls, event: Event, listener: str, exc: BaseException, failed_at: float) -> DeadLetter:
+        """Record ``exc`` as the last error of ``event``'s delivery to ``listener``."""
+        return cls(
+            event=event,
+            listener=listener,
+            error=f"{type(exc).__qualname__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=event.attempt,
+            failed_at=failed_at,
+        )
+
 
 #: Told of each delivery as it starts (``observer(event, subscription, context)``, the
 #: context being the delivery's own); returns the callback told of its end:
@@ -124,10 +153,6 @@ class Tally(Protocol):
         ``exact_below_s``."""
 
 
-def _secs(value: float | timedelta) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
 @types.coroutine
 def _set_if_pending(future: asyncio.Future[None]) -> None:
     if not future.done():
@@ -139,6 +164,107 @@ def cancelled_from_outside() -> bool:
     ``CancelledError`` that a listener raised (awaiting a cancelled future, say)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+class Delivery:
+    """One event for one listener, ready to run with the bus's policy (its timeout, its
+    retries, its hooks and, after the last attempt, its dead letter).
+
+    What a backend's :meth:`~tidings.backends.base.Backend.deliver` is handed: it runs
+    it now (``delivery.start()``), later (``await delivery()``, from any task), or
+    elsewhere. A retry comes back as a new delivery, through the backend again.
+
+    Attributes:
+        event: the event (``event.attempt`` is this attempt's number).
+        subscription: the listener's subscription.
+        context: the emitter's context; the listener runs in a copy of it.
+    """
+
+    __slots__ = ("_ended", "_future", "_runner", "context", "event", "subscription")
+
+    def __init__(
+        self,
+        event: Event,
+        subscription: Subscription,
+        context: Context,
+        runner: Runner,
+        ended: Callable[[Delivery], None] | None = None,
+    ) -> None:
+        self.event = event
+        self.subscription = subscription
+        self.context = context
+        self._runner = runner
+        self._ended = ended
+        self._future: asyncio.Future[Any] | None = None
+
+    @property
+    def listener(self) -> str:
+        """The listener's qualified name."""
+        return self.subscription.listener.qualname
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The bus's event loop, which the delivery runs on."""
+        return self._runner.loop
+
+    def start(
+        self,
+        *,
+        executor: Executor | None = None,
+        work: Callable[[Event], Awaitable[Any]] | None = None,
+    ) -> asyncio.Future[Any] | None:
+        """Start the delivery on the bus's loop (call it on that loop's thread): ``None``
+        if it finished at once, else the task that runs it. Its outcome (success, a
+        retry, a dead letter) is handled by the bus; this never raises for it.
+
+        Args:
+            executor: where a sync listener is called (default: the bus's threads).
+            work: what runs in place of the listener, with its policy (timeout,
+                retries, hooks, dead letter): ``await work(event)`` (a backend that
+                forwards the delivery elsewhere).
+        """
+        runner = self._runner
+        event, sub, ctx = self.event, self.subscription, self.context
+        fut: asyncio.Future[Any] | None
+        if work is not None:
+            fut = runner.run_work(work, event, sub, ctx)
+        elif executor is not None:
+            fut = runner.run_in(executor, event, sub, ctx)
+        else:
+            fut = runner.run(event, sub, ctx)
+        self._future = fut
+        if fut is None:
+            self._end()
+        else:
+            fut.add_done_callback(self._end)
+        return fut
+
+    async def __call__(self) -> None:
+        """Run the delivery to its end (its retry, if any, is the backend's to run):
+        what a framework's background task or any coroutine awaits."""
+        loop = self._runner.loop
+        if asyncio.get_running_loop() is not loop:
+            # Awaited on another loop (a test client's thread): run on the bus's.
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self(), loop))
+            return
+        fut = self.start()
+        if fut is not None:
+            await asyncio.wait([fut])
+
+    def cancel(self) -> None:
+        """Cancel the delivery if it runs; forget it if it never started."""
+        if self._future is not None:
+            self._future.cancel()
+        else:
+            self._end()
+
+    def _end(self, _fut: object = None) -> None:
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(self)
+
+    def __repr__(self) -> str:
+        return f"<Delivery of {self.event.name} {self.event.id} to {self.listener}>"
 
 
 class Runner:
@@ -234,6 +360,31 @@ class Runner:
         # listener may return) in another.
         return self.loop.create_task(self._run_sync(event, sub, ctx), context=ctx.copy())
 
+    def run_work(
+        self,
+        work: Callable[[Event], Awaitable[Any]],
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+    ) -> asyncio.Future[Any]:
+        """Like :meth:`run`, awaiting ``work(event)`` in place of the listener."""
+
+        async def call() -> Any:
+            return await work(event)
+
+        run = self._run_async(call(), event, sub, ctx)
+        return self.loop.create_task(run, context=ctx.copy())
+
+    def run_in(
+        self, executor: Executor, event: Event, sub: Subscription, ctx: Context
+    ) -> asyncio.Future[Any] | None:
+        """Like :meth:`run`, calling a sync listener (``inline`` or not) in ``executor``."""
+        if sub.listener.is_async:
+            return self.run(event, sub, ctx)
+        return self.loop.create_task(
+            self._run_sync(event, sub, ctx, executor=executor), context=ctx.copy()
+        )
+
     def _run_observed(
         self, event: Event, sub: Subscription, ctx: Context
     ) -> asyncio.Future[Any] | None:
@@ -281,12 +432,18 @@ class Runner:
             self.succeeded(event, sub)
 
     async def _run_sync(
-        self, event: Event, sub: Subscription, ctx: Context, returned: Any = None
+        self,
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
+        returned: Any = None,
+        executor: Executor | None = None,
     ) -> None:
         """Run a sync listener in a thread and await what it returns if that is awaitable
         (a coroutine); or with ``returned``, only await that."""
         timeout = sub.listener.timeout or self.timeout
         loop = self.loop
+        executor = executor or self.executor
         deadline = None
         run = ctx.copy().run
         # The thread's call, awaited through a shield: it cannot be stopped, so its end
@@ -298,7 +455,7 @@ class Runner:
                 async with deadline:
                     await returned
             elif timeout is None:
-                running = loop.run_in_executor(self.executor, run, sub.listener.plan.call, event)
+                running = loop.run_in_executor(executor, run, sub.listener.plan.call, event)
                 result = await asyncio.shield(running)
                 if asyncio.iscoroutine(result):
                     await result
@@ -309,7 +466,7 @@ class Runner:
                     loop.call_soon_threadsafe(_set_if_pending, began)
                     return run(sub.listener.plan.call, event)
 
-                running = loop.run_in_executor(self.executor, call)
+                running = loop.run_in_executor(executor, call)
                 # The timeout counts from when a thread starts the call, not while the
                 # call waits for a free thread.
                 await asyncio.wait((began, running), return_when=asyncio.FIRST_COMPLETED)
@@ -434,8 +591,6 @@ class Runner:
     ) -> None:
         """Keep a delivery the backend failed to take back after ``exc``: as a dead letter
         of this process (``Bus.dead_letters()``), so it is never lost without a word."""
-        from tidings.backends.base import DeadLetter  # the protocol's record; a rare path
-
         backend = type(self.backend).__qualname__
         logger.error(
             "%s.%s() raised for event %s (%s) to %s: %s: %s; the delivery is kept as a "

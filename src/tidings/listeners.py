@@ -21,6 +21,7 @@ from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan, keyword_caller
 from tidings._patterns import matches, validate_name
+from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
@@ -43,13 +44,13 @@ ErrorHook = Callable[[Event, "Listener[..., Any]", BaseException], Any]
 SuccessHook = Callable[[Event, "Listener[..., Any]"], Any]
 
 
-def _seconds(value: float | timedelta | None, what: str) -> float | None:
+def seconds_or_none(value: float | timedelta | None, what: str) -> float | None:
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
+    result = seconds(value, what)
+    if result <= 0:
         raise ConfigurationError(f"{what} must be positive, not {value!r}")
-    return seconds
+    return result
 
 
 def _pattern(name: str, qualname: str) -> str:
@@ -76,7 +77,7 @@ def _qualname(fn: Any) -> str:
     return f"{module}.{name}"
 
 
-def _hooks(value: Any) -> tuple[Any, ...]:
+def hooks_of(value: Any) -> tuple[Any, ...]:
     if value is None:
         return ()
     if callable(value):
@@ -121,13 +122,13 @@ class Listener(Generic[P, R]):
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = _seconds(timeout, f"timeout of listener {self.qualname}")
+        self.timeout = seconds_or_none(timeout, f"timeout of listener {self.qualname}")
         self.concurrency = concurrency
         self.once = once
         self.inline = inline
-        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
-        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         #: A batch listener's batching (its function takes a list of events), else None.
         self.batching = self._batching(batch, batch_wait, executor, typed)
         if self.batching is not None:
@@ -252,7 +253,7 @@ def listener(
         ConfigurationError: no names, an invalid pattern, a class with no event name,
             or batch options out of range (``concurrency`` under ``batch``, say).
     """
-    str_names, typed = _names(names)
+    str_names, typed = split_names(names)
 
     def decorate(fn: Callable[P, R]) -> Listener[P, R]:
         if isinstance(fn, Listener):
@@ -264,7 +265,7 @@ def listener(
     return decorate
 
 
-def _names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
+def split_names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
     str_names: list[str] = []
     typed: list[type[Any]] = []
     for n in names:
@@ -388,9 +389,9 @@ class Registry:
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
     ) -> None:
         self.max_listeners = max_listeners
-        self.on_error: tuple[ErrorHook, ...] = _hooks(on_error)
-        self.on_success: tuple[SuccessHook, ...] = _hooks(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = _hooks(on_dead)
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
         #: Where this registry is included (a registry may be shared by several buses).
@@ -525,9 +526,9 @@ class Registry:
         return out
 
     def _remove(self, sub: Subscription) -> bool:
-        return self._take(sub) is not None
+        return self.take(sub) is not None
 
-    def _take(self, sub: Subscription) -> int | None:
+    def take(self, sub: Subscription) -> int | None:
         """Remove ``sub``; where it was, or ``None`` if it was not here (any more)."""
         with self._lock:
             try:
@@ -538,8 +539,8 @@ class Registry:
             self._invalidate()
             return index
 
-    def _put_back(self, sub: Subscription, index: int) -> None:
-        """Subscribe ``sub`` again where :meth:`_take` took it from."""
+    def put_back(self, sub: Subscription, index: int) -> None:
+        """Subscribe ``sub`` again where :meth:`take` took it from."""
         with self._lock:
             self._subs.insert(index, sub)
             self._invalidate()

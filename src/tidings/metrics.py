@@ -173,8 +173,8 @@ class Metrics(Collector):
         bus.on_dead = (*bus.on_dead, self._on_dead)
         count_into = getattr(bus.backend, "count_into", None)
         if self.detailed:
-            bus._add_emit_hook(self._on_emit)
-            bus._observers.append(self._observe)
+            bus.router.add_emit_hook(self._on_emit)
+            bus.observers.append(self._observe)
         elif count_into is not None:
             self._tally = _Tally(self)
             count_into(self._tally)

@@ -13,11 +13,11 @@ many emits (``at=`` is read at each emit: once it has passed, the event is due a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from tidings._units import seconds
 from tidings.errors import ConfigurationError, EmitError
 
 if TYPE_CHECKING:
@@ -131,19 +131,8 @@ class EmitOptions:
 
 
 def _delay_seconds(delay: Any) -> float:
-    if isinstance(delay, timedelta):
-        seconds = delay.total_seconds()
-    elif isinstance(delay, int | float) and not isinstance(delay, bool):
-        try:
-            seconds = float(delay)
-        except OverflowError:  # an int too large for a float
-            seconds = math.inf
-    else:
-        raise EmitError(f"delay= takes seconds or a timedelta, not {delay!r}")
-    if not math.isfinite(seconds):
-        raise EmitError(f"delay= must be a finite number of seconds, not {delay!r}")
     # A delay that has passed means now.
-    return max(seconds, 0.0)
+    return max(seconds(delay, "delay=", error=EmitError), 0.0)
 
 
 def _check_at(at: Any) -> None:

@@ -106,13 +106,13 @@ def capture(bus: Bus) -> Iterator[Captured]:
     dropped (the request failed) move from ``events`` to ``dropped``.
     """
     captured = Captured()
-    bus._add_emit_hook(captured._record)
-    bus._drop_hooks.append(captured._drop)
+    bus.router.add_emit_hook(captured._record)
+    bus.router.drop_hooks.append(captured._drop)
     try:
         yield captured
     finally:
-        bus._remove_emit_hook(captured._record)
-        bus._drop_hooks.remove(captured._drop)
+        bus.router.remove_emit_hook(captured._record)
+        bus.router.drop_hooks.remove(captured._drop)
 
 
 try:

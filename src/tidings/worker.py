@@ -66,7 +66,7 @@ async def run_worker(
     if listeners:
         backend.listener_patterns = tuple(listeners)
     if log_deliveries:
-        bus._observers.append(_log_delivery)
+        bus.observers.append(_log_delivery)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

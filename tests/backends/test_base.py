@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tidings import BackendError, Bus, ConfigurationError
-from tidings.backends.base import redact
+from tidings.backends._options import redact
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from tidings import (
     Retry,
     listener,
 )
-from tidings.backends.base import redact
+from tidings.backends._options import redact
 from tidings.backends.durable import Outcomes, Stored
 from tidings.backends.sqlite import SQLiteBackend
 from tidings.cli import app as cli

@@ -1,75 +1,169 @@
-"""The backend protocol: what the bus needs from the place deliveries wait in.
+"""The backend protocol: where deliveries wait and run.
 
-The bus owns routing, retry policy, serialization and hooks. A backend only stores
-deliveries, hands them to the bus's :class:`~tidings.delivery.Runner`, holds the ones to
-retry later, and keeps dead letters.
+The bus owns routing, retry policy, serialization and hooks. A backend is handed ready
+deliveries (:class:`~tidings.delivery.Delivery`, the policy travels with them) and runs
+them: now, later, in a pool, after a response... A custom backend implements one
+method, :meth:`Backend.deliver`; the rest have defaults (retries on a timer, dead
+letters kept in process, a drain that waits for every delivery handed out)::
+
+    class Now(Backend):
+        def deliver(self, delivery: Delivery) -> None:
+            delivery.start()
+
+The in-process and durable backends override the richer hooks below (``put``,
+``put_named``, ``fast_emit``...) to queue without a delivery object per listener.
+Dead letters are one protocol, :class:`DeadLetters`, that every backend implements
+(in process by default, over its store for a durable one).
 """
 
 from __future__ import annotations
 
-import traceback
+import asyncio
+import contextlib
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from contextvars import Context
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import Context, copy_context
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from tidings.errors import ConfigurationError
+from tidings.delivery import DeadLetter, Delivery
+from tidings.errors import ConfigurationError, NotStartedError
 from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
+    from tidings._hold import Held
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
+    from tidings.outbox import Outbox
 
-__all__ = ["Backend", "DeadLetter", "backend_from_url", "redact", "split_options"]
+__all__ = [
+    "Backend",
+    "DeadLetter",
+    "DeadLetters",
+    "ListenerStats",
+]
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A delivery that failed its last attempt."""
+@dataclass(slots=True)
+class ListenerStats:
+    """What waits for one listener in the store, and when a process last claimed for it
+    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say)."""
 
-    event: Event
-    listener: str
-    error: str
-    traceback: str
-    attempts: int
-    failed_at: float
+    pending: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    delayed: int = 0
+    dead: int = 0
+    oldest_age_s: float | None = None
+    last_seen: float | None = None
 
-    @classmethod
-    def of(cls, event: Event, listener: str, exc: BaseException, failed_at: float) -> DeadLetter:
-        """Record ``exc`` as the last error of ``event``'s delivery to ``listener``."""
-        return cls(
-            event=event,
-            listener=listener,
-            error=f"{type(exc).__qualname__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            attempts=event.attempt,
-            failed_at=failed_at,
-        )
+
+class DeadLetters(Protocol):
+    """Dead letters, wherever a backend keeps them: listed, replayed, purged, counted.
+
+    ``ids`` are event ids and ``listener`` a listener's qualified name; ``None`` means
+    any.
+    """
+
+    async def list_dead(self, listener: str | None, limit: int) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        ...
+
+    async def replay_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        """Deliver dead letters again with fresh attempts; how many."""
+        ...
+
+    async def purge_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        """Forget dead letters; how many."""
+        ...
+
+    async def listener_stats(self) -> dict[str, ListenerStats]:
+        """What waits (and lies dead) per listener."""
+        ...
 
 
 class Backend(ABC):
-    """Holds deliveries and hands them to the bus's runner."""
+    """Where deliveries wait and run: implement :meth:`deliver`, the rest is optional.
+
+    A subclass with an ``__init__`` of its own calls ``super().__init__()``.
+
+    Args:
+        max_dead_letters: how many recent dead letters are kept in process.
+    """
 
     #: Whether deliveries survive the process (and payloads must serialize).
     durable: ClassVar[bool] = False
     #: Whether ``put``, ``put_later`` and ``put_wait`` serialize the payload at once,
     #: raising ``PayloadError``: the bus then skips its own check on the loop's thread.
     serializes_at_put: ClassVar[bool] = False
+    #: The format payloads are stored in (``"json"`` or ``"msgpack"``).
+    codec: str = "json"
+    #: Whether this process runs the listeners (``False``: a producer-only bus).
+    consume: bool = True
+    #: Publishing inside the caller's database transaction, where the backend can
+    #: (``bus.options(connection=...).publish(...)``); ``None`` where it cannot.
+    outbox: Outbox | None = None
+
+    def __init__(self, *, max_dead_letters: int = 1000) -> None:
+        #: The bus's runner, once started.
+        self.runner: Runner | None = None
+        # Deliveries handed out (or waiting on a timer) that have not ended.
+        self._handed: dict[Delivery, None] = {}
+        self._delivery_timers: dict[asyncio.TimerHandle, Delivery] = {}
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._dead: deque[DeadLetter] = deque(maxlen=max_dead_letters)
 
     @abstractmethod
+    def deliver(self, delivery: Delivery) -> None:
+        """Run ``delivery``: at once (``delivery.start()``, on the loop's thread), later
+        (``await delivery()``), or wherever the backend runs work. Called on the bus's
+        loop, once per listener of each event (and again for each retry).
+
+        Until it has run, the delivery counts as pending: ``bus.drain()`` waits for it,
+        and closing the bus reports it as undelivered.
+        """
+
+    # -- optional: what the bus calls, with defaults over deliver() ----------------
+
     async def start(self, runner: Runner) -> None:
-        """Begin handing deliveries to ``runner``."""
+        """Begin handing deliveries to ``runner`` (on its loop)."""
+        self.runner = runner
 
-    @abstractmethod
     def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
-        """Queue one delivery of ``event`` per subscription, without waiting.
+        """Queue one delivery of ``event`` per subscription, without waiting; ``ctx`` is
+        the emitter's context.
 
         Raises:
             QueueFull: there is no room now.
         """
+        for sub in subs:
+            self.deliver(self.delivery(event, sub, ctx))
+
+    def put_later(
+        self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
+    ) -> None:
+        """Queue the deliveries once ``delay_s`` seconds have passed."""
+        for sub in subs:
+            self._later(delay_s, self.delivery(event, sub, ctx))
+
+    async def put_wait(
+        self,
+        event: Event,
+        subs: tuple[Subscription, ...],
+        ctx: Context,
+        delay_s: float | None = None,
+    ) -> None:
+        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising;
+        with ``delay_s``, like :meth:`put_later` (a durable backend returns once stored)."""
+        if self.runner is None:
+            raise NotStartedError(f"cannot queue event {event.name!r}: the bus is closed")
+        if delay_s is None:
+            self.put(event, subs, ctx)
+        else:
+            self.put_later(event, subs, ctx, delay_s)
 
     def put_named(
         self,
@@ -79,24 +173,19 @@ class Backend(ABC):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """Queue a named event, emitted in ``ctx`` (a copy of the caller's context),
-        like :meth:`put`.
-
-        The bus's fast path for plain named events: a backend may queue them without
-        building the envelope until something reads it.
-        """
+        """Queue a plain named event (the bus's fast path), like :meth:`put`: a backend
+        may queue it without building the envelope until something reads it."""
         self.put(Event(name, args, kwargs), subs, ctx)
 
-    def put_held(self, entries: list[list[Any]]) -> None:
-        """Queue named events that were emitted earlier and held until now (see
-        :mod:`tidings.asgi`), like :meth:`put`. Each entry is ``[subscriptions, the
-        emitter's context, name, args, kwargs, time of the emit]``.
+    def put_held(self, items: list[Held]) -> None:
+        """Queue events that were emitted earlier and held until now (see
+        :mod:`tidings.asgi`), like :meth:`put`.
 
         Raises:
             QueueFull: there is no room for all of them (those that fit are queued).
         """
-        for subs, ctx, name, args, kwargs, timestamp in entries:
-            self.put(Event(name, args, kwargs, timestamp=timestamp), subs, ctx)
+        for item in items:
+            self.put(item.envelope(), item.subs, item.context)
 
     def fast_emit(
         self,
@@ -107,165 +196,151 @@ class Backend(ABC):
     ) -> Callable[..., None] | None:
         """An ``emit`` function for a bus in its plain state, or ``None`` (the default).
 
-        The bus installs it as its ``emit`` while nothing needs to see each event
-        (no hooks, no strict checks, no serialization check) and removes it when that
-        changes. It may queue a named event whose name is in ``routes``, emitted on the
-        thread ``thread`` (every keyword is payload); anything else it hands to ``fallback`` (the
-        bus's own ``emit``) with the same arguments. Its events are emitted in
+        The bus calls it instead of its own ``emit`` while nothing needs to see each
+        event (no hooks, no strict checks, no serialization check). It may queue a
+        named event whose name is in ``routes``, emitted on the thread ``thread`` (every
+        keyword is payload); anything else it hands to ``fallback`` (the bus's own
+        ``emit``) with the same arguments. Its events are emitted in
         ``contexts.copy()`` (which it may inline).
         """
         return None
 
-    @abstractmethod
-    async def put_wait(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: Context,
-        delay_s: float | None = None,
-    ) -> None:
-        """Queue like :meth:`put`, waiting for room (or for storage) instead of raising;
-        with ``delay_s``, like :meth:`put_later` (a durable backend returns once stored)."""
-
-    @abstractmethod
-    def put_later(
-        self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
-    ) -> None:
-        """Queue the deliveries once ``delay_s`` seconds have passed."""
-
-    @abstractmethod
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         """Run one delivery again (``event.attempt`` is the next attempt) after a delay."""
+        self._later(delay_s, self.delivery(event, sub, ctx))
 
-    @abstractmethod
     def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
         """Keep a delivery that failed its last attempt as a dead letter."""
+        self._dead.append(DeadLetter.of(event, sub.listener.qualname, exc, time.time()))
 
-    @abstractmethod
     def has_room(self, count: int) -> bool:
         """Whether ``count`` more events fit now (may be read from any thread)."""
+        return True
 
-    @abstractmethod
     async def drain(self) -> None:
-        """Wait until every queued, running and retrying delivery has finished."""
+        """Wait until every delivery handed out (or waiting to be) has ended."""
+        while self._handed and self.runner is not None:
+            waiter = self.runner.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
-    @abstractmethod
     async def aclose(self, timeout_s: float | None) -> list[str]:
         """Drain for at most ``timeout_s`` seconds, stop, and return undelivered event ids."""
-
-    @abstractmethod
-    def dead_letters(self) -> list[DeadLetter]:
-        """The dead letters kept, oldest first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), timeout_s)
+        for handle in self._delivery_timers:
+            handle.cancel()
+        self._delivery_timers.clear()
+        undelivered = [d.event.id for d in self._handed]
+        for delivery in list(self._handed):
+            delivery.cancel()
+        self._handed.clear()
+        self.runner = None
+        return list(dict.fromkeys(undelivered))
 
     def stats(self) -> dict[str, Any]:
         """Counters of what waits and runs."""
-        return {}
+        return {"pending": len(self._handed), "dead": len(self._dead)}
 
     async def claim_tick(self, schedule: str, tick: float) -> bool:
         """Whether this process fires ``schedule``'s ``tick`` (once across processes)."""
         return True
 
+    async def forget(self, listener: str) -> bool:
+        """Remove a listener from the store: its deliveries and what it keeps stored;
+        whether it was there.
 
-def backend_from_url(url: str, **options: Any) -> Backend:
-    """Build the backend a URL names: ``memory://``, ``sqlite:///path.db``,
-    ``redis://host:port/db`` (also ``rediss://`` and ``unix://``) or
-    ``postgresql://user@host/db`` (also ``postgres://``).
+        Raises:
+            ConfigurationError: the backend keeps no listeners (not durable).
+            BackendError: the store failed, or cannot forget listeners.
+        """
+        raise ConfigurationError(f"{type(self).__name__} keeps no listeners to forget")
 
-    ``options`` are the bus's settings; each backend takes those it knows.
+    # -- dead letters (DeadLetters), kept in process --------------------------------
 
-    Raises:
-        ConfigurationError: an unknown scheme.
-    """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
-    if scheme == "memory":
-        from tidings.backends.memory import MemoryBackend
+    def dead_letters(self) -> list[DeadLetter]:
+        """The dead letters kept in this process, oldest first."""
+        return list(self._dead)
 
-        options.pop("consume", None)
-        return MemoryBackend(**options)
-    if scheme == "sqlite":
-        from tidings.backends.sqlite import SQLiteBackend
+    async def list_dead(self, listener: str | None, limit: int) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        return [d for d in self.dead_letters() if listener is None or d.listener == listener][
+            :limit
+        ]
 
-        return SQLiteBackend.from_url(url, **options)
-    if scheme in ("postgres", "postgresql"):
-        from tidings.backends.postgres import PostgresBackend
+    async def replay_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        """Deliver dead letters again with fresh attempts; how many (a letter of a
+        listener this bus no longer has stays dead)."""
+        runner = self.runner
+        if runner is None or runner.registry is None:
+            return 0
+        subs = {sub.listener.qualname: sub for sub in runner.registry.subscriptions()}
+        letters = [d for d in self.take_dead(ids, listener) if d.listener in subs]
+        for letter in letters:
+            self.put(letter.event.for_attempt(1), (subs[letter.listener],), copy_context())
+        return len(letters)
 
-        return PostgresBackend.from_url(url, **options)
-    if scheme in ("redis", "rediss", "unix"):
-        from tidings.backends.redis import RedisBackend
+    async def purge_dead(self, ids: Sequence[str] | None, listener: str | None) -> int:
+        """Forget dead letters; how many."""
+        return len(self.take_dead(ids, listener))
 
-        return RedisBackend.from_url(url, **options)
-    raise ConfigurationError(
-        f"unknown backend URL {redact(url)!r}: expected 'memory://', 'sqlite:///path.db', "
-        "'redis://host:port/db' or 'postgresql://host/db'"
-    )
-
-
-def split_options(
-    url: str,
-    *,
-    floats: tuple[str, ...] = (),
-    ints: tuple[str, ...] = (),
-    strs: tuple[str, ...] = (),
-    bools: tuple[str, ...] = (),
-) -> tuple[str, dict[str, Any]]:
-    """Take tidings' own options out of ``url``'s query: the URL with the rest of its
-    query (the driver's parameters), and the options, converted.
-
-    Raises:
-        ConfigurationError: an option's value does not convert.
-    """
-    parts = urlsplit(url)
-    rest: list[tuple[str, str]] = []
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        try:
-            if key in floats:
-                options[key] = float(value)
-            elif key in ints:
-                options[key] = int(value)
-            elif key in strs:
-                options[key] = value
-            elif key in bools:
-                options[key] = value.lower() not in ("0", "false", "no", "off")
-            else:
-                rest.append((key, value))
-        except ValueError as exc:
-            raise ConfigurationError(f"bad {key!r} in {redact(url)!r}: {exc}") from exc
-    return urlunsplit(parts._replace(query=urlencode(rest))), options
-
-
-# Query parameters whose values are secrets, matched anywhere in the name (so that
-# ``sslpassword``, ``api_key`` and ``access_token`` are caught too).
-_SECRET_WORDS = ("pass", "pwd", "token", "secret", "key", "auth", "credential")
-
-
-def _is_secret(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
-def redact(url: str) -> str:
-    """``url`` as it may be shown: its password and every credential-like query value
-    (``password``, ``pass``, ``token``, ``secret``, ``key``...) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # not a URL one can take apart: show none of it
-        return "<a URL that cannot be parsed>"
-    # Edited in place rather than rebuilt, which would change what it does not redact
-    # (``sqlite:///x.db`` would lose its slashes).
-    shown = url
-    if password is not None:
-        user = parts.netloc.rpartition("@")[0].partition(":")[0]
-        host = parts.netloc.rpartition("@")[2]
-        shown = shown.replace(parts.netloc, f"{user}:***@{host}", 1)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(_is_secret(name) for name, _ in pairs):
-            query = urlencode(
-                [(name, "***" if _is_secret(name) else value) for name, value in pairs], safe="*"
+    async def listener_stats(self) -> dict[str, ListenerStats]:
+        """The dead letters kept per listener of the bus."""
+        runner = self.runner
+        if runner is None or runner.registry is None:
+            return {}
+        dead = self.dead_letters()
+        return {
+            sub.listener.qualname: ListenerStats(
+                dead=sum(1 for d in dead if d.listener == sub.listener.qualname)
             )
-            head, _, _ = shown.partition("?")
-            fragment = f"#{parts.fragment}" if parts.fragment else ""
-            shown = f"{head}?{query}{fragment}"
-    return shown
+            for sub in runner.registry.subscriptions()
+        }
+
+    def take_dead(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
+        """Remove and return the kept dead letters of these event ids and/or listener."""
+        wanted = None if ids is None else set(ids)
+        taken: list[DeadLetter] = []
+        kept: deque[DeadLetter] = deque(maxlen=self._dead.maxlen)
+        for letter in self._dead:
+            if (wanted is None or letter.event.id in wanted) and (
+                listener is None or letter.listener == listener
+            ):
+                taken.append(letter)
+            else:
+                kept.append(letter)
+        self._dead = kept
+        return taken
+
+    # -- deliveries handed out -------------------------------------------------------
+
+    def delivery(self, event: Event, sub: Subscription, ctx: Context) -> Delivery:
+        """A delivery of ``event`` to ``sub``, pending until it ends.
+
+        Raises:
+            NotStartedError: the backend is not started.
+        """
+        if self.runner is None:
+            raise NotStartedError(f"cannot deliver event {event.name!r}: not started")
+        made = Delivery(event, sub, ctx, self.runner, self._ended)
+        self._handed[made] = None
+        return made
+
+    def _later(self, delay_s: float, delivery: Delivery) -> None:
+        assert self.runner is not None
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._delivery_timers.pop(handle, None)
+            self.deliver(delivery)
+
+        handle = self.runner.loop.call_later(delay_s, fire)
+        self._delivery_timers[handle] = delivery
+
+    def _ended(self, delivery: Delivery) -> None:
+        self._handed.pop(delivery, None)
+        if not self._handed and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

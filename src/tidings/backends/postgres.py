@@ -35,8 +35,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from tidings._patterns import _split
-from tidings.backends.base import DeadLetter, redact, split_options
+from tidings._patterns import split_segment
+from tidings.backends._options import redact, split_options
+from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,
@@ -51,6 +52,8 @@ from tidings.errors import BackendError, ConfigurationError
 
 if TYPE_CHECKING:
     import asyncpg
+
+    from tidings.events import Event
 
 __all__ = ["MIGRATIONS", "PostgresBackend", "pattern_regex"]
 
@@ -140,7 +143,7 @@ def pattern_regex(patterns: Sequence[str]) -> str:
             if segment == "**":
                 parts.append(r"(?:[^.]*\.)*")
             else:
-                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in _split(segment)]
+                pieces = [r"[^.]*" if p == "*" else re.escape(p) for p in split_segment(segment)]
                 parts.append("".join(pieces) + r"\.")
         alternatives.append("".join(parts))
     return "^(?:" + "|".join(alternatives) + ")$"
@@ -169,6 +172,8 @@ class PostgresBackend(DurableBackend):
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        #: Publishing in the caller's transaction (see :mod:`tidings.outbox`).
+        self.outbox = self
         if not _IDENT.match(schema):
             raise ConfigurationError(
                 f"a schema name is lower-case letters, digits and '_', not {schema!r}"
@@ -346,6 +351,12 @@ class PostgresBackend(DurableBackend):
             asyncpg.exceptions._base.DataError,
         )
         return isinstance(exc, refused) or super().refuses(exc)
+
+    async def store_in(self, connection: Any, event: Event, delay_s: float | None) -> None:
+        """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
+        outbox: see :mod:`tidings.outbox`)."""
+        due = event.timestamp if delay_s is None else event.timestamp + delay_s
+        await self.store_with(connection, [self._record(event, due)])
 
     async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:
         """Store events with ``conn``, in its current transaction if it is in one."""

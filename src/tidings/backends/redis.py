@@ -62,7 +62,8 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
-from tidings.backends.base import DeadLetter, redact, split_options
+from tidings.backends._options import redact, split_options
+from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,

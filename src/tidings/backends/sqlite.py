@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings.backends._options import split_options
 from tidings.backends._sqlite_watch import Watch
-from tidings.backends.base import DeadLetter, split_options
+from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
     Claimed,
     DurableBackend,

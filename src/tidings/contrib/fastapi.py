@@ -38,13 +38,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "tidings.contrib.fastapi needs FastAPI: pip install 'tidings[fastapi]'"
     ) from exc
 
-from tidings._binding import register_injector
 from tidings.errors import ConfigurationError, ListenerError
 
 if TYPE_CHECKING:
     from tidings.bus import Bus
 
-__all__ = ["bind", "lifespan", "unbind"]
+__all__ = ["bind", "inject", "lifespan", "unbind"]
 
 # Parameters only a request can fill, by the name used in messages.
 _REQUEST_ONLY: tuple[tuple[type[Any], str], ...] = (
@@ -166,9 +165,17 @@ class _Injected:
             return await run_in_threadpool(self.fn, *call.args, **call.kwargs)
 
 
-def _inject(
+def inject(
     fn: Callable[..., Any], signature: inspect.Signature, qualname: str
 ) -> tuple[Callable[..., Any], inspect.Signature] | None:
+    """The listener ``fn`` with its FastAPI dependencies solved per delivery, and the
+    parameters the event fills; ``None`` when it declares none (the
+    ``tidings.injectors`` plugin of ``fastapi`` and ``starlette``).
+
+    Raises:
+        ConfigurationError: a parameter only a request can fill, or dependencies
+            FastAPI cannot read.
+    """
     injected: list[inspect.Parameter] = []
     kept: list[inspect.Parameter] = []
     for param in signature.parameters.values():
@@ -201,10 +208,6 @@ def _inject(
     _check(dependant, qualname)
     event_signature = signature.replace(parameters=kept)
     return _Injected(fn, signature, event_signature, dependant), event_signature
-
-
-register_injector("fastapi", _inject)
-register_injector("starlette", _inject)
 
 
 def bind(bus: Bus, app: Any) -> None:

@@ -57,11 +57,11 @@ def instrument(bus: Bus, *, tracer_provider: TracerProvider | None = None) -> No
     """
     if bus.started:
         raise ConfigurationError("instrument(bus) before the bus starts")
-    if any(isinstance(o, _Observer) for o in bus._observers):
+    if any(isinstance(o, _Observer) for o in bus.observers):
         raise ConfigurationError("this bus is already instrumented")
     tracer = trace.get_tracer("tidings", tracer_provider=tracer_provider)
-    bus._add_emit_hook(_Producer(tracer))
-    bus._observers.append(_Observer(tracer))
+    bus.router.add_emit_hook(_Producer(tracer))
+    bus.observers.append(_Observer(tracer))
 
 
 class _Producer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 import traceback
 from collections import deque
@@ -37,7 +36,7 @@ _FAILURES = 200
 async def on_bus_loop(bus: Bus, work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` on the bus's event loop, whichever loop serves the dashboard (a
     bus run by ``with Bus(...)`` has a loop of its own, in a thread)."""
-    loop = bus._loop
+    loop = bus.loop
     if loop is None or loop is asyncio.get_running_loop():
         return await work
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
@@ -279,13 +278,10 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
 
 def schedules(bus: Bus) -> list[dict[str, Any]]:
     """The bus's cron schedules, with their last and next ticks."""
-    from tidings.schedule import _croniter
-
     now = time.time()
     out = []
-    for entry in getattr(bus, "_schedules", []):
-        start = dt.datetime.fromtimestamp(now, dt.UTC)
-        last = float(_croniter()(entry.cron, start).get_prev(float))
+    for entry in bus.scheduler.entries:
+        last = entry.last_before(now)
         out.append(
             {
                 "cron": entry.cron,

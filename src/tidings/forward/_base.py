@@ -14,7 +14,7 @@ import msgspec
 
 from tidings.codec import encode_payload
 from tidings.events import Event
-from tidings.listeners import Listener, _names
+from tidings.listeners import Listener, split_names
 
 __all__ = ["Forwarder", "event_json", "listener_name"]
 
@@ -91,7 +91,7 @@ class Forwarder(ABC, Generic[C]):
         forward.forwarder = forwarder  # type: ignore[attr-defined]
         # A typed-event class among the names makes a durable store hand the forwarder
         # the event's object, not its fields.
-        str_names, typed = _names(names)
+        str_names, typed = split_names(names)
         return Listener(forward, str_names, typed=typed, **options)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tidings.backends.base import redact
+from tidings.backends._options import redact
 from tidings.errors import ConfigurationError
 from tidings.events import Event
 from tidings.forward._base import Forwarder, listener_name

@@ -53,7 +53,7 @@ from tidings.errors import (
 from tidings.events import Event
 
 if TYPE_CHECKING:
-    from tidings.delivery import Runner
+    from tidings.delivery import Delivery, Runner
     from tidings.listeners import Subscription
 
 __all__ = ["DurableBackend"]
@@ -196,6 +196,7 @@ class DurableBackend(Backend):
         _positive("lease_s", lease_s)
         _positive("poll_s", poll_s)
         _positive("stale_listener_s", stale_listener_s)
+        super().__init__()
         self.codec = codec
         self.consume = consume
         self.concurrency = concurrency
@@ -377,6 +378,10 @@ class DurableBackend(Backend):
                 consumer.task = self._loop.create_task(self._consume(consumer))
                 self._consumers.append(consumer)
             self._renew_task = self._loop.create_task(self._renewer())
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Run a delivery at once (the engine runs what it claims through its runner)."""
+        delivery.start()
 
     def _record(self, event: Event, due: float) -> Stored:
         return Stored(

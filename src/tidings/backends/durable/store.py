@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from tidings.backends.base import DeadLetter
+from tidings.backends.base import DeadLetter, ListenerStats
 from tidings.codec import decode_payload
 from tidings.errors import BackendError, PayloadError
 from tidings.events import Event
@@ -68,20 +68,6 @@ class Claimed(msgspec.Struct):
     #: engine runs it alone in its process, so a listener that crashes its process
     #: takes no other delivery with it.
     lost: bool = False
-
-
-@dataclass(slots=True)
-class ListenerStats:
-    """What waits for one listener in the store, and when a process last claimed for it
-    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say)."""
-
-    pending: int = 0
-    in_flight: int = 0
-    retrying: int = 0
-    delayed: int = 0
-    dead: int = 0
-    oldest_age_s: float | None = None
-    last_seen: float | None = None
 
 
 @dataclass(slots=True)

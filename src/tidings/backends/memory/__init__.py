@@ -17,18 +17,19 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-from tidings.backends.base import Backend, DeadLetter
+from tidings.backends.base import Backend
 from tidings.backends.memory._pump import Entry, Pump, event_of, timed
 from tidings.errors import NotStartedError, QueueFull
 from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.delivery import Runner, Tally
+    from tidings._hold import Held
+    from tidings.delivery import Delivery, Runner, Tally
     from tidings.listeners import Subscription
 
 __all__ = ["MemoryBackend"]
@@ -76,6 +77,7 @@ class MemoryBackend(Backend):
         concurrency: int = 1000,
         max_dead_letters: int = 1000,
     ) -> None:
+        super().__init__(max_dead_letters=max_dead_letters)
         self.max_pending = max_pending
         self.concurrency = concurrency
         # Deliveries the runner started as tasks of their own: sync listeners, those
@@ -93,7 +95,6 @@ class MemoryBackend(Backend):
         self._gates: dict[Subscription, _Gate] = {}
         self._timers: dict[asyncio.TimerHandle, list[Event]] = {}
         self._retrying = 0
-        self._dead: deque[DeadLetter] = deque(maxlen=max_dead_letters)
         self._stopped = False  # closed: no delivery starts any more
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
@@ -124,6 +125,7 @@ class MemoryBackend(Backend):
                 tally.first_emit(name)
 
     async def start(self, runner: Runner) -> None:
+        await super().start(runner)
         self._runner = runner
         self._loop = runner.loop
         self._stopped = False
@@ -141,14 +143,16 @@ class MemoryBackend(Backend):
             "bus.publish(...) to wait for room, or raise max_pending"
         )
 
-    def put_held(self, entries: list[list[Any]]) -> None:
+    def put_held(self, items: list[Held]) -> None:
         pump = self._pump
         fits = max(pump.room - len(self._queue), 0)
-        for subs, ctx, name, args, kwargs, emitted_at in entries[:fits]:
-            pump.put(Entry(subs, ctx, name, args, kwargs, emitted_at))
-            self._emitted(name)
-        if fits < len(entries):
-            raise self._full(entries[fits][2])
+        for item in items[:fits]:
+            pump.put(
+                Entry(item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at)
+            )
+            self._emitted(item.name)
+        if fits < len(items):
+            raise self._full(items[fits].name)
 
     def put_named(
         self,
@@ -237,28 +241,13 @@ class MemoryBackend(Backend):
         handle = loop.call_later(delay_s, fire)
         self._timers[handle] = events
 
-    def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
-        self._dead.append(DeadLetter.of(event, sub.listener.qualname, exc, time.time()))
-
-    def dead_letters(self) -> list[DeadLetter]:
-        return list(self._dead)
-
-    def take_dead(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
-        """Remove and return the dead letters of these event ids and/or this listener."""
-        wanted = None if ids is None else set(ids)
-        taken: list[DeadLetter] = []
-        kept: deque[DeadLetter] = deque(maxlen=self._dead.maxlen)
-        for letter in self._dead:
-            if (wanted is None or letter.event.id in wanted) and (
-                listener is None or letter.listener == listener
-            ):
-                taken.append(letter)
-            else:
-                kept.append(letter)
-        self._dead = kept
-        return taken
-
     # -- running --------------------------------------------------------------------
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Start a delivery now, within its listener's concurrency limit (from here on,
+        this backend's own counts track it)."""
+        self._ended(delivery)
+        self._start_other(delivery.event, delivery.subscription, delivery.context)
 
     def _start_other(self, event: Event, sub: Subscription, pristine: Context) -> None:
         """A delivery the runner starts: a sync listener, one whose deliveries pass its

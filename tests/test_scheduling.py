@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 from tidings import Bus, ConfigurationError, Event, listener
-from tidings.schedule import Schedule
+from tidings.scheduling import Schedule
 
 
 def test_ticks_follow_the_expression() -> None:
@@ -76,7 +76,7 @@ async def test_several_workers_fire_each_tick_once(tmp_path: Path) -> None:
         return bus
 
     a, b, producer = make(), make(), make()
-    producer.backend.consume = False  # type: ignore[attr-defined]
+    producer.backend.consume = False
     async with a, b, producer:
         await asyncio.wait_for(enough.wait(), 10)
         await a.drain()
@@ -119,7 +119,7 @@ async def test_a_schedule_that_fails_stops_no_other(caplog: pytest.LogCaptureFix
     bus = Bus(listeners=[tick])
     bus.schedule("* * * * * *", "a")
     bus.schema("a", _Strict)  # every tick of "a" fails to publish
-    bus._schedules.append(_Fading("* * * * * *", "fading"))
+    bus.scheduler.entries.append(_Fading("* * * * * *", "fading"))
     bus.schedule("* * * * * *", "b")
     async with bus:
         await asyncio.wait_for(three.wait(), 10)

@@ -12,27 +12,73 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings.bus import Bus
+    from tidings.listeners import Subscription
 
-__all__ = ["Hold", "current"]
+__all__ = ["Held", "Hold", "current", "enter", "leave"]
 
 logger = logging.getLogger("tidings.asgi")
 
 _current: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("tidings_hold", default=None)
 
-
 #: The innermost hold of the request being handled in this context, if any.
 current = _current.get
+#: Make a hold the current one (returns the token ``leave`` takes).
+enter = _current.set
+#: Restore the hold that was current before ``enter``.
+leave = _current.reset
+
+
+class Held:
+    """One event a request emitted, held until its response is sent.
+
+    A plain bus holds a named event as it was emitted (``event`` is ``None``: no
+    envelope yet); a bus with something to check holds the checked envelope, its delay
+    and the ``once`` listeners the emit took.
+    """
+
+    __slots__ = (
+        "args",
+        "context",
+        "delay_s",
+        "emitted_at",
+        "event",
+        "kwargs",
+        "name",
+        "subs",
+        "taken",
+    )
+
+    def __init__(
+        self,
+        subs: tuple[Subscription, ...],
+        context: contextvars.Context,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        emitted_at: float,
+        event: Event | None = None,
+        delay_s: float | None = None,
+        taken: list[tuple[Subscription, int]] | None = None,
+    ) -> None:
+        self.subs = subs
+        self.context = context
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.emitted_at = emitted_at
+        self.event = event
+        self.delay_s = delay_s
+        self.taken = taken
+
+    def envelope(self) -> Event:
+        """The held event's envelope (built now for a plain one)."""
+        if self.event is None:
+            return Event(self.name, self.args, self.kwargs, self.emitted_at)
+        return self.event
 
 
 class Hold:
-    """The events one request emitted to one bus, waiting for its response to be sent.
-
-    ``items`` holds, in emit order, named events of a plain bus as lists (``[subscriptions,
-    the emitter's context, name, args, kwargs, time of the emit]``, see
-    ``Backend.put_held``) and events the bus checked and enveloped as tuples (``(event,
-    subscriptions, context, delay, the once-listeners it took)``: it had something to
-    check).
-    """
+    """The events one request emitted to one bus, waiting for its response to be sent."""
 
     __slots__ = ("bus", "items", "open", "outer", "status")
 
@@ -40,7 +86,7 @@ class Hold:
         self.bus = bus
         self.open = True
         self.status = 200  # of the response, once it starts
-        self.items: list[Any] = []
+        self.items: list[Held] = []
         #: The hold this one was made inside of (another bus's middleware), if any.
         self.outer: Hold | None = _current.get()
 
@@ -67,27 +113,27 @@ class Hold:
                 "the bus closed before the response was sent: %d event(s) the request "
                 "emitted are dropped (%s)",
                 len(items),
-                ", ".join(_name(item) for item in items),
+                ", ".join(item.name for item in items),
             )
             for item in items:
-                if type(item) is tuple:
-                    for hook in bus._drop_hooks:
-                        hook(item[0])
+                if item.event is not None:
+                    for hook in bus.router.drop_hooks:
+                        hook(item.event)
             return
-        plain: list[list[Any]] = []
+        plain: list[Held] = []
         for item in items:
-            if type(item) is list:
+            if item.event is None:
                 plain.append(item)
                 continue
             if plain:
                 await self._put_held(plain)
                 plain = []
-            event, subs, ctx, delay_s, _taken = item
+            event, subs, ctx = item.event, item.subs, item.context
             try:
                 try:
-                    bus._hand_over(event, subs, ctx, delay_s)
+                    bus.inbox.hand_over(event, subs, ctx, item.delay_s)
                 except QueueFull:
-                    await bus._put_wait(event, subs, ctx)
+                    await bus.inbox.put_wait(event, subs, ctx)
             except Exception:
                 logger.exception(
                     "event %s (%s), held until the response was sent, could not be queued",
@@ -97,41 +143,38 @@ class Hold:
         if plain:
             await self._put_held(plain)
 
-    async def _put_held(self, entries: list[list[Any]]) -> None:
-        backend = self.bus.backend
+    async def _put_held(self, items: list[Held]) -> None:
+        bus = self.bus
+        backend = bus.backend
         try:
-            if backend.has_room(len(entries)):
-                backend.put_held(entries)
+            if backend.has_room(len(items)):
+                backend.put_held(items)
                 return
-            for entry in entries:
+            for item in items:
                 if backend.has_room(1):
-                    backend.put_held([entry])
+                    backend.put_held([item])
                 else:
-                    subs, ctx, name, args, kwargs, stamp = entry
-                    await self.bus._put_wait(Event(name, args, kwargs, stamp), subs, ctx)
+                    await bus.inbox.put_wait(item.envelope(), item.subs, item.context)
         except Exception:
             logger.exception(
                 "events held until the response was sent could not all be queued (%s)",
-                ", ".join(entry[2] for entry in entries),
+                ", ".join(item.name for item in items),
             )
 
     def drop(self) -> None:
         """Forget the held events (the request failed), and give back the once-listeners
         they took."""
         self.open = False
+        router = self.bus.router
         for item in self.items:
-            if type(item) is tuple:
-                self.bus._put_back(item[4])
-                for hook in self.bus._drop_hooks:
-                    hook(item[0])
+            if item.event is not None:
+                router.put_back(item.taken or [])
+                for hook in router.drop_hooks:
+                    hook(item.event)
         if self.items:
             logger.info(
                 "the request failed: %d event(s) it emitted are dropped (%s)",
                 len(self.items),
-                ", ".join(_name(item) for item in self.items),
+                ", ".join(item.name for item in self.items),
             )
         self.items = []
-
-
-def _name(item: Any) -> str:
-    return str(item[2] if type(item) is list else item[0].name)

@@ -1,0 +1,37 @@
+"""Durations: the one reading of a number of seconds or a ``timedelta``.
+
+Every duration tidings takes (a timeout, a delay, a backoff, a lease) is a number of
+seconds or a :class:`~datetime.timedelta`, read here, so that each is checked alike.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+from tidings.errors import ConfigurationError, TidingsError
+
+__all__ = ["seconds"]
+
+
+def seconds(value: Any, what: str, *, error: type[TidingsError] = ConfigurationError) -> float:
+    """``value`` in seconds: a number (not a bool) or a ``timedelta``, finite.
+
+    ``what`` names the value in the error's message (``"timeout of listener f"``).
+
+    Raises:
+        ConfigurationError: (or ``error``) anything else, ``nan`` or an infinity.
+    """
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except OverflowError:  # an int too large for a float
+            result = math.inf
+    else:
+        raise error(f"{what} takes seconds or a timedelta, not {value!r}")
+    if not math.isfinite(result):
+        raise error(f"{what} must be a finite number of seconds, not {value!r}")
+    return result
