@@ -14,7 +14,11 @@ Dramatiq, in base units:
 - ``tidings_delivery_duration_seconds{listener}``: a histogram of attempts' durations;
 - ``tidings_deliveries_in_progress{listener}``: attempts running in this process;
 - ``tidings_listener_pending{listener}``, ``tidings_listener_oldest_age_seconds{listener}``
-  and ``tidings_dead_letters{listener}``: read from the store, the same for every worker.
+  and ``tidings_dead_letters{listener}``: read from the store, the same for every worker;
+- ``tidings_listener_delivered_total{listener}`` and ``tidings_listener_failed_total
+  {listener}``: attempts that returned and that failed, as the store counts them for
+  every worker together (in process: the bus's own); the same for every worker, so
+  take the ``max``, not the ``sum``, across them.
 
 Cost: the ``ok`` count is the bus's own counter, read when scraped, and failures are
 counted by error hooks, which run only when a delivery fails. In process, the backend
@@ -61,6 +65,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     ) from exc
 
 from tidings._patterns import matches
+from tidings.backends.base import ListenerStats
 from tidings.errors import ConfigurationError
 from tidings.events import Event
 
@@ -166,8 +171,8 @@ class Metrics(Collector):
         self._running: dict[str, int] = {}
         # Set when the backend counts and times for these metrics itself.
         self._tally: _Tally | None = None
-        # The store's figures as of the last read: listener -> (pending, oldest, dead).
-        self._store: dict[str, tuple[int, float | None, int]] = {}
+        # The store's figures as of the last read: listener -> its stats.
+        self._store: dict[str, ListenerStats] = {}
         self._read_at = 0.0
         bus.on_error = (*bus.on_error, self._on_error)
         bus.on_dead = (*bus.on_dead, self._on_dead)
@@ -252,7 +257,7 @@ class Metrics(Collector):
         else:
             future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
             figures = await asyncio.wrap_future(future)
-        self._store = {name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()}
+        self._store = dict(figures)
         self._read_at = time.monotonic()
 
     async def scrape(self) -> bytes:
@@ -347,13 +352,28 @@ class Metrics(Collector):
         dead_letters = GaugeMetricFamily(
             "tidings_dead_letters", "Dead letters kept in the store.", labels=["listener"]
         )
-        for name, (waiting, age, dead_count) in sorted(self._store.items()):
-            pending.add_metric([name], waiting)
-            oldest.add_metric([name], age or 0.0)
-            dead_letters.add_metric([name], dead_count)
+        delivered = CounterMetricFamily(
+            "tidings_listener_delivered",
+            "Attempts that returned, as the store counts them for every worker.",
+            labels=["listener"],
+        )
+        failed_total = CounterMetricFamily(
+            "tidings_listener_failed",
+            "Attempts that raised or timed out, as the store counts them for every worker.",
+            labels=["listener"],
+        )
+        for name, s in sorted(self._store.items()):
+            pending.add_metric([name], s.pending)
+            oldest.add_metric([name], s.oldest_age_s or 0.0)
+            dead_letters.add_metric([name], s.dead)
+            if s.delivered is not None and s.failed is not None:
+                delivered.add_metric([name], s.delivered)
+                failed_total.add_metric([name], s.failed)
         yield pending
         yield oldest
         yield dead_letters
+        yield delivered
+        yield failed_total
 
     def _listener_names(self) -> list[str]:
         names = {sub.listener.qualname for sub in self.bus.registry.subscriptions()}

@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS tidings_listeners (
     listener TEXT PRIMARY KEY,
     names TEXT NOT NULL,
     position INTEGER NOT NULL,
-    last_seen REAL
+    last_seen REAL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tidings_deliveries (
     listener TEXT NOT NULL,
@@ -104,6 +106,8 @@ _QUIET_S = 1.0
 _ADDED = (
     ("tidings_events", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("tidings_listeners", "last_seen", "REAL"),
+    ("tidings_listeners", "delivered", "INTEGER NOT NULL DEFAULT 0"),
+    ("tidings_listeners", "failed", "INTEGER NOT NULL DEFAULT 0"),
 )
 # Row values per statement, well under SQLite's limit of bound parameters.
 _CHUNK = 400
@@ -504,6 +508,9 @@ class SQLiteBackend(DurableBackend):
         # Each only where this process still holds the lease: a worker that lost it
         # (frozen past it) must not settle what another now runs.
         mine = "WHERE listener = ? AND seq = ? AND owner = ?"
+        # Each listener's totals, counted in the same write (for the rates of a
+        # dashboard that runs no listener): what was written, not what was stale.
+        counts: dict[str, list[int]] = {}
         async with self._write() as db:
             if outcomes.acks:
                 # One statement per listener and chunk: cheaper than one per delivery.
@@ -513,21 +520,37 @@ class SQLiteBackend(DurableBackend):
                 for listener, seqs in acked.items():
                     for start in range(0, len(seqs), _CHUNK):
                         chunk = seqs[start : start + _CHUNK]
-                        await db.execute(
+                        cursor = await db.execute(
                             "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
                             f"AND seq IN ({','.join('?' * len(chunk))})",
                             (listener, owner, *chunk),
                         )
-            if outcomes.retries:
-                await db.executemany(
+                        counts.setdefault(listener, [0, 0])[0] += max(cursor.rowcount, 0)
+            # One statement per listener, for its count of rows written.
+            retried: dict[str, list[tuple[Any, ...]]] = {}
+            for c, delay, _ in outcomes.retries:
+                retried.setdefault(c.listener, []).append((now + delay, c.listener, c.ref, owner))
+            for listener, rows in retried.items():
+                cursor = await db.executemany(
                     f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
-                    [(now + delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
+                    rows,
                 )
-            if outcomes.burials:
-                await db.executemany(
+                counts.setdefault(listener, [0, 0])[1] += max(cursor.rowcount, 0)
+            buried: dict[str, list[tuple[Any, ...]]] = {}
+            for c, err, tb in outcomes.burials:
+                buried.setdefault(c.listener, []).append((err, tb, now, c.listener, c.ref, owner))
+            for listener, rows in buried.items():
+                cursor = await db.executemany(
                     "UPDATE tidings_deliveries SET dead = 1, error = ?, traceback = ?, "
                     f"failed_at = ?, lease_until = 0, owner = NULL {mine}",
-                    [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
+                    rows,
+                )
+                counts.setdefault(listener, [0, 0])[1] += max(cursor.rowcount, 0)
+            if counts:
+                await db.executemany(
+                    "UPDATE tidings_listeners SET delivered = delivered + ?, failed = failed + ? "
+                    "WHERE listener = ?",
+                    [(ok, failed, listener) for listener, (ok, failed) in counts.items()],
                 )
             if outcomes.releases:
                 await db.executemany(
@@ -651,12 +674,14 @@ class SQLiteBackend(DurableBackend):
         now = self.clock()
         out: dict[str, ListenerStats] = {}
         cursor = await db.execute(
-            "SELECT listener, last_seen FROM tidings_listeners ORDER BY listener"
+            "SELECT listener, last_seen, delivered, failed FROM tidings_listeners ORDER BY listener"
         )
         seen: dict[str, float | None] = {}
-        for lst, last_seen in await cursor.fetchall():
+        totals: dict[str, tuple[int, int]] = {}
+        for lst, last_seen, delivered, failed in await cursor.fetchall():
             out[lst] = ListenerStats()
             seen[lst] = last_seen
+            totals[lst] = (delivered, failed)
         cursor = await db.execute(
             "SELECT d.listener, "
             "SUM(d.dead = 0 AND d.due <= ? AND d.lease_until <= ?), "
@@ -680,6 +705,8 @@ class SQLiteBackend(DurableBackend):
             )
         for lst, stats in out.items():
             stats.last_seen = seen.get(lst)
+            if lst in totals:
+                stats.delivered, stats.failed = totals[lst]
         # Events not yet turned into deliveries are pending too.
         cursor = await db.execute("SELECT listener, names, position FROM tidings_listeners")
         for lst, names, position in await cursor.fetchall():
