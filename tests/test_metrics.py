@@ -66,7 +66,7 @@ async def test_in_process_counts_outcomes_without_leaving_the_fast_path() -> Non
     metrics = instrument(bus)
     assert not metrics.detailed
     async with bus:
-        assert "emit" in bus.__dict__  # the backend's fast emit is still installed
+        assert bus._hot  # emit keeps its flat path
         for n in (1, 2, -1):
             bus.emit("order.paid", order_id=n)
         bus.emit("report.due", report_id="r1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from tidings.errors import QueueFull
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from tidings.bus import Bus
     from tidings.listeners import Subscription
 
-__all__ = ["Held", "Hold", "current", "enter", "leave"]
+__all__ = ["Held", "Hold", "current", "enter", "hold_named", "leave", "open_hold"]
 
 logger = logging.getLogger("tidings.asgi")
 
@@ -178,3 +179,30 @@ class Hold:
                 ", ".join(item.name for item in self.items),
             )
         self.items = []
+
+
+def open_hold(bus: Bus) -> Hold | None:
+    """The open hold of ``bus`` for the request being handled here, if any."""
+    hold = _current.get()
+    if hold is not None and hold.bus is not bus:
+        hold = Hold.find(bus)  # another bus's, outside
+    return hold if hold is not None and hold.open else None
+
+
+def hold_named(
+    bus: Bus,
+    subs: tuple[Subscription, ...],
+    ctx: contextvars.Context,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> bool:
+    """Hold a plain named event of ``bus`` until the response is sent, if a request is
+    being handled here; whether it did. Nothing to check on a plain bus, so not even an
+    envelope yet."""
+    hold = open_hold(bus)
+    if hold is None:
+        return False
+    name = name if type(name) is str else str.__str__(name)  # a StrEnum member's value
+    hold.items.append(Held(subs, ctx, name, args, kwargs, time.time()))
+    return True

@@ -60,6 +60,10 @@ class Inbox:
         self._scheduled = False
         self._waiter = None
 
+    def on_loop_thread(self) -> bool:
+        """Whether the calling thread is the loop's."""
+        return _get_ident() == self.thread
+
     def hand_over(
         self,
         event: Event,

@@ -5,26 +5,24 @@ subscriptions its name resolves to."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import Enum
-from types import MethodType, TracebackType
+from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from tidings import _dead, _debug, _sync
-from tidings._closing import close_listeners, report_undelivered
 from tidings._contexts import ContextCopies
-from tidings._hold import Held, Hold
-from tidings._hold import current as _current_hold
+from tidings._hold import hold_named
 from tidings._inbox import Inbox
 from tidings._plugins import schema_validator
-from tidings._routing import Router, Taken
+from tidings._routing import Router
+from tidings._running import Running
+from tidings._sending import Sender
 from tidings._switches import disabled
 from tidings._units import seconds
 from tidings.backends._urls import backend_for
@@ -34,7 +32,7 @@ from tidings.errors import (
     ConfigurationError,
     NotStartedError,
 )
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 from tidings.listeners import (
     ErrorHook,
     Listener,
@@ -45,8 +43,6 @@ from tidings.listeners import (
     seconds_or_none,
 )
 from tidings.options import EmitOptions
-from tidings.outbox import publish_in
-from tidings.outbox import require as outbox_of
 from tidings.scheduling import Schedule, Scheduler
 
 __all__ = ["Bus"]
@@ -137,26 +133,27 @@ class Bus:
         #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
         #: each time the bus starts.
         self.disabled = disabled()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._runner: Runner | None = None
+        # Set once started (and kept once closed, until the bus starts again).
+        self._running: Running | None = None
+        self._thread = 0  # the loop's, for emit's flat path
         self._closed = False
         #: Told of every delivery (tracing, metrics); the runner takes them when the bus
         #: starts.
         self.observers: list[DeliveryObserver] = []
-        # Middlewares holding events until a response is sent (see tidings.asgi).
-        self._holders = 0
+        #: Middlewares holding this bus's events until a response is sent (tidings.asgi).
+        self.holders = 0
         # Set while emit may take its flat path (see emit).
         self._hot = False
         self._routes = self.registry.routes
         self._put_named = backend.put_named
-        # What events emitted on the loop's thread share of the emitter's context (an
-        # in-process backend delivers in it; a durable one has no use for it).
-        self._contexts = ContextCopies()
+        self._inlet = backend.inlet
+        #: What events emitted on the loop's thread share of the emitter's context (an
+        #: in-process backend delivers in it; a durable one has no use for it).
+        self.contexts = ContextCopies()
+        #: Sends what the flat path of emit does not (see :mod:`tidings._sending`).
+        self.sender = Sender(self)
         #: Hands events to the backend from any thread (see :mod:`tidings._inbox`).
         self.inbox = Inbox()
-        self._emitter_context = _copy_context if backend.durable else self._contexts.copy
         #: Fires the cron schedules (see :meth:`schedule`).
         self.scheduler = Scheduler(self._fire)
         if _debug.enabled(debug):
@@ -236,7 +233,7 @@ class Bus:
         """
         entry = Schedule(cron, name, args, kwargs)
         self.scheduler.entries.append(entry)
-        if self._loop is not None:
+        if self._running is not None:
             self._start_scheduler()
         return entry
 
@@ -260,20 +257,24 @@ class Bus:
             )
 
     def _start_scheduler(self) -> None:
-        if self.backend.consume and self._loop is not None:
-            self.scheduler.start(self._loop)
+        if self.backend.consume and self._running is not None:
+            self.scheduler.start(self._running.loop)
 
     # -- lifecycle ------------------------------------------------------------------
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the bus runs on, once started (``None`` before)."""
-        return self._loop
+        return None if self._running is None else self._running.loop
+
+    @property
+    def _runner(self) -> Runner | None:
+        return None if self._running is None else self._running.runner
 
     @property
     def started(self) -> bool:
         """Whether the bus accepts events."""
-        return self._loop is not None and not self._closed
+        return self._running is not None and not self._closed
 
     async def start(self) -> None:
         """Start handing deliveries to listeners on the running event loop.
@@ -288,35 +289,18 @@ class Bus:
         """
         if self._closed:
             self._reopen()
-        if self._loop is not None:
+        if self._running is not None:
             return
         self.disabled = disabled()
-        loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="tidings")
-        self._runner = Runner(
-            loop=loop,
-            backend=self.backend,
-            executor=self._executor,
-            retry=self.retry,
-            timeout=self.timeout,
-            on_error=self.on_error,
-            on_success=self.on_success,
-            on_dead=self.on_dead,
-            registry=self.registry,
-            observers=self.observers,
-            contexts=self._contexts,
-        )
-        await self.backend.start(self._runner)
-        self.inbox.open(self.backend, loop)
-        self._thread = _get_ident()
-        self._loop = loop
+        running = await Running.start(self)
+        self._running, self._thread = running, running.thread
         self._refresh_hot()
         self._start_scheduler()
 
     def _reopen(self) -> None:
         """Make a closed bus ready to start again."""
         backend = self.backend
-        if backend.durable and self._loop is not None:  # it ran: it cannot start again
+        if backend.durable and self._running is not None:  # it ran: it cannot start again
             if self._remake is None:
                 raise NotStartedError(
                     f"this bus is closed, and its backend ({self.url}) cannot start again: "
@@ -327,8 +311,9 @@ class Bus:
             backend.consume = consume
             self.backend = backend
             self._put_named = backend.put_named
+            self._inlet = backend.inlet
         self._closed = False
-        self._loop = None
+        self._running = None
         self._thread = 0
         self.scheduler.forget()
 
@@ -338,22 +323,8 @@ class Bus:
         May be awaited on another event loop than the bus's (a test client that runs
         the app in a thread of its own, say).
         """
-        loop = self._loop
-        if loop is None:
-            return
-        if asyncio.get_running_loop() is not loop:
-            if not loop.is_running():
-                raise RuntimeError("the bus's event loop is not running: nothing can drain")
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.drain(), loop))
-            return
-        runner = self._runner
-        while True:
-            await self.inbox.empty()  # what other threads emitted is queued first
-            await self.backend.drain()
-            if runner is None or not runner.hooks_running:
-                return
-            # Async hooks may emit: their events are waited for too.
-            await runner.drain_hooks()
+        if self._running is not None:
+            await self._running.drain(self)
 
     async def aclose(
         self, _app: object = None, /, *, timeout: float | timedelta | None = None
@@ -371,28 +342,15 @@ class Bus:
         """
         if isinstance(_app, int | float | timedelta):
             raise TypeError(f"aclose() takes its timeout by keyword: aclose(timeout={_app!r})")
-        if self._loop is None or self._closed:
+        running = self._running
+        if running is None or self._closed:
             self._closed = True
             return
         limit = self.shutdown_timeout if timeout is None else seconds(timeout, "aclose's timeout")
-        await self.scheduler.stop()
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.inbox.empty(), limit)
-        left = await self.inbox.close()
-        undelivered = await self.backend.aclose(max(limit - (time.monotonic() - started), 0.0))
-        undelivered.extend(left)
+        undelivered = await running.stop(self, limit)
         self._closed = self.inbox.closed = True
         self._refresh_hot()
-        report_undelivered(undelivered, limit)
-        if self._runner is not None:
-            try:
-                await asyncio.wait_for(self._runner.drain_hooks(), limit)
-            except TimeoutError:
-                logger.error("bus closed before its hooks finished")
-        await close_listeners(self.registry)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await running.finish(self, limit, undelivered)
 
     async def __aenter__(self) -> Bus:
         await self.start()
@@ -469,31 +427,42 @@ class Bus:
             PayloadError: the payload cannot be serialized (durable backends, or
                 ``check_serializable=True``).
         """
-        if type(name_or_event) is str:
-            # The common case, kept flat: a started plain bus, on its loop's thread.
-            if self._hot and _get_ident() == self._thread:
-                subs = self._routes.get(name_or_event)
+        if self._hot:
+            # The common case, kept flat: a started plain bus. This is the cost of
+            # every emit (bench/inproc.py).
+            if _get_ident() == self._thread:
+                try:
+                    subs = self._routes.get(name_or_event)
+                except TypeError:  # unhashable: a typed event, not a name
+                    subs = None
                 if subs:
-                    hold = self._open_hold() if self._holders else None
-                    if hold is not None:
-                        # Held until the response is sent (tidings.asgi); nothing to
-                        # check on a plain bus, so not even an envelope yet.
-                        ctx = self._emitter_context()
-                        hold.items.append(Held(subs, ctx, name_or_event, args, kwargs, _time()))
+                    # The emitter's context, shared with the events it emitted before
+                    # (ContextCopies.copy, inlined).
+                    ctx = self.contexts.shared
+                    if ctx is None or _copy_context() != ctx:
+                        ctx = self.contexts.renew()
+                    if self.holders and hold_named(self, subs, ctx, name_or_event, args, kwargs):
                         return
-                    self._put_named(subs, self._emitter_context(), name_or_event, args, kwargs)
+                    inlet = self._inlet
+                    if inlet is not None:
+                        queue = inlet.queue
+                        if len(queue) < inlet.room:
+                            queue.append(
+                                QueuedEvent(subs, ctx, name_or_event, args, kwargs, _time())
+                            )
+                            if not inlet.pumping:
+                                inlet.activate()
+                            return
+                    self._put_named(subs, ctx, name_or_event, args, kwargs)
                     return
-            elif self._hot and not self._holders:
+            elif not self.holders and type(name_or_event) is str:
                 # Another thread, on a plain bus: nothing to check either.
                 subs = self._routes.get(name_or_event)
                 if subs:
                     event = Event(name_or_event, args, kwargs)
-                    self.inbox.hand(event, subs, self._contexts.copy_elsewhere(), None)
+                    self.inbox.hand(event, subs, self.contexts.copy_elsewhere(), None)
                     return
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        self._dispatch(event, None)
+        self.sender.emit(None, name_or_event, args, kwargs)
 
     async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Like :meth:`emit`, but wait until the backend has accepted the event.
@@ -502,7 +471,7 @@ class Bus:
         stored. Raises what :meth:`emit` raises, except ``QueueFull``. Every keyword is
         payload; options travel apart: ``await bus.options(delay=60).publish(...)``.
         """
-        await self._publish(None, name_or_event, args, kwargs)
+        await self.sender.publish(None, name_or_event, args, kwargs)
 
     def options(
         self,
@@ -541,154 +510,19 @@ class Bus:
             session=session,
         )
 
-    async def _publish(
-        self,
-        options: EmitOptions | None,
-        name_or_event: str | Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        outbox = None if options is None else options.outbox
-        if outbox is not None:
-            outbox_of(self.backend.outbox, outbox[0], self.url)  # refused before anything
-        if type(name_or_event) is str:
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        if options is not None and options.headers:
-            event.headers = dict(options.headers)
-        prepared = self._prepare(event)
-        if prepared is None:
-            return
-        subs, ctx, taken = prepared
-        try:
-            await self._publish_prepared(event, subs, ctx, options, outbox)
-        except asyncio.CancelledError:
-            # Cancelled while it waited: in memory, that means before it was queued; a
-            # durable backend may have it stored already.
-            if not self.backend.durable:
-                self.router.put_back(taken)
-            raise
-        except Exception:
-            self.router.put_back(taken)
-            raise
-
-    async def _publish_prepared(
-        self,
-        event: Event,
-        subs: tuple[Subscription, ...],
-        ctx: contextvars.Context,
-        options: EmitOptions | None,
-        outbox: tuple[str, Any] | None,
-    ) -> None:
-        loop = self._loop
-        assert loop is not None
-        delay = _delay_s(options)
-        if outbox is not None:
-            await publish_in(
-                outbox_of(self.backend.outbox, outbox[0], self.url), outbox, event, delay
-            )
-            return
-        await self.inbox.put_wait(event, subs, ctx, delay)
-
-    def _emit_with(
-        self,
-        options: EmitOptions,
-        name_or_event: str | Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        """``emit`` with options (see :meth:`options`)."""
-        if type(name_or_event) is str:
-            event = Event(name_or_event, args, kwargs)
-        else:
-            event = self.router.typed(name_or_event, args, kwargs)
-        if options.headers:
-            event.headers = dict(options.headers)
-        self._dispatch(event, options.due_in())
-
-    def _prepare(
-        self, event: Event
-    ) -> tuple[tuple[Subscription, ...], contextvars.Context, Taken] | None:
-        if self._loop is None or self._closed:
-            if self.disabled:
-                logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
-                return None
-            state = "is closed" if self._closed else "is not started"
-            raise NotStartedError(
-                f"cannot emit {event.name!r}: the bus {state}; start it with "
-                "'async with bus:' or 'await bus.start()' (a framework plugin does this "
-                "in the app's lifespan)"
-            )
-        if self.disabled:
-            logger.debug("TIDINGS_DISABLE is set: event %r not emitted", event.name)
-            return None
-        durable = self.backend.durable
-        serialize = self.router.check_serializable and not (
-            self.backend.serializes_at_put and _get_ident() == self._thread
-        )
-        routed = self.router.route(event, durable=durable, serialize=serialize)
-        if routed is None:
-            return None
-        subs, taken = routed
-        if _get_ident() == self._thread:
-            return subs, self._emitter_context(), taken
-        return subs, _copy_context() if durable else self._contexts.copy_elsewhere(), taken
-
-    def _dispatch(self, event: Event, delay_s: float | None) -> None:
-        prepared = self._prepare(event)
-        if prepared is None:
-            return
-        subs, ctx, taken = prepared
-        hold = self._open_hold() if self._holders else None
-        if hold is not None:
-            # Emitted while a request is handled: validated now, queued once the response
-            # is sent (tidings.asgi).
-            held = Held(subs, ctx, event.name, event.args, event.kwargs, event.timestamp)
-            held.event, held.delay_s, held.taken = event, delay_s, taken
-            hold.items.append(held)
-            return
-        try:
-            self.inbox.hand_over(event, subs, ctx, delay_s)
-        except Exception:
-            self.router.put_back(taken)
-            raise
-
     def _refresh_hot(self) -> None:
         self._hot = (
-            self._loop is not None
+            self._running is not None
             and not self._closed
             and not self.disabled
             and not self.router.sees_each_event
         )
-        # While nothing needs to see each event, the backend may supply the whole of
-        # emit (an instance attribute, found before the method); it hands anything
-        # else back to the method.
-        fast = (
-            self.backend.fast_emit(
-                self._routes, self._thread, MethodType(Bus.emit, self), self._contexts
-            )
-            if self._hot and not self._holders  # a held event must meet emit itself
-            else None
-        )
-        if fast is None:
-            self.__dict__.pop("emit", None)
-        else:
-            fast.__doc__ = Bus.emit.__doc__
-            self.__dict__["emit"] = fast
 
     def hold_requests(self) -> None:
         """Hold this bus's events during each request until its response is sent: what
         :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
-        self._holders += 1
+        self.holders += 1
         self._refresh_hot()
-
-    def _open_hold(self) -> Hold | None:
-        """The open hold of the request being handled, if any."""
-        hold = _current_hold()
-        if hold is not None and hold.bus is not self:
-            hold = Hold.find(self)  # another bus's, outside
-        return hold if hold is not None and hold.open else None
 
     # -- inspecting -----------------------------------------------------------------
 
@@ -754,10 +588,5 @@ class Bus:
         return {"listeners": per_listener, "backend": self.backend.stats()}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "started" if self._loop else "not started"
+        state = "closed" if self._closed else "started" if self._running else "not started"
         return f"<Bus {type(self.backend).__name__} {state}, {len(self.registry)} listener(s)>"
-
-
-def _delay_s(options: EmitOptions | None) -> float | None:
-    """Seconds from now until an event with these options is due, or ``None``."""
-    return None if options is None else options.due_in()

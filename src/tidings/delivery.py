@@ -137,7 +137,7 @@ class Tally(Protocol):
     delivered and failed counts, less the deliveries reported to :meth:`slow`).
     """
 
-    #: Events queued, by event name (the backend adds to it; retries are not counted).
+    #: Events by name, counted as the backend takes them to deliver (retries are not).
     emitted: dict[str, int]
     #: The bound under which a delivery needs no more than a count.
     exact_below_s: float
@@ -146,7 +146,7 @@ class Tally(Protocol):
     seconds: dict[str, float]
 
     def first_emit(self, name: str) -> None:
-        """An event called ``name``, not in ``emitted`` yet, was queued."""
+        """An event called ``name``, not in ``emitted`` yet, was taken to deliver."""
 
     def slow(self, listener: str, seconds: float) -> None:
         """A delivery of ``listener`` (qualified name) took ``seconds``, at least
@@ -312,21 +312,25 @@ class Runner:
         self.observers = tuple(observers)
         # Observed deliveries not finished yet: (id(event), sub) -> (event, finishers).
         self._observed: dict[tuple[int, Subscription], tuple[Event, list[Any]]] = {}
-        if self.observers:
-            # Swapped rather than checked, so an unobserved runner pays nothing.
-            self.run = self._run_observed  # type: ignore[method-assign]
 
     def run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
         """Start one delivery in a copy of ``ctx`` (the delivery's own copy of the
         emitter's context: a retry starts from it again, not from what the attempt set).
         ``None`` if it already finished, else the task running it."""
-        fn = sub.eager_fn
-        if fn is not None:
+        if self.observers:
+            return self._run_observed(self._start, event, sub, ctx)
+        return self._start(event, sub, ctx)
+
+    def _start(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
+        listener = sub.listener
+        if listener.is_async:
             kwargs = event.kwargs
             run_ctx = ctx.copy()
+            plan = listener.plan
             try:
-                if kwargs.keys() == sub.eager_names and not event.args and event.obj is None:
-                    coro = fn(**kwargs)
+                # The common case, called without planning: the keywords it takes exactly.
+                if kwargs.keys() == plan.simple_names and not event.args and event.obj is None:
+                    coro = plan.fn(**kwargs)
                 else:
                     coro = sub.listener.plan.call(event)
             except (Exception, asyncio.CancelledError) as exc:
@@ -340,7 +344,6 @@ class Runner:
                 task = asyncio.Task(run, loop=self.loop, context=run_ctx, eager_start=True)  # type: ignore[call-arg,unused-ignore]
                 return None if task.done() else task
             return self.loop.create_task(run, context=run_ctx)
-        listener = sub.listener
         if listener.inline:
             run_ctx = ctx.copy()
             try:
@@ -369,11 +372,16 @@ class Runner:
     ) -> asyncio.Future[Any]:
         """Like :meth:`run`, awaiting ``work(event)`` in place of the listener."""
 
-        async def call() -> Any:
-            return await work(event)
+        def start(event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any]:
+            async def call() -> Any:
+                return await work(event)
 
-        run = self._run_async(call(), event, sub, ctx)
-        return self.loop.create_task(run, context=ctx.copy())
+            run = self._run_async(call(), event, sub, ctx)
+            return self.loop.create_task(run, context=ctx.copy())
+
+        if self.observers:
+            return self._run_observed(start, event, sub, ctx)  # type: ignore[return-value]
+        return start(event, sub, ctx)
 
     def run_in(
         self, executor: Executor, event: Event, sub: Subscription, ctx: Context
@@ -381,16 +389,25 @@ class Runner:
         """Like :meth:`run`, calling a sync listener (``inline`` or not) in ``executor``."""
         if sub.listener.is_async:
             return self.run(event, sub, ctx)
-        return self.loop.create_task(
-            self._run_sync(event, sub, ctx, executor=executor), context=ctx.copy()
+
+        def start(event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any]:
+            run = self._run_sync(event, sub, ctx, executor=executor)
+            return self.loop.create_task(run, context=ctx.copy())
+
+        return (
+            self._run_observed(start, event, sub, ctx) if self.observers else start(event, sub, ctx)
         )
 
     def _run_observed(
-        self, event: Event, sub: Subscription, ctx: Context
+        self,
+        start: Callable[[Event, Subscription, Context], asyncio.Future[Any] | None],
+        event: Event,
+        sub: Subscription,
+        ctx: Context,
     ) -> asyncio.Future[Any] | None:
         key = (id(event), sub)
         self._observed[key] = (event, [observe(event, sub, ctx) for observe in self.observers])
-        fut = Runner.run(self, event, sub, ctx)
+        fut = start(event, sub, ctx)
         # A failure was reported by failed(); what is still here succeeded (or was cancelled).
         if fut is None:
             self._finish(key, "success", None)

@@ -12,11 +12,16 @@ import time
 from collections.abc import Mapping
 from os import urandom
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from tidings.errors import ConfigurationError, EmitError
+
+if TYPE_CHECKING:
+    from contextvars import Context
+
+    from tidings.listeners import Subscription
 
 __all__ = ["MAX_NAME_BYTES", "Event", "check_event_name", "event_name_of", "register_event"]
 
@@ -140,3 +145,39 @@ class Event(msgspec.Struct):
 
     def __repr__(self) -> str:
         return f"<Event {self.name!r} id={self.id} attempt={self.attempt}>"
+
+
+class QueuedEvent(msgspec.Struct, gc=False):
+    """A plain named event queued in process, its envelope built only when something
+    reads it (what the bus's flat ``emit`` queues).
+
+    Not tracked by the garbage collector: a burst of waiting events adds nothing for
+    it to follow (one only lives while it waits, so it never closes a cycle for long).
+    """
+
+    #: The subscriptions whose deliveries have not started.
+    subs: tuple[Subscription, ...]
+    #: The emitter's context (a copy, shared by the events it emitted in a row).
+    context: Context
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    #: When it was emitted (``time.time()``).
+    emitted_at: float
+    #: The envelope, once built.
+    event: Event | None = None
+
+    def envelope(self) -> Event:
+        """The event's envelope, built the first time it is asked for."""
+        event = self.event
+        if event is None:
+            name = self.name
+            # A ``str`` subclass (a ``StrEnum`` member) is queued as it is: its event is
+            # named with the plain value.
+            event = self.event = Event(
+                name if type(name) is str else str.__str__(name),
+                self.args,
+                self.kwargs,
+                self.emitted_at,
+            )
+        return event

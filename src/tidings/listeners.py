@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import types
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from enum import Enum
@@ -19,7 +18,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
-from tidings._binding import CallPlan, keyword_caller
+from tidings._binding import CallPlan
 from tidings._patterns import matches, validate_name
 from tidings._units import seconds
 from tidings.delivery import NO_RETRY, Retry
@@ -289,36 +288,10 @@ def split_names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], lis
     return str_names, typed
 
 
-def _binds_when_called(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` is a plain ``async def`` (or a method of one): calling it with
-    keywords it does not take raises ``TypeError`` before any of its code runs, so a
-    call can be tried first and planned only if it does not bind. A wrapper that takes
-    ``*args, **kwargs`` would only fail once awaited."""
-    func = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    return (
-        isinstance(func, types.FunctionType)
-        and inspect.iscoroutinefunction(func)
-        and not hasattr(func, "__wrapped__")
-        and "__signature__" not in func.__dict__
-    )
-
-
 class Subscription:
     """One listener subscribed in one registry; ``unsubscribe()`` removes it."""
 
-    __slots__ = (
-        "delivered",
-        "eager_fn",
-        "eager_names",
-        "failed",
-        "has_success_hooks",
-        "listener",
-        "parked",
-        "pump_fn",
-        "pump_key",
-        "pumped",
-        "registry",
-    )
+    __slots__ = ("delivered", "failed", "has_success_hooks", "listener", "registry")
 
     def __init__(self, listener: Listener[..., Any], registry: Registry) -> None:
         self.listener = listener
@@ -328,27 +301,6 @@ class Subscription:
         #: Whether the listener or its registries have ``on_success`` hooks (kept
         #: current by the registries, read on every delivery).
         self.has_success_hooks = bool(listener.on_success)
-        #: For an async listener, the function to start eagerly; with the keyword names
-        #: that it takes exactly (the common case, called without planning).
-        self.eager_fn: Callable[..., Any] | None = listener.plan.fn if listener.is_async else None
-        self.eager_names = listener.plan.simple_names
-        #: For the in-process backend: whether it awaits this listener in line (async,
-        #: no concurrency limit), and the function it then calls with the payload's
-        #: keywords, or ``None`` to call it through its binding plan.
-        pumped = listener.is_async and listener.concurrency is None
-        self.pumped = pumped
-        fn = listener.plan.fn
-        names = listener.plan.required_names
-        in_line = pumped and self.eager_names is not None and _binds_when_called(fn)
-        #: Set when the listener takes exactly one keyword (a common shape): ``pump_fn``
-        #: is then the listener itself, called with that keyword's value.
-        self.pump_key = names[0] if in_line and names is not None and len(names) == 1 else None
-        self.pump_fn: Callable[..., Any] | None = (
-            (fn if self.pump_key is not None else keyword_caller(fn, names)) if in_line else None
-        )
-        #: Set while the in-process backend starts this listener's deliveries one by one
-        #: because the last one it awaited in line suspended: its ``pump_fn`` then.
-        self.parked: tuple[Callable[..., Any] | None] | None = None
 
     def unsubscribe(self) -> None:
         """Remove this listener from its registry (no error if already removed)."""

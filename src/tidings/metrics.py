@@ -249,7 +249,7 @@ class Metrics(Collector):
         """Read pending deliveries, oldest ages and dead letters from the store (on the
         bus's loop, whichever loop awaits this)."""
         bus = self.bus
-        loop = bus._loop
+        loop = bus.loop
         if loop is None or not bus.started:
             return
         if asyncio.get_running_loop() is loop:
@@ -273,7 +273,7 @@ class Metrics(Collector):
     def _read_from_thread(self) -> None:
         # A scrape served by a thread of its own (prometheus_client's server) reads the
         # store through the bus's loop; one on the loop uses the last figures read.
-        loop = self.bus._loop
+        loop = self.bus.loop
         if loop is None or not loop.is_running() or threading.get_ident() == self.bus._thread:
             return
         future = asyncio.run_coroutine_threadsafe(self.read_store(), loop)

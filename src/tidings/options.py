@@ -96,11 +96,11 @@ class EmitOptions:
                 f"transaction, which emit cannot wait for (await "
                 f"bus.options({outbox[0]}=...).publish(...))"
             )
-        self._bus._emit_with(self, name_or_event, args, kwargs)
+        self._bus.sender.emit(self, name_or_event, args, kwargs)
 
     async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
         """Like :meth:`Bus.publish`, with these options (every keyword is payload)."""
-        await self._bus._publish(self, name_or_event, args, kwargs)
+        await self._bus.sender.publish(self, name_or_event, args, kwargs)
 
     @property
     def outbox(self) -> tuple[str, Any] | None:

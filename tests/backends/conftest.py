@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from ..services import (
 )
 
 BusFactory = Callable[..., Bus]
+#: Makes this test's store hold something other than tidings' data; the driver's error.
+BreakStore = Callable[[], Awaitable[type[Exception]]]
 
 
 @pytest.fixture(params=["memory", "sqlite", "sqlite-msgpack", "redis", "redis-msgpack", "postgres"])
@@ -81,3 +84,38 @@ def make_bus(backend_name: str, tmp_path: Path, redis_prefix: str, pg_schema: st
         return bus
 
     return make
+
+
+@pytest.fixture
+def break_store(backend_name: str, tmp_path: Path, redis_prefix: str, pg_schema: str) -> BreakStore:
+    """Overwrite what the store keeps of its listeners and deliveries (as an operator's
+    mistake would), so that reading it fails in the driver; the driver's base error."""
+
+    async def breaks() -> type[Exception]:
+        if backend_name.startswith("redis"):
+            from redis.asyncio import Redis
+            from redis.exceptions import RedisError
+
+            client = Redis.from_url(REDIS_URL)
+            try:
+                for key in ("dead", "listeners"):
+                    await client.set(f"{redis_prefix}:{key}", "not tidings' data")
+            finally:
+                await client.aclose()
+            return RedisError
+        if backend_name.startswith("postgres"):
+            import asyncpg
+
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                await conn.execute(f"DROP TABLE {pg_schema}.deliveries, {pg_schema}.listeners")
+            finally:
+                await conn.close()
+            error: type[Exception] = asyncpg.PostgresError
+            return error
+        with sqlite3.connect(tmp_path / "events.db") as db:
+            db.execute("DROP TABLE tidings_deliveries")
+            db.execute("DROP TABLE tidings_listeners")
+        return sqlite3.Error
+
+    return breaks

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
@@ -20,13 +21,24 @@ from typing import cast
 import msgspec
 import pydantic
 import pytest
+from typer.testing import CliRunner, Result
 
-from tidings import EmitError, Event, PayloadError, PublishFailed, Retry, listener
-from tidings.backends.durable import DurableBackend, Outcomes, Stored
+from tidings import (
+    BackendError,
+    Bus,
+    EmitError,
+    Event,
+    PayloadError,
+    PublishFailed,
+    Retry,
+    listener,
+)
+from tidings.backends.durable import Claimed, DurableBackend, Outcomes, Stored
+from tidings.cli import app as cli
 from tidings.codec import MAX_DEPTH, encode_payload
 
 from .. import poison_app
-from .conftest import BusFactory
+from .conftest import BreakStore, BusFactory
 
 FAST = Retry(attempts=3, backoff=0.001, jitter=0)
 
@@ -523,6 +535,136 @@ async def test_a_worker_that_lost_a_lease_neither_settles_nor_renews_it(
         assert (stats.in_flight, stats.pending, stats.dead) == (0, 0, 0)
 
 
+async def test_a_lost_delivery_runs_while_its_process_holds_nothing_else(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    # A delivery whose worker died running it may be what killed that worker. It runs
+    # once this process holds no other delivery and claims none: if it kills this
+    # process too, no other delivery is counted a run it never had.
+    _durable(backend_name)
+    claiming = 0
+    at_lost_runs: list[tuple[int, int, int]] = []
+
+    async def note(event: Event) -> None:
+        stats = await worker.listener_stats()
+        at_lost_runs.append((event.attempt, claiming, sum(s.in_flight for s in stats.values())))
+
+    @listener("job")
+    async def first(event: Event) -> None:
+        await note(event)
+
+    @listener("job")
+    async def second(event: Event) -> None:
+        await note(event)
+
+    async with make_bus(listeners=[first, second], consume=False) as producer:
+        for n in range(3):
+            await producer.publish("job", n=n)
+        dying = cast(DurableBackend, producer.backend)
+        for fn in (first, second):
+            assert len(await dying.claim(fn.qualname, fn.names, 10, lease_s=0.01)) == 3
+    worker = make_bus(listeners=[first, second])
+    store = cast(DurableBackend, worker.backend)
+    store.lease_s = 0.5
+    # The dying worker's leases expire (Redis: idle for as long as the worker's lease).
+    await asyncio.sleep(0.5)
+    claim = store.claim
+
+    async def counted_claim(
+        listener: str, names: Sequence[str], limit: int, lease_s: float
+    ) -> list[Claimed]:
+        nonlocal claiming
+        claiming += 1
+        try:
+            return await claim(listener, names, limit, lease_s)
+        finally:
+            claiming -= 1
+
+    store.claim = counted_claim  # type: ignore[method-assign]
+    async with worker:
+        await worker.drain()
+        stats = await worker.listener_stats()
+    # Each started once more (the dying worker's run counted), one at a time.
+    assert at_lost_runs == [(2, 0, 1)] * 6
+    assert all(s.dead == s.pending == s.in_flight == 0 for s in stats.values())
+
+
+async def test_lost_deliveries_handed_back_stay_lost_and_uncounted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        await bus.publish("x")
+        (fresh,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (fresh.attempt, fresh.lost) == (1, False)
+        await store.settle(Outcomes(releases=[fresh]))
+        # Handed back untried: neither counted, nor taken for lost.
+        (again,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (again.attempt, again.lost) == (1, False)
+        await asyncio.sleep(0.1)  # its worker dies: the lease expires
+        (lost,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (lost.attempt, lost.lost) == (2, True)
+        await store.settle(Outcomes(releases=[lost]))
+        # Handed back uncounted, and still lost: whoever takes it runs it alone.
+        (kept,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert (kept.attempt, kept.lost) == (2, True)
+
+
+async def test_a_delivery_claimed_again_while_it_runs_counts_no_attempt(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    # Its lease ran out while it ran (the store did not answer the renewals), and its
+    # own process took it over: not run twice, and not counted twice either.
+    _durable(backend_name)
+    attempts: list[int] = []
+    running = asyncio.Event()
+    finish = asyncio.Event()
+
+    @listener("x", retry=Retry(attempts=3, backoff=0, jitter=0))
+    async def slow(event: Event) -> None:
+        attempts.append(event.attempt)
+        if event.attempt == 1:
+            running.set()
+            await finish.wait()
+            raise ConnectionError("later")
+
+    bus = make_bus(listeners=[slow])
+    store = cast(DurableBackend, bus.backend)
+    store.lease_s = 0.2
+    renew, claim = store.renew, store.claim
+    answers = asyncio.Event()
+    claimed_again = asyncio.Event()
+
+    async def unanswered_renew(claimed: Sequence[Claimed], lease_s: float) -> list[Claimed] | None:
+        await answers.wait()
+        return await renew(claimed, lease_s)
+
+    async def watched_claim(
+        listener: str, names: Sequence[str], limit: int, lease_s: float
+    ) -> list[Claimed]:
+        out = await claim(listener, names, limit, lease_s)
+        if out and running.is_set():
+            claimed_again.set()
+        return out
+
+    store.renew = unanswered_renew  # type: ignore[method-assign]
+    store.claim = watched_claim  # type: ignore[method-assign]
+    async with bus:
+        bus.emit("x")
+        await asyncio.wait_for(claimed_again.wait(), 10)
+        answers.set()
+        finish.set()
+        await bus.drain()
+        assert await bus.list_dead_letters() == []
+    assert attempts == [1, 2]
+
+
 async def test_a_timed_out_sync_listener_is_retried_once_its_thread_returned(
     make_bus: BusFactory,
 ) -> None:
@@ -672,3 +814,280 @@ async def test_a_listener_runs_in_a_task_of_its_own_from_its_first_step(
     assert sorted(got) == [1, 2]
     assert in_task == [True] * 3
     assert [letter.error for letter in dead] == ["TimeoutError: "]
+
+
+# -- what a durable store keeps across processes and workers -----------------------------
+
+
+async def test_events_stored_before_any_worker_ran_reach_it(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    seen: list[int] = []
+
+    @listener("user.created")
+    async def welcome(n: int) -> None:
+        seen.append(n)
+
+    async with make_bus(listeners=[welcome], consume=False) as producer:
+        for n in range(100):
+            producer.emit("user.created", n=n)
+        await producer.publish("user.created", n=100)
+    assert seen == []
+    async with make_bus(listeners=[welcome]) as worker:
+        await worker.drain()
+    assert sorted(seen) == list(range(101))
+
+
+async def test_a_listener_added_later_receives_new_events_only(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    first: list[int] = []
+    later: list[int] = []
+
+    @listener("x")
+    async def old(n: int) -> None:
+        first.append(n)
+
+    @listener("x")
+    async def new(n: int) -> None:
+        later.append(n)
+
+    async with make_bus(listeners=[old]) as bus:
+        bus.emit("x", n=1)
+        await bus.drain()
+    async with make_bus(listeners=[old, new]) as bus:
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert first == [1, 2]
+    assert later == [2]
+
+
+async def test_two_workers_share_the_work_and_never_run_a_delivery_twice(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    seen: list[tuple[str, int]] = []
+
+    def make(tag: str) -> Bus:
+        @listener("job")
+        async def job(n: int) -> None:
+            await asyncio.sleep(0.01)  # long enough that one worker cannot take all
+            seen.append((tag, n))
+
+        # Both buses run "the same" listener: one qualified name, one delivery per event.
+        job.qualname = "tests.job"
+        return make_bus(listeners=[job])
+
+    a, b = make("a"), make("b")
+    async with a, b:
+        for n in range(300):
+            (a if n % 2 else b).emit("job", n=n)
+        await a.drain()
+        await b.drain()
+    assert sorted(n for _, n in seen) == list(range(300))
+    assert {tag for tag, _ in seen} == {"a", "b"}
+
+
+async def test_expired_leases_are_reclaimed_one_per_claim_with_the_next_attempt(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    attempts: list[int] = []
+
+    @listener("x", retry=Retry(attempts=5))
+    async def on_x(event: Event) -> None:
+        attempts.append(event.attempt)
+
+    async with (
+        make_bus(listeners=[on_x], consume=False) as producer,
+        make_bus(listeners=[on_x], consume=False) as other,
+    ):
+        dying, taking = cast(DurableBackend, producer.backend), cast(DurableBackend, other.backend)
+        for n in range(4):
+            await producer.publish("x", n=n)
+        # A worker that claims and dies: its leases are neither renewed nor released.
+        first = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
+        assert [(c.attempt, c.lost) for c in first] == [(1, False)] * 4
+        await asyncio.sleep(0.2)  # its leases expire (Redis: idle for the taker's lease)
+        taken = []
+        for _ in range(3):
+            (claimed,) = await taking.claim(on_x.qualname, on_x.names, 10, lease_s=0.2)
+            assert (claimed.attempt, claimed.lost) == (2, True)
+            taken.append(claimed)
+        assert [c.record.id for c in taken] == [c.record.id for c in first[:3]]
+        await taking.settle(Outcomes(acks=taken))
+    # The last one is run by a worker, as its next attempt.
+    worker = make_bus(listeners=[on_x])
+    cast(DurableBackend, worker.backend).lease_s = 0.2
+    async with worker:
+        await worker.drain()
+    assert attempts == [2]
+
+
+async def test_the_attempt_count_survives_a_restart(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    attempts: list[int] = []
+    first = asyncio.Event()
+
+    @listener("x", retry=Retry(attempts=3, backoff=0.05, jitter=0))
+    async def flaky(event: Event) -> None:
+        attempts.append(event.attempt)
+        first.set()
+        raise ConnectionError("down")
+
+    bus = make_bus(listeners=[flaky])
+    await bus.start()
+    bus.emit("x")
+    await first.wait()
+    await bus.aclose(timeout=0)  # stops before the retry is due
+    assert attempts == [1]
+    async with make_bus(listeners=[flaky]) as bus:
+        await bus.drain()
+        (dead,) = await bus.list_dead_letters()
+    assert attempts == [1, 2, 3]
+    assert dead.attempts == 3
+
+
+async def test_a_worker_stopping_hands_back_what_it_did_not_run(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @listener("slow", concurrency=1)
+    async def slow(n: int) -> None:
+        runs.append(n)
+        started.set()
+        await asyncio.sleep(0.05)
+
+    worker = make_bus(listeners=[slow])
+    cast(DurableBackend, worker.backend).drain_on_close = False
+    await worker.start()
+    for n in range(10):
+        worker.emit("slow", n=n)
+    await started.wait()
+    await worker.aclose(timeout=5)  # finishes the running one, claims no more
+    assert runs == [0]
+    async with make_bus(listeners=[slow]) as bus:
+        stats = await bus.listener_stats()
+        assert (stats[slow.qualname].pending, stats[slow.qualname].in_flight) == (9, 0)
+        await bus.drain()
+    assert runs == list(range(10))  # nothing lost, nothing repeated
+
+
+async def test_stats_count_what_waits(make_bus: BusFactory, backend_name: str) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x], consume=False) as bus:
+        for _ in range(5):
+            bus.emit("x")
+        bus.options(delay=60).emit("x")
+        await bus.drain()
+        stats = (await bus.listener_stats())[on_x.qualname]
+    assert (stats.pending, stats.delayed, stats.in_flight, stats.retrying) == (5, 1, 0, 0)
+    assert stats.oldest_age_s is not None
+
+
+async def test_forgotten_listeners_get_no_more_deliveries(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def kept() -> None:
+        pass
+
+    @listener("x")
+    async def removed() -> None:
+        pass
+
+    async with make_bus(listeners=[kept, removed], consume=False):
+        pass  # both joined
+    async with make_bus(listeners=[kept]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        assert (await bus.listener_stats())[removed.qualname].pending == 1
+        assert await bus.forget_listener(removed.qualname) is True
+        assert await bus.forget_listener(removed.qualname) is False
+        bus.emit("x")
+        await bus.drain()
+        stats = await bus.listener_stats()
+        assert await cast(DurableBackend, bus.backend).joined() == {kept.qualname: ["x"]}
+    assert removed.qualname not in stats
+    last_seen = stats[kept.qualname].last_seen
+    assert last_seen is not None
+    assert abs(time.time() - last_seen) < 60
+
+
+async def test_an_event_stored_for_no_listener_is_warned_of(
+    make_bus: BusFactory, backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _durable(backend_name)
+
+    @listener("user.*")
+    async def users() -> None:
+        pass
+
+    async with make_bus(listeners=[users], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        assert await store.joined() == {users.qualname: ["user.*"]}
+        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
+            await bus.publish("user.created")
+            await bus.publish("usr.created")  # a typo: nobody takes it
+            assert store._listening_task is not None
+            await store._listening_task
+    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'usr.created' was stored for 0 listeners" in warned[0]
+
+
+async def test_tidings_emit_says_when_no_listener_takes_the_event(
+    make_bus: BusFactory, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _durable(backend_name)
+    monkeypatch.setenv("TIDINGS_TEST_URL", make_bus().url)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    target = "tests.cli_app:make_bus()"
+
+    def emit(*args: str) -> Result:
+        return runner.invoke(cli, ["emit", target, *args])
+
+    # (The command runs its own event loop: in a thread of its own.)
+    result = await asyncio.to_thread(emit, "order.paid", "--json", '{"order_id": 1}')
+    assert result.exit_code == 0, result.output
+    assert "stored for 2 listeners" in result.output
+    result = await asyncio.to_thread(emit, "usr.created")
+    assert result.exit_code == 1
+    assert "stored for 0 listeners" in result.output
+    result = await asyncio.to_thread(emit, "usr.created", "--allow-none")
+    assert result.exit_code == 0, result.output
+    assert "stored for 0 listeners" in result.output
+
+
+async def test_storage_errors_reach_the_caller_as_backend_errors(
+    make_bus: BusFactory, backend_name: str, break_store: BreakStore
+) -> None:
+    _durable(backend_name)
+    async with make_bus(consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        driver_error = await break_store()
+        for call in (
+            bus.list_dead_letters(),
+            bus.replay_dead_letters(),
+            bus.purge_dead_letters(),
+            bus.listener_stats(),
+            bus.forget_listener("x"),
+            store.join("x", ["x"]),
+        ):
+            with pytest.raises(BackendError) as info:
+                await call
+            assert isinstance(info.value.__cause__, driver_error)

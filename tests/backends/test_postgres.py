@@ -14,10 +14,9 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner
 
-from tidings import Bus, ConfigurationError, Event, Retry, listener
+from tidings import Bus, ConfigurationError, Retry, listener
 from tidings._patterns import matches
 from tidings.backends import postgres
-from tidings.backends.durable import Stored
 from tidings.backends.postgres import PostgresBackend, pattern_regex
 from tidings.cli import app as cli
 from tidings.errors import BackendError, PublishFailed
@@ -197,48 +196,7 @@ async def test_without_listen_polling_delivers(schema: str) -> None:
         await asyncio.wait_for(got.wait(), 10)
 
 
-async def test_two_consumers_never_run_a_delivery_twice(schema: str) -> None:
-    seen: list[tuple[str, int]] = []
-
-    def make(tag: str) -> Bus:
-        @listener("job")
-        async def job(n: int) -> None:
-            await asyncio.sleep(0.01)
-            seen.append((tag, n))
-
-        job.qualname = "tests.job"
-        return Bus(_url(schema), listeners=[job])
-
-    a, b = make("a"), make("b")
-    async with a, b:
-        for n in range(300):
-            (a if n % 2 else b).emit("job", n=n)
-        await a.drain()
-        await b.drain()
-    assert sorted(n for _, n in seen) == list(range(300))
-    assert {tag for tag, _ in seen} == {"a", "b"}
-
-
-async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(schema: str) -> None:
-    attempts: list[int] = []
-
-    @listener("x", retry=Retry(attempts=5))
-    async def on_x(event: Event) -> None:
-        attempts.append(event.attempt)
-
-    dying = PostgresBackend(POSTGRES_URL, schema=schema, consume=False)
-    async with Bus(dying, listeners=[on_x]) as producer:
-        await producer.publish("x")
-        claimed = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
-        assert [c.attempt for c in claimed] == [1]
-    async with Bus(_url(schema), listeners=[on_x]) as bus:
-        await bus.drain()
-    assert attempts == [2]
-
-
-async def test_delivered_events_are_deleted_and_stats_count(
-    schema: str, db: asyncpg.Connection
-) -> None:
+async def test_delivered_events_are_deleted(schema: str, db: asyncpg.Connection) -> None:
     @listener("x")
     async def on_x() -> None:
         pass
@@ -247,9 +205,6 @@ async def test_delivered_events_are_deleted_and_stats_count(
         for _ in range(5):
             bus.emit("x")
         bus.options(delay=60).emit("x")
-        await bus.drain()
-        stats = (await bus.listener_stats())[on_x.qualname]
-        assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
     backend = PostgresBackend(POSTGRES_URL, schema=schema, poll_s=0.01)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.drain()
@@ -309,72 +264,14 @@ async def test_leases_run_on_the_databases_clock(
         assert await first.renew([claimed], 30) == []
 
 
-async def test_a_row_that_cannot_be_read_is_a_dead_letter_and_the_rest_runs(
-    schema: str, db: asyncpg.Connection
-) -> None:
-    got: list[int] = []
-
-    @listener("x")
-    async def on_x(n: int) -> None:
-        got.append(n)
-
-    async with Bus(_url(schema), listeners=[on_x], consume=False) as producer:
-        await producer.publish("x", n=1)
-        store: PostgresBackend = producer.backend  # type: ignore[assignment]
-        now = time.time()
-        await store.store([Stored("bad-headers", "x", b"{}", {"a": "b"}, now, now)])
-        await db.execute(f"UPDATE {schema}.events SET headers = 'nope' WHERE id = 'bad-headers'")
-        await producer.publish("x", n=2)
-    async with Bus(_url(schema), listeners=[on_x]) as worker:
-        await worker.drain()
-        (letter,) = await worker.list_dead_letters()
-    assert sorted(got) == [1, 2]
-    assert letter.event.id == "bad-headers"
-    assert letter.error.startswith("PayloadError: stored event 'bad-headers' cannot be read")
-
-
-async def test_storage_errors_reach_the_caller_as_backend_errors(
+async def test_a_failed_publish_in_the_callers_transaction_is_publish_failed(
     schema: str, db: asyncpg.Connection
 ) -> None:
     async with Bus(_url(schema), consume=False) as bus:
         await db.execute(f"DROP TABLE {schema}.deliveries")
-        for call in (
-            bus.list_dead_letters(),
-            bus.replay_dead_letters(),
-            bus.purge_dead_letters(),
-            bus.listener_stats(),
-            bus.forget_listener("x"),
-        ):
-            with pytest.raises(BackendError) as info:
-                await call
-            assert isinstance(info.value.__cause__, asyncpg.PostgresError)
         with pytest.raises(PublishFailed) as failed:
             await bus.options(connection=db).publish("x")
         assert isinstance(failed.value.__cause__, asyncpg.PostgresError)
-
-
-async def test_forgotten_listeners_get_no_more_deliveries(schema: str) -> None:
-    @listener("x")
-    async def kept() -> None:
-        pass
-
-    @listener("x")
-    async def removed() -> None:
-        pass
-
-    async with Bus(_url(schema), listeners=[kept, removed], consume=False):
-        pass  # both joined
-    async with Bus(_url(schema), listeners=[kept]) as bus:
-        bus.emit("x")
-        await bus.drain()
-        assert (await bus.listener_stats())[removed.qualname].pending == 1
-        assert await bus.forget_listener(removed.qualname) is True
-        assert await bus.forget_listener(removed.qualname) is False
-        bus.emit("x")
-        await bus.drain()
-        stats = await bus.listener_stats()
-        assert removed.qualname not in stats
-        assert stats[kept.qualname].last_seen is not None
 
 
 # A private server killed mid-stream: tests/faults/test_broker_restart.py.

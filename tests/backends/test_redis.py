@@ -13,12 +13,10 @@ from pathlib import Path
 import msgspec
 import pytest
 from redis.asyncio import Redis
-from typer.testing import CliRunner
 
 from tidings import Bus, ConfigurationError, Event, Retry, listener
 from tidings.backends.durable import Claimed, Outcomes, Stored
 from tidings.backends.redis import RedisBackend
-from tidings.cli import app as cli
 from tidings.codec import MAX_DEPTH
 from tidings.errors import BackendError, PublishFailed
 
@@ -50,49 +48,10 @@ def _url(prefix: str, **options: object) -> str:
     return f"{REDIS_URL}?{query}"
 
 
-async def test_events_stored_before_any_worker_ran_reach_it(prefix: str) -> None:
-    seen: list[int] = []
-
-    @listener("user.created")
-    async def welcome(n: int) -> None:
-        seen.append(n)
-
-    async with Bus(_url(prefix), listeners=[welcome], consume=False) as producer:
-        for n in range(100):
-            producer.emit("user.created", n=n)
-        await producer.publish("user.created", n=100)
-    assert seen == []
-    async with Bus(_url(prefix), listeners=[welcome]) as worker:
-        await worker.drain()
-    assert sorted(seen) == list(range(101))
-
-
 async def test_publish_returns_once_the_event_is_in_the_stream(prefix: str, redis: Redis) -> None:
     async with Bus(_url(prefix), consume=False) as bus:
         await bus.publish("x", n=1)
         assert await redis.xlen(f"{prefix}:s:x") == 1
-
-
-async def test_a_listener_added_later_receives_new_events_only(prefix: str) -> None:
-    first: list[int] = []
-    later: list[int] = []
-
-    @listener("x")
-    async def old(n: int) -> None:
-        first.append(n)
-
-    @listener("x")
-    async def new(n: int) -> None:
-        later.append(n)
-
-    async with Bus(_url(prefix), listeners=[old]) as bus:
-        bus.emit("x", n=1)
-        await bus.drain()
-    async with Bus(_url(prefix), listeners=[old, new]) as bus:
-        bus.emit("x", n=2)
-        await bus.drain()
-    assert first == [1, 2]
-    assert later == [2]
 
 
 async def test_a_wildcard_listener_finds_streams_made_after_it_started(prefix: str) -> None:
@@ -115,68 +74,6 @@ async def test_a_wildcard_listener_finds_streams_made_after_it_started(prefix: s
     assert sorted(seen) == ["user.created", "user.deleted"]
 
 
-async def test_two_consumers_never_run_a_delivery_twice(prefix: str) -> None:
-    seen: list[tuple[str, int]] = []
-
-    def make(tag: str) -> Bus:
-        @listener("job")
-        async def job(n: int) -> None:
-            await asyncio.sleep(0.01)  # long enough that one consumer cannot take all
-            seen.append((tag, n))
-
-        job.qualname = "tests.job"
-        return Bus(_url(prefix), listeners=[job])
-
-    a, b = make("a"), make("b")
-    async with a, b:
-        for n in range(500):
-            (a if n % 2 else b).emit("job", n=n)
-        await a.drain()
-        await b.drain()
-    assert sorted(n for _, n in seen) == list(range(500))
-    assert {tag for tag, _ in seen} == {"a", "b"}
-
-
-async def test_an_expired_lease_is_reclaimed_with_the_next_attempt(prefix: str) -> None:
-    attempts: list[int] = []
-
-    @listener("x", retry=Retry(attempts=5))
-    async def on_x(event: Event) -> None:
-        attempts.append(event.attempt)
-
-    # A worker that reads and dies: its entries are never renewed nor acknowledged.
-    dying = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
-    async with Bus(dying, listeners=[on_x]) as producer:
-        await producer.publish("x")
-        claimed = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.2)
-        assert [c.attempt for c in claimed] == [1]
-    async with Bus(_url(prefix, lease_s=0.2), listeners=[on_x]) as bus:
-        await bus.drain()
-    assert attempts == [2]
-
-
-async def test_expired_leases_are_reclaimed_one_per_claim_marked_lost(prefix: str) -> None:
-    @listener("x", retry=Retry(attempts=5))
-    async def on_x(n: int) -> None:
-        pass
-
-    dying = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
-    taking = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
-    async with Bus(dying, listeners=[on_x]) as producer, Bus(taking, listeners=[on_x]):
-        for n in range(3):
-            await producer.publish("x", n=n)
-        first = await dying.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
-        assert [c.lost for c in first] == [False] * 3
-        await asyncio.sleep(0.1)  # the dying worker's leases expire
-        taken = []
-        for _ in range(3):
-            (claimed,) = await taking.claim(on_x.qualname, on_x.names, 10, lease_s=0.05)
-            assert (claimed.lost, claimed.attempt) == (True, 2)
-            taken.append(claimed.record.id)
-        assert taken == [c.record.id for c in first]
-        await taking.settle(Outcomes(acks=first))
-
-
 async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
     runs: list[str] = []
 
@@ -195,69 +92,6 @@ async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
         await a.drain()
         await b.drain()
     assert len(runs) == 1  # four leases long, and the other worker never took it
-
-
-async def test_the_attempt_count_survives_a_restart(prefix: str) -> None:
-    attempts: list[int] = []
-    first = asyncio.Event()
-
-    @listener("x", retry=Retry(attempts=3, backoff=0.05, jitter=0))
-    async def flaky(event: Event) -> None:
-        attempts.append(event.attempt)
-        first.set()
-        raise ConnectionError("down")
-
-    bus = Bus(_url(prefix), listeners=[flaky])
-    await bus.start()
-    bus.emit("x")
-    await first.wait()
-    await bus.aclose(timeout=0)
-    assert attempts == [1]
-    async with Bus(_url(prefix), listeners=[flaky]) as bus:
-        await bus.drain()
-        (dead,) = await bus.list_dead_letters()
-    assert attempts == [1, 2, 3]
-    assert dead.attempts == 3
-
-
-async def test_a_worker_stopping_hands_back_what_it_did_not_run(prefix: str) -> None:
-    started = asyncio.Event()
-    runs: list[int] = []
-
-    @listener("slow", concurrency=1)
-    async def slow(n: int) -> None:
-        runs.append(n)
-        started.set()
-        await asyncio.sleep(0.05)
-
-    worker = Bus(_url(prefix), listeners=[slow])
-    worker.backend.drain_on_close = False  # type: ignore[attr-defined]
-    await worker.start()
-    for n in range(10):
-        worker.emit("slow", n=n)
-    await started.wait()
-    await worker.aclose(timeout=5)
-    assert runs == [0]
-    async with Bus(_url(prefix), listeners=[slow]) as bus:
-        stats = await bus.listener_stats()
-        assert stats[slow.qualname].pending == 9
-        await bus.drain()
-    assert runs == list(range(10))
-
-
-async def test_stats_count_what_waits(prefix: str) -> None:
-    @listener("x")
-    async def on_x() -> None:
-        pass
-
-    async with Bus(_url(prefix), listeners=[on_x], consume=False) as bus:
-        for _ in range(5):
-            bus.emit("x")
-        bus.options(delay=60).emit("x")
-        await bus.drain()
-        stats = (await bus.listener_stats())[on_x.qualname]
-    assert (stats.pending, stats.delayed, stats.in_flight) == (5, 1, 0)
-    assert stats.oldest_age_s is not None
 
 
 @pytest.mark.timeout(180)
@@ -518,27 +352,6 @@ async def test_publish_fails_within_the_timeout_when_redis_stops_answering(
     assert took < 10  # redis-py's 30 s socket timeout, tried 3 times, otherwise
 
 
-async def test_reading_the_store_raises_backend_errors_not_redis_errors(
-    server: _Server,
-) -> None:
-    url = f"redis://127.0.0.1:{server.port}/0?timeout_s=1"
-    async with Bus(url, consume=False) as bus:
-        server.kill()
-        with pytest.raises(BackendError):
-            await bus.list_dead_letters()
-        with pytest.raises(BackendError):
-            await bus.replay_dead_letters()
-        with pytest.raises(BackendError):
-            await bus.listener_stats()
-        backend = bus.backend
-        assert isinstance(backend, RedisBackend)
-        with pytest.raises(BackendError):
-            await backend.join("x", ["x"])
-        with pytest.raises(BackendError):
-            await backend.forget("x")
-        server.start()
-
-
 @pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
 async def test_a_redis_that_may_evict_keys_is_warned_of(
     tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture
@@ -604,13 +417,6 @@ async def test_a_forgotten_listener_is_never_made_again(prefix: str, redis: Redi
         groups = [g["name"] for g in await redis.xinfo_groups(f"{prefix}:s:{name}")]
         assert groups == [kept.qualname.encode()], name
     assert not await redis.exists(f"{prefix}:r:{gone.qualname}")
-    async with Bus(_url(prefix), listeners=[kept]) as worker:
-        await worker.drain()
-        stats = await worker.listener_stats()
-    assert set(stats) == {kept.qualname}
-    last_seen = stats[kept.qualname].last_seen
-    assert last_seen is not None
-    assert abs(time.time() - last_seen) < 60
 
 
 @pytest.mark.timeout(30)
@@ -641,43 +447,6 @@ async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
         await producer.publish("user.created")  # a stream new to the worker
         await asyncio.wait_for(retried.wait(), 10)
     assert names == ["job", "user.created", "user.created"]
-
-
-async def test_an_event_stored_for_no_listener_is_warned_of(
-    prefix: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    @listener("user.*")
-    async def users() -> None:
-        pass
-
-    backend = RedisBackend(REDIS_URL, prefix=prefix, consume=False)
-    async with Bus(backend, listeners=[users]) as bus:
-        assert await backend.joined() == {users.qualname: ["user.*"]}
-        with caplog.at_level(logging.WARNING, "tidings.backends.durable"):
-            await bus.publish("user.created")
-            await bus.publish("usr.created")  # a typo: nobody takes it
-            assert backend._listening_task is not None
-            await backend._listening_task
-    warned = [r.getMessage() for r in caplog.records if "0 listeners" in r.getMessage()]
-    assert len(warned) == 1
-    assert "'usr.created' was stored for 0 listeners" in warned[0]
-
-
-def test_tidings_emit_says_when_no_listener_takes_the_event(
-    prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TIDINGS_TEST_URL", _url(prefix))
-    runner = CliRunner(env={"COLUMNS": "250"})
-    target = "tests.cli_app:make_bus()"
-    result = runner.invoke(cli, ["emit", target, "order.paid", "--json", '{"order_id": 1}'])
-    assert result.exit_code == 0, result.output
-    assert "stored for 2 listeners" in result.output
-    result = runner.invoke(cli, ["emit", target, "usr.created"])
-    assert result.exit_code == 1
-    assert "stored for 0 listeners" in result.output
-    result = runner.invoke(cli, ["emit", target, "usr.created", "--allow-none"])
-    assert result.exit_code == 0, result.output
-    assert "stored for 0 listeners" in result.output
 
 
 @pytest.fixture

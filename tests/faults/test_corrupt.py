@@ -85,3 +85,5 @@ async def test_an_entry_that_cannot_be_decoded_is_a_dead_letter_and_the_rest_run
     assert letter.listener == charge.qualname
     assert letter.attempts == 1  # dead at its first failure: decoding again cannot help
     assert letter.error
+    if kind == "unreadable entry":
+        assert "cannot be read" in letter.error

@@ -23,17 +23,8 @@ MAX_LOST_RUNS = 2
 
 @pytest.mark.timeout(180)
 async def test_a_listener_that_kills_its_process_is_isolated_and_buried(
-    tmp_path: Path, store: DurableStore, request: pytest.FixtureRequest
+    tmp_path: Path, store: DurableStore
 ) -> None:
-    request.applymarker(
-        pytest.mark.xfail(
-            strict=False,
-            reason="a calm delivery reclaimed after a crash and queued to run alone behind "
-            "the poison is counted a lost run each time the poison kills the process before "
-            "it ran (about one run in two on Redis, rarer on PostgreSQL and SQLite): it can "
-            "reach max_lost_runs without ever having been started",
-        )
-    )
     url = store.url(lease_s=1, poll_s=0.01, max_lost_runs=MAX_LOST_RUNS)
     async with Bus(url, listeners=[app.poisoned, app.calm], consume=False) as producer:
         for n in range(EVENTS):

@@ -11,7 +11,7 @@ letters kept in process, a drain that waits for every delivery handed out)::
             delivery.start()
 
 The in-process and durable backends override the richer hooks below (``put``,
-``put_named``, ``fast_emit``...) to queue without a delivery object per listener.
+``put_named``, ``put_later``...) to queue without a delivery object per listener.
 Dead letters are one protocol, :class:`DeadLetters`, that every backend implements
 (in process by default, over its store for a durable one).
 """
@@ -23,17 +23,16 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tidings.delivery import DeadLetter, Delivery
 from tidings.errors import ConfigurationError, NotStartedError
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
-    from tidings._contexts import ContextCopies
     from tidings._hold import Held
     from tidings.delivery import Runner
     from tidings.listeners import Subscription
@@ -43,6 +42,7 @@ __all__ = [
     "Backend",
     "DeadLetter",
     "DeadLetters",
+    "Inlet",
     "ListenerStats",
 ]
 
@@ -92,6 +92,22 @@ class DeadLetters(Protocol):
         ...
 
 
+class Inlet(Protocol):
+    """A queue the bus's ``emit`` appends plain named events to itself, without a call
+    into the backend: the in-process fast path (``bench/inproc.py``)."""
+
+    #: The queued events.
+    queue: deque[QueuedEvent]
+    #: How many may wait: past it, the bus calls ``put_named`` (which raises ``QueueFull``).
+    room: int
+    #: Zero while nothing takes from the queue: the bus then calls :meth:`activate`.
+    pumping: int
+
+    def activate(self) -> None:
+        """Start taking from the queue."""
+        ...
+
+
 class Backend(ABC):
     """Where deliveries wait and run: implement :meth:`deliver`, the rest is optional.
 
@@ -113,6 +129,9 @@ class Backend(ABC):
     #: Publishing inside the caller's database transaction, where the backend can
     #: (``bus.options(connection=...).publish(...)``); ``None`` where it cannot.
     outbox: Outbox | None = None
+    #: A queue ``emit`` may append plain named events to directly (see :class:`Inlet`);
+    #: ``None``: it calls :meth:`put_named`.
+    inlet: Inlet | None = None
 
     def __init__(self, *, max_dead_letters: int = 1000) -> None:
         #: The bus's runner, once started.
@@ -180,8 +199,13 @@ class Backend(ABC):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """Queue a plain named event (the bus's fast path), like :meth:`put`: a backend
-        may queue it without building the envelope until something reads it."""
+        """Queue a plain named event, like :meth:`put`: the bus's fast path, taken while
+        nothing needs to see each event (no hooks, no strict or serialization checks).
+        A backend may queue it without building the envelope until something reads it.
+
+        Raises:
+            QueueFull: there is no room now.
+        """
         self.put(Event(name, args, kwargs), subs, ctx)
 
     def put_held(self, items: list[Held]) -> None:
@@ -193,24 +217,6 @@ class Backend(ABC):
         """
         for item in items:
             self.put(item.envelope(), item.subs, item.context)
-
-    def fast_emit(
-        self,
-        routes: Mapping[str, tuple[Subscription, ...]],
-        thread: int,
-        fallback: Callable[..., None],
-        contexts: ContextCopies,
-    ) -> Callable[..., None] | None:
-        """An ``emit`` function for a bus in its plain state, or ``None`` (the default).
-
-        The bus calls it instead of its own ``emit`` while nothing needs to see each
-        event (no hooks, no strict checks, no serialization check). It may queue a
-        named event whose name is in ``routes``, emitted on the thread ``thread`` (every
-        keyword is payload); anything else it hands to ``fallback`` (the bus's own
-        ``emit``) with the same arguments. Its events are emitted in
-        ``contexts.copy()`` (which it may inline).
-        """
-        return None
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         """Run one delivery again (``event.attempt`` is the next attempt) after a delay."""

@@ -123,6 +123,8 @@ _STR_OPTIONS = ("codec", "schema")
 _NOW = "extract(epoch FROM now())::float8"
 # A listener's last claim is recorded at most once every so many seconds.
 _SEEN_S = 60.0
+# The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
+_LEASE_EXPIRED = 1.0
 # Words PostgreSQL reserves (also as a function or type name): not a schema's name.
 _RESERVED = frozenset(
     """all analyse analyze and any array as asc asymmetric authorization binary both case cast
@@ -440,6 +442,14 @@ class PostgresBackend(DurableBackend):
             await conn.execute(
                 "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL synchronous_commit = off"
             )
+            if outcomes.uncounted:
+                # Only while the attempt is the one that claim counted (its outcome may
+                # have been written meanwhile; never another process's claim).
+                await conn.executemany(
+                    f"UPDATE {s}.deliveries SET attempt = attempt - 1 WHERE listener = $1 "
+                    "AND seq = $2 AND attempt = $3 AND (owner IS NULL OR owner = $4)",
+                    [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
+                )
             if outcomes.acks:
                 by_listener: dict[str, list[int]] = {}
                 for c in outcomes.acks:
@@ -475,12 +485,19 @@ class PostgresBackend(DurableBackend):
                     [(err, c.listener, tb, c.ref, owner) for c, err, tb in outcomes.burials],
                 )
             if outcomes.releases:
+                # A lost one's lease is left expired: it is reclaimed as lost again.
                 await conn.executemany(
                     f"UPDATE {s}.deliveries SET attempt = GREATEST(attempt - 1, 0), "
-                    "lease_until = 0, owner = NULL WHERE listener = $1 AND seq = $2 "
-                    "AND owner = $3",
-                    [(c.listener, c.ref, owner) for c in outcomes.releases],
+                    "lease_until = $1, owner = NULL WHERE listener = $2 AND seq = $3 "
+                    "AND owner = $4",
+                    [
+                        (_LEASE_EXPIRED if c.lost else 0.0, c.listener, c.ref, owner)
+                        for c in outcomes.releases
+                    ],
                 )
+        for c in outcomes.releases:
+            if c.lost:
+                self._reclaimed.pop(c.listener, None)  # the next claim takes it over
 
     async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         by_listener: dict[str, list[int]] = {}

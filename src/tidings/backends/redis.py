@@ -33,7 +33,9 @@ without counting a delivery), and settled, only while this consumer still owns t
 process that died, and any consumer takes them over (``XPENDING ... IDLE``, then
 ``XCLAIM``), no lock, one per claim and marked lost: the engine runs it alone, as it may
 be what killed that process. The entry's delivery count is the attempt number (plus the
-attempts of earlier entries of the same delivery, for retries). Entries every group has
+attempts of earlier entries of the same delivery, for retries); an entry handed back
+untried is made idle at once with its count restored (``XCLAIM ... RETRYCOUNT``), so it
+is taken over as lost only if it had been delivered before. Entries every group has
 acknowledged are trimmed (``XTRIM MINID`` at the oldest position any group still needs),
 so streams stay small; a pass trims the streams this process settled entries of, and all
 of them now and then.
@@ -779,7 +781,7 @@ class RedisBackend(DurableBackend):
                     woken.cancel()
                 if read.done():
                     break
-                if self._stopping or self._drain_waits(consumer):
+                if self._stopping or self._paused or self._drain_waits(consumer):
                     break
                 # Woken for room, or for events this process stored: the read sees those
                 # in Redis, and ending it early would only delay the next event.
@@ -900,7 +902,8 @@ class RedisBackend(DurableBackend):
                 # XCLAIM counted one more delivery than XPENDING told.
                 count = int(idle[0]["times_delivered"]) + 1
                 claimed = self._claimed(reader.group, key, eid, fields, count)
-                claimed.lost = True
+                # Lost, unless this entry was never delivered: handed back untried.
+                claimed.lost = count > 1
                 return claimed
         return None
 
@@ -938,6 +941,9 @@ class RedisBackend(DurableBackend):
         def add(c: Claimed, *op: Any) -> None:
             ops.setdefault((c.ref[0], c.listener), []).append(op)
 
+        for c in outcomes.uncounted:
+            # First: a release of the same entry in this batch leaves it idle.
+            add(c, 4, c.ref[1], max(c.attempt - c.ref[2] - 1, 0))
         for c in outcomes.acks:
             add(c, 0, c.ref[1])
         for c, delay, _ in outcomes.retries:
@@ -965,7 +971,7 @@ class RedisBackend(DurableBackend):
             spec += (stream, group, ids[0], ids[-1], len(group_ops))
             for op in group_ops:
                 spec += op
-            if any(op[0] != 3 for op in group_ops):
+            if any(op[0] < 3 for op in group_ops):
                 self._dirty.add(stream)
         stale = await self._settle(  # type: ignore[misc]
             keys=[self._k_dead, self._k_delivered, self._k_failed],

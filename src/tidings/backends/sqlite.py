@@ -100,6 +100,8 @@ _SEEN_S = 60.0
 _TAKES = 10_000
 # A consumer that keeps finding work looks for expired leases at most this often.
 _EXPIRED_S = 1.0
+# The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
+_LEASE_EXPIRED = 1.0
 # With the file watched, an idle consumer with nothing coming due claims this often.
 _QUIET_S = 1.0
 # Columns added since the first schema, for files made by an older version.
@@ -512,6 +514,14 @@ class SQLiteBackend(DurableBackend):
         # dashboard that runs no listener): what was written, not what was stale.
         counts: dict[str, list[int]] = {}
         async with self._write() as db:
+            if outcomes.uncounted:
+                # Only while the attempt is the one that claim counted (its outcome may
+                # have been written meanwhile; never another process's claim).
+                await db.executemany(
+                    "UPDATE tidings_deliveries SET attempt = attempt - 1 WHERE listener = ? "
+                    "AND seq = ? AND attempt = ? AND (owner IS NULL OR owner = ?)",
+                    [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
+                )
             if outcomes.acks:
                 # One statement per listener and chunk: cheaper than one per delivery.
                 acked: dict[str, list[int]] = {}
@@ -553,11 +563,18 @@ class SQLiteBackend(DurableBackend):
                     [(ok, failed, listener) for listener, (ok, failed) in counts.items()],
                 )
             if outcomes.releases:
+                # A lost one's lease is left expired: it is reclaimed as lost again.
                 await db.executemany(
                     "UPDATE tidings_deliveries SET attempt = MAX(attempt - 1, 0), "
-                    f"lease_until = 0, owner = NULL {mine}",
-                    [(c.listener, c.ref, owner) for c in outcomes.releases],
+                    f"lease_until = ?, owner = NULL {mine}",
+                    [
+                        (_LEASE_EXPIRED if c.lost else 0, c.listener, c.ref, owner)
+                        for c in outcomes.releases
+                    ],
                 )
+                for c in outcomes.releases:
+                    if c.lost:
+                        self._looked.pop(c.listener, None)
 
     async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed]:
         until = self.clock() + lease_s

@@ -65,13 +65,23 @@ _DECODED = 4096
 
 
 class _Consumer:
-    __slots__ = ("idle_gen", "listener_id", "names", "running", "sub", "task", "wake")
+    __slots__ = (
+        "claiming",
+        "idle_gen",
+        "listener_id",
+        "names",
+        "running",
+        "sub",
+        "task",
+        "wake",
+    )
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
         self.listener_id = sub.listener.qualname
         self.names = sub.listener.names
         self.running = 0
+        self.claiming = False  # a claim is under way: what it leases counts attempts
         self.wake = asyncio.Event()
         self.idle_gen = -1  # the drain generation at which a claim last came back empty
         self.task: asyncio.Task[None] | None = None
@@ -238,9 +248,9 @@ class DurableBackend(Backend):
         self._progress = asyncio.Event()
         self._outage_logged = False
         self._payloads: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
-        # Deliveries whose last run was lost, waiting to run alone; while one does, no
-        # consumer of this process claims.
-        self._alone: list[tuple[_Consumer, Claimed, Event]] = []
+        # The one delivery whose last run was lost that this process holds, to run
+        # alone: from its claim until it ended, no consumer of this process claims.
+        self._alone: tuple[_Consumer, Claimed, Event] | None = None
         self._alone_task: asyncio.Task[None] | None = None
         self._paused = False
         self._stale_checked = 0.0
@@ -283,8 +293,10 @@ class DurableBackend(Backend):
     async def settle(self, outcomes: Outcomes) -> None:
         """Write outcomes back in one round trip: acks delete deliveries, retries make
         them due again later, burials keep them as dead letters, releases hand them
-        back untried (the attempt is not counted). Each only where this process
-        (``owner``) still holds the delivery's lease."""
+        back untried (the attempt is not counted; a ``lost`` one is reclaimed as lost
+        again). Each only where this process (``owner``) still holds the delivery's
+        lease. Then ``uncounted`` (see :class:`Outcomes`), before the others: only
+        where the attempt is still the one that claim counted."""
 
     @abstractmethod
     async def renew(self, claimed: Sequence[Claimed], lease_s: float) -> list[Claimed] | None:
@@ -596,6 +608,7 @@ class DurableBackend(Backend):
                 continue
             gen = self._drain_gen
             consumer.wake.clear()
+            consumer.claiming = True
             try:
                 claimed = await self.claim(
                     consumer.listener_id, consumer.names, min(room, self.batch), self.lease_s
@@ -607,6 +620,9 @@ class DurableBackend(Backend):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            finally:
+                consumer.claiming = False
+                self._progress.set()
             delay = self.poll_s
             self._recovered()
             if self._stopping:
@@ -645,8 +661,10 @@ class DurableBackend(Backend):
             if key in inflight or claimed.record.id in held:
                 # Its lease ran out while this process still held it (running, or its
                 # outcome not yet written), and the store handed it back to the same
-                # owner: the run under way or its outcome settles it; never run it twice.
+                # owner: the run under way or its outcome settles it; never run it twice,
+                # nor count it twice.
                 again.append(claimed)
+                outcomes.uncounted.append(claimed)
                 continue
             event = self._readable(claimed, sub)
             if event is None:
@@ -664,10 +682,16 @@ class DurableBackend(Backend):
                     continue
             if claimed.lost:
                 # Its last run was lost with its process: run it alone, so that if it
-                # crashes this process too, it takes no other delivery with it.
-                self._alone.append((consumer, claimed, event))
-                if self._alone_task is None or self._alone_task.done():
-                    self._alone_task = runner.loop.create_task(self._run_alone())
+                # crashes this process too, it takes no other delivery with it, nor
+                # counts a lost run for one it holds. Another lost one (from a claim that
+                # was under way) is handed back uncounted, still lost, for later.
+                if self._alone is not None:
+                    del inflight[key]
+                    outcomes.releases.append(claimed)
+                    continue
+                self._alone = (consumer, claimed, event)
+                self._pause()
+                self._alone_task = runner.loop.create_task(self._run_alone())
                 continue
             self._run(consumer, key, event)
         if outcomes:
@@ -723,36 +747,49 @@ class DurableBackend(Backend):
             )
         return fut
 
+    def _pause(self) -> None:
+        """Stop claiming in this process (claims under way return at once) until the
+        delivery held to run alone has ended."""
+        self._paused = True
+        for c in self._consumers:
+            c.wake.set()
+
+    def _holds_nothing_else(self) -> bool:
+        """Whether this process holds no delivery but the one to run alone: nothing
+        runs, no claim is under way, and every outcome is written (a crash must not take
+        an ack with it, nor a release, which would count a run for what it held)."""
+        return not (
+            self._tasks
+            or self._outcomes
+            or not self._writer_idle.is_set()
+            or any(c.claiming for c in self._consumers)
+        )
+
     async def _run_alone(self) -> None:
-        """Run the deliveries whose last run was lost one at a time, each once nothing
-        else runs in this process (no consumer claims meanwhile)."""
+        """Run the delivery whose last run was lost once this process is quiet, then let
+        the consumers claim again."""
+        assert self._alone is not None
+        consumer, claimed, event = self._alone
+        key = (claimed.record.id, consumer.sub)
+        started = False
         try:
-            while self._alone and not self._stopping:
-                self._paused = True
-                # Quiet: no other delivery runs, and every outcome is written (a crash
-                # must not take an ack with it).
-                while (
-                    self._tasks or self._outcomes or not self._writer_idle.is_set()
-                ) and not self._stopping:
-                    self._progress.clear()
-                    await self._progress.wait()
-                if self._stopping:
-                    break
-                consumer, claimed, event = self._alone.pop(0)
-                key = (claimed.record.id, consumer.sub)
-                if self._inflight.get(key) is not claimed:
-                    continue  # its lease was lost meanwhile
-                fut = self._run(consumer, key, event)
-                if self._outcomes:
-                    self._writer_wake.set()
-                if fut is not None:
-                    await asyncio.wait([fut])
+            while not self._holds_nothing_else() and not self._stopping:
+                self._progress.clear()
+                await self._progress.wait()
+            if self._stopping or self._inflight.get(key) is not claimed:
+                return  # stopped, or its lease was lost meanwhile
+            started = True
+            fut = self._run(consumer, key, event)
+            if self._outcomes:
+                self._writer_wake.set()
+            if fut is not None:
+                await asyncio.wait([fut])
         finally:
+            self._alone = None
             self._paused = False
-            for consumer, claimed, _event in self._alone:
-                if self._inflight.pop((claimed.record.id, consumer.sub), None) is not None:
-                    self._outcomes.releases.append(claimed)
-            self._alone.clear()
+            if not started and self._inflight.get(key) is claimed:
+                del self._inflight[key]
+                self._outcomes.releases.append(claimed)
             self._writer_wake.set()
             for c in self._consumers:
                 c.wake.set()

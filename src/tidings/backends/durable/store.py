@@ -66,21 +66,27 @@ class Claimed(msgspec.Struct):
     error: str | None = None
     #: Reclaimed after its lease expired: its last run was lost with its worker. The
     #: engine runs it alone in its process, so a listener that crashes its process
-    #: takes no other delivery with it.
+    #: takes no other delivery with it. Handed back (released), it stays lost.
     lost: bool = False
 
 
 @dataclass(slots=True)
 class Outcomes:
-    """Delivery outcomes waiting to be written back, in one batch."""
+    """Delivery outcomes waiting to be written back, in one batch.
+
+    ``uncounted`` are claims of deliveries this process held already (running, or
+    their outcome not yet written) when the store handed them out to it again: the
+    attempt that claim counted is taken back; the delivery is otherwise left as it is.
+    """
 
     acks: list[Claimed] = field(default_factory=list)
     retries: list[tuple[Claimed, float, str]] = field(default_factory=list)
     burials: list[tuple[Claimed, str, str]] = field(default_factory=list)
     releases: list[Claimed] = field(default_factory=list)
+    uncounted: list[Claimed] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.acks or self.retries or self.burials or self.releases)
+        return bool(self.acks or self.retries or self.burials or self.releases or self.uncounted)
 
 
 def event_of(

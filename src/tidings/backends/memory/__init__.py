@@ -17,17 +17,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from tidings.backends.base import Backend
-from tidings.backends.memory._pump import Entry, Pump, event_of, timed
+from tidings.backends.memory._pump import Pump, timed
 from tidings.errors import NotStartedError, QueueFull
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
-    from tidings._contexts import ContextCopies
     from tidings._hold import Held
     from tidings.delivery import Delivery, Runner, Tally
     from tidings.listeners import Subscription
@@ -38,6 +36,8 @@ logger = logging.getLogger("tidings.backends.memory")
 
 # Deliveries started per loop callback from a listener's backlog.
 _BATCH = 8192
+
+_time = time.time
 
 # The positional arguments of a typed event's entry: never called with directly.
 _TYPED = (None,)
@@ -91,6 +91,8 @@ class MemoryBackend(Backend):
             changed=self._changed,
         )
         self._queue = self._pump.queue
+        #: The bus's flat emit appends plain named events here.
+        self.inlet = self._pump
         self._backlogged = 0  # deliveries waiting behind a listener's concurrency gate
         self._gates: dict[Subscription, _Gate] = {}
         self._timers: dict[asyncio.TimerHandle, list[Event]] = {}
@@ -116,14 +118,6 @@ class MemoryBackend(Backend):
         running = list(self._running.values())
         return self._pump.in_progress() + [sub for _event, sub in running]
 
-    def _emitted(self, name: str) -> None:
-        tally = self._tally
-        if tally is not None:
-            if name in tally.emitted:
-                tally.emitted[name] += 1
-            else:
-                tally.first_emit(name)
-
     async def start(self, runner: Runner) -> None:
         await super().start(runner)
         self._runner = runner
@@ -148,9 +142,10 @@ class MemoryBackend(Backend):
         fits = max(pump.room - len(self._queue), 0)
         for item in items[:fits]:
             pump.put(
-                Entry(item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at)
+                QueuedEvent(
+                    item.subs, item.context, item.name, item.args, item.kwargs, item.emitted_at
+                )
             )
-            self._emitted(item.name)
         if fits < len(items):
             raise self._full(items[fits].name)
 
@@ -162,25 +157,19 @@ class MemoryBackend(Backend):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        if len(self._queue) >= self._pump.room:
+        # Pump.put, inlined: this method is most of the cost of an emit.
+        pump = self._pump
+        queue = self._queue
+        if len(queue) >= pump.room:
             raise self._full(name)
-        self._pump.put(Entry(subs, ctx, name, args, kwargs, time.time()))
-        self._emitted(name)
-
-    def fast_emit(
-        self,
-        routes: Mapping[str, tuple[Subscription, ...]],
-        thread: int,
-        fallback: Callable[..., None],
-        contexts: ContextCopies,
-    ) -> Callable[..., None]:
-        return self._pump.emitter(routes, thread, fallback, contexts)
+        queue.append(QueuedEvent(subs, ctx, name, args, kwargs, _time()))
+        if not pump.pumping:
+            pump.activate()
 
     def put(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         if len(self._queue) >= self._pump.room:
             raise self._full(event.name)
         self._force(event, subs, ctx)
-        self._emitted(event.name)
 
     async def put_wait(
         self,
@@ -208,18 +197,18 @@ class MemoryBackend(Backend):
                 f"cannot queue event {event.name!r}: the bus closed while it waited for room"
             )
         self._force(event, subs, ctx)
-        self._emitted(event.name)
 
     def _force(self, event: Event, subs: tuple[Subscription, ...], ctx: Context) -> None:
         # A typed event's listeners bind through their plans: non-empty "args" say so.
         args = event.args if event.obj is None else _TYPED
-        self._pump.put(Entry(subs, ctx, event.name, args, event.kwargs, event.timestamp, event))
+        self._pump.put(
+            QueuedEvent(subs, ctx, event.name, args, event.kwargs, event.timestamp, event)
+        )
 
     def put_later(
         self, event: Event, subs: tuple[Subscription, ...], ctx: Context, delay_s: float
     ) -> None:
         self._timer(delay_s, [event], self._force, event, subs, ctx)
-        self._emitted(event.name)
 
     def retry(self, event: Event, sub: Subscription, ctx: Context, delay_s: float) -> None:
         self._retrying += 1
@@ -227,6 +216,8 @@ class MemoryBackend(Backend):
 
     def _retry_now(self, event: Event, sub: Subscription, ctx: Context) -> None:
         self._retrying -= 1
+        if self._tally is not None:
+            self._pump.uncount(event.name)  # a retry is no emit
         self._force(event, (sub,), ctx)
 
     def _timer(self, delay_s: float, events: list[Event], fn: Any, *args: Any) -> None:
@@ -387,7 +378,7 @@ class MemoryBackend(Backend):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         # Waiting, including what was queued while the running ones were cancelled.
-        undelivered.extend(event_of(entry).id for entry in self._queue)
+        undelivered.extend(entry.envelope().id for entry in self._queue)
         self._queue.clear()
         self._backlogged = 0
         self._pump.room = self.max_pending

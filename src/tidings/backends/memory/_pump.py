@@ -1,10 +1,11 @@
-"""The in-process fast path: the queued events, the emit that queues them, and the
-workers that start their deliveries in order and drive them.
+"""The in-process fast path: the queued events, and the workers that start their
+deliveries in order and drive them (the bus's flat ``emit`` queues them through
+``MemoryBackend.put_named``).
 
 Measured, because this module is the cost of every in-process delivery
 (``bench/inproc.py``). Why it is shaped as it is:
 
-- The queue holds one :class:`Entry` per event, not per delivery; when one of its
+- The queue holds one :class:`QueuedEvent` per event, not per delivery; when one of its
   deliveries suspends, the event is put back first in line with the subscriptions
   whose deliveries have not started. The envelope
   (:class:`~tidings.events.Event`) is only built when something reads it.
@@ -22,20 +23,19 @@ Measured, because this module is the cost of every in-process delivery
   delivery that suspends therefore costs a step of a task that already exists, not a
   task of its own; its timeout is armed then (a timer that cancels the worker, as
   :func:`asyncio.timeout` would).
-- With metrics (a :class:`~tidings.delivery.Tally`), the emit adds to a count by name,
-  and a worker reads the clock when its pump starts and ends and when a delivery
-  suspends and ends: a delivery that does not suspend costs nothing more. A run of them
+- With metrics (a :class:`~tidings.delivery.Tally`), a pump adds to a count by name as
+  it takes an event, and a worker reads the clock when its pump starts and ends and
+  when a delivery suspends and ends: a delivery that does not suspend costs nothing
+  more. A run of them
   too long to know each short has the next ones timed one by one, for a while.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import operator
-import threading
 import time
 import types
 from collections import deque
@@ -43,69 +43,27 @@ from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from tidings._binding import keyword_caller
 from tidings.delivery import cancelled_from_outside
-from tidings.events import Event
+from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
     from tidings.delivery import Runner, Tally
     from tidings.listeners import Subscription
 
-__all__ = ["Entry", "Pump", "event_of", "timed"]
+__all__ = ["Pump", "timed"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
 # Deliveries a worker starts before it lets the loop's other callbacks run.
 _BATCH = 8192
 
-_copy_context = contextvars.copy_context
-_time = time.time
-_get_ident = threading.get_ident
 _clock = time.perf_counter
 # How long deliveries are timed one by one once a run of them was too long to tell
 # (many short ones, or a slow one), and once one of them was slow.
 _RECHECK_S = 0.05
 _TIMED_FOR_S = 10.0
-
-
-class Entry(msgspec.Struct, gc=False):
-    """One queued event and where its deliveries stand.
-
-    Not tracked by the garbage collector: a burst of waiting events adds nothing for
-    it to follow (an entry only lives while it waits, so it never closes a cycle for
-    long).
-    """
-
-    #: The subscriptions whose deliveries have not started.
-    subs: tuple[Subscription, ...]
-    #: The emitter's context (a copy, shared by the events it emitted in a row).
-    context: Context
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    #: When it was emitted (``time.time()``).
-    emitted_at: float
-    #: The envelope, once built.
-    event: Event | None = None
-
-
-def event_of(entry: Entry) -> Event:
-    """The envelope of a queued event, built the first time it is asked for."""
-    event = entry.event
-    if event is None:
-        name = entry.name
-        # The fast emit queues a ``str`` subclass (a ``StrEnum`` member) as it is: its
-        # event is named with the plain value.
-        event = entry.event = Event(
-            name if type(name) is str else str.__str__(name),
-            entry.args,
-            entry.kwargs,
-            entry.emitted_at,
-        )
-    return event
 
 
 def timed(tally: Tally, sub: Subscription, took_s: float) -> None:
@@ -149,7 +107,7 @@ class _Worker:
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         #: The event whose delivery the worker runs: its last started one.
-        self.entry: Entry | None = None
+        self.entry: QueuedEvent | None = None
         #: The iterator over that event's subscriptions the worker's pump is in.
         self.rest: Iterator[Subscription] | None = None
         #: Whether that delivery has suspended (the worker then waits with it).
@@ -195,7 +153,7 @@ class Pump:
         start_other: Callable[[Event, Subscription, Context], None],
         changed: Callable[[], None],
     ) -> None:
-        self.queue: deque[Entry] = deque()
+        self.queue: deque[QueuedEvent] = deque()
         #: Events the queue has room for: ``max_pending`` less the deliveries held back
         #: by listeners' concurrency limits.
         self.room = max_pending
@@ -211,7 +169,9 @@ class Pump:
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._active = 0  # workers not idle
-        self._pumping = 0  # active workers not waiting with a suspended delivery
+        #: Active workers not waiting with a suspended delivery (while 0, a new event
+        #: needs :meth:`activate`).
+        self.pumping = 0
         self._calls: dict[Subscription, _Call] = {}
         self._timed = False  # whether a delivery awaited in line may have a timeout
         # Workers woken at once when a delivery suspends and events wait. As many as
@@ -240,7 +200,7 @@ class Pump:
         self._timed = runner.timeout is not None
         self._workers = []
         self._idle = []
-        self._active = self._pumping = 0
+        self._active = self.pumping = 0
         self._burst = self.concurrency
         self._timed_until = 0.0
         self.stopped = False
@@ -251,51 +211,10 @@ class Pump:
 
     # -- queueing -------------------------------------------------------------------
 
-    def emitter(
-        self,
-        routes: Mapping[str, tuple[Subscription, ...]],
-        thread: int,
-        fallback: Callable[..., None],
-        contexts: ContextCopies,
-    ) -> Callable[..., None]:
-        """The bus's fast ``emit`` (see :meth:`tidings.backends.base.Backend.fast_emit`)."""
-        queue = self.queue
-        append = queue.append
-        renew = contexts.renew
-        tally = self.tally
-        counts = {} if tally is None else tally.emitted
-
-        # What MemoryBackend.put_named does, without a method call or an attribute
-        # read more than needed: this function is the whole cost of an emit. A name
-        # that is no key of the routes (a typed event, unhashable or not) is the
-        # fallback's to handle.
-        def emit(name_or_event: Any, /, *args: Any, **kwargs: Any) -> None:
-            if _get_ident() == thread and len(queue) < self.room:
-                try:
-                    subs = routes.get(name_or_event)
-                except TypeError:
-                    subs = None
-                if subs:
-                    if tally is not None:
-                        try:
-                            counts[name_or_event] += 1
-                        except KeyError:
-                            tally.first_emit(name_or_event)
-                    ctx = contexts.shared
-                    if _copy_context() != ctx:
-                        ctx = renew()
-                    append(Entry(subs, ctx, name_or_event, args, kwargs, _time()))
-                    if not self._pumping:
-                        self.activate()
-                    return
-            fallback(name_or_event, *args, **kwargs)
-
-        return emit
-
-    def put(self, entry: Entry) -> None:
+    def put(self, entry: QueuedEvent) -> None:
         """Queue an event (room is the caller's to check)."""
         self.queue.append(entry)
-        if not self._pumping:
+        if not self.pumping:
             self.activate()
 
     def pending(self) -> int:
@@ -308,7 +227,7 @@ class Pump:
 
     def suspended(self) -> list[Event]:
         """The events of the deliveries suspended in workers now."""
-        return [event_of(w.entry) for w in self._workers if w.suspended and w.entry is not None]
+        return [w.entry.envelope() for w in self._workers if w.suspended and w.entry is not None]
 
     async def stop(self) -> None:
         """Stop every worker: what they were running is cancelled."""
@@ -320,21 +239,21 @@ class Pump:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._workers = []
         self._idle = []
-        self._active = self._pumping = 0
+        self._active = self.pumping = 0
 
     # -- workers --------------------------------------------------------------------
 
     def activate(self) -> None:
         """Set workers to start what waits, unless one is at it already: as many as
         there are events waiting, within the places to run and ``_burst``."""
-        if self._pumping or self.stopped:
+        if self.pumping or self.stopped:
             return
         free = self.concurrency - self._active - len(self._running)
         if free <= 0:
             return
         for _ in range(min(len(self.queue), free, self._burst)):
             self._active += 1
-            self._pumping += 1
+            self.pumping += 1
             if self._idle:
                 wake = self._idle.pop().wake
                 assert wake is not None
@@ -372,7 +291,7 @@ class Pump:
                     logger.exception("an in-process worker failed")
                     if worker.suspended:
                         worker.suspended = False
-                        self._pumping += 1
+                        self.pumping += 1
                         if worker.timer is not None:
                             self._disarm(worker)
                     spent = False
@@ -383,7 +302,7 @@ class Pump:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
                 continue
             self._active -= 1
-            self._pumping -= 1
+            self.pumping -= 1
             if woken and self._burst > 1:
                 self._burst >>= 1  # woken for nothing: wake fewer next time
             worker.entry = worker.rest = None
@@ -418,12 +337,12 @@ class Pump:
                 # The worker's delivery suspended: the worker waits with it, another
                 # goes on with the queue.
                 worker.suspended = True
-                self._pumping -= 1
+                self.pumping -= 1
                 if tally is not None:
                     worker.suspended_at = _clock()
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
-                if queue and not self._pumping and self._active + len(running) < self.concurrency:
+                if queue and not self.pumping and self._active + len(running) < self.concurrency:
                     if self._burst < self.concurrency:
                         self._burst <<= 1
                     self.activate()
@@ -545,6 +464,7 @@ class Pump:
         on_success = runner.on_success
         tally = self.tally
         seconds = {} if tally is None else tally.seconds
+        emitted = {} if tally is None else tally.emitted
         exact_below_s = 0.0 if tally is None else tally.exact_below_s
         # Whether each delivery is timed on its own (see tidings.delivery.Tally).
         timing = tally is not None and worker.mark < self._timed_until
@@ -556,6 +476,12 @@ class Pump:
             if entry.context is not pristine:
                 queue.appendleft(entry)
                 return False  # another emitter's context: another pump
+            if tally is not None:
+                # Counted as it is taken: an event put back is taken off again.
+                try:
+                    emitted[entry.name] += 1
+                except KeyError:
+                    tally.first_emit(entry.name)
             # The worker's iterator over the event's subscriptions: the rest of them
             # are taken from it (and put back in line) when a delivery suspends.
             rest = iter(entry.subs)
@@ -567,7 +493,7 @@ class Pump:
                 except KeyError:
                     call = self._call_of(sub)
                 if call is None:
-                    self._start_other(event_of(entry), sub, pristine)
+                    self._start_other(entry.envelope(), sub, pristine)
                     if self._active + len(running) > self.concurrency:
                         # Every place to run is taken: this worker stops.
                         self._put_back(entry, rest)
@@ -576,7 +502,7 @@ class Pump:
                 fn, key = call
                 try:
                     if fn is None or entry.args:
-                        await sub.listener.plan.call(event_of(entry))
+                        await sub.listener.plan.call(entry.envelope())
                     else:
                         kwargs = entry.kwargs
                         try:
@@ -585,22 +511,22 @@ class Pump:
                             # Keywords that do not fit the listener's parameters as they
                             # are: bind through its plan from now on.
                             calls[sub] = (None, None)
-                            coro = sub.listener.plan.call(event_of(entry))
+                            coro = sub.listener.plan.call(entry.envelope())
                         await coro
                 except (Exception, asyncio.CancelledError) as exc:
                     error = self._error_of(worker, sub, exc)
                     if error is None:
                         raise  # the worker is cancelled: the bus is closing
-                    runner.failed(event_of(entry), sub, pristine.copy(), error)
+                    runner.failed(entry.envelope(), sub, pristine.copy(), error)
                 else:
                     sub.delivered += 1
                     if on_success or sub.has_success_hooks:
-                        runner.succeeded(event_of(entry), sub, counted=True)
+                        runner.succeeded(entry.envelope(), sub, counted=True)
                 if worker.suspended:
                     # The rest of the event's deliveries were put back when this one
                     # suspended (``rest`` is empty now): the worker goes on.
                     worker.suspended = False
-                    self._pumping += 1
+                    self.pumping += 1
                     if worker.timer is not None:
                         self._disarm(worker)
                     if tally is not None:
@@ -641,9 +567,17 @@ class Pump:
                     return False
         return True
 
-    def _put_back(self, entry: Entry, rest: Iterator[Subscription]) -> None:
+    def _put_back(self, entry: QueuedEvent, rest: Iterator[Subscription]) -> None:
         """Put an event back first in line if ``rest`` (the iterator over its
         subscriptions a pump is in) holds some: they are taken from it."""
         if operator.length_hint(rest):
             entry.subs = tuple(rest)  # consumed: the pump's loop ends
             self.queue.appendleft(entry)
+            if self.tally is not None:
+                self.uncount(entry.name)
+
+    def uncount(self, name: str) -> None:
+        """Take an event called ``name`` off the tally's emits, before it is taken from
+        the queue (again): it was put back, or it is a retry."""
+        emitted = self.tally.emitted  # type: ignore[union-attr]
+        emitted[name] = emitted.get(name, 0) - 1

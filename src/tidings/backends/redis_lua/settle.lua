@@ -9,8 +9,10 @@
 -- 0 ack: nothing more;
 -- 1 retry: item key, own stream, entry, attempts, due time, retry set;
 -- 2 burial: dead letter key, own stream, entry, error, traceback, attempts;
--- 3 release (idle at once, the attempt not counted): the retry count.
--- Returns the stream and id of each outcome this consumer no longer owned (left alone).
+-- 3 release (idle at once, the attempt not counted): the retry count;
+-- 4 uncount (the claim's attempt taken back, nothing else): the retry count.
+-- Returns the stream and id of each outcome this consumer no longer owned (left alone;
+-- an uncount of an entry settled meanwhile is not one).
 local owner, now = ARGV[1], ARGV[2]
 local blob, pos = ARGV[3], 1
 local function nxt()
@@ -30,9 +32,13 @@ while pos <= #blob do
   for _ = 1, n do
     local kind, id = nxt(), nxt()
     local f = {}
-    local extra = (kind == '0' and 0) or (kind == '3' and 1) or 6
+    local extra = (kind == '0' and 0) or ((kind == '3' or kind == '4') and 1) or 6
     for j = 1, extra do f[j] = nxt() end
-    if not owned[id] then
+    if kind == '4' then
+      if owned[id] then
+        redis.call('XCLAIM', stream, group, owner, 0, id, 'RETRYCOUNT', f[1], 'JUSTID')
+      end
+    elseif not owned[id] then
       stale[#stale + 1] = stream
       stale[#stale + 1] = id
     elseif kind == '0' then
