@@ -129,6 +129,9 @@ async def test_in_process_deliveries_in_progress_and_their_durations() -> None:
     assert _value(samples, "tidings_deliveries_in_progress", listener=job.qualname) == 0
     assert _value(samples, f"{duration}_count", listener=job.qualname) == 1
     assert 0.01 <= _value(samples, f"{duration}_sum", listener=job.qualname) <= took_s
+    # Counted once, though the rest of its deliveries were put back when the first one
+    # suspended.
+    assert _value(samples, "tidings_events_emitted_total", event="job.run") == 1
     # A sync listener runs in a thread, as a task of the backend's: timed from its start.
     assert _value(samples, f"{duration}_count", listener=sync_job.qualname) == 1
     assert _value(samples, f"{duration}_sum", listener=sync_job.qualname) > 0

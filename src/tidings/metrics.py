@@ -27,8 +27,9 @@ counts emits and times deliveries itself, in plain numbers read when scraped (a
 finishes without suspending is not timed on its own but counted under the first
 bucket's bound (5 ms), which the backend checks per run of such deliveries (a run that
 took longer has the next deliveries timed one by one); their time is not in the
-histogram's sum. A delivery that suspends is timed from when it suspends. Events
-emitted with no listener are not counted in process. On a durable backend, and with
+histogram's sum. A delivery that suspends is timed from when it suspends. An event is
+counted when the backend takes it to deliver; events with no listener are not counted
+in process. On a durable backend, and with
 ``instrument(bus, detailed=True)``, emit hooks and delivery observers count every emit
 and time every delivery from its start; in process that takes the bus off its fast
 path (several times fewer deliveries/s).
