@@ -56,10 +56,10 @@ def _url(target: str) -> str:
     """The tidings URL of a run's store: a SQLite file, a PostgreSQL schema (``pgbench_...``)
     or a Redis key prefix."""
     if target.endswith(".db"):
-        return f"sqlite:///{target}?poll_s=0.005"
+        return f"sqlite:///{target}?poll_interval=0.005"
     if target.startswith("pgbench_"):
-        return f"{POSTGRES}?schema={target}&poll_s=0.005"
-    return f"{REDIS}?prefix={target}&poll_s=0.005"
+        return f"{POSTGRES}?schema={target}&poll_interval=0.005"
+    return f"{REDIS}?prefix={target}&poll_interval=0.005"
 
 
 def _tidings_bus(path: str, listeners: int, done_at: int, out: str) -> object:

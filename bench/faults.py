@@ -32,7 +32,7 @@ async def _run(kind: str, events: int, kills: int, concurrency: int) -> bool:
         try:
             figures = await kill_run(
                 Path(tmp),
-                store.url(lease_s=2, poll_s=0.01),
+                store.url(lease=2, poll_interval=0.01),
                 events=events,
                 kills=kills,
                 concurrency=concurrency,

@@ -115,7 +115,7 @@ def test_a_closed_bus_starts_again_on_another_event_loop(tmp_path: Path) -> None
     def on_x(n: int, event: Event) -> None:
         seen.append((event.name, n))
 
-    for url in ("memory://", f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01"):
+    for url in ("memory://", f"sqlite:///{tmp_path / 'e.db'}?poll_interval=0.01"):
         bus = Bus(url, listeners=[on_x])
         for n in range(3):  # each run on an event loop of its own, as a test client's
 
@@ -708,7 +708,7 @@ async def test_a_payload_changed_after_a_thread_emitted_it_is_stored_as_emitted(
     async def paid(order: dict[str, object]) -> None:
         counter.add(order)
 
-    async with Bus(f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01", listeners=[paid]) as bus:
+    async with Bus(f"sqlite:///{tmp_path / 'e.db'}?poll_interval=0.01", listeners=[paid]) as bus:
         orders = [{"id": n, "lines": [n]} for n in range(4)]
 
         def emit_then_change() -> None:
@@ -837,7 +837,7 @@ async def test_a_bus_closed_before_it_started_still_starts(tmp_path: Path) -> No
     async def on_x() -> None:
         counter.add()
 
-    bus = Bus(SQLiteBackend(str(tmp_path / "e.db"), poll_s=0.01), listeners=[on_x])
+    bus = Bus(SQLiteBackend(str(tmp_path / "e.db"), poll_interval=0.01), listeners=[on_x])
     await bus.aclose()
     async with bus:
         await bus.publish("x")

@@ -86,11 +86,11 @@ def app_url(
     """The app's store: a SQLite file, or a key prefix of its own on Redis."""
     prefix = ""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'cli.db'}?poll_s=0.01"
+        url = f"sqlite:///{tmp_path / 'cli.db'}?poll_interval=0.01"
     else:
         require_redis()
         prefix = unique_prefix()
-        url = f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
+        url = f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01"
     monkeypatch.setenv("TIDINGS_TEST_URL", url)
     try:
         yield url
@@ -192,7 +192,7 @@ narrow = CliRunner(env={"COLUMNS": "80"})
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path / 'ops.db'}?poll_s=0.01"
+    url = f"sqlite:///{tmp_path / 'ops.db'}?poll_interval=0.01"
     monkeypatch.setenv("TIDINGS_TEST_URL", url)
     return url
 

@@ -320,19 +320,19 @@ async def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "memory":
         yield "memory://"
     elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+        yield f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
     elif request.param == "redis":
         require_redis()
         prefix = unique_prefix()
         try:
-            yield f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
+            yield f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01"
         finally:
             await drop_prefix(prefix)
     else:
         require_postgres()
         schema = unique_schema()
         try:
-            yield f"{POSTGRES_URL}?schema={schema}&poll_s=0.01"
+            yield f"{POSTGRES_URL}?schema={schema}&poll_interval=0.01"
         finally:
             await drop_schema(schema)
 
@@ -392,7 +392,7 @@ async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
 
     shop.fail_for.add(1)
-    bus = Bus(f"{REDIS_URL}?prefix={prefix}&poll_s=0.01", listeners=[ship])
+    bus = Bus(f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01", listeners=[ship])
     try:
         await there(bus.start())
         await there(bus.publish("order.paid", order_id=1))
@@ -506,12 +506,12 @@ def _free_port() -> int:
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A store of the test's own: an SQLite file, or a key prefix on the machine's Redis."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+        yield f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
         return
     require_redis()
     prefix = unique_prefix()
     try:
-        yield f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
+        yield f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01"
     finally:
         await drop_prefix(prefix)
 

@@ -42,7 +42,7 @@ async def test_debug_logs_each_emit_delivery_and_retry_with_timings(
         if calls == 1:
             raise ValueError("smtp down")
 
-    url = None if store == "memory" else f"sqlite:///{tmp_path / 'e.db'}?poll_s=0.01"
+    url = None if store == "memory" else f"sqlite:///{tmp_path / 'e.db'}?poll_interval=0.01"
     caplog.set_level(logging.DEBUG, "tidings.debug")
     async with Bus(url, listeners=[flaky], debug=True) as bus:
         bus.emit("user.created", email="a@b.c")

@@ -209,7 +209,7 @@ async def test_a_pattern_is_the_label_of_the_names_it_matches(detailed: bool) ->
 
 
 async def test_a_durable_store_reports_pending_and_dead_letters(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+    url = f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
     producer = Bus(url, listeners=[charge], consume=False)
     metrics = instrument(producer)
     assert metrics.detailed  # durable: emits and durations are counted by default
@@ -315,7 +315,7 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(60)
 async def test_worker_serves_metrics_on_its_port(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+    url = f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
     env = {**os.environ, "TIDINGS_TEST_URL": url, "PYTHONPATH": str(ROOT)}
     from . import cli_app
 

@@ -71,7 +71,7 @@ async def test_several_workers_fire_each_tick_once(tmp_path: Path) -> None:
                 enough.set()
 
         on_tick.qualname = "tests.on_tick"
-        bus = Bus(f"sqlite:///{tmp_path / 'cron.db'}?poll_s=0.01", listeners=[on_tick])
+        bus = Bus(f"sqlite:///{tmp_path / 'cron.db'}?poll_interval=0.01", listeners=[on_tick])
         bus.schedule("* * * * * *", "tick")
         return bus
 

@@ -27,7 +27,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """Where the bus keeps its deliveries: in process, or in a SQLite file."""
     if request.param == "memory":
         return None
-    return f"sqlite:///{tmp_path / 'events.db'}?poll_s=0.01"
+    return f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01"
 
 
 def bus_threads() -> list[threading.Thread]:

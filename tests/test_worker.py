@@ -36,20 +36,20 @@ ROOT = Path(__file__).resolve().parent.parent
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The store the worker runs on: a fresh SQLite file, a key prefix or a schema."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'events.db'}?lease_s=1&poll_s=0.01"
+        yield f"sqlite:///{tmp_path / 'events.db'}?lease=1&poll_interval=0.01"
         return
     if request.param == "postgres":
         require_postgres()
         schema = unique_schema()
         try:
-            yield f"{POSTGRES_URL}?schema={schema}&lease_s=1&poll_s=0.01"
+            yield f"{POSTGRES_URL}?schema={schema}&lease=1&poll_interval=0.01"
         finally:
             await drop_schema(schema)
         return
     require_redis()
     prefix = unique_prefix()
     try:
-        yield f"{REDIS_URL}?prefix={prefix}&lease_s=1&poll_s=0.01"
+        yield f"{REDIS_URL}?prefix={prefix}&lease=1&poll_interval=0.01"
     finally:
         await drop_prefix(prefix)
 
@@ -192,6 +192,6 @@ async def test_run_worker_stops_on_its_event(tmp_path: Path) -> None:
         ready.append(count)
         stop.set()
 
-    await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout_s=1)
+    await run_worker(bus, concurrency=5, on_ready=on_ready, stop=stop, shutdown_timeout=1)
     assert ready == [1]
     assert not bus.started

@@ -18,7 +18,7 @@ from examples import wsgi_app
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_the_wsgi_example_emits_from_its_views(store: str, tmp_path: Path) -> None:
     wsgi_app.sent.clear()
-    url = None if store == "memory" else f"sqlite:///{tmp_path / 'events.db'}?poll_s=0.01"
+    url = None if store == "memory" else f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01"
     emails = [f"user{n}@example.com" for n in range(20)]
     with wsgi_app.create_bus(url) as bus:
         server = make_server(

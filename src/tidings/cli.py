@@ -152,7 +152,7 @@ def worker(
         bus,
         concurrency=concurrency,
         listeners=listeners or None,
-        shutdown_timeout_s=shutdown_timeout,
+        shutdown_timeout=shutdown_timeout,
         log_deliveries=log_deliveries,
     )
     if metrics_port is not None:
@@ -705,7 +705,7 @@ def _demo_url(backend: str, tmp: str, console: Console) -> str:
     except ImportError:
         console.print("aiosqlite is missing (pip install 'tidings[sqlite]'): running in memory")
         return "memory://"
-    return f"sqlite:///{tmp}/demo.db?poll_s=0.01"
+    return f"sqlite:///{tmp}/demo.db?poll_interval=0.01"
 
 
 def _run_demo(console: Console, users: int, url: str, quiet: bool) -> DemoResult:

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from contextvars import Context
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from tidings.backends.durable import DurableBackend
@@ -34,7 +35,7 @@ async def run_worker(
     *,
     concurrency: int | None = None,
     listeners: Sequence[str] | None = None,
-    shutdown_timeout_s: float | None = None,
+    shutdown_timeout: float | timedelta | None = None,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
     log_deliveries: bool = False,
@@ -44,7 +45,7 @@ async def run_worker(
     Args:
         concurrency: deliveries of one listener that may run at once.
         listeners: patterns of the listeners' qualified names to run (default all).
-        shutdown_timeout_s: how long running deliveries may take to finish on stop.
+        shutdown_timeout: how long running deliveries may take to finish on stop.
         on_ready: called with the number of listeners consumed, once started.
         stop: an event that stops the worker like a signal does.
         log_deliveries: log one line per successful delivery at INFO (failures are
@@ -91,7 +92,7 @@ async def run_worker(
         await stop.wait()
         logger.info("worker stopping: finishing running deliveries")
         backend.stop_claiming()
-        await bus.aclose(timeout=shutdown_timeout_s)
+        await bus.aclose(timeout=shutdown_timeout)
         logger.info("worker stopped")
     finally:
         for sig in installed:

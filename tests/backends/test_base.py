@@ -24,7 +24,7 @@ from tidings.backends._options import redact
             "postgresql://app@db/app?sslpassword=***&secret=***&pass=***&schema=events",
         ),
         ("sqlite:///events.db?key=hunter2", "sqlite:///events.db?key=***"),
-        ("sqlite:///events.db?poll_s=0.1", "sqlite:///events.db?poll_s=0.1"),
+        ("sqlite:///events.db?poll_interval=0.1", "sqlite:///events.db?poll_interval=0.1"),
         ("memory://", "memory://"),
     ],
 )

@@ -726,7 +726,7 @@ async def test_a_listener_that_kills_its_process_takes_no_batch_mate_with_it(
 ) -> None:
     _durable(backend_name)
     out = tmp_path / "delivered.txt"
-    url = make_bus().url + "&lease_s=0.3&max_lost_runs=2&poll_s=0.01"
+    url = make_bus().url + "&lease=0.3&max_lost_runs=2&poll_interval=0.01"
     env = {**os.environ, "TIDINGS_TEST_URL": url, "TIDINGS_TEST_OUT": str(out)}
     os.environ["TIDINGS_TEST_URL"] = url
     try:

@@ -45,7 +45,9 @@ async def db() -> AsyncIterator[asyncpg.Connection]:
 
 
 def _url(schema: str, **options: object) -> str:
-    query = "&".join(f"{k}={v}" for k, v in {"schema": schema, "poll_s": 0.01, **options}.items())
+    query = "&".join(
+        f"{k}={v}" for k, v in {"schema": schema, "poll_interval": 0.01, **options}.items()
+    )
     return f"{POSTGRES_URL}?{query}"
 
 
@@ -170,7 +172,7 @@ async def test_notify_wakes_a_consumer_long_before_it_would_poll(schema: str) ->
     async def pong() -> None:
         got.set()
 
-    async with Bus(_url(schema, poll_s=30), listeners=[pong]) as consumer:
+    async with Bus(_url(schema, poll_interval=30), listeners=[pong]) as consumer:
         await consumer.drain()  # the consumer has polled and found nothing: it sleeps 30s
         async with Bus(_url(schema), consume=False) as producer:
             began = time.monotonic()
@@ -186,7 +188,7 @@ async def test_without_listen_polling_delivers(schema: str) -> None:
     async def pong() -> None:
         got.set()
 
-    bus = Bus(_url(schema, poll_s=0.05), listeners=[pong])
+    bus = Bus(_url(schema, poll_interval=0.05), listeners=[pong])
     async with bus:
         backend: PostgresBackend = bus.backend  # type: ignore[assignment]
         assert backend._listen_task is not None
@@ -205,7 +207,7 @@ async def test_delivered_events_are_deleted(schema: str, db: asyncpg.Connection)
         for _ in range(5):
             bus.emit("x")
         bus.options(delay=60).emit("x")
-    backend = PostgresBackend(POSTGRES_URL, schema=schema, poll_s=0.01)
+    backend = PostgresBackend(POSTGRES_URL, schema=schema, poll_interval=0.01)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.drain()
         await backend._cleanup(time.time())
@@ -223,7 +225,7 @@ async def test_unreachable_postgres_is_a_clear_error() -> None:
 
 def test_urls() -> None:
     backend = Bus(
-        "postgres://u:secret@db.example/app?schema=events&lease_s=5&batch=9&max_lost_runs=0"
+        "postgres://u:secret@db.example/app?schema=events&lease=5&batch=9&max_lost_runs=0"
     ).backend
     assert isinstance(backend, PostgresBackend)
     assert backend.schema == "events"

@@ -44,7 +44,9 @@ async def redis() -> AsyncIterator[Redis]:
 
 
 def _url(prefix: str, **options: object) -> str:
-    query = "&".join(f"{k}={v}" for k, v in {"prefix": prefix, "poll_s": 0.01, **options}.items())
+    query = "&".join(
+        f"{k}={v}" for k, v in {"prefix": prefix, "poll_interval": 0.01, **options}.items()
+    )
     return f"{REDIS_URL}?{query}"
 
 
@@ -84,7 +86,7 @@ async def test_a_running_delivery_is_renewed_not_stolen(prefix: str) -> None:
             await asyncio.sleep(1.0)
 
         slow.qualname = "tests.slow"
-        return Bus(_url(prefix, lease_s=0.3), listeners=[slow])
+        return Bus(_url(prefix, lease=0.3), listeners=[slow])
 
     a, b = make("a"), make("b")
     async with a, b:
@@ -111,7 +113,7 @@ async def test_200k_events_through_two_listeners_leave_the_stream_trimmed(
 
     stream = f"{prefix}:s:bulk"
     before = (await redis.info("memory"))["used_memory"]
-    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_interval=0.01)
     peak_len = peak_memory = 0
     async with Bus(backend, listeners=[one, two]) as bus:
         for start in range(0, events, 10_000):
@@ -166,7 +168,7 @@ async def test_publish_raises_when_redis_is_unreachable(prefix: str) -> None:
 
 def test_urls() -> None:
     backend = Bus(
-        "redis://:secret@localhost:6379/2?prefix=app&lease_s=5&batch=10&max_lost_runs=1"
+        "redis://:secret@localhost:6379/2?prefix=app&lease=5&batch=10&max_lost_runs=1"
     ).backend
     assert isinstance(backend, RedisBackend)
     assert backend.prefix == "app"
@@ -204,7 +206,7 @@ async def test_events_published_after_redis_lost_its_data_are_delivered(
         seen.append(n)
         arrived[n].set()
 
-    url = f"redis://127.0.0.1:{bare_server.port}/0?poll_s=0.01&lease_s=2"
+    url = f"redis://127.0.0.1:{bare_server.port}/0?poll_interval=0.01&lease=2"
     async with Bus(url, listeners=[job]) as worker, Bus(url, consume=False) as producer:
         await producer.publish("job", n=1)
         await asyncio.wait_for(arrived[1].wait(), 10)
@@ -327,8 +329,8 @@ async def test_an_entry_carries_its_format_version_and_one_without_is_version_1(
 def test_a_misspelt_url_option_is_named_at_bus() -> None:
     with pytest.raises(ConfigurationError, match="'lease_S'"):
         Bus("redis://localhost:6379/0?lease_S=1")
-    with pytest.raises(ConfigurationError, match="timeout_s must be more than 0"):
-        Bus("redis://localhost:6379/0?timeout_s=0")
+    with pytest.raises(ConfigurationError, match="timeout must be more than 0"):
+        Bus("redis://localhost:6379/0?timeout=0")
     # redis-py's own parameters still pass through.
     Bus("redis://localhost:6379/0?socket_keepalive=true&health_check_interval=5")
 
@@ -337,7 +339,7 @@ def test_a_misspelt_url_option_is_named_at_bus() -> None:
 async def test_publish_fails_within_the_timeout_when_redis_stops_answering(
     server: _Server,
 ) -> None:
-    url = f"redis://127.0.0.1:{server.port}/0?timeout_s=0.5"
+    url = f"redis://127.0.0.1:{server.port}/0?timeout=0.5"
     async with Bus(url, consume=False) as bus:
         await bus.publish("x")
         assert server.proc is not None
@@ -374,7 +376,7 @@ async def test_a_trim_pass_touches_only_the_streams_settled_since_the_last(prefi
     async def on_x() -> None:
         pass
 
-    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_interval=0.01)
     trimmed: list[bytes] = []
     trim_keys = backend._trim_keys
 
@@ -405,7 +407,7 @@ async def test_a_forgotten_listener_is_never_made_again(prefix: str, redis: Redi
     async def kept() -> None:
         pass
 
-    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_s=0.01)
+    backend = RedisBackend(REDIS_URL, prefix=prefix, poll_interval=0.01)
     async with Bus(backend, listeners=[gone, kept], consume=False) as bus:
         await bus.publish("x.a")
         assert await backend.forget(gone.qualname) is True
@@ -423,7 +425,7 @@ async def test_a_forgotten_listener_is_never_made_again(prefix: str, redis: Redi
 async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
     prefix: str,
 ) -> None:
-    # poll_s far beyond the test's timeout: only a read blocked on Redis delivers in time.
+    # poll_interval far beyond the test's timeout: only a read blocked on Redis delivers in time.
     arrived = asyncio.Event()
     names: list[str] = []
     retried = asyncio.Event()
@@ -440,7 +442,7 @@ async def test_an_idle_worker_receives_at_once_what_another_process_publishes(
             raise ConnectionError("once")
         retried.set()
 
-    worker = Bus(_url(prefix, poll_s=60), listeners=[job, users])
+    worker = Bus(_url(prefix, poll_interval=60), listeners=[job, users])
     async with worker, Bus(_url(prefix), consume=False) as producer:
         await producer.publish("job")
         await asyncio.wait_for(arrived.wait(), 10)
@@ -465,7 +467,7 @@ async def test_an_event_larger_than_redis_takes_is_dropped_alone(
     async def on_x(n: int, blob: str = "") -> None:
         seen.append(n)
 
-    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_interval=0.01"
     async with Bus(url, listeners=[on_x], consume=False) as producer:
         # One batch: the oversized event among good ones and a delayed one.
         producer.emit("x", n=1)
@@ -489,7 +491,7 @@ async def test_an_event_larger_than_redis_takes_is_dropped_alone(
 async def test_an_event_larger_than_a_limit_lowered_since_start_is_dropped_alone(
     small_server: _Server,
 ) -> None:
-    url = f"redis://127.0.0.1:{small_server.port}/0?poll_s=0.01"
+    url = f"redis://127.0.0.1:{small_server.port}/0?poll_interval=0.01"
     async with Redis(port=small_server.port) as client:
         await client.config_set("proto-max-bulk-len", str(512 * 1024 * 1024))
         async with Bus(url, consume=False) as producer:

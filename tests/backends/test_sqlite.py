@@ -57,7 +57,7 @@ async def test_an_event_is_deleted_once_no_joined_listener_needs_it(tmp_path: Pa
             (n,) = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
             return int(n)
 
-    backend = SQLiteBackend(tmp_path / "events.db", poll_s=0.01)
+    backend = SQLiteBackend(tmp_path / "events.db", poll_interval=0.01)
     async with Bus(_url(tmp_path), listeners=[kept, removed], consume=False):
         pass  # both joined
     async with Bus(backend, listeners=[kept]) as bus:
@@ -77,7 +77,7 @@ def test_urls() -> None:
     assert backend.path == "some/dir/events.db"
     assert Bus("sqlite:////tmp/events.db").backend.path == "/tmp/events.db"  # type: ignore[attr-defined]
     assert Bus("sqlite:///x.db?max_lost_runs=2").backend.max_lost_runs == 2  # type: ignore[attr-defined]
-    assert Bus("sqlite:///x.db?stale_listener_s=60").backend.stale_listener_s == 60  # type: ignore[attr-defined]
+    assert Bus("sqlite:///x.db?stale_after=60").backend.stale_listener_s == 60  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="names no database file"):
         Bus("sqlite://")
     with pytest.raises(ConfigurationError, match="codec must be one of json, msgpack"):
@@ -99,10 +99,10 @@ def test_urls() -> None:
     ("query", "option"),
     [
         ("batch=0", "batch"),
-        ("lease_s=0", "lease_s"),
-        ("lease_s=-1", "lease_s"),
-        ("poll_s=0", "poll_s"),
-        ("poll_s=nan", "poll_s"),
+        ("lease=0", "lease"),
+        ("lease=-1", "lease"),
+        ("poll_interval=0", "poll_interval"),
+        ("poll_interval=nan", "poll_interval"),
         ("concurrency=0", "concurrency"),
     ],
 )
@@ -243,7 +243,7 @@ async def test_listeners_nobody_claims_for_are_warned_of(
 
     async with _fast(Bus(_url(tmp_path), listeners=[gone])) as bus:
         await bus.drain()  # gone has claimed once
-    backend = SQLiteBackend(tmp_path / "events.db", poll_s=0.01, stale_listener_s=3600)
+    backend = SQLiteBackend(tmp_path / "events.db", poll_interval=0.01, stale_after=3600)
     async with Bus(backend, listeners=[running]) as bus:
         await bus.drain()
         backend.clock = lambda: time.time() + 7200
@@ -257,7 +257,7 @@ async def test_listeners_nobody_claims_for_are_warned_of(
 async def test_events_not_stored_by_close_are_reported_by_id(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout_s=0.01)
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout=0.01)
     bus = Bus(backend)
     await bus.start()
     locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
@@ -280,7 +280,7 @@ async def test_shutdown_is_bounded_while_a_claim_hangs(tmp_path: Path) -> None:
     async def on_x() -> None:
         pass
 
-    backend = SQLiteBackend(tmp_path / "events.db", busy_timeout_s=3)
+    backend = SQLiteBackend(tmp_path / "events.db", busy_timeout=3)
     bus = _fast(Bus(backend, listeners=[on_x]))
     await bus.start()
     locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
@@ -322,7 +322,7 @@ async def test_an_ack_waits_for_the_events_its_listener_emitted(tmp_path: Path) 
         bus.emit("follow")
         ran.set()
 
-    backend = _SlowToStore(tmp_path / "events.db", poll_s=0.01)
+    backend = _SlowToStore(tmp_path / "events.db", poll_interval=0.01)
     async with Bus(backend, listeners=[on_x]) as bus:
         bus.emit("x")
         await ran.wait()
@@ -356,7 +356,7 @@ async def test_publish_with_a_delay_returns_once_the_event_is_stored(tmp_path: P
 
 
 async def test_publish_with_a_delay_fails_when_the_store_is_out_of_reach(tmp_path: Path) -> None:
-    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout_s=0.01)
+    backend = SQLiteBackend(tmp_path / "events.db", consume=False, busy_timeout=0.01)
     async with Bus(backend) as bus:
         locker = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
         try:

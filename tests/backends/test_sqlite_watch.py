@@ -12,7 +12,7 @@ from tidings.backends._sqlite_watch import Watch
 from tidings.backends.sqlite import SQLiteBackend
 
 # Far longer than any test waits: a delivery that arrives came from a wake-up, not a poll.
-_POLL = "poll_s=60"
+_POLL = "poll_interval=60"
 # Generous, for a loaded machine: still far below the poll interval.
 _ARRIVES_S = 20.0
 

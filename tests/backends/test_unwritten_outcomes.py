@@ -56,7 +56,7 @@ async def test_a_delivery_handed_back_before_its_ack_is_written_runs_once(
     async def on_x(n: int) -> None:
         runs.append(n)
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=30)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=30)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.publish("x", n=1)
         await backend.settling.wait()  # ran; its ack is not written yet
@@ -78,7 +78,7 @@ async def test_a_delivery_handed_back_before_its_burial_is_written_is_one_dead_l
     async def on_x() -> None:
         raise ValueError("no")
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=30)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=30)
     on_dead = lambda event, fn, exc: dead.append(event.id)  # noqa: E731
     async with Bus(backend, listeners=[on_x], on_dead=on_dead) as bus:
         await bus.publish("x")
@@ -98,7 +98,7 @@ async def test_the_lease_of_a_delivery_is_renewed_until_its_outcome_is_written(
     async def on_x() -> None:
         pass
 
-    backend = _SlowToSettle(tmp_path / "events.db", poll_s=0.01, lease_s=1.0)
+    backend = _SlowToSettle(tmp_path / "events.db", poll_interval=0.01, lease=1.0)
     async with Bus(backend, listeners=[on_x]) as bus:
         await bus.publish("x")
         await backend.settling.wait()  # ran; its ack is not written yet

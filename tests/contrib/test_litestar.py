@@ -208,7 +208,7 @@ def test_a_durable_store_with_retries_and_dead_letters(tmp_path: Path) -> None:
     async def pay(request: Request[Any, Any, Any], order_id: FromPath[int]) -> None:
         request.app.emit("order_paid", order_id=order_id)
 
-    url = f"sqlite:///{tmp_path / 'events.db'}?poll_s=0.01"
+    url = f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01"
     bus = Bus(url, retry=Retry(attempts=3, backoff=0, jitter=0))
     with create_test_client(
         route_handlers=[pay], listeners=[charge], event_emitter_backend=Backend.using(bus)

@@ -46,7 +46,7 @@ async def test_what_publish_acknowledged_survives_a_broker_restart(
     refused = 0
     backlog = 0
     with private as server:
-        url = store.server_url(server, poll_s=0.01, lease_s=2)
+        url = store.server_url(server, poll_interval=0.01, lease=2)
         # A producer-only bus and a worker, as a web process and a worker are.
         async with Bus(url, listeners=[job], consume=False) as producer:
             worker = Bus(url, listeners=[job])

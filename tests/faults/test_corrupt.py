@@ -67,7 +67,7 @@ async def test_an_entry_that_cannot_be_decoded_is_a_dead_letter_and_the_rest_run
     async def charge(n: int) -> None:
         seen.append(n)
 
-    url = store.url(poll_s=0.01, lease_s=2)
+    url = store.url(poll_interval=0.01, lease=2)
     async with running(Bus(url, listeners=[charge], consume=False)) as producer:
         for n in range(5):
             await producer.publish("order.paid", n=n)

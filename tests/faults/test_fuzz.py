@@ -113,7 +113,7 @@ class RoundTrip:
 
         # Strict: a name the catch-all listener does not match is an error at emit, not
         # an event silently dropped.
-        self.bus = Bus(store.url(poll_s=0.01, lease_s=5), listeners=[sink], strict=True)
+        self.bus = Bus(store.url(poll_interval=0.01, lease=5), listeners=[sink], strict=True)
 
     def _future(self, marker: str) -> asyncio.Future[Event]:
         fut = self.arrived.get(marker)

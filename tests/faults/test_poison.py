@@ -25,7 +25,7 @@ MAX_LOST_RUNS = 2
 async def test_a_listener_that_kills_its_process_is_isolated_and_buried(
     tmp_path: Path, store: DurableStore
 ) -> None:
-    url = store.url(lease_s=1, poll_s=0.01, max_lost_runs=MAX_LOST_RUNS)
+    url = store.url(lease=1, poll_interval=0.01, max_lost_runs=MAX_LOST_RUNS)
     async with Bus(url, listeners=[app.poisoned, app.calm], consume=False) as producer:
         for n in range(EVENTS):
             producer.emit("dose", n=n)

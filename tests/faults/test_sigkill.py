@@ -20,7 +20,7 @@ JOB_S = 0.01
 
 @pytest.mark.timeout(240)
 async def test_three_sigkills_lose_nothing(tmp_path: Path, store: DurableStore) -> None:
-    url = store.url(lease_s=1, poll_s=0.01, batch=BATCH)
+    url = store.url(lease=1, poll_interval=0.01, batch=BATCH)
     figures = await kill_run(
         tmp_path, url, events=EVENTS, kills=KILLS, concurrency=CONCURRENCY, job_s=JOB_S
     )

@@ -58,7 +58,7 @@ def _overlap(a: Run, b: Run) -> bool:
 async def test_a_frozen_worker_neither_retakes_nor_settles_what_another_now_owns(
     tmp_path: Path, store: DurableStore
 ) -> None:
-    url = store.url(lease_s=LEASE_S, poll_s=0.01)
+    url = store.url(lease=LEASE_S, poll_interval=0.01)
     async with Bus(url, listeners=[app.slow], consume=False) as producer:
         for n in range(EVENTS):
             await producer.publish("slow", n=n)

@@ -12,7 +12,7 @@ from tidings import Bus, ConfigurationError, Event, Retry, forward, listener
 
 
 async def test_a_memory_bus_bridges_events_into_a_sqlite_store(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'bridged.db'}?poll_s=0.01"
+    url = f"sqlite:///{tmp_path / 'bridged.db'}?poll_interval=0.01"
     received: list[tuple[str, dict[str, object], dict[str, str]]] = []
 
     @listener("order.*")
@@ -44,7 +44,7 @@ async def test_a_bridge_into_a_bus_object_keeps_the_payload_and_headers(tmp_path
     def keep(event: Event) -> None:
         got.append(event)
 
-    url = f"sqlite:///{tmp_path / 'source.db'}?poll_s=0.01"
+    url = f"sqlite:///{tmp_path / 'source.db'}?poll_interval=0.01"
     async with Bus(listeners=[keep]) as target:
         bridge = forward.bridge(target, "report.*", retry=Retry(attempts=2, backoff=0))
         assert bridge.qualname == "tidings.forward.bridge(memory://)"
@@ -84,7 +84,7 @@ async def test_a_typed_event_crosses_a_bridge_from_a_durable_store(tmp_path: Pat
     def keep(paid: Paid) -> None:
         got.append(paid)
 
-    url = f"sqlite:///{tmp_path / 'typed.db'}?poll_s=0.01"
+    url = f"sqlite:///{tmp_path / 'typed.db'}?poll_interval=0.01"
     async with Bus(listeners=[keep]) as target:
         bridge = forward.bridge(target, Paid, retry=1)
         async with Bus(url, listeners=[bridge]) as source:

@@ -28,7 +28,7 @@ async def test_orders_reach_the_partner_the_queue_and_the_store(
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(partner, log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    store_url = f"sqlite:///{tmp_path / 'shop.db'}?poll_s=0.01"
+    store_url = f"sqlite:///{tmp_path / 'shop.db'}?poll_interval=0.01"
     stored: list[Event] = []
 
     @listener("order.**")

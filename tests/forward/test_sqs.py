@@ -125,7 +125,7 @@ async def test_a_durable_store_forwards_to_sqs_in_batches(
     session = get_session()
     batches = Batches(session)
     hook = _sqs(endpoint, url, session)
-    async with Bus(f"sqlite:///{tmp_path / 'sqs.db'}?poll_s=0.01", listeners=[hook]) as bus:
+    async with Bus(f"sqlite:///{tmp_path / 'sqs.db'}?poll_interval=0.01", listeners=[hook]) as bus:
         for n in range(30):
             bus.emit("order.paid", order_id=n)
         await bus.drain()

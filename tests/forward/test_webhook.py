@@ -182,7 +182,9 @@ async def test_a_webhook_forwards_from_a_durable_store(receiver: Receiver, tmp_p
     hook = forward.webhook(
         receiver.url, "order.*", secret=SECRET, retry=Retry(attempts=2, backoff=0)
     )
-    async with Bus(f"sqlite:///{tmp_path / 'hooks.db'}?poll_s=0.01", listeners=[hook]) as bus:
+    async with Bus(
+        f"sqlite:///{tmp_path / 'hooks.db'}?poll_interval=0.01", listeners=[hook]
+    ) as bus:
         for n in range(5):
             await bus.publish("order.paid", order_id=n)
         await bus.drain()

@@ -30,12 +30,14 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
 from tidings._patterns import split_segment
+from tidings._units import seconds
 from tidings.backends._options import redact, split_options
 from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
@@ -116,7 +118,7 @@ _headers_enc = msgspec.json.Encoder()
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Deleted events are looked for this often (per process).
 _CLEANUP_S = 1.0
-_FLOAT_OPTIONS = ("lease_s", "poll_s", "retention_s", "stale_listener_s")
+_FLOAT_OPTIONS = ("lease", "poll_interval", "retention", "stale_after")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.
@@ -162,7 +164,7 @@ class PostgresBackend(DurableBackend):
         dsn: an asyncpg connection string (``postgresql://...``).
         schema: the schema of the tables (created if missing).
         migrate: create and migrate the tables on start.
-        retention_s: keep events this long after their last delivery (0: delete at once).
+        retention: keep events this long after their last delivery (0: delete at once).
         **options: see :class:`~tidings.backends.durable.DurableBackend`.
     """
 
@@ -174,7 +176,7 @@ class PostgresBackend(DurableBackend):
         *,
         schema: str = "tidings",
         migrate: bool = True,
-        retention_s: float = 0.0,
+        retention: float | timedelta = 0.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -191,7 +193,7 @@ class PostgresBackend(DurableBackend):
         self.dsn = dsn
         self.schema = schema
         self.migrate = migrate
-        self.retention_s = retention_s
+        self.retention_s = max(seconds(retention, "retention"), 0.0)
         self._pool: asyncpg.Pool | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._last_cleanup = 0.0
@@ -228,8 +230,9 @@ class PostgresBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresBackend:
         """``postgresql://user:password@host:port/db``; the query may set ``schema``,
-        ``migrate``, ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``codec`` and ``retention_s``; other parameters are asyncpg's."""
+        ``migrate``, ``lease``, ``poll_interval``, ``batch``, ``concurrency``,
+        ``max_lost_runs``, ``stale_after``, ``codec`` and ``retention`` (durations in
+        seconds); other parameters are asyncpg's."""
         rest, ours = split_options(
             url, floats=_FLOAT_OPTIONS, ints=_INT_OPTIONS, strs=_STR_OPTIONS, bools=("migrate",)
         )

@@ -59,6 +59,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -66,6 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings._units import seconds
 from tidings.backends._options import redact, split_options
 from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
@@ -139,7 +141,7 @@ _SEEN_S = 1.0
 _MAX_BULK = 512 * 1024 * 1024
 _MIN_BULK = 1024 * 1024
 # Options of ours in the URL's query; the rest go to redis-py.
-_FLOAT_OPTIONS = ("lease_s", "poll_s", "timeout_s")
+_FLOAT_OPTIONS = ("lease", "poll_interval", "stale_after", "timeout")
 _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "prefix")
 
@@ -196,7 +198,7 @@ class RedisBackend(DurableBackend):
     Args:
         url: a redis-py URL (``redis://``, ``rediss://`` or ``unix://``).
         prefix: the start of every key this backend uses.
-        timeout_s: how long one command may wait for Redis before it fails (a paused or
+        timeout: how long one command may wait for Redis before it fails (a paused or
             unreachable server makes ``publish`` raise after about this long).
         **options: see :class:`~tidings.backends.durable.DurableBackend`.
 
@@ -211,7 +213,7 @@ class RedisBackend(DurableBackend):
         url: str = "redis://localhost:6379/0",
         *,
         prefix: str = "tidings",
-        timeout_s: float = 5.0,
+        timeout: float | timedelta = 5.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -219,8 +221,9 @@ class RedisBackend(DurableBackend):
             raise ConfigurationError(
                 f"a Redis key prefix needs no spaces or glob characters: {prefix!r}"
             )
+        timeout_s = seconds(timeout, "timeout")
         if not timeout_s > 0:
-            raise ConfigurationError(f"timeout_s must be more than 0, not {timeout_s}")
+            raise ConfigurationError(f"timeout must be more than 0 seconds, not {timeout!r}")
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -250,8 +253,9 @@ class RedisBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
         """``redis://[:password@]host[:port][/db]``; the query may set ``prefix``,
-        ``lease_s``, ``poll_s``, ``timeout_s``, ``batch``, ``concurrency``,
-        ``max_lost_runs`` and ``codec``; other parameters are redis-py's.
+        ``lease``, ``poll_interval``, ``timeout``, ``batch``, ``concurrency``,
+        ``max_lost_runs``, ``stale_after`` and ``codec`` (durations in seconds); other
+        parameters are redis-py's.
 
         Raises:
             ConfigurationError: a parameter neither tidings nor redis-py takes.

@@ -18,6 +18,7 @@ import contextlib
 import math
 import sqlite3
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
@@ -25,6 +26,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
+from tidings._units import seconds
 from tidings.backends._options import split_options
 from tidings.backends._sqlite_watch import Watch
 from tidings.backends.base import DeadLetter
@@ -130,7 +132,7 @@ class SQLiteBackend(DurableBackend):
 
     Args:
         path: the database file (created if missing).
-        busy_timeout_s: how long a write waits for another process's transaction.
+        busy_timeout: how long a write waits for another process's transaction.
         synchronous: SQLite's ``synchronous`` pragma: ``NORMAL`` (the default) survives
             a process crash; ``FULL`` also survives a power loss, slower.
         **options: see :class:`~tidings.backends.durable.DurableBackend`.
@@ -142,7 +144,7 @@ class SQLiteBackend(DurableBackend):
         self,
         path: str | Path,
         *,
-        busy_timeout_s: float = 30.0,
+        busy_timeout: float | timedelta = 30.0,
         synchronous: str = "NORMAL",
         **options: Any,
     ) -> None:
@@ -150,7 +152,7 @@ class SQLiteBackend(DurableBackend):
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"unknown SQLite synchronous mode {synchronous!r}")
         self.path = str(path)
-        self.busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = max(seconds(busy_timeout, "busy_timeout"), 0.0)
         self.synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
@@ -171,9 +173,9 @@ class SQLiteBackend(DurableBackend):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``; the query may set
-        ``lease_s``, ``poll_s``, ``batch``, ``concurrency``, ``max_lost_runs``,
-        ``stale_listener_s``, ``synchronous``, ``codec`` and ``create_dirs`` (make a missing
-        directory)."""
+        ``lease``, ``poll_interval``, ``busy_timeout`` (durations in seconds), ``batch``,
+        ``concurrency``, ``max_lost_runs``, ``stale_after``, ``synchronous``, ``codec`` and
+        ``create_dirs`` (make a missing directory)."""
         path = url.split("://", 1)[1].partition("?")[0]
         if path.startswith("/"):
             path = path[1:]
@@ -181,7 +183,7 @@ class SQLiteBackend(DurableBackend):
             raise ConfigurationError(f"{url!r} names no database file: sqlite:///events.db")
         rest, ours = split_options(
             url,
-            floats=("lease_s", "poll_s", "busy_timeout_s", "stale_listener_s"),
+            floats=("lease", "poll_interval", "busy_timeout", "stale_after"),
             ints=("batch", "concurrency", "max_lost_runs"),
             strs=("synchronous", "codec"),
             bools=("create_dirs",),

@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import math
 import os
 import socket
 import time
@@ -27,9 +26,11 @@ import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from contextvars import Context
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tidings._patterns import matches
+from tidings._units import seconds
 from tidings.backends.base import Backend, DeadLetter
 from tidings.backends.durable.store import (
     STORED_VERSION,
@@ -131,9 +132,11 @@ def _translating(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
     return call
 
 
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{name} must be a number more than 0, not {value!r}")
+def _positive(name: str, value: float | timedelta) -> float:
+    result = seconds(value, name)
+    if result <= 0:
+        raise ConfigurationError(f"{name} must be more than 0 seconds, not {value!r}")
+    return result
 
 
 def _count(name: str, value: int) -> None:
@@ -147,9 +150,10 @@ class DurableBackend(Backend):
     Args:
         consume: run this bus's listeners (``False``: a producer-only bus).
         concurrency: deliveries of one listener that may run at once in this process.
-        lease_s: how long a claimed delivery is reserved for this process; renewed while
-            it runs, and reclaimed by any worker once it expires (the process died).
-        poll_s: how often an idle consumer looks for new deliveries.
+        lease: how long a claimed delivery is reserved for this process (seconds or a
+            ``timedelta``, as every duration here); renewed while it runs, and reclaimed
+            by any worker once it expires (the process died).
+        poll_interval: how often an idle consumer looks for new deliveries.
         batch: the most deliveries claimed, or events stored, per round trip.
         max_pending: emitted events that may wait to be stored; ``emit`` raises
             ``QueueFull`` past it, ``publish`` waits.
@@ -162,7 +166,7 @@ class DurableBackend(Backend):
             may be started (each start past those lost with its worker, which stopped or
             lost the lease while running it) before it is a dead letter
             (``DeliveryLost``) instead of being run again.
-        stale_listener_s: a consuming process warns of joined listeners no process has
+        stale_after: a consuming process warns of joined listeners no process has
             claimed for this long (their deliveries pile up: forget them, or run them).
 
     Raises:
@@ -186,15 +190,15 @@ class DurableBackend(Backend):
         *,
         consume: bool = True,
         concurrency: int = 100,
-        lease_s: float = 30.0,
-        poll_s: float = 0.05,
+        lease: float | timedelta = 30.0,
+        poll_interval: float | timedelta = 0.05,
         batch: int = 500,
         max_pending: int = 100_000,
         listeners: Sequence[str] | None = None,
         drain_on_close: bool = True,
         codec: str = "json",
         max_lost_runs: int = 5,
-        stale_listener_s: float = 86400.0,
+        stale_after: float | timedelta = 86400.0,
     ) -> None:
         if codec not in CODECS:
             raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
@@ -203,21 +207,18 @@ class DurableBackend(Backend):
         _count("concurrency", concurrency)
         _count("batch", batch)
         _count("max_pending", max_pending)
-        _positive("lease_s", lease_s)
-        _positive("poll_s", poll_s)
-        _positive("stale_listener_s", stale_listener_s)
         super().__init__()
         self.codec = codec
         self.consume = consume
         self.concurrency = concurrency
-        self.lease_s = lease_s
-        self.poll_s = poll_s
+        self.lease_s = _positive("lease", lease)
+        self.poll_s = _positive("poll_interval", poll_interval)
         self.batch = batch
         self.max_pending = max_pending
         self.listener_patterns = tuple(listeners) if listeners else None
         self.drain_on_close = drain_on_close
         self.max_lost_runs = max_lost_runs
-        self.stale_listener_s = stale_listener_s
+        self.stale_listener_s = _positive("stale_after", stale_after)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: The clock of leases and due times (epoch seconds); a test may move it.
         self.clock: Callable[[], float] = time.time
@@ -638,7 +639,7 @@ class DurableBackend(Backend):
 
     async def idle_wait(self, listener: str, wake: asyncio.Event) -> None:
         """Wait, after a claim for ``listener`` found nothing, until ``wake`` is set (new
-        events stored here, a drain, a stop) or ``poll_s`` passes; a store that can tell
+        events stored here, a drain, a stop) or ``poll_interval`` passes; a store that can tell
         when another process stores events wakes it sooner."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), self.poll_s)
@@ -700,7 +701,7 @@ class DurableBackend(Backend):
             logger.warning(
                 "%d deliveries of %s were claimed again while this process still held them "
                 "(their lease ran out before their outcome was written: is the %s store slow, "
-                "or lease_s=%gs too short?); they are not run again: %s",
+                "or lease=%gs too short?); they are not run again: %s",
                 len(again),
                 consumer.listener_id,
                 self.scheme,
@@ -947,7 +948,7 @@ class DurableBackend(Backend):
                 del self._inflight[key]
         logger.warning(
             "%d deliveries' leases were lost to another worker while they ran (was this "
-            "process frozen, or the store out of reach, for over lease_s=%gs?); their "
+            "process frozen, or the store out of reach, for over lease=%gs?); their "
             "outcomes will not be written: %s",
             len(lost),
             self.lease_s,
