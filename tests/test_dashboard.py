@@ -414,19 +414,19 @@ async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
 async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A durable store of the test's own."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/events.db?poll_s=0.01"
+        yield f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
     elif request.param == "redis":
         require_redis()
         prefix = unique_prefix()
         try:
-            yield f"{REDIS_URL}?prefix={prefix}&poll_s=0.01"
+            yield f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01"
         finally:
             await drop_prefix(prefix)
     else:
         require_postgres()
         schema = unique_schema()
         try:
-            yield f"{POSTGRES_URL}?schema={schema}&poll_s=0.01"
+            yield f"{POSTGRES_URL}?schema={schema}&poll_interval=0.01"
         finally:
             await drop_schema(schema)
 
