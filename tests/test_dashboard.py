@@ -410,6 +410,76 @@ async def test_a_bus_running_on_another_threads_loop(shop: Shop) -> None:
         await drop_prefix(prefix)
 
 
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A durable store of the test's own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/events.db?poll_interval=0.01"
+    elif request.param == "redis":
+        require_redis()
+        prefix = unique_prefix()
+        try:
+            yield f"{REDIS_URL}?prefix={prefix}&poll_interval=0.01"
+        finally:
+            await drop_prefix(prefix)
+    else:
+        require_postgres()
+        schema = unique_schema()
+        try:
+            yield f"{POSTGRES_URL}?schema={schema}&poll_interval=0.01"
+        finally:
+            await drop_schema(schema)
+
+
+@listener("order.paid", retry=Retry(attempts=2, backoff=0))
+async def charge_twice(order_id: int) -> None:
+    if order_id < 0:
+        raise ValueError(f"card refused for order {order_id}")
+
+
+async def test_a_viewer_reads_deliveries_and_failures_from_the_store(durable_url: str) -> None:
+    # A dashboard (and stats, and /metrics) on a bus that runs nothing: what the worker
+    # delivered and failed is counted by the store, not by the viewer's process.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tidings.dashboard._data import Sampler, overview
+
+    viewer = Bus(durable_url, listeners=[charge_twice], consume=False)
+    page = app(viewer)  # before the bus starts: it serves /metrics too
+    name = charge_twice.qualname
+    async with viewer, _client(page) as client:
+        before = (await client.get("/api/overview")).json()
+        assert before["counted"] is True
+        assert before["listeners"][0]["delivered"] == 0
+        async with Bus(durable_url, listeners=[charge_twice]) as worker:
+            for n in (1, 2, 3, -1):
+                await viewer.publish("order.paid", order_id=n)
+            await worker.drain()
+            # Read while the worker still runs.
+            stats = (await viewer.listener_stats())[name]
+            assert (stats.delivered, stats.failed, stats.dead) == (3, 2, 1)
+            after = (await client.get("/api/overview")).json()
+            row = next(r for r in after["listeners"] if r["name"] == name)
+            assert (row["delivered"], row["failed"], row["dead"]) == (3, 2, 1)
+            body = (await client.get("/metrics")).text
+        samples = {
+            (s.name, s.labels.get("listener")): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+        assert samples["tidings_listener_delivered_total", name] == 3
+        assert samples["tidings_listener_failed_total", name] == 2
+        # The charts' rates come from those counts, sampled a second apart.
+        sampler = Sampler(viewer)
+        snapshots = await overview(viewer, sampler)
+        sampler.samples.clear()
+        sampler.sample([*snapshots], now=100.0)
+        for snap in snapshots:
+            snap.delivered += 10
+        sampler.sample([*snapshots], now=102.0)
+        assert sampler.rates(name)[0][1:3] == [5.0, 0.0]
+
+
 def test_charts_sample_this_process_and_the_store() -> None:
     from tidings.dashboard._data import Sampler, Snapshot
 
@@ -589,7 +659,9 @@ async def test_tidings_dashboard_serves_a_bus_read_only(tmp_path: Path) -> None:
             refused = await client.post("/api/dead/purge", json={}, headers=ACT)
         rows = {row["name"]: row for row in overview["listeners"]}
         assert rows[cli_app.charge.qualname]["pending"] == 1  # a viewer: it runs nothing
-        assert overview["counts_here"] is False  # so its charts are the store's figures
+        # It runs nothing, but the store counts what the workers do.
+        assert overview["counted"] is True
+        assert rows[cli_app.charge.qualname]["delivered"] == 0
         assert refused.status_code == 403
     finally:
         proc.send_signal(signal.SIGINT)
@@ -666,3 +738,7 @@ def test_watch_rates_are_per_second_between_readings() -> None:
     watch.add({"a": ListenerStats(pending=4, retrying=2, dead=5)}, at=102.0)
     assert watch.rates("a") == (-2.0, 2.0)
     assert watch.rates("b") is None
+    assert watch.flow("a") is None  # a store that does not count deliveries
+    watch.add({"a": ListenerStats(delivered=10, failed=1)}, at=200.0)
+    watch.add({"a": ListenerStats(delivered=30, failed=5)}, at=204.0)
+    assert watch.flow("a") == (5.0, 1.0)

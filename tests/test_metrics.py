@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -83,6 +84,98 @@ async def test_in_process_counts_outcomes_without_leaving_the_fast_path() -> Non
     assert _value(samples, "tidings_dead_letters", listener=CHARGE) == 1
     assert _value(samples, "tidings_dead_letters", listener=FLAKY) == 3
     assert _value(samples, "tidings_deliveries_in_progress", listener=CHARGE) == 0
+    # Emits and durations too, counted by the backend as it goes.
+    emitted = "tidings_events_emitted_total"
+    assert _value(samples, emitted, event="order.paid") == 3
+    assert _value(samples, emitted, event="report.due") == 1
+    duration = "tidings_delivery_duration_seconds"
+    assert _value(samples, f"{duration}_count", listener=CHARGE) == 3
+    assert _value(samples, f"{duration}_bucket", listener=CHARGE, le="0.005") == 3
+    assert _value(samples, f"{duration}_count", listener=FLAKY) == 6
+    # The one that waited until its timeout was timed: 10 ms at least.
+    assert _value(samples, f"{duration}_count", listener=SLOW) == 1
+    assert _value(samples, f"{duration}_bucket", listener=SLOW, le="0.005") == 0
+    assert _value(samples, f"{duration}_sum", listener=SLOW) >= 0.01
+
+
+async def test_in_process_deliveries_in_progress_and_their_durations() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @listener("job.run")
+    async def job(n: int) -> None:
+        started.set()
+        await release.wait()
+
+    @listener("job.run")
+    def sync_job(n: int) -> None:
+        pass
+
+    bus = Bus(listeners=[job, sync_job])
+    metrics = instrument(bus)
+    async with bus:
+        began = time.perf_counter()
+        bus.emit("job.run", n=1)
+        await started.wait()
+        samples = _samples(await metrics.scrape())
+        assert _value(samples, "tidings_deliveries_in_progress", listener=job.qualname) == 1
+        duration = "tidings_delivery_duration_seconds"
+        assert _value(samples, f"{duration}_count", listener=job.qualname) == 0
+        await asyncio.sleep(0.01)
+        release.set()
+        await bus.drain()
+        took_s = time.perf_counter() - began
+        samples = _samples(await metrics.scrape())
+    assert _value(samples, "tidings_deliveries_in_progress", listener=job.qualname) == 0
+    assert _value(samples, f"{duration}_count", listener=job.qualname) == 1
+    assert 0.01 <= _value(samples, f"{duration}_sum", listener=job.qualname) <= took_s
+    # Counted once, though the rest of its deliveries were put back when the first one
+    # suspended.
+    assert _value(samples, "tidings_events_emitted_total", event="job.run") == 1
+    # A sync listener runs in a thread, as a task of the backend's: timed from its start.
+    assert _value(samples, f"{duration}_count", listener=sync_job.qualname) == 1
+    assert _value(samples, f"{duration}_sum", listener=sync_job.qualname) > 0
+
+
+async def test_a_listener_that_blocks_the_loop_gets_its_deliveries_timed() -> None:
+    # A delivery that never suspends is counted under 5 ms unless a run of them took
+    # longer: then the next ones are timed one by one, and the slow ones found.
+    @listener("busy")
+    async def busy(n: int) -> None:
+        until = time.perf_counter() + 0.006
+        while time.perf_counter() < until:
+            pass
+
+    bus = Bus(listeners=[busy])
+    metrics = instrument(bus)
+    slow = 0.0
+    async with bus:
+        for n in range(20):  # the first is not timed; the next ones are
+            bus.emit("busy", n=n)
+            await bus.drain()
+            samples = _samples(await metrics.scrape())
+            bucket = "tidings_delivery_duration_seconds_bucket"
+            slow = 20 - _value(samples, bucket, listener=busy.qualname, le="0.005")
+            if slow >= 2:
+                break
+    assert slow >= 2
+
+
+async def test_in_process_emits_are_counted_however_they_are_queued() -> None:
+    bus = Bus(listeners=[charge, flaky])
+    metrics = instrument(bus)
+    async with bus:
+        bus.emit("order.paid", order_id=1)  # the fast emit
+        await bus.publish("order.paid", order_id=2)  # waits for room
+        bus.options(delay=0).emit("order.paid", order_id=3)  # delayed
+        await asyncio.to_thread(bus.emit, "order.paid", order_id=4)  # from a thread
+        bus.emit("order.shipped", order_id=5)  # only flaky's pattern matches
+        bus.emit("nobody.listens")
+        await bus.drain()
+        samples = _samples(await metrics.scrape())
+    emitted = {k[1]: v for k, v in samples.items() if k[0] == "tidings_events_emitted_total"}
+    # Retries are not emits; an event with no listener never reaches the backend.
+    assert emitted == {(("event", "order.paid"),): 4, (("event", "order.*"),): 1}
 
 
 async def test_detailed_counts_emits_by_pattern_and_times_deliveries() -> None:
@@ -102,9 +195,10 @@ async def test_detailed_counts_emits_by_pattern_and_times_deliveries() -> None:
     assert _value(samples, "tidings_deliveries_in_progress", listener=CHARGE) == 0
 
 
-async def test_a_pattern_is_the_label_of_the_names_it_matches() -> None:
+@pytest.mark.parametrize("detailed", [False, True])
+async def test_a_pattern_is_the_label_of_the_names_it_matches(detailed: bool) -> None:
     bus = Bus(listeners=[flaky])
-    metrics = instrument(bus, detailed=True)
+    metrics = instrument(bus, detailed=detailed)
     async with bus:
         for n in range(300):
             bus.emit(f"order.n{n}", order_id=n)

@@ -368,7 +368,8 @@ def stats(
         None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
     ),
 ) -> None:
-    """What waits per listener: pending, in flight, retrying, delayed, dead."""
+    """What waits per listener (pending, in flight, retrying, delayed, dead), and the
+    attempts the store counted as delivered and failed."""
     if watch:
         _watch_stats(target, debug, interval, refreshes)
         return
@@ -386,12 +387,15 @@ def stats(
         for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
             table.add_column(column, justify="right")
         table.add_column("last seen", justify="right")
+        table.add_column("delivered", justify="right")
+        table.add_column("failed", justify="right")
         from tidings.dashboard.live import stat_cells
 
         now = time.time()
         for listener, s in sorted(figures.items()):
             seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
-            table.add_row(listener, *stat_cells(s), seen)
+            totals = ["-" if n is None else str(n) for n in (s.delivered, s.failed)]
+            table.add_row(listener, *stat_cells(s), seen, *totals)
         return table
 
     table = _with_bus(target, debug, body)

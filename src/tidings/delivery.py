@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from contextvars import Context
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tidings._units import seconds
 from tidings.errors import BindingError, ConfigurationError
@@ -34,7 +34,15 @@ if TYPE_CHECKING:
     from tidings.backends.base import Backend
     from tidings.listeners import ErrorHook, Registry, Subscription, SuccessHook
 
-__all__ = ["Abandoned", "DeadLetter", "Delivery", "DeliveryObserver", "Retry", "Runner"]
+__all__ = [
+    "Abandoned",
+    "DeadLetter",
+    "Delivery",
+    "DeliveryObserver",
+    "Retry",
+    "Runner",
+    "Tally",
+]
 
 # Tasks that run their first step at once, in the caller's turn (Python 3.12+).
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -149,6 +157,35 @@ class DeadLetter:
 DeliveryObserver = Callable[
     [Event, "Subscription", Context], Callable[[str, BaseException | None], None]
 ]
+
+
+class Tally(Protocol):
+    """What an in-process backend counts for metrics as it goes, in plain numbers, so
+    that metrics cost no call per delivery (an observer would take each delivery off
+    the backend's fast path).
+
+    A delivery that finishes without suspending is not timed on its own: the backend
+    times each run of such deliveries, and only when a run lasted ``exact_below_s`` or
+    more does it time every delivery one by one (for a while). The others are known to
+    have lasted less than that, and so are the timed ones it adds to ``seconds``
+    without a call: the reader counts them all under ``exact_below_s`` (the bus's
+    delivered and failed counts, less the deliveries reported to :meth:`slow`).
+    """
+
+    #: Events by name, counted as the backend takes them to deliver (retries are not).
+    emitted: dict[str, int]
+    #: The bound under which a delivery needs no more than a count.
+    exact_below_s: float
+    #: Seconds that deliveries timed one by one and shorter than ``exact_below_s``
+    #: took, by listener (qualified name); the backend adds to it.
+    seconds: dict[str, float]
+
+    def first_emit(self, name: str) -> None:
+        """An event called ``name``, not in ``emitted`` yet, was taken to deliver."""
+
+    def slow(self, listener: str, seconds: float) -> None:
+        """A delivery of ``listener`` (qualified name) took ``seconds``, at least
+        ``exact_below_s``."""
 
 
 @types.coroutine

@@ -14,14 +14,25 @@ Dramatiq, in base units:
 - ``tidings_delivery_duration_seconds{listener}``: a histogram of attempts' durations;
 - ``tidings_deliveries_in_progress{listener}``: attempts running in this process;
 - ``tidings_listener_pending{listener}``, ``tidings_listener_oldest_age_seconds{listener}``
-  and ``tidings_dead_letters{listener}``: read from the store, the same for every worker.
+  and ``tidings_dead_letters{listener}``: read from the store, the same for every worker;
+- ``tidings_listener_delivered_total{listener}`` and ``tidings_listener_failed_total
+  {listener}``: attempts that returned and that failed, as the store counts them for
+  every worker together (in process: the bus's own); the same for every worker, so
+  take the ``max``, not the ``sum``, across them.
 
 Cost: the ``ok`` count is the bus's own counter, read when scraped, and failures are
-counted by error hooks, which run only when a delivery fails; neither touches the path
-of a delivery that succeeds. Emits and durations need a look at every event and
-delivery: they are on by default for durable backends (where the store's round trips
-dwarf it) and off in process, where they would take the bus off its fast path (a few
-times fewer deliveries/s); ``instrument(bus, detailed=True)`` turns them on anyway.
+counted by error hooks, which run only when a delivery fails. In process, the backend
+counts emits and times deliveries itself, in plain numbers read when scraped (a
+:class:`tidings.delivery.Tally`), so the bus keeps its fast path: a delivery that
+finishes without suspending is not timed on its own but counted under the first
+bucket's bound (5 ms), which the backend checks per run of such deliveries (a run that
+took longer has the next deliveries timed one by one); their time is not in the
+histogram's sum. A delivery that suspends is timed from when it suspends. An event is
+counted when the backend takes it to deliver; events with no listener are not counted
+in process. On a durable backend, and with
+``instrument(bus, detailed=True)``, emit hooks and delivery observers count every emit
+and time every delivery from its start; in process that takes the bus off its fast
+path (several times fewer deliveries/s).
 
 Cardinality: the ``event`` label is the name or pattern a listener subscribes with that
 matches the event (``user.*``), or ``other``; listeners are as many as the code has.
@@ -55,6 +66,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     ) from exc
 
 from tidings._patterns import matches
+from tidings.backends.base import ListenerStats
 from tidings.errors import ConfigurationError
 from tidings.events import Event
 
@@ -91,6 +103,35 @@ class _Durations:
         self.sum += seconds
 
 
+class _Tally:
+    """What the in-process backend counts for these metrics as it goes (a
+    :class:`tidings.delivery.Tally`): read when scraped, never a call per delivery."""
+
+    __slots__ = ("durations", "emitted", "exact_below_s", "metrics", "seconds")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.durations = metrics._durations
+        self.emitted: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        # An untimed delivery is known to be shorter than the first bucket's bound.
+        self.exact_below_s = BUCKETS_S[0]
+
+    def first_emit(self, name: str) -> None:
+        emitted = self.emitted
+        if len(emitted) >= _LABELS_CACHED:
+            # Endless distinct names: what was counted by name is kept by label.
+            self.metrics._fold(emitted)
+            emitted.clear()
+        emitted[name] = 1
+
+    def slow(self, listener: str, seconds: float) -> None:
+        hist = self.durations.get(listener)
+        if hist is None:
+            hist = self.durations[listener] = _Durations()
+        hist.observe(seconds)
+
+
 class Metrics(Collector):
     """The metrics of one bus, as a Prometheus collector.
 
@@ -99,8 +140,9 @@ class Metrics(Collector):
         registry: where to register (default: a registry of its own, so several buses
             in one process never clash; pass ``prometheus_client.REGISTRY`` to serve
             them with the rest of the process's metrics).
-        detailed: count emits and time each delivery (default: only on a durable
-            backend; see the module's docstring for the cost in process).
+        detailed: count emits and time each delivery through the bus's emit hooks and
+            delivery observers (default: only on a durable backend; in process the
+            backend counts and times them itself, and this takes it off its fast path).
 
     Raises:
         ConfigurationError: the bus already started, or is already instrumented.
@@ -128,14 +170,20 @@ class Metrics(Collector):
         self._labels: dict[str, str] = {}
         self._durations: dict[str, _Durations] = {}
         self._running: dict[str, int] = {}
-        # The store's figures as of the last read: listener -> (pending, oldest, dead).
-        self._store: dict[str, tuple[int, float | None, int]] = {}
+        # Set when the backend counts and times for these metrics itself.
+        self._tally: _Tally | None = None
+        # The store's figures as of the last read: listener -> its stats.
+        self._store: dict[str, ListenerStats] = {}
         self._read_at = 0.0
         bus.on_error = (*bus.on_error, self._on_error)
         bus.on_dead = (*bus.on_dead, self._on_dead)
+        count_into = getattr(bus.backend, "count_into", None)
         if self.detailed:
             bus.router.add_emit_hook(self._on_emit)
             bus.observers.append(self._observe)
+        elif count_into is not None:
+            self._tally = _Tally(self)
+            count_into(self._tally)
         bus._metrics = self  # type: ignore[attr-defined]
         self.registry.register(self)
 
@@ -158,6 +206,14 @@ class Metrics(Collector):
         if label is None:
             label = self._label(event.name)
         self._emitted[label] = self._emitted.get(label, 0) + 1
+
+    def _fold(self, by_name: dict[str, int]) -> None:
+        """Add emits counted by event name to the counts by label."""
+        for name, count in list(by_name.items()):
+            label = self._labels.get(name)
+            if label is None:
+                label = self._label(name)
+            self._emitted[label] = self._emitted.get(label, 0) + count
 
     def _label(self, name: str) -> str:
         """The first subscribed name or pattern that matches ``name``, else ``other``."""
@@ -202,7 +258,7 @@ class Metrics(Collector):
         else:
             future = asyncio.run_coroutine_threadsafe(bus.listener_stats(), loop)
             figures = await asyncio.wrap_future(future)
-        self._store = {name: (s.pending, s.oldest_age_s, s.dead) for name, s in figures.items()}
+        self._store = dict(figures)
         self._read_at = time.monotonic()
 
     async def scrape(self) -> bytes:
@@ -239,7 +295,7 @@ class Metrics(Collector):
         emitted = CounterMetricFamily(
             "tidings_events_emitted", "Events emitted by this process.", labels=["event"]
         )
-        for label, count in sorted(self._emitted.items()):
+        for label, count in sorted(self._emitted_counts().items()):
             emitted.add_metric([label], count)
         yield emitted
 
@@ -248,7 +304,7 @@ class Metrics(Collector):
             "Finished delivery attempts, by how they ended.",
             labels=["listener", "outcome"],
         )
-        ok = self._ok_counts()
+        ok, failed = self._attempts()
         for name in listeners:
             dead = self._dead.get(name, 0)
             counts = (
@@ -266,7 +322,7 @@ class Metrics(Collector):
             "How long delivery attempts ran.",
             labels=["listener"],
         )
-        for name, hist in sorted(self._durations.items()):
+        for name, hist in sorted(self._histograms(ok, failed).items()):
             cumulative, buckets = 0, []
             for bound, count in zip((*BUCKETS_S, float("inf")), hist.buckets, strict=True):
                 cumulative += count
@@ -279,8 +335,9 @@ class Metrics(Collector):
             "Delivery attempts running in this process.",
             labels=["listener"],
         )
+        running = self._in_progress()
         for name in listeners:
-            in_progress.add_metric([name], self._running.get(name, 0))
+            in_progress.add_metric([name], running.get(name, 0))
         yield in_progress
 
         pending = GaugeMetricFamily(
@@ -296,25 +353,86 @@ class Metrics(Collector):
         dead_letters = GaugeMetricFamily(
             "tidings_dead_letters", "Dead letters kept in the store.", labels=["listener"]
         )
-        for name, (waiting, age, dead_count) in sorted(self._store.items()):
-            pending.add_metric([name], waiting)
-            oldest.add_metric([name], age or 0.0)
-            dead_letters.add_metric([name], dead_count)
+        delivered = CounterMetricFamily(
+            "tidings_listener_delivered",
+            "Attempts that returned, as the store counts them for every worker.",
+            labels=["listener"],
+        )
+        failed_total = CounterMetricFamily(
+            "tidings_listener_failed",
+            "Attempts that raised or timed out, as the store counts them for every worker.",
+            labels=["listener"],
+        )
+        for name, s in sorted(self._store.items()):
+            pending.add_metric([name], s.pending)
+            oldest.add_metric([name], s.oldest_age_s or 0.0)
+            dead_letters.add_metric([name], s.dead)
+            if s.delivered is not None and s.failed is not None:
+                delivered.add_metric([name], s.delivered)
+                failed_total.add_metric([name], s.failed)
         yield pending
         yield oldest
         yield dead_letters
+        yield delivered
+        yield failed_total
 
     def _listener_names(self) -> list[str]:
         names = {sub.listener.qualname for sub in self.bus.registry.subscriptions()}
         names.update(self._store)
         return sorted(names)
 
-    def _ok_counts(self) -> dict[str, int]:
-        # The bus's own counters: ``delivered`` counts attempts that returned.
-        counts: dict[str, int] = {}
+    def _attempts(self) -> tuple[dict[str, int], dict[str, int]]:
+        # The bus's own counters: ``delivered`` counts attempts that returned, ``failed``
+        # those that raised or timed out.
+        ok: dict[str, int] = {}
+        failed: dict[str, int] = {}
         for sub in self.bus.registry.subscriptions():
             name = sub.listener.qualname
-            counts[name] = counts.get(name, 0) + sub.delivered
+            ok[name] = ok.get(name, 0) + sub.delivered
+            failed[name] = failed.get(name, 0) + sub.failed
+        return ok, failed
+
+    def _emitted_counts(self) -> dict[str, int]:
+        """Emits by label: those counted by label, and those the backend counted by name."""
+        counts = dict(self._emitted)
+        if self._tally is not None:
+            for name, count in list(self._tally.emitted.items()):
+                label = self._labels.get(name)
+                if label is None:
+                    label = self._label(name)
+                counts[label] = counts.get(label, 0) + count
+        return counts
+
+    def _histograms(self, ok: dict[str, int], failed: dict[str, int]) -> dict[str, _Durations]:
+        """The duration histograms; with the backend's tally, the attempts it did not
+        time one by one are in the first bucket (it times every one that might not
+        be)."""
+        if self._tally is None:
+            return self._durations
+        out: dict[str, _Durations] = {}
+        for name in ok.keys() | self._durations.keys():
+            timed = self._durations.get(name)
+            hist = _Durations()
+            if timed is not None:
+                hist.buckets = list(timed.buckets)
+                hist.count = timed.count
+                hist.sum = timed.sum
+            # The rest were shorter than the first bucket's bound (see _Tally).
+            short = ok.get(name, 0) + failed.get(name, 0) - hist.count
+            if short > 0:
+                hist.buckets[0] += short
+                hist.count += short
+            hist.sum += self._tally.seconds.get(name, 0.0)
+            out[name] = hist
+        return out
+
+    def _in_progress(self) -> dict[str, int]:
+        if self._tally is None:
+            return self._running
+        counts: dict[str, int] = {}
+        for sub in self.bus.backend.in_progress():  # type: ignore[attr-defined]
+            name = sub.listener.qualname
+            counts[name] = counts.get(name, 0) + 1
         return counts
 
 

@@ -147,12 +147,12 @@ async def test_migrations_run_once_and_are_recorded(schema: str, db: asyncpg.Con
     backend = PostgresBackend(POSTGRES_URL, schema=schema, migrate=False, consume=False)
     await backend.connect()
     try:
-        assert await backend.run_migrations() == [1, 2]
+        assert await backend.run_migrations() == [1, 2, 3]
         assert await backend.run_migrations() == []
     finally:
         await backend.disconnect()
     versions = await db.fetch(f"SELECT version FROM {schema}.migrations")
-    assert [r[0] for r in versions] == [1, 2]
+    assert [r[0] for r in versions] == [1, 2, 3]
 
 
 def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +160,7 @@ def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> Non
     runner = CliRunner(env={"COLUMNS": "250"})
     result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
     assert result.exit_code == 0, result.output
-    assert f"schema {schema}: ran migration(s) 1, 2" in result.output
+    assert f"schema {schema}: ran migration(s) 1, 2, 3" in result.output
     result = runner.invoke(cli, ["db", "migrate", "tests.cli_app:make_bus()"])
     assert f"schema {schema} is up to date" in result.output
 

@@ -50,7 +50,12 @@ __all__ = [
 @dataclass(slots=True)
 class ListenerStats:
     """What waits for one listener in the store, and when a process last claimed for it
-    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say)."""
+    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say).
+
+    ``delivered`` and ``failed`` are the attempts that returned and that raised (or
+    timed out), counted by the store since the listener joined, whichever worker ran
+    them (in process: by this bus); ``None`` where a backend does not count them.
+    """
 
     pending: int = 0
     in_flight: int = 0
@@ -59,6 +64,8 @@ class ListenerStats:
     dead: int = 0
     oldest_age_s: float | None = None
     last_seen: float | None = None
+    delivered: int | None = None
+    failed: int | None = None
 
 
 class DeadLetters(Protocol):
@@ -344,12 +351,17 @@ class Backend(ABC):
         if runner is None or runner.registry is None:
             return {}
         dead = self.dead_letters()
-        return {
-            sub.listener.qualname: ListenerStats(
-                dead=sum(1 for d in dead if d.listener == sub.listener.qualname)
-            )
-            for sub in runner.registry.subscriptions()
-        }
+        out: dict[str, ListenerStats] = {}
+        for sub in runner.registry.subscriptions():
+            name = sub.listener.qualname
+            s = out.get(name)
+            if s is None:
+                s = out[name] = ListenerStats(
+                    dead=sum(1 for d in dead if d.listener == name), delivered=0, failed=0
+                )
+            s.delivered = (s.delivered or 0) + sub.delivered
+            s.failed = (s.failed or 0) + sub.failed
+        return out
 
     def take_dead(self, ids: Sequence[str] | None, listener: str | None) -> list[DeadLetter]:
         """Remove and return the kept dead letters of these event ids and/or listener."""

@@ -108,6 +108,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE {s}.events ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE {s}.listeners ADD COLUMN last_seen DOUBLE PRECISION;
     """,
+    """
+    ALTER TABLE {s}.listeners ADD COLUMN delivered BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE {s}.listeners ADD COLUMN failed BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 
 _headers_enc = msgspec.json.Encoder()
@@ -453,26 +457,35 @@ class PostgresBackend(DurableBackend):
                 by_listener: dict[str, list[int]] = {}
                 for c in outcomes.acks:
                     by_listener.setdefault(c.listener, []).append(c.ref)
+                # Each statement counts what it wrote in the listener's totals too (for
+                # the rates of a dashboard that runs no listener): no round trip more.
                 for listener, seqs in by_listener.items():
                     await conn.execute(
-                        f"DELETE FROM {s}.deliveries WHERE listener = $1 AND seq = ANY($2) "
-                        "AND owner = $3",
+                        f"WITH done AS (DELETE FROM {s}.deliveries WHERE listener = $1 "
+                        "AND seq = ANY($2) AND owner = $3 RETURNING 1) "
+                        f"UPDATE {s}.listeners SET delivered = delivered + "
+                        "(SELECT count(*) FROM done) WHERE listener = $1",
                         listener,
                         seqs,
                         owner,
                     )
+            failed = (
+                f"UPDATE {s}.listeners SET failed = failed + (SELECT count(*) FROM done) "
+                "WHERE listener = $2"
+            )
             if outcomes.retries:
                 await conn.executemany(
-                    f"UPDATE {s}.deliveries SET due = {_NOW} + $1, lease_until = 0, "
-                    "owner = NULL WHERE listener = $2 AND seq = $3 AND owner = $4",
+                    f"WITH done AS (UPDATE {s}.deliveries SET due = {_NOW} + $1, "
+                    "lease_until = 0, owner = NULL WHERE listener = $2 AND seq = $3 "
+                    f"AND owner = $4 RETURNING 1) {failed}",
                     [(delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
                 )
             if outcomes.burials:
                 await conn.executemany(
-                    f"UPDATE {s}.deliveries SET dead = TRUE, error = $1, traceback = $2, "
-                    f"failed_at = {_NOW}, lease_until = 0, owner = NULL "
-                    "WHERE listener = $3 AND seq = $4 AND owner = $5",
-                    [(err, tb, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
+                    f"WITH done AS (UPDATE {s}.deliveries SET dead = TRUE, error = $1, "
+                    f"traceback = $3, failed_at = {_NOW}, lease_until = 0, owner = NULL "
+                    f"WHERE listener = $2 AND seq = $4 AND owner = $5 RETURNING 1) {failed}",
+                    [(err, c.listener, tb, c.ref, owner) for c, err, tb in outcomes.burials],
                 )
             if outcomes.releases:
                 # A lost one's lease is left expired: it is reclaimed as lost again.
@@ -591,7 +604,8 @@ class PostgresBackend(DurableBackend):
         async with self._p().acquire() as conn:
             now = await conn.fetchval(f"SELECT {_NOW}")
             joined = await conn.fetch(
-                f"SELECT listener, last_seen FROM {s}.listeners ORDER BY listener"
+                f"SELECT listener, last_seen, delivered, failed FROM {s}.listeners "
+                "ORDER BY listener"
             )
             rows = await conn.fetch(
                 "SELECT d.listener, "
@@ -606,8 +620,10 @@ class PostgresBackend(DurableBackend):
                 now,
             )
         seen = {r[0]: r[1] for r in joined}
-        out = {r[0]: ListenerStats(last_seen=r[1]) for r in joined}
+        totals = {r[0]: (r[2], r[3]) for r in joined}
+        out = {r[0]: ListenerStats(last_seen=r[1], delivered=r[2], failed=r[3]) for r in joined}
         for lst, pending, in_flight, retrying, delayed, dead, oldest in rows:
+            delivered, failed = totals.get(lst, (None, None))
             out[lst] = ListenerStats(
                 pending=pending,
                 in_flight=in_flight,
@@ -616,6 +632,8 @@ class PostgresBackend(DurableBackend):
                 dead=dead,
                 oldest_age_s=None if oldest is None else max(0.0, now - oldest),
                 last_seen=seen.get(lst),
+                delivered=delivered,
+                failed=failed,
             )
         return out
 

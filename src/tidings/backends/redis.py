@@ -16,7 +16,9 @@ Keys, all under one prefix (``tidings`` unless ``?prefix=`` says otherwise):
 - ``{prefix}:streams`` and ``{prefix}:listeners``: the event names stored and the
   listeners joined (with their patterns), so a producer creates the groups of a new
   stream before its first entry, and wildcard listeners find streams made later;
-  ``{prefix}:seen``: when each listener last claimed; ``{prefix}:alive``: a marker
+  ``{prefix}:seen``: when each listener last claimed; ``{prefix}:delivered`` and
+  ``{prefix}:failed``: each listener's attempts that returned and that failed, counted
+  by the script that settles them; ``{prefix}:alive``: a marker
   whose absence tells a producer that the server lost its data (its groups are made
   again with the next entry).
 
@@ -243,6 +245,8 @@ class RedisBackend(DurableBackend):
         self._k_later = f"{prefix}:later"
         self._k_dead = f"{prefix}:dead"
         self._k_seen = f"{prefix}:seen"
+        self._k_delivered = f"{prefix}:delivered"
+        self._k_failed = f"{prefix}:failed"
         self._k_alive = f"{prefix}:alive"
         self._max_bulk = _MAX_BULK  # the server's proto-max-bulk-len, as last read
 
@@ -547,6 +551,8 @@ class RedisBackend(DurableBackend):
         pipe = redis.pipeline(transaction=True)
         pipe.hdel(self._k_listeners, listener)
         pipe.hdel(self._k_seen, listener)
+        pipe.hdel(self._k_delivered, listener)
+        pipe.hdel(self._k_failed, listener)
         for name in names:
             if any(matches(p, name) for p in patterns):
                 pipe.xgroup_destroy(self._stream(name), listener)
@@ -972,7 +978,8 @@ class RedisBackend(DurableBackend):
             if any(op[0] < 3 for op in group_ops):
                 self._dirty.add(stream)
         stale = await self._settle(  # type: ignore[misc]
-            keys=[self._k_dead], args=[self.owner, repr(now), _strings(spec), repr(now + _MOVE_S)]
+            keys=[self._k_dead, self._k_delivered, self._k_failed],
+            args=[self.owner, repr(now), _strings(spec), repr(now + _MOVE_S)],
         )
         if stale:
             logger.warning(
@@ -1060,8 +1067,17 @@ class RedisBackend(DurableBackend):
             for k, v in (await redis.hgetall(self._k_listeners)).items()
         }
         seen = {k.decode(): float(v) for k, v in (await redis.hgetall(self._k_seen)).items()}
+        delivered = {
+            k.decode(): int(v) for k, v in (await redis.hgetall(self._k_delivered)).items()
+        }
+        failed = {k.decode(): int(v) for k, v in (await redis.hgetall(self._k_failed)).items()}
         names = sorted(n.decode() for n in await redis.smembers(self._k_streams))
-        out = {lst: ListenerStats(last_seen=seen.get(lst)) for lst in sorted(joined)}
+        out = {
+            lst: ListenerStats(
+                last_seen=seen.get(lst), delivered=delivered.get(lst, 0), failed=failed.get(lst, 0)
+            )
+            for lst in sorted(joined)
+        }
         keys_of = {
             lst: [self._own(lst)]
             + [self._stream(n) for n in names if any(matches(p, n) for p in pats)]

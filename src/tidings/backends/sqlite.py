@@ -71,7 +71,9 @@ CREATE TABLE IF NOT EXISTS tidings_listeners (
     listener TEXT PRIMARY KEY,
     names TEXT NOT NULL,
     position INTEGER NOT NULL,
-    last_seen REAL
+    last_seen REAL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tidings_deliveries (
     listener TEXT NOT NULL,
@@ -117,6 +119,8 @@ _QUIET_S = 1.0
 _ADDED = (
     ("tidings_events", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("tidings_listeners", "last_seen", "REAL"),
+    ("tidings_listeners", "delivered", "INTEGER NOT NULL DEFAULT 0"),
+    ("tidings_listeners", "failed", "INTEGER NOT NULL DEFAULT 0"),
 )
 # Row values per statement, well under SQLite's limit of bound parameters.
 _CHUNK = 400
@@ -641,6 +645,9 @@ class SQLiteBackend(DurableBackend):
                 "AND seq = ? AND attempt = ? AND (owner IS NULL OR owner = ?)",
                 [(c.listener, c.ref, c.attempt, owner) for c in outcomes.uncounted],
             )
+        # Each listener's totals, counted in the same write (for the rates of a
+        # dashboard that runs no listener): what was written, not what was stale.
+        counts: dict[str, list[int]] = {}
         if outcomes.acks:
             # One statement per listener and chunk: cheaper than one per delivery.
             acked: dict[str, list[int]] = {}
@@ -649,21 +656,37 @@ class SQLiteBackend(DurableBackend):
             for listener, seqs in acked.items():
                 for start in range(0, len(seqs), _CHUNK):
                     chunk = seqs[start : start + _CHUNK]
-                    conn.execute(
+                    cursor = conn.execute(
                         "DELETE FROM tidings_deliveries WHERE listener = ? AND owner = ? "
                         f"AND seq IN ({','.join('?' * len(chunk))})",
                         (listener, owner, *chunk),
                     )
-        if outcomes.retries:
-            conn.executemany(
+                    counts.setdefault(listener, [0, 0])[0] += max(cursor.rowcount, 0)
+        # One statement per listener, for its count of rows written.
+        retried: dict[str, list[tuple[Any, ...]]] = {}
+        for c, delay, _ in outcomes.retries:
+            retried.setdefault(c.listener, []).append((now + delay, c.listener, c.ref, owner))
+        for listener, rows in retried.items():
+            cursor = conn.executemany(
                 f"UPDATE tidings_deliveries SET due = ?, lease_until = 0, owner = NULL {mine}",
-                [(now + delay, c.listener, c.ref, owner) for c, delay, _ in outcomes.retries],
+                rows,
             )
-        if outcomes.burials:
-            conn.executemany(
+            counts.setdefault(listener, [0, 0])[1] += max(cursor.rowcount, 0)
+        buried: dict[str, list[tuple[Any, ...]]] = {}
+        for c, err, tb in outcomes.burials:
+            buried.setdefault(c.listener, []).append((err, tb, now, c.listener, c.ref, owner))
+        for listener, rows in buried.items():
+            cursor = conn.executemany(
                 "UPDATE tidings_deliveries SET dead = 1, error = ?, traceback = ?, "
                 f"failed_at = ?, lease_until = 0, owner = NULL {mine}",
-                [(err, tb, now, c.listener, c.ref, owner) for c, err, tb in outcomes.burials],
+                rows,
+            )
+            counts.setdefault(listener, [0, 0])[1] += max(cursor.rowcount, 0)
+        if counts:
+            conn.executemany(
+                "UPDATE tidings_listeners SET delivered = delivered + ?, failed = failed + ? "
+                "WHERE listener = ?",
+                [(ok, failed, listener) for listener, (ok, failed) in counts.items()],
             )
         if outcomes.releases:
             # A lost one's lease is left expired: it is reclaimed as lost again.
@@ -788,12 +811,14 @@ class SQLiteBackend(DurableBackend):
         now = self.clock()
         out: dict[str, ListenerStats] = {}
         cursor = await db.execute(
-            "SELECT listener, last_seen FROM tidings_listeners ORDER BY listener"
+            "SELECT listener, last_seen, delivered, failed FROM tidings_listeners ORDER BY listener"
         )
         seen: dict[str, float | None] = {}
-        for lst, last_seen in await cursor.fetchall():
+        totals: dict[str, tuple[int, int]] = {}
+        for lst, last_seen, delivered, failed in await cursor.fetchall():
             out[lst] = ListenerStats()
             seen[lst] = last_seen
+            totals[lst] = (delivered, failed)
         cursor = await db.execute(
             "SELECT d.listener, "
             "SUM(d.dead = 0 AND d.due <= ? AND d.lease_until <= ?), "
@@ -817,6 +842,8 @@ class SQLiteBackend(DurableBackend):
             )
         for lst, stats in out.items():
             stats.last_seen = seen.get(lst)
+            if lst in totals:
+                stats.delivered, stats.failed = totals[lst]
         # Events not yet turned into deliveries are pending too.
         cursor = await db.execute("SELECT listener, names, position FROM tidings_listeners")
         for lst, names, position in await cursor.fetchall():

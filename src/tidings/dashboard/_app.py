@@ -189,7 +189,7 @@ class Dashboard:
                 "backend": type(bus.backend).__name__,
                 "durable": bus.backend.durable,
                 "can_act": access == "act",
-                "counts_here": not bus.backend.durable or _consumes(bus),
+                "counted": all(s.counted for s in listeners),
                 "listeners": [{**s.json(), "rates": self.sampler.rates(s.name)} for s in listeners],
             }
         if path == "listener":
@@ -206,7 +206,6 @@ class Dashboard:
                 "dead_letters": [_data.letter_json(d) for d in letters[:20]],
                 "failures": [f for f in self.sampler.failures if f["listener"] == name][:20],
                 "sees_failures": self.sampler.sees_failures,
-                "counts_here": not bus.backend.durable or _consumes(bus),
                 "can_act": access == "act",
             }
         if path == "dead":
@@ -259,10 +258,6 @@ class Dashboard:
 
         body = await self.metrics.scrape()
         await _send(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
-
-
-def _consumes(bus: Bus) -> bool:
-    return bool(getattr(bus.backend, "consume", False))
 
 
 def _metrics_for(bus: Bus) -> Any:

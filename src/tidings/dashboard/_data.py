@@ -196,8 +196,8 @@ class Sampler:
 
     def rates(self, listener: str) -> list[list[float]]:
         """``[time, deliveries/s, failures/s, pending, dead letters added/s]`` between
-        consecutive samples (the first two counted in this process, the others read from
-        the store)."""
+        consecutive samples, all read from the store (deliveries and failures as the
+        store counts them, whichever worker ran them; in process, those of the bus)."""
         out: list[list[float]] = []
         previous: tuple[float, dict[str, tuple[int, int, int, int]]] | None = None
         for sample in self.samples:
@@ -233,6 +233,9 @@ class Snapshot:
     last_seen: float | None = None
     delivered: int = 0
     failed: int = 0
+    #: Whether ``delivered`` and ``failed`` count every worker's attempts: the store's
+    #: counts, or those of the bus when it is the only one to run the listener.
+    counted: bool = False
 
     def json(self) -> dict[str, Any]:
         """The snapshot as JSON values."""
@@ -248,17 +251,21 @@ class Snapshot:
             "last_seen": self.last_seen,
             "delivered": self.delivered,
             "failed": self.failed,
+            "counted": self.counted,
         }
 
 
 async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
-    """Every listener (of this bus, and any other the store knows) with its figures."""
+    """Every listener (of this bus, and any other the store knows) with its figures:
+    delivered and failed as the store counts them, or as this process does where it
+    does not."""
     snapshots: dict[str, Snapshot] = {}
+    alone = not bus.backend.durable
     for sub in bus.registry.subscriptions():
         name = sub.listener.qualname
         snap = snapshots.get(name)
         if snap is None:
-            snap = snapshots[name] = Snapshot(name, list(sub.listener.names))
+            snap = snapshots[name] = Snapshot(name, list(sub.listener.names), counted=alone)
         snap.delivered += sub.delivered
         snap.failed += sub.failed
     for name, s in (await on_bus_loop(bus, bus.listener_stats())).items():
@@ -272,6 +279,9 @@ async def overview(bus: Bus, sampler: Sampler) -> list[Snapshot]:
         snap.dead = s.dead
         snap.oldest_age_s = s.oldest_age_s
         snap.last_seen = getattr(s, "last_seen", None)
+        if s.delivered is not None and s.failed is not None:
+            snap.delivered, snap.failed = s.delivered, s.failed
+            snap.counted = True
     sampler.sample(snapshots.values())
     return sorted(snapshots.values(), key=lambda s: s.name)
 

@@ -23,7 +23,8 @@ class Watch:
     """Successive readings of ``bus.listener_stats()``, and the table of the last one.
 
     The rates are per second since the previous reading: how fast the backlog (pending
-    and retrying) grows or shrinks, and how many dead letters are added.
+    and retrying) grows or shrinks, how many dead letters are added, and how many
+    attempts returned and failed (the store's counts, whichever worker ran them).
     """
 
     def __init__(self, url: str) -> None:
@@ -47,6 +48,23 @@ class Watch:
         backlog = (now.pending + now.retrying) - (then.pending + then.retrying)
         return backlog / span, max(now.dead - then.dead, 0) / span
 
+    def flow(self, listener: str) -> tuple[float, float] | None:
+        """(attempts that returned/s, attempts that failed/s) of ``listener``, once there
+        are two readings from a store that counts them."""
+        if len(self.readings) < 2:
+            return None
+        (t0, before), (t1, after) = self.readings
+        now, then = after.get(listener), before.get(listener)
+        if now is None or then is None or t1 <= t0:
+            return None
+        if None in (now.delivered, then.delivered, now.failed, then.failed):
+            return None
+        span = t1 - t0
+        return (
+            max(now.delivered - then.delivered, 0) / span,
+            max(now.failed - then.failed, 0) / span,
+        )
+
     def table(self) -> Table:
         """The last reading as a table."""
         table = Table(
@@ -63,11 +81,15 @@ class Watch:
             "oldest",
             "backlog/s",
             "dead/s",
+            "delivered/s",
+            "failed/s",
         ):
             table.add_column(column, justify="right")
         figures = self.readings[-1][1] if self.readings else {}
         for listener, s in sorted(figures.items()):
             rates = self.rates(listener)
             backlog, dead = ("-", "-") if rates is None else (f"{rates[0]:+.1f}", f"{rates[1]:.1f}")
-            table.add_row(listener, *stat_cells(s), backlog, dead)
+            flow = self.flow(listener)
+            ok, failed = ("-", "-") if flow is None else (f"{flow[0]:.1f}", f"{flow[1]:.1f}")
+            table.add_row(listener, *stat_cells(s), backlog, dead, ok, failed)
         return table

@@ -22,13 +22,13 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from tidings.backends.base import Backend
-from tidings.backends.memory._pump import Pump
+from tidings.backends.memory._pump import Pump, timed
 from tidings.errors import NotStartedError, QueueFull
 from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._hold import Held
-    from tidings.delivery import Delivery, Runner
+    from tidings.delivery import Delivery, Runner, Tally
     from tidings.listeners import Subscription
 
 __all__ = ["MemoryBackend"]
@@ -42,6 +42,8 @@ _time = time.time
 
 # The positional arguments of a typed event's entry: never called with directly.
 _TYPED = (None,)
+
+_clock = time.perf_counter
 
 _GateEntry = tuple[Event, "tuple[Subscription, ...]", Context]
 
@@ -101,6 +103,21 @@ class MemoryBackend(Backend):
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tally: Tally | None = None
+        # With a tally: when each delivery in ``_running`` started (``perf_counter``).
+        self._started: dict[asyncio.Future[Any], float] = {}
+
+    def count_into(self, tally: Tally) -> None:
+        """Count emits and time deliveries into ``tally`` for metrics, before start
+        (see :class:`tidings.delivery.Tally`)."""
+        self._tally = self._pump.tally = tally
+
+    def in_progress(self) -> list[Subscription]:
+        """The subscriptions of the deliveries running now, one per delivery (those
+        suspended in line are known with a tally only)."""
+        # Copied at once: a scrape may read this from another thread.
+        running = list(self._running.values())
+        return self._pump.in_progress() + [sub for _event, sub in running]
 
     async def start(self, runner: Runner) -> None:
         await super().start(runner)
@@ -200,6 +217,8 @@ class MemoryBackend(Backend):
 
     def _retry_now(self, event: Event, sub: Subscription, ctx: Context) -> None:
         self._retrying -= 1
+        if self._tally is not None:
+            self._pump.uncount(event.name)  # a retry is no emit
         self._force(event, (sub,), ctx)
 
     def _timer(self, delay_s: float, events: list[Event], fn: Any, *args: Any) -> None:
@@ -229,7 +248,7 @@ class MemoryBackend(Backend):
         if sub.listener.concurrency is not None:
             self._gated(event, sub, ctx)
             return
-        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        fut = self._run(event, sub, ctx)
         if fut is not None:
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
@@ -247,11 +266,23 @@ class MemoryBackend(Backend):
             self._pump.room -= 1
 
     def _start_gated(self, gate: _Gate, event: Event, sub: Subscription, ctx: Context) -> None:
-        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        fut = self._run(event, sub, ctx)
         if fut is not None:
             gate.running += 1
             self._running[fut] = (event, sub)
             fut.add_done_callback(self._done)
+
+    def _run(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
+        """Start a delivery through the runner (timed, with a tally)."""
+        if self._tally is None:
+            return self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        started = _clock()
+        fut = self._runner.run(event, sub, ctx)  # type: ignore[union-attr]
+        if fut is None:
+            timed(self._tally, sub, _clock() - started)
+        else:
+            self._started[fut] = started
+        return fut
 
     def _pump_gate(self, gate: _Gate) -> None:
         """Start a gate's backlogged deliveries while it has room (bounded per call)."""
@@ -269,6 +300,9 @@ class MemoryBackend(Backend):
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
         _, sub = self._running.pop(fut)
+        started = self._started.pop(fut, None)
+        if started is not None and not fut.cancelled():
+            timed(self._tally, sub, _clock() - started)  # type: ignore[arg-type]
         if not fut.cancelled() and fut.exception() is not None:
             logger.error(
                 "delivery task of %s raised", sub.listener.qualname, exc_info=fut.exception()

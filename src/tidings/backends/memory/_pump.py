@@ -23,6 +23,11 @@ Measured, because this module is the cost of every in-process delivery
   delivery that suspends therefore costs a step of a task that already exists, not a
   task of its own; its timeout is armed then (a timer that cancels the worker, as
   :func:`asyncio.timeout` would).
+- With metrics (a :class:`~tidings.delivery.Tally`), a pump adds to a count by name as
+  it takes an event, and a worker reads the clock when its pump starts and ends and
+  when a delivery suspends and ends: a delivery that does not suspend costs nothing
+  more. A run of them
+  too long to know each short has the next ones timed one by one, for a while.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import inspect
 import logging
 import operator
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
@@ -43,15 +49,30 @@ from tidings.events import Event, QueuedEvent
 
 if TYPE_CHECKING:
     from tidings._contexts import ContextCopies
-    from tidings.delivery import Runner
+    from tidings.delivery import Runner, Tally
     from tidings.listeners import Subscription
 
-__all__ = ["Pump"]
+__all__ = ["Pump", "timed"]
 
 logger = logging.getLogger("tidings.backends.memory")
 
 # Deliveries a worker starts before it lets the loop's other callbacks run.
 _BATCH = 8192
+
+_clock = time.perf_counter
+# How long deliveries are timed one by one once a run of them was too long to tell
+# (many short ones, or a slow one), and once one of them was slow.
+_RECHECK_S = 0.05
+_TIMED_FOR_S = 10.0
+
+
+def timed(tally: Tally, sub: Subscription, took_s: float) -> None:
+    """Count a delivery timed on its own into ``tally``."""
+    name = sub.listener.qualname
+    if took_s < tally.exact_below_s:
+        tally.seconds[name] = tally.seconds.get(name, 0.0) + took_s
+    else:
+        tally.slow(name, took_s)
 
 
 def _binds_when_called(fn: Callable[..., Any]) -> bool:
@@ -70,7 +91,18 @@ def _binds_when_called(fn: Callable[..., Any]) -> bool:
 class _Worker:
     """One long-lived worker task and the delivery it is in."""
 
-    __slots__ = ("entry", "expired", "rest", "suspended", "task", "timer", "wake")
+    __slots__ = (
+        "entry",
+        "expired",
+        "mark",
+        "rest",
+        "sub",
+        "suspended",
+        "suspended_at",
+        "task",
+        "timer",
+        "wake",
+    )
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
@@ -85,6 +117,12 @@ class _Worker:
         self.expired = False
         #: What an idle worker waits for.
         self.wake: asyncio.Future[None] | None = None
+        #: With a tally: the clock when the worker's current run of deliveries (or its
+        #: delivery timed on its own) began, when its delivery suspended, and that
+        #: delivery's subscription if the rest of its event was put back.
+        self.mark = 0.0
+        self.suspended_at = 0.0
+        self.sub: Subscription | None = None
 
 
 # How a listener is awaited in line: (function, keyword) to call ``fn(kwargs[keyword])``,
@@ -148,6 +186,10 @@ class Pump:
         # Workers and their timers run in an empty context of their own: a worker task
         # made while an emitter's context is current would keep it alive.
         self._quiet = Context()
+        #: What metrics count (see :class:`tidings.delivery.Tally`), set before start.
+        self.tally: Tally | None = None
+        # Until when (``_clock()``) every delivery is timed one by one.
+        self._timed_until = 0.0
 
     def start(self, runner: Runner) -> None:
         """Begin starting deliveries with ``runner`` (on its loop)."""
@@ -160,6 +202,7 @@ class Pump:
         self._idle = []
         self._active = self.pumping = 0
         self._burst = self.concurrency
+        self._timed_until = 0.0
         self.stopped = False
         # One worker from the start, so that listeners that never suspend cost no task.
         worker = self._new_worker()
@@ -238,6 +281,8 @@ class Pump:
                 woken = False
                 pristine = queue[0].context
                 ctx = pristine.copy()
+                if self.tally is not None:
+                    worker.mark = _clock()
                 try:
                     spent = await self._drive(worker, ctx, self._pump(worker, ctx, pristine))
                 except Exception:
@@ -250,6 +295,8 @@ class Pump:
                         if worker.timer is not None:
                             self._disarm(worker)
                     spent = False
+                if self.tally is not None:
+                    self._ran(worker, _clock())
                 del pristine, ctx  # keep no emitter's context alive while idle
                 if spent:
                     await asyncio.sleep(0)  # let the loop's other callbacks run
@@ -280,6 +327,7 @@ class Pump:
         send = pump.send
         queue = self.queue
         running = self._running
+        tally = self.tally
         try:
             yielded = run(send, None)
         except StopIteration as stop:
@@ -290,6 +338,8 @@ class Pump:
                 # goes on with the queue.
                 worker.suspended = True
                 self.pumping -= 1
+                if tally is not None:
+                    worker.suspended_at = _clock()
                 if self._timed or operator.length_hint(worker.rest):
                     self._suspended(worker)
                 if queue and not self.pumping and self._active + len(running) < self.concurrency:
@@ -314,6 +364,22 @@ class Pump:
                 except StopIteration as stop:
                     return bool(stop.value)
 
+    def _ran(self, worker: _Worker, now: float) -> None:
+        """A run of deliveries the worker started without timing each ended ``now``: if
+        it was too long for them to be known short, the next ones are timed one by one."""
+        if now - worker.mark >= self.tally.exact_below_s:  # type: ignore[union-attr]
+            self._timed_until = max(self._timed_until, now + _RECHECK_S)
+
+    def in_progress(self) -> list[Subscription]:
+        """The subscriptions of the deliveries suspended in workers now (with a tally)."""
+        out: list[Subscription] = []
+        for worker in list(self._workers):
+            entry = worker.entry
+            if worker.suspended and entry is not None:
+                # Unless the rest of its event was put back, the delivery is its last.
+                out.append(worker.sub or entry.subs[-1])
+        return out
+
     def _suspended(self, worker: _Worker) -> None:
         """Arm the timeout of the worker's delivery that suspended, and put the rest of
         its event's deliveries back first in line."""
@@ -321,8 +387,9 @@ class Pump:
         rest = worker.rest
         assert entry is not None
         assert rest is not None
-        if self._timed:
+        if self._timed or self.tally is not None:
             sub = entry.subs[len(entry.subs) - operator.length_hint(rest) - 1]
+            worker.sub = sub
             timeout = sub.listener.timeout or self._runner.timeout  # type: ignore[union-attr]
             if timeout is not None:
                 worker.timer = self._loop.call_later(  # type: ignore[union-attr]
@@ -395,6 +462,12 @@ class Pump:
         runner = self._runner
         assert runner is not None
         on_success = runner.on_success
+        tally = self.tally
+        seconds = {} if tally is None else tally.seconds
+        emitted = {} if tally is None else tally.emitted
+        exact_below_s = 0.0 if tally is None else tally.exact_below_s
+        # Whether each delivery is timed on its own (see tidings.delivery.Tally).
+        timing = tally is not None and worker.mark < self._timed_until
         for _ in range(_BATCH):
             try:
                 entry = popleft()
@@ -403,6 +476,12 @@ class Pump:
             if entry.context is not pristine:
                 queue.appendleft(entry)
                 return False  # another emitter's context: another pump
+            if tally is not None:
+                # Counted as it is taken: an event put back is taken off again.
+                try:
+                    emitted[entry.name] += 1
+                except KeyError:
+                    tally.first_emit(entry.name)
             # The worker's iterator over the event's subscriptions: the rest of them
             # are taken from it (and put back in line) when a delivery suspends.
             rest = iter(entry.subs)
@@ -450,8 +529,38 @@ class Pump:
                     self.pumping += 1
                     if worker.timer is not None:
                         self._disarm(worker)
+                    if tally is not None:
+                        # Timed from when it suspended (kept in line: this is the cost
+                        # of every delivery that suspends).
+                        now = _clock()
+                        took_s = now - worker.suspended_at
+                        if worker.suspended_at - worker.mark >= exact_below_s:
+                            # Its own start (when each is timed), or the run before it.
+                            if timing:
+                                took_s = now - worker.mark
+                            self._ran(worker, worker.suspended_at)
+                        worker.mark = now
+                        worker.sub = None
+                        name = sub.listener.qualname
+                        if took_s < exact_below_s:
+                            try:
+                                seconds[name] += took_s
+                            except KeyError:
+                                seconds[name] = took_s
+                        else:
+                            tally.slow(name, took_s)
+                        timing = now < self._timed_until
                     if self.stopped:
                         return False
+                elif timing:
+                    now = _clock()
+                    took_s = now - worker.mark
+                    worker.mark = now
+                    timed(tally, sub, took_s)  # type: ignore[arg-type]
+                    if took_s >= exact_below_s:
+                        # A listener that blocks the loop: keep timing each delivery.
+                        self._timed_until = now + _TIMED_FOR_S
+                    timing = now < self._timed_until
                 if ctx != pristine:
                     # The listener set a context variable: a fresh copy for the rest.
                     self._put_back(entry, rest)
@@ -464,3 +573,11 @@ class Pump:
         if operator.length_hint(rest):
             entry.subs = tuple(rest)  # consumed: the pump's loop ends
             self.queue.appendleft(entry)
+            if self.tally is not None:
+                self.uncount(entry.name)
+
+    def uncount(self, name: str) -> None:
+        """Take an event called ``name`` off the tally's emits, before it is taken from
+        the queue (again): it was put back, or it is a retry."""
+        emitted = self.tally.emitted  # type: ignore[union-attr]
+        emitted[name] = emitted.get(name, 0) - 1

@@ -1,7 +1,9 @@
 -- Write delivery outcomes back, each only if this consumer (ARGV[1]) still owns the
 -- entry: a worker whose lease expired never settles what another one took over.
--- KEYS[1]: the dead letters' sorted set. ARGV[2]: now (epoch seconds). ARGV[4]: a time
--- before which a retry may come due before its reader looks again.
+-- KEYS[1]: the dead letters' sorted set. KEYS[2], KEYS[3]: the hashes of each
+-- listener's (group's) attempts that returned and that failed, counted here as written.
+-- ARGV[2]: now (epoch seconds). ARGV[4]: a time before which a retry may come due
+-- before its reader looks again.
 -- ARGV[3]: strings, each behind its length ('>I'): per stream and group, the stream,
 -- the group, the first and last id, how many outcomes, then each: its kind and id, and
 -- 0 ack: nothing more;
@@ -26,6 +28,7 @@ while pos <= #blob do
     owned[p[1]] = true
   end
   local acks = {}
+  local failed = 0
   for _ = 1, n do
     local kind, id = nxt(), nxt()
     local f = {}
@@ -48,11 +51,13 @@ while pos <= #blob do
         redis.call('XADD', f[2], '*', 'w', '1')  -- due soon, before what its reader waits for
       end
       acks[#acks + 1] = id
+      failed = failed + 1
     elseif kind == '2' then
       redis.call('HSET', f[1], '_k', f[2], 'e', f[3], 'error', f[4], 'tb', f[5],
         'at', now, 'attempts', f[6])
       redis.call('ZADD', KEYS[1], now, f[1])
       acks[#acks + 1] = id
+      failed = failed + 1
     else
       redis.call('XCLAIM', stream, group, owner, 0, id, 'IDLE', 315360000000,
         'RETRYCOUNT', f[1], 'JUSTID')
@@ -61,5 +66,7 @@ while pos <= #blob do
   for i = 1, #acks, 1000 do
     redis.call('XACK', stream, group, unpack(acks, i, math.min(i + 999, #acks)))
   end
+  if #acks > failed then redis.call('HINCRBY', KEYS[2], group, #acks - failed) end
+  if failed > 0 then redis.call('HINCRBY', KEYS[3], group, failed) end
 end
 return stale

@@ -45,8 +45,8 @@ function num(n, cls = "") {
   return `<td class="num ${n ? cls : "zero"}">${esc(n)}</td>`;
 }
 
-// Which figure of a sample each chart draws; "ok" and "fail" are this process's rates,
-// "pending" and "dead" come from the store (for a dashboard whose workers run elsewhere).
+// Which figure of a sample each chart draws, all read from the store: "ok" and "fail"
+// where it counts deliveries, "pending" and "dead" where it does not.
 const COLUMN = { ok: 1, fail: 2, pending: 3, dead: 4 };
 
 function spark(points, kind, big = false) {
@@ -131,7 +131,7 @@ async function overview() {
   const data = await api("overview");
   document.getElementById("bus").textContent = `${data.backend} ${data.bus}`;
   setMode(data.can_act);
-  const charts = data.counts_here ? ["ok", "fail"] : ["pending", "dead"];
+  const charts = data.counted ? ["ok", "fail"] : ["pending", "dead"];
   const rows = data.listeners.map((l) => `
     <tr data-listener="${esc(l.name)}">
       <td class="name"><a href="#/listener/${encodeURIComponent(l.name)}">${dotted(l.name)}</a></td>
@@ -140,21 +140,21 @@ async function overview() {
       <td class="num ${l.dead ? "bad" : "zero"}" data-col="dead">${l.dead ? `<a href="#/dead?listener=${encodeURIComponent(l.name)}">${l.dead}</a>` : 0}</td>
       <td class="num">${age(l.oldest_age_s)}</td>
       <td class="num" data-col="last-seen">${l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-"}</td>
-      <td class="num" data-col="delivered">${data.counts_here ? esc(l.delivered) : "-"}</td>
-      <td class="num ${l.failed ? "bad" : "zero"}" data-col="failed">${data.counts_here ? esc(l.failed) : "-"}</td>
+      <td class="num" data-col="delivered">${l.counted ? esc(l.delivered) : "-"}</td>
+      <td class="num ${l.failed ? "bad" : "zero"}" data-col="failed">${l.counted ? esc(l.failed) : "-"}</td>
       <td>${rate(l.rates, charts[0], false, l.pending)}</td>
       <td>${rate(l.rates, charts[1])}</td>
     </tr>`).join("");
   page.innerHTML = `
     <h1>Listeners</h1>
     <p class="note">Pending, in flight, retrying, delayed, dead, the oldest age and when a worker
-    last claimed are read from the store. ${data.counts_here ? "Delivered, failed and the rates are this process's." :
-      "The workers run the listeners elsewhere: the charts show the store's pending deliveries and the dead letters added each second."}</p>
+    last claimed are read from the store. ${data.counted ? "So are delivered, failed and their rates, whichever worker ran them." :
+      "This store does not count deliveries: the charts show its pending deliveries and the dead letters added each second."}</p>
     <table id="listeners">
       <thead><tr><th>listener</th><th>events</th><th class="num">pending</th><th class="num">in flight</th>
       <th class="num">retrying</th><th class="num">delayed</th><th class="num">dead</th><th class="num">oldest</th>
-      <th class="num" title="when a worker last claimed for it">last seen</th><th class="num">delivered</th><th class="num">failed</th><th class="num">${data.counts_here ? "deliveries/s" : "pending"}</th>
-      <th class="num">${data.counts_here ? "failures/s" : "dead letters/s"}</th></tr></thead>
+      <th class="num" title="when a worker last claimed for it">last seen</th><th class="num">delivered</th><th class="num">failed</th><th class="num">${data.counted ? "deliveries/s" : "pending"}</th>
+      <th class="num">${data.counted ? "failures/s" : "dead letters/s"}</th></tr></thead>
       <tbody>${rows || `<tr><td colspan="13" class="note">No listener.</td></tr>`}</tbody>
     </table>`;
 }
@@ -181,7 +181,7 @@ async function listenerPage(name) {
       ${figure("last seen", l.last_seen ? `${age(Date.now() / 1000 - l.last_seen)} ago` : "-")}
       ${figure("delivered", l.delivered)}${figure("failed", l.failed)}
     </div>
-    <div class="figures">${l.counts_here
+    <div class="figures">${l.counted
       ? `<div>deliveries/s ${rate(l.rates, "ok", true)}</div><div>failures/s ${rate(l.rates, "fail", true)}</div>`
       : `<div>pending ${rate(l.rates, "pending", true, l.pending)}</div><div>dead letters/s ${rate(l.rates, "dead", true)}</div>`}</div>
     <h2>Recent failures in this process</h2>
