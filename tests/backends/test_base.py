@@ -269,7 +269,7 @@ async def test_drain_does_not_wait_for_a_delayed_event_and_closing_reports_it(
         bus.options(delay=3600).emit("job.due", n=1)
         await asyncio.wait_for(bus.drain(), 10)
         assert backend.stats()["pending"] == 0
-    assert "1 undelivered event(s) after 0s: " in caplog.text
+    assert "1 undelivered event(s) after 0.00s: " in caplog.text
 
 
 async def test_a_backend_that_skips_super_init_is_told_at_start() -> None:
