@@ -55,6 +55,10 @@ class ListenerStats:
     ``delivered`` and ``failed`` are the attempts that returned and that raised (or
     timed out), counted by the store since the listener joined, whichever worker ran
     them (in process: by this bus); ``None`` where a backend does not count them.
+
+    ``pending`` counts the deliveries due and waiting (not delayed, not retrying, not
+    running: one whose lease expired waits again); ``oldest_age_s`` is how long the
+    oldest of them has waited since it came due, ``None`` when none waits.
     """
 
     pending: int = 0

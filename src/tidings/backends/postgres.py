@@ -615,8 +615,10 @@ class PostgresBackend(DurableBackend):
                 "AND d.lease_until <= $1), "
                 "COUNT(*) FILTER (WHERE NOT d.dead AND d.attempt = 0 AND d.due > $1), "
                 "COUNT(*) FILTER (WHERE d.dead), "
-                "MIN(e.created) FILTER (WHERE NOT d.dead) "
-                f"FROM {s}.deliveries d JOIN {s}.events e ON e.seq = d.seq GROUP BY d.listener",
+                # The oldest of the pending ones, since it came due (its retry's or
+                # delay's end, else its emit): a delayed or running one is not waiting.
+                "MIN(d.due) FILTER (WHERE NOT d.dead AND d.due <= $1 AND d.lease_until <= $1) "
+                f"FROM {s}.deliveries d GROUP BY d.listener",
                 now,
             )
         seen = {r[0]: r[1] for r in joined}
