@@ -361,6 +361,19 @@ class PostgresBackend(DurableBackend):
         )
         return isinstance(exc, refused) or super().refuses(exc)
 
+    def translate(self, exc: BaseException, what: str) -> BackendError:
+        error = super().translate(exc, what)
+        import asyncpg
+
+        # A table or column missing: the schema was never migrated (migrate=false), is
+        # older than this version, or was dropped; say how to make it.
+        if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):
+            hint = "run `tidings db migrate APP`"
+            if not self.migrate:
+                hint += ", or drop migrate=false from the URL"
+            error = type(error)(f"{error}; the tables are missing or out of date: {hint}")
+        return error
+
     async def store_in(self, connection: Any, event: Event, delay_s: float | None) -> None:
         """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
         outbox: see :mod:`tidings.outbox`)."""
