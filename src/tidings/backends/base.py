@@ -50,7 +50,9 @@ __all__ = [
 @dataclass(slots=True)
 class ListenerStats:
     """What waits for one listener in the store, and when a process last claimed for it
-    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say).
+    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say). A
+    store writes ``last_seen`` down at most once a minute (SQLite, PostgreSQL) or a
+    second (Redis), so it trails the last claim by up to that much.
 
     ``delivered`` and ``failed`` are the attempts that returned and that raised (or
     timed out), counted by the store since the listener joined, whichever worker ran

@@ -123,7 +123,9 @@ _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.
 _NOW = "extract(epoch FROM now())::float8"
-# A listener's last claim is recorded at most once every so many seconds.
+# A listener's last claim is recorded at most once every so many seconds: writing it
+# at each claim would cost a round trip and make every worker of a listener queue for
+# its row's lock.
 _SEEN_S = 60.0
 # The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
 _LEASE_EXPIRED = 1.0

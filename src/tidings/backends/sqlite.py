@@ -105,7 +105,8 @@ _headers_enc = msgspec.json.Encoder()
 _FANOUT = 5000
 # Old events are deleted once every so many seconds.
 _CLEANUP_S = 1.0
-# A listener's last claim is recorded at most once every so many seconds.
+# A listener's last claim is recorded at most once every so many seconds: writing it
+# at each claim would make every idle claim a write transaction.
 _SEEN_S = 60.0
 # Event names whose match with a listener's patterns is remembered, per listener.
 _TAKES = 10_000
