@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -143,6 +144,25 @@ async def test_closing_reports_and_forgets_deliveries_that_never_ran(
         event_id = backend.kept[0].event.id
     assert f"1 undelivered event(s) after 0.00s: {event_id}" in caplog.text
     assert backend.stats()["pending"] == 0
+
+
+async def test_closing_runs_the_delayed_events_due_within_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got: list[int] = []
+
+    @listener("job.due")
+    async def work(n: int) -> None:
+        got.append(n)
+
+    async with Bus(_Now(), listeners=[work], shutdown_timeout=30) as bus:
+        bus.options(delay=0.01).emit("job.due", n=1)
+        bus.options(delay=3600).emit("job.due", n=2)
+        began = time.monotonic()
+    assert got == [1]
+    # The one due in an hour is reported at once, not waited for.
+    assert time.monotonic() - began < 10
+    assert "1 undelivered event(s) after 0.0" in caplog.text
 
 
 class _Refusing(Backend):

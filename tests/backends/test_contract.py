@@ -1047,6 +1047,32 @@ async def test_stats_count_what_waits(make_bus: BusFactory, backend_name: str) -
     assert stats.oldest_age_s is not None
 
 
+async def test_the_oldest_age_is_that_of_deliveries_due_and_waiting(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with make_bus(listeners=[on_x], consume=False) as bus:
+        store = cast(DurableBackend, bus.backend)
+        bus.options(delay=60).emit("x")
+        await bus.publish("x")
+        # A claim leases the due one and turns the delayed one into a delivery too.
+        (running,) = await store.claim(on_x.qualname, on_x.names, 10, lease_s=30)
+        stats = (await bus.listener_stats())[on_x.qualname]
+        assert (stats.pending, stats.in_flight, stats.delayed) == (0, 1, 1)
+        assert stats.oldest_age_s is None  # neither the delayed one nor the running one
+        await bus.publish("x")
+        stats = (await bus.listener_stats())[on_x.qualname]
+        assert (stats.pending, stats.in_flight, stats.delayed) == (1, 1, 1)
+        assert stats.oldest_age_s is not None
+        assert stats.oldest_age_s < 30
+        await store.settle(Outcomes(acks=[running]))
+
+
 async def test_forgotten_listeners_get_no_more_deliveries(
     make_bus: BusFactory, backend_name: str
 ) -> None:

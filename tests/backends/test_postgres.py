@@ -165,6 +165,33 @@ def test_tidings_db_migrate(schema: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert f"schema {schema} is up to date" in result.output
 
 
+def test_tables_not_yet_migrated_are_named_with_the_command_that_makes_them(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", _url(schema, migrate="false"))
+    runner = CliRunner(env={"COLUMNS": "250"})
+    result = runner.invoke(cli, ["emit", "tests.cli_app:make_bus()", "order.paid"])
+    assert result.exit_code != 0
+    assert "UndefinedTableError" in result.output
+    assert "the tables are missing or out of date" in result.output
+    assert "run `tidings db migrate APP`" in result.output
+    assert "or drop migrate=false from the URL" in result.output
+
+
+async def test_a_migrated_store_whose_tables_were_dropped_names_the_command_too(
+    schema: str, db: asyncpg.Connection
+) -> None:
+    @listener("x")
+    async def on_x() -> None:
+        pass
+
+    async with Bus(_url(schema), listeners=[on_x], consume=False) as bus:
+        await db.execute(f"DROP TABLE {schema}.deliveries")
+        with pytest.raises(BackendError, match="run `tidings db migrate APP`") as caught:
+            await bus.listener_stats()
+    assert "migrate=false" not in str(caught.value)
+
+
 async def test_notify_wakes_a_consumer_long_before_it_would_poll(schema: str) -> None:
     got = asyncio.Event()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -50,11 +51,17 @@ __all__ = [
 @dataclass(slots=True)
 class ListenerStats:
     """What waits for one listener in the store, and when a process last claimed for it
-    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say).
+    (``last_seen``, epoch seconds; ``None``: never, or a store that does not say). A
+    store writes ``last_seen`` down at most once a minute (SQLite, PostgreSQL) or a
+    second (Redis), so it trails the last claim by up to that much.
 
     ``delivered`` and ``failed`` are the attempts that returned and that raised (or
     timed out), counted by the store since the listener joined, whichever worker ran
     them (in process: by this bus); ``None`` where a backend does not count them.
+
+    ``pending`` counts the deliveries due and waiting (not delayed, not retrying, not
+    running: one whose lease expired waits again); ``oldest_age_s`` is how long the
+    oldest of them has waited since it came due, ``None`` when none waits.
     """
 
     pending: int = 0
@@ -273,9 +280,10 @@ class Backend(ABC):
             await waiter
 
     async def aclose(self, timeout_s: float | None) -> list[str]:
-        """Drain for at most ``timeout_s`` seconds, stop, and return undelivered event ids."""
+        """Drain for at most ``timeout_s`` seconds, running the delayed events that come
+        due meanwhile, stop, and return undelivered event ids (those due later at once)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drain(), timeout_s)
+            await asyncio.wait_for(self._drain_due(timeout_s), timeout_s)
         for handle in self._delivery_timers:
             handle.cancel()
         undelivered = [event.id for event in self._delivery_timers.values()]
@@ -287,6 +295,19 @@ class Backend(ABC):
         self._handed.clear()
         self.runner = None
         return list(dict.fromkeys(undelivered))
+
+    async def _drain_due(self, timeout_s: float | None) -> None:
+        """Drain, and run the delayed events that come due within ``timeout_s`` seconds
+        (those due later are not waited for)."""
+        loop = asyncio.get_running_loop()
+        deadline = math.inf if timeout_s is None else loop.time() + timeout_s
+        while True:
+            await self.drain()
+            due = [h.when() for h in self._delivery_timers if h.when() <= deadline]
+            if not due:
+                return
+            # Timers fire on the loop: sleep until the next one has, then drain again.
+            await asyncio.sleep(max(min(due) - loop.time(), 0.0))
 
     def stats(self) -> dict[str, Any]:
         """Counters of what waits and runs."""

@@ -123,7 +123,9 @@ _INT_OPTIONS = ("batch", "concurrency", "max_lost_runs")
 _STR_OPTIONS = ("codec", "schema")
 # The database's clock, in epoch seconds: leases never depend on a worker's own clock.
 _NOW = "extract(epoch FROM now())::float8"
-# A listener's last claim is recorded at most once every so many seconds.
+# A listener's last claim is recorded at most once every so many seconds: writing it
+# at each claim would cost a round trip and make every worker of a listener queue for
+# its row's lock.
 _SEEN_S = 60.0
 # The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
 _LEASE_EXPIRED = 1.0
@@ -360,6 +362,19 @@ class PostgresBackend(DurableBackend):
             asyncpg.exceptions._base.DataError,
         )
         return isinstance(exc, refused) or super().refuses(exc)
+
+    def translate(self, exc: BaseException, what: str) -> BackendError:
+        error = super().translate(exc, what)
+        import asyncpg
+
+        # A table or column missing: the schema was never migrated (migrate=false), is
+        # older than this version, or was dropped; say how to make it.
+        if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):
+            hint = "run `tidings db migrate APP`"
+            if not self.migrate:
+                hint += ", or drop migrate=false from the URL"
+            error = type(error)(f"{error}; the tables are missing or out of date: {hint}")
+        return error
 
     async def store_in(self, connection: Any, event: Event, delay_s: float | None) -> None:
         """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
@@ -615,8 +630,10 @@ class PostgresBackend(DurableBackend):
                 "AND d.lease_until <= $1), "
                 "COUNT(*) FILTER (WHERE NOT d.dead AND d.attempt = 0 AND d.due > $1), "
                 "COUNT(*) FILTER (WHERE d.dead), "
-                "MIN(e.created) FILTER (WHERE NOT d.dead) "
-                f"FROM {s}.deliveries d JOIN {s}.events e ON e.seq = d.seq GROUP BY d.listener",
+                # The oldest of the pending ones, since it came due (its retry's or
+                # delay's end, else its emit): a delayed or running one is not waiting.
+                "MIN(d.due) FILTER (WHERE NOT d.dead AND d.due <= $1 AND d.lease_until <= $1) "
+                f"FROM {s}.deliveries d GROUP BY d.listener",
                 now,
             )
         seen = {r[0]: r[1] for r in joined}

@@ -1138,8 +1138,9 @@ class RedisBackend(DurableBackend):
                     )
                     s.pending += len(expired)
                     s.in_flight += int(g["pending"]) - len(expired)
-                    summary = await redis.xpending(key, lst)
-                    oldest = _earliest(oldest, summary["min"])
+                    # Pending again once its lease expired; a running one is not waiting.
+                    if expired:
+                        oldest = _earliest(oldest, expired[0]["message_id"])
             if oldest is not None:
                 s.oldest_age_s = max(0.0, now - oldest)
         for dead_key in await self._dead_keys(None, None):

@@ -105,7 +105,8 @@ _headers_enc = msgspec.json.Encoder()
 _FANOUT = 5000
 # Old events are deleted once every so many seconds.
 _CLEANUP_S = 1.0
-# A listener's last claim is recorded at most once every so many seconds.
+# A listener's last claim is recorded at most once every so many seconds: writing it
+# at each claim would make every idle claim a write transaction.
 _SEEN_S = 60.0
 # Event names whose match with a listener's patterns is remembered, per listener.
 _TAKES = 10_000
@@ -826,10 +827,11 @@ class SQLiteBackend(DurableBackend):
             "SUM(d.dead = 0 AND d.attempt > 0 AND d.due > ? AND d.lease_until <= ?), "
             "SUM(d.dead = 0 AND d.attempt = 0 AND d.due > ?), "
             "SUM(d.dead = 1), "
-            "MIN(CASE WHEN d.dead = 0 THEN e.created END) "
-            "FROM tidings_deliveries d JOIN tidings_events e ON e.seq = d.seq "
-            "GROUP BY d.listener",
-            (now, now, now, now, now, now),
+            # The oldest of the pending ones, since it came due (its retry's or delay's
+            # end, else its emit): a delayed or running delivery is not waiting.
+            "MIN(CASE WHEN d.dead = 0 AND d.due <= ? AND d.lease_until <= ? THEN d.due END) "
+            "FROM tidings_deliveries d GROUP BY d.listener",
+            (now, now, now, now, now, now, now, now),
         )
         for lst, pending, in_flight, retrying, delayed, dead, oldest in await cursor.fetchall():
             out[lst] = ListenerStats(
@@ -859,7 +861,7 @@ class SQLiteBackend(DurableBackend):
                         s.delayed += 1
                         continue
                     s.pending += 1
-                    age = max(0.0, now - created)
+                    age = max(0.0, now - max(created, due))
                     if s.oldest_age_s is None or age > s.oldest_age_s:
                         s.oldest_age_s = age
         return out

@@ -378,13 +378,19 @@ class DurableBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(f"cannot open the {self.scheme} store: {exc}") from exc
+        subs = runner.registry.subscriptions() if runner.registry is not None else []
+        try:
+            for sub in subs:
+                # Every bus joins its listeners, so events a producer stores before any
+                # worker ever ran still reach them.
+                await self.join(sub.listener.qualname, sub.listener.names)
+        except BaseException:
+            # A start that fails leaves no connection open behind it.
+            with contextlib.suppress(Exception):
+                await self.disconnect()
+            raise
         self._flush_task = self._loop.create_task(self._flusher())
         self._writer_task = self._loop.create_task(self._writer())
-        subs = runner.registry.subscriptions() if runner.registry is not None else []
-        for sub in subs:
-            # Every bus joins its listeners, so events a producer stores before any
-            # worker ever ran still reach them.
-            await self.join(sub.listener.qualname, sub.listener.names)
         if self.consume:
             for sub in subs:
                 if self.listener_patterns is not None and not any(
