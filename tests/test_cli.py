@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tidings import Bus
+from tidings import Bus, listener
 from tidings.cli import app
 from tidings.demo import run_demo
 
@@ -222,6 +222,37 @@ def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> 
     lines = narrow.invoke(app, ["dead", "list", APP]).output.splitlines()
     assert any(event_id in line for line in lines)
     assert any("ValueError: order -1 cannot be charged" in line for line in lines)
+
+
+@listener("user.signed_up")
+async def send_welcome_mail_to_each_new_user(user_id: int) -> None:
+    """A listener with a long qualified name, for the width of tables."""
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"COLUMNS": "80"}, {"COLUMNS": "100", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}],
+    ids=["pipe", "terminal"],
+)
+def test_stats_watch_never_cuts_names_or_headers(sqlite_url: str, env: dict[str, str]) -> None:
+    async def join() -> None:
+        async with Bus(sqlite_url, listeners=[send_welcome_mail_to_each_new_user], consume=False):
+            pass
+
+    asyncio.run(join())
+    _dead_ids(sqlite_url, [-1])  # a worker ran: the app's listeners were last seen now
+    args = ["stats", APP, "--watch", "--refreshes", "2", "--interval", "0.01"]
+    result = CliRunner(env=env).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output, result.output
+    lines = result.output.splitlines()
+    name = send_welcome_mail_to_each_new_user.qualname
+    assert any(name in line for line in lines), result.output
+    header = next(line for line in lines if "pending" in line)
+    for column in ("in flight", "retrying", "last seen", "backlog/s", "delivered/s"):
+        assert column in header, header
+    charge = next(line for line in lines if "tests.cli_app.charge" in line)
+    assert re.search(r"\d+s ago", charge), charge
 
 
 def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> None:

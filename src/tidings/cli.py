@@ -88,12 +88,18 @@ def _with_bus(target: str, debug: bool, body: Callable[[Bus], Coroutine[Any, Any
 def _print_table(table: Table) -> None:
     """Print ``table`` without ever cutting a cell of a column that does not wrap (ids,
     names): as wide as it needs in a pipe or a CI log, at least that wide in a terminal."""
+    _console_for(table).print(table)
+
+
+def _console_for(table: Table, *, whole_rows: bool = False) -> Console:
+    """A console wide enough for ``table``: as wide as its rows in a pipe or a CI log (or
+    with ``whole_rows``), at least as wide as its columns that do not wrap in a terminal."""
     console = Console()
     needed = console.measure(table, options=console.options.update_width(1_000_000))
-    width = needed.minimum if console.is_terminal else needed.maximum
+    width = needed.minimum if console.is_terminal and not whole_rows else needed.maximum
     if width > console.width or not console.is_terminal:
         console = Console(width=max(width, 1))
-    console.print(table)
+    return console
 
 
 def _print_json(value: Any) -> None:
@@ -382,20 +388,16 @@ def stats(
                 [{"listener": n, **dataclasses.asdict(s)} for n, s in sorted(figures.items())]
             )
             return None
+        from tidings.dashboard.live import STAT_COLUMNS, stat_cells
+
         table = Table(title=f"deliveries on {bus.url}")
         table.add_column("listener", no_wrap=True)
-        for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
+        for column in (*STAT_COLUMNS, "delivered", "failed"):
             table.add_column(column, justify="right")
-        table.add_column("last seen", justify="right")
-        table.add_column("delivered", justify="right")
-        table.add_column("failed", justify="right")
-        from tidings.dashboard.live import stat_cells
-
         now = time.time()
         for listener, s in sorted(figures.items()):
-            seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
             totals = ["-" if n is None else str(n) for n in (s.delivered, s.failed)]
-            table.add_row(listener, *stat_cells(s), seen, *totals)
+            table.add_row(listener, *stat_cells(s, now), *totals)
         return table
 
     table = _with_bus(target, debug, body)
@@ -411,20 +413,39 @@ def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | Non
 
     from tidings.dashboard.live import Watch
 
+    live: Live | None = None
+
     async def body(bus: Bus) -> None:
+        nonlocal live
         _require_store(bus)
         watch = Watch(bus.url)
-        with Live(watch.table(), console=Console(), auto_refresh=False) as live:
-            done = 0
-            while refreshes is None or done < refreshes:
-                if done:
-                    await asyncio.sleep(interval)
-                watch.add(await bus.listener_stats())
-                live.update(watch.table(), refresh=True)
-                done += 1
+        done = 0
+        while refreshes is None or done < refreshes:
+            if done:
+                await asyncio.sleep(interval)
+            watch.add(await bus.listener_stats())
+            table = watch.table()
+            console = _console_for(table, whole_rows=True)
+            if not console.is_terminal or console.width > Console().width:
+                # A pipe, or rows wider than the terminal (which would wrap them and
+                # break redrawing in place): each reading is a table of its own.
+                if live is not None:
+                    live.stop()
+                    live = None
+                console.print(table)
+            elif live is None:
+                live = Live(table, console=console, auto_refresh=False)
+                live.start(refresh=True)
+            else:
+                live.update(table, refresh=True)
+            done += 1
 
-    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
-        _with_bus(target, debug, body)
+    try:
+        with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+            _with_bus(target, debug, body)
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @app.command()
