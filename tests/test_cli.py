@@ -102,11 +102,61 @@ def app_url(
 APP = "tests.cli_app:make_bus()"
 
 
+@listener("user.signed_up")
+async def send_welcome_mail_to_each_new_user(user_id: int) -> None:
+    """A listener with a long qualified name, for the width of tables."""
+
+
 def test_listeners_lists_names_and_options(app_url: str) -> None:
     result = runner.invoke(app, ["listeners", APP])
     assert result.exit_code == 0, result.output
     for text in ("charge", "order.paid", "2 attempts", "5s", "audit", "order.*", "sync"):
         assert text in result.output
+
+
+def test_listeners_help_shows_its_two_forms() -> None:
+    result = runner.invoke(app, ["listeners", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert "Usage: tidings listeners [OPTIONS] APP" in lines
+    assert "or: tidings listeners forget [OPTIONS] APP NAME" in lines
+    assert "see below" not in result.output
+    assert "{APP}" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "meant"),
+    [
+        ([APP, "forget"], f"tidings listeners forget {APP} NAME"),
+        ([APP, "forget", "old.listener"], f"tidings listeners forget {APP} old.listener"),
+        ([APP, "extra"], f"tidings listeners {APP}"),
+        (["forget", APP], "tidings listeners forget APP NAME"),
+        (["forget", APP, "a", "b"], "tidings listeners forget APP NAME"),
+    ],
+)
+def test_listeners_refuses_misplaced_arguments(
+    sqlite_url: str, args: list[str], meant: str
+) -> None:
+    result = runner.invoke(app, ["listeners", *args])
+    assert result.exit_code == 2, result.output
+    assert meant in result.output
+    assert "Usage: tidings listeners" in result.output
+    assert "tests.cli_app.charge" not in result.output  # nothing listed
+
+
+def test_listeners_forget_forgets(sqlite_url: str) -> None:
+    async def join() -> None:
+        async with Bus(sqlite_url, listeners=[send_welcome_mail_to_each_new_user], consume=False):
+            pass
+
+    asyncio.run(join())
+    name = send_welcome_mail_to_each_new_user.qualname
+    result = runner.invoke(app, ["listeners", "forget", APP, name])
+    assert result.exit_code == 0, result.output
+    assert f"forgot listener {name!r}" in result.output
+    result = runner.invoke(app, ["listeners", "forget", APP, name])
+    assert result.exit_code == 1, result.output
+    assert "is joined on the store" in result.output
 
 
 def test_emit_stats_and_dead_letters_round_trip(app_url: str) -> None:
@@ -222,11 +272,6 @@ def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> 
     lines = narrow.invoke(app, ["dead", "list", APP]).output.splitlines()
     assert any(event_id in line for line in lines)
     assert any("ValueError: order -1 cannot be charged" in line for line in lines)
-
-
-@listener("user.signed_up")
-async def send_welcome_mail_to_each_new_user(user_id: int) -> None:
-    """A listener with a long qualified name, for the width of tables."""
 
 
 @pytest.mark.parametrize(

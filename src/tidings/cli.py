@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from tidings._loading import load_bus
 from tidings.backends.base import DeadLetter
@@ -188,22 +189,55 @@ async def _with_metrics(
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@app.command("listeners")
+class _ListenersCommand(TyperCommand):
+    """``tidings listeners``, whose usage shows its two forms, listing and forgetting."""
+
+    def format_usage(self, ctx: Any, formatter: Any) -> None:
+        formatter.write_usage(ctx.command_path, "[OPTIONS] APP")
+        formatter.write_usage(ctx.command_path, "forget [OPTIONS] APP NAME", prefix="   or: ")
+
+
+_LISTENERS_HELP = (
+    "List a bus's listeners and their options.\n\n"
+    "'tidings listeners forget APP NAME' removes the listener NAME (its qualified name) from "
+    "the app's durable store: its deliveries are deleted and no event is stored for it any more."
+)
+
+
+class _UsageError(typer.BadParameter):
+    """A usage error (exit code 2, shown under the usage) told in its own words."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _listeners_rest(ctx: typer.Context, value: list[str] | None) -> list[str]:
+    """The arguments after APP: NAME after ``forget APP``, none after a plain APP.
+
+    Raises:
+        typer.BadParameter: any other, with the form that was likely meant.
+    """
+    rest, target = value or [], ctx.params.get("target")
+    if target == "forget":
+        if len(rest) != 2:
+            raise _UsageError("forget takes APP NAME: tidings listeners forget APP NAME")
+    elif rest:
+        name = rest[1] if len(rest) == 2 else "NAME"
+        meant = f"forget {target} {name}" if rest[0] == "forget" else f"{target}"
+        raise _UsageError(f"unexpected {' '.join(rest)!r}; did you mean: tidings listeners {meant}")
+    return rest
+
+
+@app.command("listeners", cls=_ListenersCommand, help=_LISTENERS_HELP)
 def listeners_(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    forget: list[str] | None = typer.Argument(  # noqa: B008
-        None, metavar="[forget APP NAME]", help="'forget APP NAME': see below."
-    ),
+    rest: list[str] | None = typer.Argument(None, hidden=True, callback=_listeners_rest),  # noqa: B008
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """List a bus's listeners and their options.
-
-    'tidings listeners forget APP NAME' removes the listener NAME (qualified) from the
-    app's durable store: its deliveries are deleted and it keeps no event stored.
-    """
+    """List a bus's listeners, or forget one that is gone from the code."""
     if target == "forget":
-        _forget_listener(forget or [], debug)
+        _forget_listener(rest or [], debug)
         return
     bus = _guarded(debug, lambda: load_bus(target))
     seen = _last_seen(bus, debug) if bus.backend.durable else None
@@ -284,8 +318,6 @@ def _kind(lst: Listener[..., Any]) -> str:
 
 
 def _forget_listener(args: list[str], debug: bool) -> None:
-    if len(args) != 2:
-        raise _fail("usage: tidings listeners forget APP NAME")
     target, name = args
 
     async def body(bus: Bus) -> bool:
