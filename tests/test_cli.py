@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -498,6 +499,35 @@ def test_worker_logs_a_line_per_failed_attempt_and_the_traceback_once(sqlite_url
     delivered = [line for line in log.splitlines() if " delivered event " in line]
     assert any("to tests.cli_app.charge on attempt 1 in" in line for line in delivered), log
     assert sum("to tests.cli_app.audit" in line for line in delivered) == 2, log
+
+
+def test_worker_serves_metrics_on_the_address_given(sqlite_url: str) -> None:
+    help_text = runner.invoke(app, ["worker", "--help"]).output
+    assert "--metrics-host" in help_text
+    assert "0.0.0.0" in help_text  # the default, said where it is chosen
+    env = {**os.environ, "TIDINGS_TEST_URL": sqlite_url, "PYTHONPATH": str(ROOT)}
+    args = ["worker", APP, "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidings.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc, proc.stderr:
+        try:
+            line = next((line for line in proc.stderr if "metrics on" in line), "")
+            found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+            assert found, line
+            with urllib.request.urlopen(f"http://127.0.0.1:{found[1]}/metrics") as response:
+                assert b"tidings_dead_letters" in response.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_worker_log_level_hides_what_is_below_it(sqlite_url: str) -> None:

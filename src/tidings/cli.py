@@ -145,7 +145,15 @@ def worker(
         False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+        None,
+        "--metrics-port",
+        help="Serve Prometheus metrics on this port (GET /metrics; 0 picks a free one).",
+    ),
+    metrics_host: str = typer.Option(
+        "0.0.0.0",
+        "--metrics-host",
+        help="The address the metrics listen on: every interface by default, for a "
+        "Prometheus on another host; 127.0.0.1 for this host only.",
     ),
     debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
@@ -163,22 +171,24 @@ def worker(
         log_deliveries=log_deliveries,
     )
     if metrics_port is not None:
-        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
+        work = _with_metrics(bus, metrics_host, metrics_port, work, Console(stderr=True))
     _guarded(debug, lambda: asyncio.run(work))
 
 
 async def _with_metrics(
-    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+    bus: Bus, host: str, port: int, work: Coroutine[Any, Any, None], console: Console
 ) -> None:
-    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``host``:``port``."""
     from tidings.metrics import instrument, serve
 
     try:
-        server = await serve(instrument(bus), port=port)
+        server = await serve(instrument(bus), host=host, port=port)
     except BaseException:
         work.close()
         raise
-    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    port = server.sockets[0].getsockname()[1]  # the one picked, for port 0
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"tidings worker: metrics on http://{shown}:{port}/metrics", highlight=False)
     try:
         await work
     finally:
