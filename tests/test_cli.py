@@ -577,7 +577,7 @@ def test_emit_json_is_the_payload_and_options_are_flags(app_url: str) -> None:
     [
         (["--header", "novalue"], "--header takes NAME=VALUE"),
         (["--at", "tomorrow"], "--at is not an ISO 8601 time"),
-        (["--at", "2030-01-01T09:00"], "aware datetime"),
+        (["--at", "2030-01-01T09:00"], "--at needs a UTC offset, e.g. 2030-01-01T09:00+00:00"),
         (["--delay", "nan"], "finite"),
     ],
 )
@@ -585,6 +585,26 @@ def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) ->
     result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
     assert result.exit_code == 1, result.output
     assert message in result.output
+    assert "datetime" not in result.output  # words for the command line, not for Python
+
+
+def test_emit_says_how_many_listeners_in_words(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'order.paid': stored for 2 listeners" in result.output
+    result = runner.invoke(app, ["emit", APP, "order.shipped", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'order.shipped': stored for 1 listener\n" in result.output
+
+
+def test_emit_with_no_listener_stores_nothing_unless_allowed(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "usr.created"])
+    assert result.exit_code == 1, result.output
+    assert "'usr.created' was not emitted: no listener joined on the store" in result.output
+    assert "emitted 'usr.created'" not in result.output
+    result = runner.invoke(app, ["emit", APP, "usr.created", "--allow-none"])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'usr.created': stored for no listener" in result.output
 
 
 def test_demo_help_wraps_at_the_terminals_width_only() -> None:

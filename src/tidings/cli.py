@@ -359,14 +359,17 @@ def emit(
         [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
     ),
     allow_none: bool = typer.Option(
-        False, "--allow-none", help="Succeed even when no listener takes the event."
+        False,
+        "--allow-none",
+        help="Emit even when no listener joined on the store takes the event.",
     ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Publish one event (stored for the workers on a durable bus).
 
     --json is the payload only; options come from flags (--delay, --at, --key, --header).
-    Fails when the store knows no listener that takes it, unless --allow-none.
+    Emits nothing, and fails, when the store knows no listener that takes it, unless
+    --allow-none.
     """
     try:
         kwargs = msgspec.json.decode(json_payload)
@@ -386,23 +389,30 @@ def emit(
             when = dt.datetime.fromisoformat(at)
         except ValueError:
             raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
+        if when.tzinfo is None:
+            raise _fail(f"--at needs a UTC offset, e.g. {at}+00:00")
 
     async def body(bus: Bus) -> list[str] | None:
+        backend = bus.backend
+        takers = await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
+        if takers == [] and not allow_none:
+            raise _fail(
+                f"{name!r} was not emitted: no listener joined on the store takes it (a "
+                "listener receives the events stored after it joined); --allow-none emits it "
+                "anyway"
+            )
         options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
         await options.publish(name, **kwargs)
-        backend = bus.backend
-        return await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
+        return takers
 
     takers = _with_bus(target, debug, body)
     if takers is None:
-        Console().print(f"emitted {name!r}", highlight=False)
-        return
-    Console().print(f"emitted {name!r}: stored for {len(takers)} listeners", highlight=False)
-    if not takers and not allow_none:
-        raise _fail(
-            f"no listener joined on the store takes {name!r} (a listener receives the events "
-            "stored after it joined); --allow-none to accept that"
-        )
+        stored = ""
+    elif not takers:
+        stored = ": stored for no listener, as none joined on the store takes it"
+    else:
+        stored = f": stored for {len(takers)} listener{'s' if len(takers) > 1 else ''}"
+    Console().print(f"emitted {name!r}{stored}", highlight=False)
 
 
 @app.command()
