@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -370,12 +371,16 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
         "batch": None,
         "last_seen": listed[0]["last_seen"],
     }
-    assert isinstance(listed[0]["last_seen"], float)
+    assert _epoch(listed[0]["last_seen"]) > 0
     assert listed[1]["concurrency"] == 1
     result = runner.invoke(app, ["stats", APP, "--json"])
     assert result.exit_code == 0, result.output
     figures = {row["listener"]: row for row in json.loads(result.output)}
     assert figures["tests.cli_app.charge"]["dead"] == 1
+    # Every time in JSON output is ISO 8601 text in UTC, like a dead letter's failed_at.
+    assert _epoch(figures["tests.cli_app.charge"]["last_seen"]) == pytest.approx(
+        _epoch(listed[0]["last_seen"]), abs=1
+    )
     assert figures["tests.cli_app.audit"]["pending"] == 0
     result = runner.invoke(app, ["dead", "list", APP, "--json"])
     assert result.exit_code == 0, result.output
@@ -384,12 +389,20 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
     assert letter["kwargs"] == {"order_id": -3}
     assert letter["error"] == "ValueError: order -3 cannot be charged"
     assert letter["attempts"] == 2
+    assert _epoch(letter["failed_at"]) > 0
     assert "traceback" not in letter
     result = runner.invoke(app, ["dead", "show", APP, event_id[:12], "--json"])
     assert result.exit_code == 0, result.output
     (shown,) = json.loads(result.output)
     assert shown["event_id"] == event_id
     assert "Traceback" in shown["traceback"]
+
+
+def _epoch(text: str) -> float:
+    """A time from JSON output (ISO 8601 with the UTC offset) as epoch seconds."""
+    when = datetime.fromisoformat(text)
+    assert when.utcoffset() == timedelta(0), text
+    return when.timestamp()
 
 
 @pytest.mark.parametrize(
@@ -433,8 +446,8 @@ def test_listeners_of_a_durable_bus_say_when_a_worker_last_claimed(sqlite_url: s
     _dead_ids(sqlite_url, [-1])  # a worker ran: it claimed for both listeners
     result = runner.invoke(app, ["listeners", APP, "--json"])
     assert result.exit_code == 0, result.output
-    seen = [row["last_seen"] for row in json.loads(result.output)]
-    assert all(isinstance(t, float) and before - 1 <= t <= time.time() for t in seen), seen
+    seen = [_epoch(row["last_seen"]) for row in json.loads(result.output)]
+    assert all(before - 1 <= t <= time.time() for t in seen), seen
     result = runner.invoke(app, ["listeners", APP])
     charge_line = next(line for line in result.output.splitlines() if ".charge" in line)
     assert re.search(r"\d+s ago", charge_line), result.output

@@ -255,7 +255,7 @@ def listeners_(
         rows = [_listener_json(bus, lst) for lst in bus.listeners()]
         if seen is not None:
             for row in rows:
-                row["last_seen"] = seen.get(row["listener"])
+                row["last_seen"] = _iso(seen.get(row["listener"]))
         _print_json(rows)
         return
     table = Table(title=f"listeners on {bus.url}")
@@ -437,7 +437,10 @@ def stats(
         figures = await bus.listener_stats()
         if json_out:
             _print_json(
-                [{"listener": n, **dataclasses.asdict(s)} for n, s in sorted(figures.items())]
+                [
+                    {"listener": n, **dataclasses.asdict(s), "last_seen": _iso(s.last_seen)}
+                    for n, s in sorted(figures.items())
+                ]
             )
             return None
         from tidings.dashboard.live import STAT_COLUMNS, stat_cells
@@ -713,7 +716,7 @@ def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
         "event": d.event.name,
         "listener": d.listener,
         "attempts": d.attempts,
-        "failed_at": dt.datetime.fromtimestamp(d.failed_at, dt.UTC).isoformat(),
+        "failed_at": _iso(d.failed_at),
         "error": d.error,
         "args": list(d.event.args),
         "kwargs": d.event.kwargs,
@@ -723,6 +726,11 @@ def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
     if traceback:
         out["traceback"] = d.traceback
     return out
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """An epoch time as JSON output gives every time: ISO 8601 text in UTC."""
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
 
 
 def _when(timestamp: float) -> str:
