@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tidings import Bus
+from tidings import Bus, listener
 from tidings.cli import app
 from tidings.demo import run_demo
 
@@ -102,11 +104,61 @@ def app_url(
 APP = "tests.cli_app:make_bus()"
 
 
+@listener("user.signed_up")
+async def send_welcome_mail_to_each_new_user(user_id: int) -> None:
+    """A listener with a long qualified name, for the width of tables."""
+
+
 def test_listeners_lists_names_and_options(app_url: str) -> None:
     result = runner.invoke(app, ["listeners", APP])
     assert result.exit_code == 0, result.output
     for text in ("charge", "order.paid", "2 attempts", "5s", "audit", "order.*", "sync"):
         assert text in result.output
+
+
+def test_listeners_help_shows_its_two_forms() -> None:
+    result = runner.invoke(app, ["listeners", "--help"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert "Usage: tidings listeners [OPTIONS] APP" in lines
+    assert "or: tidings listeners forget [OPTIONS] APP NAME" in lines
+    assert "see below" not in result.output
+    assert "{APP}" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "meant"),
+    [
+        ([APP, "forget"], f"tidings listeners forget {APP} NAME"),
+        ([APP, "forget", "old.listener"], f"tidings listeners forget {APP} old.listener"),
+        ([APP, "extra"], f"tidings listeners {APP}"),
+        (["forget", APP], "tidings listeners forget APP NAME"),
+        (["forget", APP, "a", "b"], "tidings listeners forget APP NAME"),
+    ],
+)
+def test_listeners_refuses_misplaced_arguments(
+    sqlite_url: str, args: list[str], meant: str
+) -> None:
+    result = runner.invoke(app, ["listeners", *args])
+    assert result.exit_code == 2, result.output
+    assert meant in result.output
+    assert "Usage: tidings listeners" in result.output
+    assert "tests.cli_app.charge" not in result.output  # nothing listed
+
+
+def test_listeners_forget_forgets(sqlite_url: str) -> None:
+    async def join() -> None:
+        async with Bus(sqlite_url, listeners=[send_welcome_mail_to_each_new_user], consume=False):
+            pass
+
+    asyncio.run(join())
+    name = send_welcome_mail_to_each_new_user.qualname
+    result = runner.invoke(app, ["listeners", "forget", APP, name])
+    assert result.exit_code == 0, result.output
+    assert f"forgot listener {name!r}" in result.output
+    result = runner.invoke(app, ["listeners", "forget", APP, name])
+    assert result.exit_code == 1, result.output
+    assert "is joined on the store" in result.output
 
 
 def test_emit_stats_and_dead_letters_round_trip(app_url: str) -> None:
@@ -224,6 +276,32 @@ def test_tables_never_cut_ids_or_names_in_an_80_column_pipe(sqlite_url: str) -> 
     assert any("ValueError: order -1 cannot be charged" in line for line in lines)
 
 
+@pytest.mark.parametrize(
+    "env",
+    [{"COLUMNS": "80"}, {"COLUMNS": "100", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"}],
+    ids=["pipe", "terminal"],
+)
+def test_stats_watch_never_cuts_names_or_headers(sqlite_url: str, env: dict[str, str]) -> None:
+    async def join() -> None:
+        async with Bus(sqlite_url, listeners=[send_welcome_mail_to_each_new_user], consume=False):
+            pass
+
+    asyncio.run(join())
+    _dead_ids(sqlite_url, [-1])  # a worker ran: the app's listeners were last seen now
+    args = ["stats", APP, "--watch", "--refreshes", "2", "--interval", "0.01"]
+    result = CliRunner(env=env).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output, result.output
+    lines = result.output.splitlines()
+    name = send_welcome_mail_to_each_new_user.qualname
+    assert any(name in line for line in lines), result.output
+    header = next(line for line in lines if "pending" in line)
+    for column in ("in flight", "retrying", "last seen", "backlog/s", "delivered/s"):
+        assert column in header, header
+    charge = next(line for line in lines if "tests.cli_app.charge" in line)
+    assert re.search(r"\d+s ago", charge), charge
+
+
 def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> None:
     (event_id,) = _dead_ids(sqlite_url, [-1])
     terminal = CliRunner(env={"COLUMNS": "40", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
@@ -293,12 +371,16 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
         "batch": None,
         "last_seen": listed[0]["last_seen"],
     }
-    assert isinstance(listed[0]["last_seen"], float)
+    assert _epoch(listed[0]["last_seen"]) > 0
     assert listed[1]["concurrency"] == 1
     result = runner.invoke(app, ["stats", APP, "--json"])
     assert result.exit_code == 0, result.output
     figures = {row["listener"]: row for row in json.loads(result.output)}
     assert figures["tests.cli_app.charge"]["dead"] == 1
+    # Every time in JSON output is ISO 8601 text in UTC, like a dead letter's failed_at.
+    assert _epoch(figures["tests.cli_app.charge"]["last_seen"]) == pytest.approx(
+        _epoch(listed[0]["last_seen"]), abs=1
+    )
     assert figures["tests.cli_app.audit"]["pending"] == 0
     result = runner.invoke(app, ["dead", "list", APP, "--json"])
     assert result.exit_code == 0, result.output
@@ -307,12 +389,20 @@ def test_every_listing_command_prints_json(sqlite_url: str) -> None:
     assert letter["kwargs"] == {"order_id": -3}
     assert letter["error"] == "ValueError: order -3 cannot be charged"
     assert letter["attempts"] == 2
+    assert _epoch(letter["failed_at"]) > 0
     assert "traceback" not in letter
     result = runner.invoke(app, ["dead", "show", APP, event_id[:12], "--json"])
     assert result.exit_code == 0, result.output
     (shown,) = json.loads(result.output)
     assert shown["event_id"] == event_id
     assert "Traceback" in shown["traceback"]
+
+
+def _epoch(text: str) -> float:
+    """A time from JSON output (ISO 8601 with the UTC offset) as epoch seconds."""
+    when = datetime.fromisoformat(text)
+    assert when.utcoffset() == timedelta(0), text
+    return when.timestamp()
 
 
 @pytest.mark.parametrize(
@@ -356,8 +446,8 @@ def test_listeners_of_a_durable_bus_say_when_a_worker_last_claimed(sqlite_url: s
     _dead_ids(sqlite_url, [-1])  # a worker ran: it claimed for both listeners
     result = runner.invoke(app, ["listeners", APP, "--json"])
     assert result.exit_code == 0, result.output
-    seen = [row["last_seen"] for row in json.loads(result.output)]
-    assert all(isinstance(t, float) and before - 1 <= t <= time.time() for t in seen), seen
+    seen = [_epoch(row["last_seen"]) for row in json.loads(result.output)]
+    assert all(before - 1 <= t <= time.time() for t in seen), seen
     result = runner.invoke(app, ["listeners", APP])
     charge_line = next(line for line in result.output.splitlines() if ".charge" in line)
     assert re.search(r"\d+s ago", charge_line), result.output
@@ -424,6 +514,35 @@ def test_worker_logs_a_line_per_failed_attempt_and_the_traceback_once(sqlite_url
     assert sum("to tests.cli_app.audit" in line for line in delivered) == 2, log
 
 
+def test_worker_serves_metrics_on_the_address_given(sqlite_url: str) -> None:
+    help_text = runner.invoke(app, ["worker", "--help"]).output
+    assert "--metrics-host" in help_text
+    assert "0.0.0.0" in help_text  # the default, said where it is chosen
+    env = {**os.environ, "TIDINGS_TEST_URL": sqlite_url, "PYTHONPATH": str(ROOT)}
+    args = ["worker", APP, "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidings.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc, proc.stderr:
+        try:
+            line = next((line for line in proc.stderr if "metrics on" in line), "")
+            found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+            assert found, line
+            with urllib.request.urlopen(f"http://127.0.0.1:{found[1]}/metrics") as response:
+                assert b"tidings_dead_letters" in response.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_worker_log_level_hides_what_is_below_it(sqlite_url: str) -> None:
     log = _worker_log(sqlite_url, "--log-level", "warning", "--log-deliveries")
     assert "worker started" not in log
@@ -471,7 +590,7 @@ def test_emit_json_is_the_payload_and_options_are_flags(app_url: str) -> None:
     [
         (["--header", "novalue"], "--header takes NAME=VALUE"),
         (["--at", "tomorrow"], "--at is not an ISO 8601 time"),
-        (["--at", "2030-01-01T09:00"], "aware datetime"),
+        (["--at", "2030-01-01T09:00"], "--at needs a UTC offset, e.g. 2030-01-01T09:00+00:00"),
         (["--delay", "nan"], "finite"),
     ],
 )
@@ -479,6 +598,26 @@ def test_emit_flags_are_checked(app_url: str, flags: list[str], message: str) ->
     result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}', *flags])
     assert result.exit_code == 1, result.output
     assert message in result.output
+    assert "datetime" not in result.output  # words for the command line, not for Python
+
+
+def test_emit_says_how_many_listeners_in_words(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'order.paid': stored for 2 listeners" in result.output
+    result = runner.invoke(app, ["emit", APP, "order.shipped", "--json", '{"order_id": 1}'])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'order.shipped': stored for 1 listener\n" in result.output
+
+
+def test_emit_with_no_listener_stores_nothing_unless_allowed(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["emit", APP, "usr.created"])
+    assert result.exit_code == 1, result.output
+    assert "'usr.created' was not emitted: no listener joined on the store" in result.output
+    assert "emitted 'usr.created'" not in result.output
+    result = runner.invoke(app, ["emit", APP, "usr.created", "--allow-none"])
+    assert result.exit_code == 0, result.output
+    assert "emitted 'usr.created': stored for no listener" in result.output
 
 
 def test_demo_help_wraps_at_the_terminals_width_only() -> None:

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from tidings._loading import load_bus
 from tidings.backends.base import DeadLetter
@@ -88,12 +89,18 @@ def _with_bus(target: str, debug: bool, body: Callable[[Bus], Coroutine[Any, Any
 def _print_table(table: Table) -> None:
     """Print ``table`` without ever cutting a cell of a column that does not wrap (ids,
     names): as wide as it needs in a pipe or a CI log, at least that wide in a terminal."""
+    _console_for(table).print(table)
+
+
+def _console_for(table: Table, *, whole_rows: bool = False) -> Console:
+    """A console wide enough for ``table``: as wide as its rows in a pipe or a CI log (or
+    with ``whole_rows``), at least as wide as its columns that do not wrap in a terminal."""
     console = Console()
     needed = console.measure(table, options=console.options.update_width(1_000_000))
-    width = needed.minimum if console.is_terminal else needed.maximum
+    width = needed.minimum if console.is_terminal and not whole_rows else needed.maximum
     if width > console.width or not console.is_terminal:
         console = Console(width=max(width, 1))
-    console.print(table)
+    return console
 
 
 def _print_json(value: Any) -> None:
@@ -138,7 +145,15 @@ def worker(
         False, "--log-deliveries", help="Log one line per successful delivery (at INFO)."
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", help="Serve Prometheus metrics on this port (GET /metrics)."
+        None,
+        "--metrics-port",
+        help="Serve Prometheus metrics on this port (GET /metrics; 0 picks a free one).",
+    ),
+    metrics_host: str = typer.Option(
+        "0.0.0.0",
+        "--metrics-host",
+        help="The address the metrics listen on: every interface by default, for a "
+        "Prometheus on another host; 127.0.0.1 for this host only.",
     ),
     debug: bool = typer.Option(False, "--debug", help=f"{_DEBUG_HELP} Implies DEBUG logs."),
 ) -> None:
@@ -156,22 +171,24 @@ def worker(
         log_deliveries=log_deliveries,
     )
     if metrics_port is not None:
-        work = _with_metrics(bus, metrics_port, work, Console(stderr=True))
+        work = _with_metrics(bus, metrics_host, metrics_port, work, Console(stderr=True))
     _guarded(debug, lambda: asyncio.run(work))
 
 
 async def _with_metrics(
-    bus: Bus, port: int, work: Coroutine[Any, Any, None], console: Console
+    bus: Bus, host: str, port: int, work: Coroutine[Any, Any, None], console: Console
 ) -> None:
-    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``port``."""
+    """Run ``work`` while serving ``bus``'s Prometheus metrics on ``host``:``port``."""
     from tidings.metrics import instrument, serve
 
     try:
-        server = await serve(instrument(bus), port=port)
+        server = await serve(instrument(bus), host=host, port=port)
     except BaseException:
         work.close()
         raise
-    console.print(f"tidings worker: metrics on http://0.0.0.0:{port}/metrics", highlight=False)
+    port = server.sockets[0].getsockname()[1]  # the one picked, for port 0
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"tidings worker: metrics on http://{shown}:{port}/metrics", highlight=False)
     try:
         await work
     finally:
@@ -182,22 +199,55 @@ async def _with_metrics(
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@app.command("listeners")
+class _ListenersCommand(TyperCommand):
+    """``tidings listeners``, whose usage shows its two forms, listing and forgetting."""
+
+    def format_usage(self, ctx: Any, formatter: Any) -> None:
+        formatter.write_usage(ctx.command_path, "[OPTIONS] APP")
+        formatter.write_usage(ctx.command_path, "forget [OPTIONS] APP NAME", prefix="   or: ")
+
+
+_LISTENERS_HELP = (
+    "List a bus's listeners and their options.\n\n"
+    "'tidings listeners forget APP NAME' removes the listener NAME (its qualified name) from "
+    "the app's durable store: its deliveries are deleted and no event is stored for it any more."
+)
+
+
+class _UsageError(typer.BadParameter):
+    """A usage error (exit code 2, shown under the usage) told in its own words."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _listeners_rest(ctx: typer.Context, value: list[str] | None) -> list[str]:
+    """The arguments after APP: NAME after ``forget APP``, none after a plain APP.
+
+    Raises:
+        typer.BadParameter: any other, with the form that was likely meant.
+    """
+    rest, target = value or [], ctx.params.get("target")
+    if target == "forget":
+        if len(rest) != 2:
+            raise _UsageError("forget takes APP NAME: tidings listeners forget APP NAME")
+    elif rest:
+        name = rest[1] if len(rest) == 2 else "NAME"
+        meant = f"forget {target} {name}" if rest[0] == "forget" else f"{target}"
+        raise _UsageError(f"unexpected {' '.join(rest)!r}; did you mean: tidings listeners {meant}")
+    return rest
+
+
+@app.command("listeners", cls=_ListenersCommand, help=_LISTENERS_HELP)
 def listeners_(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    forget: list[str] | None = typer.Argument(  # noqa: B008
-        None, metavar="[forget APP NAME]", help="'forget APP NAME': see below."
-    ),
+    rest: list[str] | None = typer.Argument(None, hidden=True, callback=_listeners_rest),  # noqa: B008
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """List a bus's listeners and their options.
-
-    'tidings listeners forget APP NAME' removes the listener NAME (qualified) from the
-    app's durable store: its deliveries are deleted and it keeps no event stored.
-    """
+    """List a bus's listeners, or forget one that is gone from the code."""
     if target == "forget":
-        _forget_listener(forget or [], debug)
+        _forget_listener(rest or [], debug)
         return
     bus = _guarded(debug, lambda: load_bus(target))
     seen = _last_seen(bus, debug) if bus.backend.durable else None
@@ -205,7 +255,7 @@ def listeners_(
         rows = [_listener_json(bus, lst) for lst in bus.listeners()]
         if seen is not None:
             for row in rows:
-                row["last_seen"] = seen.get(row["listener"])
+                row["last_seen"] = _iso(seen.get(row["listener"]))
         _print_json(rows)
         return
     table = Table(title=f"listeners on {bus.url}")
@@ -278,8 +328,6 @@ def _kind(lst: Listener[..., Any]) -> str:
 
 
 def _forget_listener(args: list[str], debug: bool) -> None:
-    if len(args) != 2:
-        raise _fail("usage: tidings listeners forget APP NAME")
     target, name = args
 
     async def body(bus: Bus) -> bool:
@@ -311,14 +359,17 @@ def emit(
         [], "--header", "-H", help="A header, as NAME=VALUE (repeat for more)."
     ),
     allow_none: bool = typer.Option(
-        False, "--allow-none", help="Succeed even when no listener takes the event."
+        False,
+        "--allow-none",
+        help="Emit even when no listener joined on the store takes the event.",
     ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Publish one event (stored for the workers on a durable bus).
 
     --json is the payload only; options come from flags (--delay, --at, --key, --header).
-    Fails when the store knows no listener that takes it, unless --allow-none.
+    Emits nothing, and fails, when the store knows no listener that takes it, unless
+    --allow-none.
     """
     try:
         kwargs = msgspec.json.decode(json_payload)
@@ -338,23 +389,30 @@ def emit(
             when = dt.datetime.fromisoformat(at)
         except ValueError:
             raise _fail(f"--at is not an ISO 8601 time: {at!r}") from None
+        if when.tzinfo is None:
+            raise _fail(f"--at needs a UTC offset, e.g. {at}+00:00")
 
     async def body(bus: Bus) -> list[str] | None:
+        backend = bus.backend
+        takers = await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
+        if takers == [] and not allow_none:
+            raise _fail(
+                f"{name!r} was not emitted: no listener joined on the store takes it (a "
+                "listener receives the events stored after it joined); --allow-none emits it "
+                "anyway"
+            )
         options = bus.options(delay=delay, at=when, key=key, headers=header_map or None)
         await options.publish(name, **kwargs)
-        backend = bus.backend
-        return await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
+        return takers
 
     takers = _with_bus(target, debug, body)
     if takers is None:
-        Console().print(f"emitted {name!r}", highlight=False)
-        return
-    Console().print(f"emitted {name!r}: stored for {len(takers)} listeners", highlight=False)
-    if not takers and not allow_none:
-        raise _fail(
-            f"no listener joined on the store takes {name!r} (a listener receives the events "
-            "stored after it joined); --allow-none to accept that"
-        )
+        stored = ""
+    elif not takers:
+        stored = ": stored for no listener, as none joined on the store takes it"
+    else:
+        stored = f": stored for {len(takers)} listener{'s' if len(takers) > 1 else ''}"
+    Console().print(f"emitted {name!r}{stored}", highlight=False)
 
 
 @app.command()
@@ -379,23 +437,22 @@ def stats(
         figures = await bus.listener_stats()
         if json_out:
             _print_json(
-                [{"listener": n, **dataclasses.asdict(s)} for n, s in sorted(figures.items())]
+                [
+                    {"listener": n, **dataclasses.asdict(s), "last_seen": _iso(s.last_seen)}
+                    for n, s in sorted(figures.items())
+                ]
             )
             return None
+        from tidings.dashboard.live import STAT_COLUMNS, stat_cells
+
         table = Table(title=f"deliveries on {bus.url}")
         table.add_column("listener", no_wrap=True)
-        for column in ("pending", "in flight", "retrying", "delayed", "dead", "oldest"):
+        for column in (*STAT_COLUMNS, "delivered", "failed"):
             table.add_column(column, justify="right")
-        table.add_column("last seen", justify="right")
-        table.add_column("delivered", justify="right")
-        table.add_column("failed", justify="right")
-        from tidings.dashboard.live import stat_cells
-
         now = time.time()
         for listener, s in sorted(figures.items()):
-            seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
             totals = ["-" if n is None else str(n) for n in (s.delivered, s.failed)]
-            table.add_row(listener, *stat_cells(s), seen, *totals)
+            table.add_row(listener, *stat_cells(s, now), *totals)
         return table
 
     table = _with_bus(target, debug, body)
@@ -411,20 +468,39 @@ def _watch_stats(target: str, debug: bool, interval: float, refreshes: int | Non
 
     from tidings.dashboard.live import Watch
 
+    live: Live | None = None
+
     async def body(bus: Bus) -> None:
+        nonlocal live
         _require_store(bus)
         watch = Watch(bus.url)
-        with Live(watch.table(), console=Console(), auto_refresh=False) as live:
-            done = 0
-            while refreshes is None or done < refreshes:
-                if done:
-                    await asyncio.sleep(interval)
-                watch.add(await bus.listener_stats())
-                live.update(watch.table(), refresh=True)
-                done += 1
+        done = 0
+        while refreshes is None or done < refreshes:
+            if done:
+                await asyncio.sleep(interval)
+            watch.add(await bus.listener_stats())
+            table = watch.table()
+            console = _console_for(table, whole_rows=True)
+            if not console.is_terminal or console.width > Console().width:
+                # A pipe, or rows wider than the terminal (which would wrap them and
+                # break redrawing in place): each reading is a table of its own.
+                if live is not None:
+                    live.stop()
+                    live = None
+                console.print(table)
+            elif live is None:
+                live = Live(table, console=console, auto_refresh=False)
+                live.start(refresh=True)
+            else:
+                live.update(table, refresh=True)
+            done += 1
 
-    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
-        _with_bus(target, debug, body)
+    try:
+        with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+            _with_bus(target, debug, body)
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @app.command()
@@ -640,7 +716,7 @@ def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
         "event": d.event.name,
         "listener": d.listener,
         "attempts": d.attempts,
-        "failed_at": dt.datetime.fromtimestamp(d.failed_at, dt.UTC).isoformat(),
+        "failed_at": _iso(d.failed_at),
         "error": d.error,
         "args": list(d.event.args),
         "kwargs": d.event.kwargs,
@@ -650,6 +726,11 @@ def _letter_json(d: DeadLetter, *, traceback: bool) -> dict[str, Any]:
     if traceback:
         out["traceback"] = d.traceback
     return out
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """An epoch time as JSON output gives every time: ISO 8601 text in UTC."""
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
 
 
 def _when(timestamp: float) -> str:

@@ -1140,13 +1140,14 @@ async def test_tidings_emit_says_when_no_listener_takes_the_event(
     # (The command runs its own event loop: in a thread of its own.)
     result = await asyncio.to_thread(emit, "order.paid", "--json", '{"order_id": 1}')
     assert result.exit_code == 0, result.output
-    assert "stored for 2 listeners" in result.output
+    assert "emitted 'order.paid': stored for 2 listeners" in result.output
     result = await asyncio.to_thread(emit, "usr.created")
     assert result.exit_code == 1
-    assert "stored for 0 listeners" in result.output
+    assert "'usr.created' was not emitted: no listener joined on the store" in result.output
+    assert "emitted 'usr.created'" not in result.output
     result = await asyncio.to_thread(emit, "usr.created", "--allow-none")
     assert result.exit_code == 0, result.output
-    assert "stored for 0 listeners" in result.output
+    assert "emitted 'usr.created': stored for no listener" in result.output
 
 
 async def test_storage_errors_reach_the_caller_as_backend_errors(

@@ -226,8 +226,8 @@ def test_tidings_listeners_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 1
     assert "remove it from the code first" in result.output
     result = runner.invoke(cli, ["listeners", "forget", target])
-    assert result.exit_code == 1
-    assert "usage: tidings listeners forget APP NAME" in result.output
+    assert result.exit_code == 2  # a usage error, as for any command
+    assert "forget takes APP NAME: tidings listeners forget APP NAME" in result.output
 
 
 async def test_listeners_nobody_claims_for_are_warned_of(

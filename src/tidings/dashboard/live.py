@@ -9,14 +9,27 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["Watch", "stat_cells"]
+__all__ = ["STAT_COLUMNS", "Watch", "stat_cells"]
 
 
-def stat_cells(s: Any) -> list[str]:
-    """A listener's store figures as table cells: pending, in flight, retrying, delayed,
-    dead and the oldest's age."""
+STAT_COLUMNS = ("pending", "in flight", "retrying", "delayed", "dead", "oldest", "last seen")
+
+
+def stat_cells(s: Any, now: float) -> list[str]:
+    """A listener's store figures as the cells of ``STAT_COLUMNS``: pending, in flight,
+    retrying, delayed, dead, the oldest's age and when a process last claimed for it
+    (``now`` is ``time.time()``)."""
     oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
-    return [str(s.pending), str(s.in_flight), str(s.retrying), str(s.delayed), str(s.dead), oldest]
+    seen = "never" if s.last_seen is None else f"{max(0.0, now - s.last_seen):.0f}s ago"
+    return [
+        str(s.pending),
+        str(s.in_flight),
+        str(s.retrying),
+        str(s.delayed),
+        str(s.dead),
+        oldest,
+        seen,
+    ]
 
 
 class Watch:
@@ -66,30 +79,21 @@ class Watch:
         )
 
     def table(self) -> Table:
-        """The last reading as a table."""
+        """The last reading as a table. No column wraps: names stay whole and figures on
+        one line, so the table is as wide as its rows need (the caller sizes the console)."""
         table = Table(
             title=f"deliveries on {self.url}",
             caption=time.strftime("%H:%M:%S") + "  (Ctrl-C to stop)",
         )
-        table.add_column("listener", overflow="fold")
-        for column in (
-            "pending",
-            "in flight",
-            "retrying",
-            "delayed",
-            "dead",
-            "oldest",
-            "backlog/s",
-            "dead/s",
-            "delivered/s",
-            "failed/s",
-        ):
-            table.add_column(column, justify="right")
+        table.add_column("listener", no_wrap=True)
+        for column in (*STAT_COLUMNS, "backlog/s", "dead/s", "delivered/s", "failed/s"):
+            table.add_column(column, justify="right", no_wrap=True)
         figures = self.readings[-1][1] if self.readings else {}
+        now = time.time()
         for listener, s in sorted(figures.items()):
             rates = self.rates(listener)
             backlog, dead = ("-", "-") if rates is None else (f"{rates[0]:+.1f}", f"{rates[1]:.1f}")
             flow = self.flow(listener)
             ok, failed = ("-", "-") if flow is None else (f"{flow[0]:.1f}", f"{flow[1]:.1f}")
-            table.add_row(listener, *stat_cells(s), backlog, dead, ok, failed)
+            table.add_row(listener, *stat_cells(s, now), backlog, dead, ok, failed)
         return table
