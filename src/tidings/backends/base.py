@@ -24,7 +24,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -303,11 +303,15 @@ class Backend(ABC):
         deadline = math.inf if timeout_s is None else loop.time() + timeout_s
         while True:
             await self.drain()
-            due = [h.when() for h in self._delivery_timers if h.when() <= deadline]
+            due = [h.when() for h in self._timers_waiting() if h.when() <= deadline]
             if not due:
                 return
             # Timers fire on the loop: sleep until the next one has, then drain again.
             await asyncio.sleep(max(min(due) - loop.time(), 0.0))
+
+    def _timers_waiting(self) -> Iterable[asyncio.TimerHandle]:
+        """The timers of delayed events and retries not yet due (see ``_drain_due``)."""
+        return self._delivery_timers
 
     def stats(self) -> dict[str, Any]:
         """Counters of what waits and runs."""

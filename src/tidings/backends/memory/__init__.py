@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -386,18 +386,8 @@ class MemoryBackend(Backend):
         self._retrying = 0
         return list(dict.fromkeys(undelivered))
 
-    async def _drain_due(self, timeout_s: float | None) -> None:
-        """Drain, and run the delayed events that come due within ``timeout_s``
-        seconds (those due later are reported undelivered at once, not waited for)."""
-        loop = asyncio.get_running_loop()
-        deadline = math.inf if timeout_s is None else loop.time() + timeout_s
-        while True:
-            await self.drain()
-            due = [handle.when() for handle in self._timers if handle.when() <= deadline]
-            if not due:
-                return
-            # Timers fire on the loop: sleep until the next one has, then drain again.
-            await asyncio.sleep(max(min(due) - loop.time(), 0.0))
+    def _timers_waiting(self) -> Iterable[asyncio.TimerHandle]:
+        return self._timers
 
     def stats(self) -> dict[str, Any]:
         return {
