@@ -347,7 +347,7 @@ class Metrics(Collector):
         )
         oldest = GaugeMetricFamily(
             "tidings_listener_oldest_age_seconds",
-            "Age of the oldest delivery waiting in the store.",
+            "Age of the oldest delivery due and waiting in the store, since it came due.",
             labels=["listener"],
         )
         dead_letters = GaugeMetricFamily(

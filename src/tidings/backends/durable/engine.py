@@ -560,7 +560,7 @@ class DurableBackend(Backend):
             self._listened[name] = listened
             if not listened:
                 logger.warning(
-                    "event %r was stored for 0 listeners: none joined on the %s store "
+                    "event %r was stored for no listener: none joined on the %s store "
                     "subscribes to it (a listener receives the events stored after it first "
                     "joined, when a bus with it started)",
                     name,
