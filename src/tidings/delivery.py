@@ -266,7 +266,8 @@ class Delivery:
     ) -> asyncio.Future[Any] | None:
         """Start the delivery on the bus's loop (call it on that loop's thread): ``None``
         if it finished at once, else the task that runs it. Its outcome (success, a
-        retry, a dead letter) is handled by the bus; this never raises for it.
+        retry, a dead letter) is handled by the bus; this never raises for it. A
+        delivery runs once: starting it again returns the task already running it.
 
         Args:
             executor: where a sync listener is called (default: the bus's threads).
@@ -279,6 +280,10 @@ class Delivery:
             # what the bus said it never would (a framework's background task run late).
             logger.warning("%r was cancelled (the bus closed before it ran); not run", self)
             return None
+        if self._state == _STARTED:
+            # A delivery runs once; its retry comes to deliver() as a delivery of its own.
+            logger.warning("%r was started already; not run again", self)
+            return self._future if self._future is not None and not self._future.done() else None
         self._state = _STARTED
         runner = self._runner
         event, sub, ctx = self.event, self.subscription, self.context

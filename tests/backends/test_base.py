@@ -249,6 +249,30 @@ async def test_a_delivery_cancelled_as_the_bus_closed_never_runs_later(
     assert "was cancelled" in caplog.text
 
 
+async def test_a_delivery_started_twice_runs_once(caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[int] = []
+    release = asyncio.Event()
+
+    @listener("job.due")
+    async def work(n: int) -> None:
+        ran.append(n)
+        await release.wait()
+
+    backend = _Kept()
+    async with Bus(backend, listeners=[work]) as bus:
+        bus.emit("job.due", n=1)
+        await bus.inbox.empty()
+        (delivery,) = backend.kept
+        first = delivery.start()
+        with caplog.at_level(logging.WARNING, logger="tidings.delivery"):
+            assert delivery.start() is first
+        release.set()
+        await delivery()
+        assert delivery.start() is None
+    assert ran == [1]
+    assert "started already" in caplog.text
+
+
 async def test_a_listeners_concurrency_holds_on_a_one_method_backend() -> None:
     running: list[int] = []
     finished: list[int] = []
