@@ -397,8 +397,8 @@ class SQLiteBackend(DurableBackend):
             due = _next_due(conn, listener)
             if due > now:
                 return _Claim(quiet_until=due)
-        _begin(conn, self.busy_timeout_s)
-        try:
+
+        def claim(conn: sqlite3.Connection) -> _Claim:
             got = self._claiming_in_transaction(
                 conn, listener, names, limit, now, until, looked, new
             )
@@ -407,11 +407,9 @@ class SQLiteBackend(DurableBackend):
                     "UPDATE tidings_listeners SET last_seen = ? WHERE listener = ?",
                     (now, listener),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        return got
+            return got
+
+        return _transaction(conn, self.busy_timeout_s, claim, ())
 
     def _claiming_in_transaction(
         self,
