@@ -29,7 +29,7 @@ from tidings._running import Running
 from tidings._sending import Sender
 from tidings._switches import disabled
 from tidings._sync import SyncFront
-from tidings._units import seconds
+from tidings._units import positive_seconds_or_none, seconds
 from tidings.backends._urls import backend_for
 from tidings.backends.base import Backend
 from tidings.delivery import DeliveryObserver, Retry
@@ -42,7 +42,6 @@ from tidings.listeners import (
     Subscription,
     SuccessHook,
     hooks_of,
-    seconds_or_none,
 )
 from tidings.options import EmitOptions
 from tidings.scheduling import Scheduler, Schedules
@@ -118,7 +117,7 @@ class Bus(Checks, Schedules, SyncFront, Inspecting):
         self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
         self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = seconds_or_none(timeout, "the bus's timeout")
+        self.timeout = positive_seconds_or_none(timeout, "the bus's timeout")
         #: Which subscriptions each event reaches, and what is checked on its way.
         self.router = Router(
             self.registry,
