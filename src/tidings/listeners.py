@@ -20,8 +20,8 @@ from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan
 from tidings._patterns import matches, validate_name
-from tidings._units import positive_seconds_or_none
-from tidings.delivery import NO_RETRY, Retry
+from tidings._units import count, positive_seconds_or_none
+from tidings.delivery import NO_RETRY, Retry, retry_policy
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
 
@@ -67,12 +67,33 @@ def _qualname(fn: Any) -> str:
     return f"{module}.{name}"
 
 
-def hooks_of(value: Any) -> tuple[Any, ...]:
+def hooks_of(value: Any, what: str) -> tuple[Any, ...]:
+    """``value`` as a tuple of hooks: ``None``, one callable, or an iterable of them.
+
+    Raises:
+        ConfigurationError: anything else, or an iterable holding a non-callable.
+    """
     if value is None:
         return ()
     if callable(value):
         return (value,)
-    return tuple(value)
+    try:
+        hooks = tuple(value)
+    except TypeError:
+        hooks = (value,)
+    for hook in hooks:
+        if not callable(hook):
+            raise ConfigurationError(
+                f"{what} must be a function or a list of functions, not {value!r}"
+            )
+    return hooks
+
+
+def flag(value: Any, what: str) -> bool:
+    """``value`` if it is a bool, else a ``ConfigurationError``."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be True or False, not {value!r}")
+    return value
 
 
 class Listener(Generic[P, R]):
@@ -101,8 +122,6 @@ class Listener(Generic[P, R]):
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
-        if concurrency is not None and concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
         # First, so that what the function (or callable object) carries as attributes
         # never stands in for the listener's own options.
         functools.update_wrapper(self, fn)
@@ -111,14 +130,15 @@ class Listener(Generic[P, R]):
         self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
-        self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = positive_seconds_or_none(timeout, f"timeout of listener {self.qualname}")
-        self.concurrency = concurrency
-        self.once = once
-        self.inline = inline
-        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
-        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
+        of = f"of listener {self.qualname}"
+        self.retry = retry_policy(retry, f"retry {of}")
+        self.timeout = positive_seconds_or_none(timeout, f"timeout {of}")
+        self.concurrency = None if concurrency is None else count(concurrency, f"concurrency {of}")
+        self.once = flag(once, f"once {of}")
+        self.inline = flag(inline, f"inline {of}")
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error, f"on_error {of}")
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success, f"on_success {of}")
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead, f"on_dead {of}")
         #: A batch listener's batching (its function takes a list of events), else None.
         self.batching = self._batching(batch, batch_wait, executor, typed)
         if self.batching is not None:
@@ -250,9 +270,19 @@ def listener(
             raise ConfigurationError(
                 f"{fn.qualname} is already a listener: pass every name to one @listener(...)"
             )
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"listener {_qualname(fn)}: no option {', '.join(unknown)} (the options are "
+                f"{', '.join(sorted(_OPTIONS))})"
+            )
         return Listener(fn, str_names, typed=typed, **options)
 
     return decorate
+
+
+#: The keyword options of ``@listener(...)``.
+_OPTIONS = frozenset(inspect.signature(Listener).parameters) - {"fn", "names", "typed"}
 
 
 def split_names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
@@ -332,9 +362,9 @@ class Registry:
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
     ) -> None:
         self.max_listeners = max_listeners
-        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
-        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error, "a registry's on_error")
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success, "a registry's on_success")
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead, "a registry's on_dead")
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
         #: Where this registry is included (a registry may be shared by several buses).
