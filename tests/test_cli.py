@@ -406,7 +406,8 @@ def _epoch(text: str) -> float:
 
 
 @pytest.mark.parametrize(
-    "command", [["stats", APP], ["dead", "list", APP], ["dead", "show", APP, "ab"]]
+    "command",
+    [["stats", APP], ["dead", "list", APP], ["dead", "show", APP, "ab"], ["emit", APP, "zzz.q"]],
 )
 def test_store_commands_on_a_memory_bus_say_why_they_show_nothing(
     command: list[str], monkeypatch: pytest.MonkeyPatch
@@ -417,6 +418,14 @@ def test_store_commands_on_a_memory_bus_say_why_they_show_nothing(
     assert "memory:// keeps its deliveries and dead letters in the memory" in result.output
     assert "durable URL" in result.output
     assert "Traceback" not in result.output
+
+
+def test_emit_on_a_memory_bus_runs_no_listener_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": -1}'])
+    assert result.exit_code == 1
+    assert "an event emitted here would reach, not the app's" in result.output
+    assert "emitted" not in result.output.replace("emitted here", "")
 
 
 def test_listeners_of_a_memory_bus_still_list(monkeypatch: pytest.MonkeyPatch) -> None:

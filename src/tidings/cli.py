@@ -112,13 +112,18 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def _require_store(bus: Bus) -> None:
-    """Refuse a bus whose deliveries live only in the memory of the process running it."""
+_NONE_TO_SHOW = (
+    "where there are none to show: read bus.stats() or await bus.list_dead_letters() in the app"
+)
+
+
+def _require_store(bus: Bus, why: str = _NONE_TO_SHOW) -> None:
+    """Refuse a bus whose deliveries live only in the memory of the process running it;
+    ``why`` ends the sentence that says so: what it means for this command."""
     if not bus.backend.durable:
         raise ConfigurationError(
             f"{bus.url} keeps its deliveries and dead letters in the memory of the process "
-            "that runs the bus, and this command runs in a process of its own, where there "
-            "are none to show: read bus.stats() or await bus.list_dead_letters() in the app, "
+            f"that runs the bus, and this command runs in a process of its own, {why}, "
             "or give the bus a durable URL (sqlite:///events.db, redis://..., postgresql://...)"
         )
 
@@ -389,6 +394,11 @@ def emit(
             raise _fail(f"--at needs a UTC offset, e.g. {at}+00:00")
 
     async def body(bus: Bus) -> list[str] | None:
+        _require_store(
+            bus,
+            "whose listeners an event emitted here would reach, not the app's: call "
+            "bus.emit(...) in the app",
+        )
         backend = bus.backend
         takers = await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
         if takers == [] and not allow_none:
