@@ -311,6 +311,56 @@ def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> No
     assert any("tests.cli_app.charge" in line for line in result.output.splitlines())
 
 
+def test_dead_list_in_an_80_column_terminal_fits_with_each_error_on_one_line(
+    sqlite_url: str,
+) -> None:
+    ids = _dead_ids(sqlite_url, [-1, -(10**60)])
+    terminal = CliRunner(env={"COLUMNS": "80", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = terminal.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", result.output).splitlines()
+    assert all(len(line) <= 80 for line in lines), result.output
+    for event_id in ids:
+        (row,) = [line for line in lines if event_id in line]
+        assert "tests.cli_app.charge" in row
+        assert "ValueError: order…" in row
+    assert "left out to fit" in result.output
+    wide = CliRunner(env={"COLUMNS": "200", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = wide.invoke(app, ["dead", "list", APP])
+    assert "left out" not in result.output
+    assert "ValueError: order -1 cannot be charged" in result.output
+
+
+def test_long_lines_are_never_wrapped_in_a_pipe(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-(10**60)])
+    result = narrow.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 0, result.output
+    error = f"ValueError: order {-(10**60)} cannot be charged"
+    assert error in result.output.splitlines(), result.output
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = narrow.invoke(app, ["stats", APP])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: memory:// keeps")
+    assert line.endswith("postgresql://...)")
+
+
+def test_dead_show_prints_brackets_in_a_payload_as_they_are(sqlite_url: str) -> None:
+    async def run() -> str:
+        async with cli_app.make_bus() as bus:
+            await bus.publish("order.paid", order_id=-1, note="[bold]x[/bold]")
+            await bus.drain()
+            (letter,) = await bus.list_dead_letters()
+            return letter.event.id
+
+    event_id = asyncio.run(run())
+    result = runner.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 0, result.output
+    assert '"note":"[bold]x[/bold]"' in result.output
+
+
 def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
     # 17 events: two of their ids share a first hex digit, whichever ids they get.
     ids = _dead_ids(sqlite_url, list(range(-17, 0)))

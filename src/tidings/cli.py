@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand
@@ -57,7 +58,11 @@ def _root() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # Never wrapped (a pipe's 80 columns would break it), and the message is shown as it
+    # is, brackets included.
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(1)
 
 
@@ -341,7 +346,12 @@ def _forget_listener(args: list[str], debug: bool) -> None:
 
     if not _with_bus(target, debug, body):
         raise _fail(f"no listener {name!r} is joined on the store")
-    Console().print(f"forgot listener {name!r}: its deliveries are deleted", highlight=False)
+    Console().print(
+        f"forgot listener {name!r}: its deliveries are deleted",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -418,7 +428,7 @@ def emit(
         stored = ": stored for no listener, as none joined on the store takes it"
     else:
         stored = f": stored for {len(takers)} listener{'s' if len(takers) > 1 else ''}"
-    Console().print(f"emitted {name!r}{stored}", highlight=False)
+    Console().print(f"emitted {name!r}{stored}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -584,23 +594,72 @@ def dead_list(
         if json_out:
             _print_json([_letter_json(d, traceback=False) for d in letters])
             return None
-        table = Table(title=f"{len(letters)} dead letter(s) on {bus.url}")
-        for column in ("event id", "event", "listener", "attempts", "failed at", "error"):
-            table.add_column(column, no_wrap=column != "error")
-        for d in letters:
-            table.add_row(
-                d.event.id,
-                d.event.name,
-                d.listener,
-                str(d.attempts),
-                _when(d.failed_at),
-                d.error,
-            )
-        return table
+        return _dead_table(f"{len(letters)} dead letter(s) on {bus.url}", letters)
 
     table = _with_bus(target, debug, body)
     if table is not None:
         _print_table(table)
+
+
+_DEAD_COLUMNS = ("event id", "event", "listener", "attempts", "failed at", "error")
+# Left out of ``dead list``, in this order, in a terminal too narrow for the rest and an
+# error column of ``_ERROR_WIDTH``: each says less than the ones kept.
+_DEAD_DROPPABLE = ("attempts", "event", "failed at")
+_ERROR_WIDTH = 24
+
+
+def _dead_table(title: str, letters: list[DeadLetter]) -> Table:
+    """The ``dead list`` table. In a pipe or a CI log, every column whole (as wide as its
+    rows); in a terminal, ids and names whole, and each error on one line in the width
+    left, cut with an ellipsis, less useful columns left out when the terminal is narrow
+    (``dead show`` and ``--json`` show it all)."""
+    console = Console()
+    columns = list(_DEAD_COLUMNS)
+    error_width: int | None = None
+    if console.is_terminal:
+        for drop in (None, *_DEAD_DROPPABLE):
+            if drop is not None:
+                columns.remove(drop)
+            others = _dead_rows(Table(), columns[:-1], letters)
+            # A column more takes a border and two spaces of padding, besides its text.
+            needed = console.measure(others, options=console.options.update_width(1_000_000))
+            error_width = console.width - needed.maximum - 3
+            if error_width >= _ERROR_WIDTH:
+                break
+        # As wide as the longest error at most, and never so narrow that it says nothing
+        # (the terminal then wraps the table's lines: ids and names stay whole).
+        longest = max((len(" ".join(d.error.split())) for d in letters), default=0)
+        error_width = max(min(error_width or 0, longest), min(longest, 10), 1)
+    left_out = [c for c in _DEAD_COLUMNS if c not in columns]
+    table = Table(title=title)
+    if left_out:
+        table.caption = f"{', '.join(left_out)} left out to fit: see --json or a wider terminal"
+    return _dead_rows(table, columns, letters, error_width=error_width)
+
+
+def _dead_rows(
+    table: Table, columns: list[str], letters: list[DeadLetter], *, error_width: int | None = None
+) -> Table:
+    """``table`` with ``columns`` of ``letters``: the error cut to ``error_width`` on one
+    line if given, else whole."""
+    for column in columns:
+        if column != "error":
+            table.add_column(column, no_wrap=True)
+        elif error_width is None:
+            table.add_column(column)
+        else:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", width=error_width)
+    for d in letters:
+        cells = {
+            "event id": d.event.id,
+            "event": d.event.name,
+            "listener": d.listener,
+            "attempts": str(d.attempts),
+            "failed at": _when(d.failed_at),
+            "error": d.error if error_width is None else " ".join(d.error.split()),
+        }
+        table.add_row(*(cells[c] for c in columns))
+    return table
 
 
 _ID_HELP = "The event id, or any start of it that no other dead letter's id shares."
@@ -625,14 +684,16 @@ def dead_show(
     if json_out:
         _print_json([_letter_json(d, traceback=True) for d in letters])
         return
-    console = Console()
+    # Free text as it is: never wrapped (so a traceback can be copied from a pipe), and
+    # no brackets in a payload taken for markup.
+    console = Console(soft_wrap=True, highlight=False)
     for d in letters:
-        console.print(f"[bold]{d.event.name}[/] {d.event.id} -> {d.listener}", highlight=False)
+        console.print(f"[bold]{escape(d.event.name)}[/] {d.event.id} -> {escape(d.listener)}")
         console.print(f"attempts: {d.attempts}, failed at {_when(d.failed_at)}")
         payload = {"args": list(d.event.args), "kwargs": d.event.kwargs, "obj": d.event.obj}
-        console.print(f"payload: {msgspec.json.encode(payload).decode()}", highlight=False)
-        console.print(f"headers: {dict(d.event.headers)}", highlight=False)
-        console.print(d.traceback or d.error, highlight=False, markup=False)
+        console.print(f"payload: {msgspec.json.encode(payload).decode()}", markup=False)
+        console.print(f"headers: {dict(d.event.headers)}", markup=False)
+        console.print(d.traceback or d.error, markup=False)
 
 
 @dead_app.command("replay")
