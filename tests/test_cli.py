@@ -361,6 +361,39 @@ def test_dead_show_prints_brackets_in_a_payload_as_they_are(sqlite_url: str) -> 
     assert '"note":"[bold]x[/bold]"' in result.output
 
 
+@pytest.mark.parametrize("command", ["list", "replay", "purge"])
+def test_dead_commands_refuse_an_unknown_listener(sqlite_url: str, command: str) -> None:
+    _dead_ids(sqlite_url, [-1])
+    result = runner.invoke(app, ["dead", command, APP, "--listener", "nope"])
+    assert result.exit_code == 1, result.output
+    assert "no listener 'nope' in the app or on sqlite:///" in result.output
+    assert "the listeners are tests.cli_app.audit, tests.cli_app.charge" in result.output
+    result = runner.invoke(app, ["dead", "list", APP, "--json"])
+    assert len(json.loads(result.output)) == 1  # nothing replayed or purged
+
+
+def test_dead_replay_prints_one_line_and_purge_asks_with_the_count(sqlite_url: str) -> None:
+    _dead_ids(sqlite_url, [-1, -2])
+    result = runner.invoke(app, ["dead", "replay", APP, "--listener", "tests.cli_app.charge"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "replayed 2 dead letter(s)\n"
+    asyncio.run(_drain())
+    result = runner.invoke(app, ["dead", "purge", APP], input="n\n")
+    assert result.exit_code == 1, result.output
+    assert "Delete all 2 dead letter(s)? [y/N]" in result.output
+    result = runner.invoke(app, ["dead", "purge", APP], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "purged 2 dead letter(s)" in result.output
+    result = runner.invoke(app, ["dead", "purge", APP])
+    assert result.exit_code == 0, result.output
+    assert result.output == "no dead letters to purge\n"
+
+
+async def _drain() -> None:
+    async with cli_app.make_bus() as bus:
+        await bus.drain()
+
+
 def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
     # 17 events: two of their ids share a first hex digit, whichever ids they get.
     ids = _dead_ids(sqlite_url, list(range(-17, 0)))

@@ -590,6 +590,7 @@ def dead_list(
 
     async def body(bus: Bus) -> Table | None:
         _require_store(bus)
+        await _check_listener(bus, listener)
         letters = await bus.list_dead_letters(listener=listener, limit=limit)
         if json_out:
             _print_json([_letter_json(d, traceback=False) for d in letters])
@@ -707,14 +708,20 @@ def dead_replay(
 
     async def body(bus: Bus) -> int:
         _require_store(bus)
+        await _check_listener(bus, listener)
         letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
         if event_ids:
             ids = _full_ids(letters, event_ids)
         else:
             ids = list(dict.fromkeys(d.event.id for d in letters))
         replayed = 0
+        # Drawn in a terminal only: elsewhere it would leave a blank line behind.
         with Progress(
-            TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), transient=True
+            TextColumn("[bold]replaying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            transient=True,
+            disable=not Console().is_terminal,
         ) as progress:
             task = progress.add_task("replay", total=len(ids))
             for start in range(0, len(ids), 100):
@@ -737,10 +744,20 @@ def dead_purge(
 ) -> None:
     """Delete dead letters for good."""
     if not yes and not event_ids and listener is None:
-        typer.confirm("Delete every dead letter?", abort=True)
+
+        async def how_many(bus: Bus) -> int:
+            _require_store(bus)
+            return len(await bus.list_dead_letters(limit=1_000_000))
+
+        found = _with_bus(target, debug, how_many)
+        if not found:
+            Console().print("no dead letters to purge")
+            return
+        typer.confirm(f"Delete all {found} dead letter(s)?", abort=True)
 
     async def body(bus: Bus) -> int:
         _require_store(bus)
+        await _check_listener(bus, listener)
         ids = None
         if event_ids:
             letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
@@ -749,6 +766,26 @@ def dead_purge(
 
     count = _with_bus(target, debug, body)
     Console().print(f"purged {count} dead letter(s)")
+
+
+async def _check_listener(bus: Bus, listener: str | None) -> None:
+    """Refuse a ``--listener`` that names no listener: of the app, joined on its store,
+    or with dead letters.
+
+    Raises:
+        ConfigurationError: it names none, with the names it could be.
+    """
+    if listener is None or any(lst.qualname == listener for lst in bus.listeners()):
+        return
+    known = {lst.qualname for lst in bus.listeners()}
+    known.update(await bus.listener_stats())
+    known.update(d.listener for d in await bus.list_dead_letters(limit=1_000_000))
+    if listener not in known:
+        names = f"the listeners are {', '.join(sorted(known))}" if known else "it has none"
+        raise ConfigurationError(
+            f"no listener {listener!r} in the app or on {bus.url} (--listener takes a "
+            f"qualified name): {names}"
+        )
 
 
 def _full_ids(letters: list[DeadLetter], given: list[str]) -> list[str]:
