@@ -250,6 +250,23 @@ async def test_unreachable_postgres_is_a_clear_error() -> None:
             pass
 
 
+async def test_a_postgres_that_never_answers_is_a_timeout_in_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(postgres, "_CONNECT_TIMEOUT_S", 0.2)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # connections are accepted (by the kernel), and never answered
+        port = server.getsockname()[1]
+        with pytest.raises(BackendError) as caught:
+            async with Bus(f"postgresql://postgres:secret@127.0.0.1:{port}/x", consume=False):
+                pass
+    assert str(caught.value) == (
+        f"cannot connect to PostgreSQL at postgresql://postgres:***@127.0.0.1:{port}/x: "
+        "no answer within 0.2s (TimeoutError)"
+    )
+
+
 def test_urls() -> None:
     backend = Bus(
         "postgres://u:secret@db.example/app?schema=events&lease=5&batch=9&max_lost_runs=0"
