@@ -545,6 +545,17 @@ def test_listeners_of_a_durable_bus_say_when_a_worker_last_claimed(sqlite_url: s
     assert re.search(r"\d+s ago", charge_line), result.output
 
 
+def test_worker_listeners_are_patterns_and_a_miss_lists_the_names(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["worker", "--help"])
+    assert "-l 'myapp.events.*'" in result.output
+    result = runner.invoke(app, ["worker", APP, "-l", "charge"])
+    assert result.exit_code == 1, result.output
+    assert (
+        "none matches charge; the bus's listeners are tests.cli_app.charge, tests.cli_app.audit"
+        in result.output
+    )
+
+
 def test_worker_refuses_an_unknown_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
     result = runner.invoke(app, ["worker", APP, "--log-level", "chatty"])

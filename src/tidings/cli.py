@@ -141,7 +141,12 @@ def worker(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     concurrency: int = typer.Option(100, min=1, help="Deliveries per listener at once."),
     listeners: list[str] = typer.Option(  # noqa: B008
-        [], "--listeners", "-l", help="Run only listeners whose qualified name matches."
+        [],
+        "--listeners",
+        "-l",
+        help="Run only the listeners whose qualified name matches this pattern, written as "
+        "event-name patterns are: '*' within one dotted part, '**' for any number of parts "
+        "(-l 'myapp.events.*', -l 'myapp.**'); repeat for more.",
     ),
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds running deliveries get to finish on SIGTERM/SIGINT."
