@@ -203,7 +203,12 @@ def test_emit_stats_and_dead_letters_round_trip(app_url: str) -> None:
     [
         ("nowhere.at_all:bus", "no module named 'nowhere'"),
         ("tests.cli_app:missing", "has no attribute 'missing'"),
-        ("tests.cli_app:not_a_bus", "is a int, not a tidings Bus"),
+        ("tests.cli_app:not_a_bus", "is a value of type int, not a tidings Bus: name a Bus"),
+        (
+            "tests.cli_app:make_bus",
+            "is a function, not a tidings Bus: write 'tests.cli_app:make_bus()' to call it",
+        ),
+        ("tests.cli_app:listener()", "returned a value of type function, not a tidings Bus"),
         ("tests.cli_app", "does not name a bus"),
     ],
 )
