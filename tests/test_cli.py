@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from tidings import Bus, listener
@@ -726,6 +727,28 @@ def test_emit_with_no_listener_stores_nothing_unless_allowed(sqlite_url: str) ->
     result = runner.invoke(app, ["emit", APP, "usr.created", "--allow-none"])
     assert result.exit_code == 0, result.output
     assert "emitted 'usr.created': stored for no listener" in result.output
+
+
+def _commands(command: Any) -> Iterator[Any]:
+    """A click command and every command under it."""
+    yield command
+    for sub in getattr(command, "commands", {}).values():
+        yield from _commands(sub)
+
+
+def test_no_help_text_breaks_a_paragraph_where_its_source_does() -> None:
+    # The help shows a line break inside a paragraph as it is, wherever the terminal is.
+    for command in _commands(typer.main.get_command(app)):
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        for text in texts:
+            for paragraph in text.split("\n\n"):
+                assert "\n" not in paragraph.strip(), (command.name, paragraph)
+
+
+def test_db_migrate_on_sqlite_says_sqlite_makes_its_tables(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["db", "migrate", APP])
+    assert result.exit_code == 1
+    assert "a SQLite store makes its tables itself, when the bus starts" in result.output
 
 
 def test_demo_help_wraps_at_the_terminals_width_only() -> None:

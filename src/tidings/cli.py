@@ -359,10 +359,19 @@ def _forget_listener(args: list[str], debug: bool) -> None:
     )
 
 
-@app.command()
+# Help texts are one string a paragraph: the help shows a docstring's line breaks.
+_EMIT_HELP = (
+    "Publish one event (stored for the workers on a durable bus).\n\n"
+    "--json is the payload only; options come from flags (--delay, --at, --key, --header). "
+    "Emits nothing, and fails, when the store knows no listener that takes it, unless "
+    "--allow-none."
+)
+
+
+@app.command(help=_EMIT_HELP)
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    name: str = typer.Argument(..., help="The event name."),
+    name: str = typer.Argument(..., metavar="NAME", help="The event name."),
     json_payload: str = typer.Option(
         "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
     ),
@@ -381,12 +390,7 @@ def emit(
     ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus).
-
-    --json is the payload only; options come from flags (--delay, --at, --key, --header).
-    Emits nothing, and fails, when the store knows no listener that takes it, unless
-    --allow-none.
-    """
+    """Publish one event (stored for the workers on a durable bus)."""
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
@@ -436,7 +440,13 @@ def emit(
     Console().print(f"emitted {name!r}{stored}", highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+_STATS_HELP = (
+    "What waits per listener (pending, in flight, retrying, delayed, dead), and the "
+    "attempts the store counted as delivered and failed."
+)
+
+
+@app.command(help=_STATS_HELP)
 def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
@@ -447,8 +457,7 @@ def stats(
         None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
     ),
 ) -> None:
-    """What waits per listener (pending, in flight, retrying, delayed, dead), and the
-    attempts the store counted as delivered and failed."""
+    """What waits per listener, and the attempts the store counted."""
     if watch:
         _watch_stats(target, debug, interval, refreshes)
         return
@@ -567,7 +576,12 @@ def db_migrate(
         bus = load_bus(target)
         backend: Any = bus.backend
         if not hasattr(backend, "run_migrations"):
-            raise _fail(f"{bus.url} has no migrations: only a PostgreSQL store has tables to make")
+            why = (
+                "a SQLite store makes its tables itself, when the bus starts"
+                if bus.url.startswith("sqlite")
+                else "only a PostgreSQL store has tables to make"
+            )
+            raise _fail(f"{bus.url} has no migrations to run: {why}")
         backend.migrate = False
         backend.consume = False
         await backend.connect()
@@ -674,7 +688,7 @@ _ID_HELP = "The event id, or any start of it that no other dead letter's id shar
 @dead_app.command("show")
 def dead_show(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_id: str = typer.Argument(..., help=_ID_HELP),
+    event_id: str = typer.Argument(..., metavar="EVENT_ID", help=_ID_HELP),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
@@ -844,7 +858,6 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-# One string without line breaks: the help shows a docstring's line breaks as they are.
 _DEMO_HELP = (
     "Emit a burst of sign-ups to four listeners and show what each one did.\n\n"
     "A welcome mail (async), an audit log (sync, on 'user.*'), a CRM sync that fails on "
