@@ -177,11 +177,21 @@ class DeadLetter:
         return cls(
             event=event,
             listener=listener,
-            error=f"{type(exc).__qualname__}: {exc}",
+            error=error_text(exc),
             traceback="".join(traceback.format_exception(exc)),
             attempts=event.attempt,
             failed_at=failed_at,
         )
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` on one line, ``"Type: message"``, even when its ``str()`` raises (as
+    :mod:`traceback` words it): a listener's error never breaks the recording of it."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"
+    return f"{type(exc).__qualname__}: {message}"
 
 
 #: Told of each delivery as it starts (``observer(event, subscription, context)``, the
