@@ -98,6 +98,7 @@ class Listener(Generic[P, R]):
         executor: Literal["thread", "process"] = "thread",
         batch: int | None = None,
         batch_wait: float | timedelta | None = None,
+        name: str | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -107,7 +108,11 @@ class Listener(Generic[P, R]):
         # never stands in for the listener's own options.
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.qualname = _qualname(fn)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError(f"a listener's name must be a non-empty string, not {name!r}")
+        #: What the listener is known by (in a durable store, stats and dead letters):
+        #: ``name=``, or its function's module and qualified name.
+        self.qualname = _qualname(fn) if name is None else name
         self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
@@ -212,6 +217,7 @@ def listener(
     executor: Literal["thread", "process"] = ...,
     batch: int | None = ...,
     batch_wait: float | timedelta | None = ...,
+    name: str | None = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -230,7 +236,10 @@ def listener(
     CPU-bound work; it must be defined at the top level of a module),
     ``on_error`` / ``on_success`` / ``on_dead`` hooks, and ``batch`` (the function takes
     a list of up to that many events, see below) with ``batch_wait`` (seconds or
-    ``timedelta`` a batch waits for more events after its first; default 1).
+    ``timedelta`` a batch waits for more events after its first; default 1), and
+    ``name`` (what the listener is known by in a durable store, stats and dead
+    letters; default its module and qualified name: name apart the functions a factory
+    makes, which share one).
 
     A batch listener's parameter annotated ``list[Event]`` (or not annotated) gets the
     envelopes, ``list[SomeTypedEvent]`` the typed objects. Its ``retry`` and ``timeout``
@@ -241,7 +250,8 @@ def listener(
 
     Raises:
         ConfigurationError: no names, an invalid pattern, a class with no event name,
-            or batch options out of range (``concurrency`` under ``batch``, say).
+            an empty ``name``, or batch options out of range (``concurrency`` under
+            ``batch``, say).
     """
     str_names, typed = split_names(names)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import pydantic
@@ -26,8 +26,10 @@ from typer.testing import CliRunner, Result
 from tidings import (
     BackendError,
     Bus,
+    ConfigurationError,
     EmitError,
     Event,
+    Listener,
     PayloadError,
     PublishFailed,
     Retry,
@@ -912,6 +914,36 @@ async def test_a_listener_added_later_receives_new_events_only(
         await bus.drain()
     assert first == [1, 2]
     assert later == [2]
+
+
+def _made(tag: str, seen: list[str], **options: object) -> Listener[..., Any]:
+    """A listener as a factory makes them: each has the same qualified name."""
+
+    @listener("x", **options)
+    async def record() -> None:
+        seen.append(tag)
+
+    return record
+
+
+async def test_listeners_of_one_name_are_refused_on_a_store_and_name_tells_them_apart(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    seen: list[str] = []
+    a, b = _made("a", seen), _made("b", seen)
+    if backend_name != "memory":
+        named = r"two listeners are named .*_made\.<locals>\.record.*name="
+        with pytest.raises(ConfigurationError, match=named):
+            async with make_bus(listeners=[a, b]):
+                pass
+        with pytest.raises(ConfigurationError, match="subscribed twice"):
+            async with make_bus(listeners=[a, a]):
+                pass
+        b = _made("b", seen, name="record-b")
+    async with make_bus(listeners=[a, b]) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert sorted(seen) == ["a", "b"]
 
 
 async def test_two_workers_share_the_work_and_never_run_a_delivery_twice(

@@ -88,6 +88,27 @@ class _Consumer:
         self.task: asyncio.Task[None] | None = None
 
 
+def _distinct_names(subs: Sequence[Subscription]) -> None:
+    """Refuse two subscriptions that a store would take for one listener: it tells them
+    apart by name, so only one of them would run."""
+    seen: dict[str, Subscription] = {}
+    for sub in subs:
+        name = sub.listener.qualname
+        other = seen.setdefault(name, sub)
+        if other is sub:
+            continue
+        if other.listener is sub.listener:
+            raise ConfigurationError(
+                f"listener {name} is subscribed twice: a durable store keeps one delivery "
+                "of an event per listener name, so it would run once; subscribe it once"
+            )
+        raise ConfigurationError(
+            f"two listeners are named {name}: a durable store tells listeners apart by "
+            "name, so only one of them would run; give one of them a name of its own "
+            "with @listener(..., name='...') (functions a factory makes share a name)"
+        )
+
+
 def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
     return DeliveryLost(
         f"event {event.id} ({event.name}) was started {attempt - 1} times for "
@@ -373,6 +394,7 @@ class DurableBackend(Backend):
             raise BackendError(f"cannot open the {self.scheme} store: {exc}") from exc
         subs = runner.registry.subscriptions() if runner.registry is not None else []
         try:
+            _distinct_names(subs)
             for sub in subs:
                 # Every bus joins its listeners, so events a producer stores before any
                 # worker ever ran still reach them.
