@@ -355,6 +355,8 @@ class Registry:
         self.routes: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Any]] = {}
         self._lock = threading.RLock()
+        self._checks: list[Callable[[list[Listener[..., Any]]], None]] = []
+        self._watchers: list[Callable[[], None]] = []
         #: Whether any listener here or below is ``once`` (so emit checks for it).
         self.has_once = False
         for item in listeners:
@@ -366,8 +368,9 @@ class Registry:
         """Subscribe a listener made with ``@listener``; returns its subscription.
 
         Raises:
-            ConfigurationError: not a listener, over ``max_listeners``, or a typed-event
-                name already bound to another class.
+            ConfigurationError: not a listener, over ``max_listeners``, a typed-event
+                name already bound to another class, or refused by a bus the registry is
+                in (a durable one refuses a second listener of one name).
         """
         if not isinstance(item, Listener):
             raise ConfigurationError(
@@ -375,6 +378,7 @@ class Registry:
                 "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
+            self._vet([item])
             self._check_types(item.types, item.qualname)
             if self.max_listeners is not None:
                 for name in item.names:
@@ -412,7 +416,7 @@ class Registry:
         Raises:
             ConfigurationError: ``fn`` is not callable (names come after it), or is a
                 listener already and names or options are given too (its own are used:
-                subscribe ``fn.fn`` to give others).
+                subscribe ``fn.fn`` to give others), or as :meth:`add` raises.
         """
         if isinstance(fn, str) or not callable(fn):
             raise ConfigurationError(
@@ -437,17 +441,49 @@ class Registry:
 
         Raises:
             ConfigurationError: the registry is already included here, includes this
-                one, or a typed event name would be bound to two classes.
+                one, a typed event name would be bound to two classes, or a bus this
+                one is in refuses its listeners (as :meth:`add` says).
         """
         with self._lock:
             if registry in self._children:
                 raise ConfigurationError("this registry is already included here")
             if registry is self or registry in self._lineage():
                 raise ConfigurationError("a registry cannot include itself, even through others")
+            self._vet([sub.listener for sub in registry.subscriptions()])
             self._check_types(registry._all_types(), "an included registry")
             registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
+
+    def check_additions(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Call ``check`` with the listeners a change would add here (or in a registry
+        included here) before it adds them; what it raises refuses the change."""
+        with self._lock:
+            self._checks.append(check)
+
+    def stop_checking(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Stop calling ``check`` (see :meth:`check_additions`)."""
+        with self._lock:
+            if check in self._checks:
+                self._checks.remove(check)
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` after each change to the listeners here (or in a registry
+        included here), on the thread that made it; it must only take note."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Callable[[], None]) -> None:
+        """Stop calling ``watcher`` (see :meth:`watch`)."""
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _vet(self, listeners: list[Listener[..., Any]]) -> None:
+        if listeners:
+            for registry in self._lineage():
+                for check in registry._checks:
+                    check(listeners)
 
     def _lineage(self) -> list[Registry]:
         """This registry and every registry that includes it, innermost first."""
@@ -507,6 +543,8 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
+            for watcher in registry._watchers:
+                watcher()
 
     # -- reading --------------------------------------------------------------------
 
