@@ -68,6 +68,16 @@ def test_listener_options_are_checked() -> None:
         listener("x", concurrency=0)(lambda: None)
     with pytest.raises(ConfigurationError, match="not a listener"):
         Registry([lambda: None])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="name must be a non-empty string"):
+        listener("x", name=" ")(lambda: None)
+
+
+def test_a_listener_is_known_by_its_name_when_given_one() -> None:
+    @listener("x", name="billing.charge")
+    def charge() -> None: ...
+
+    assert charge.qualname == "billing.charge"
+    assert charge.fn.__name__ == "charge"
 
 
 async def wrong_options_target() -> None: ...

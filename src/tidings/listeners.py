@@ -119,6 +119,7 @@ class Listener(Generic[P, R]):
         executor: Literal["thread", "process"] = "thread",
         batch: int | None = None,
         batch_wait: float | timedelta | None = None,
+        name: str | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
@@ -126,7 +127,11 @@ class Listener(Generic[P, R]):
         # never stands in for the listener's own options.
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.qualname = _qualname(fn)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError(f"a listener's name must be a non-empty string, not {name!r}")
+        #: What the listener is known by (in a durable store, stats and dead letters):
+        #: ``name=``, or its function's module and qualified name.
+        self.qualname = _qualname(fn) if name is None else name
         self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
@@ -232,6 +237,7 @@ def listener(
     executor: Literal["thread", "process"] = ...,
     batch: int | None = ...,
     batch_wait: float | timedelta | None = ...,
+    name: str | None = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -250,7 +256,10 @@ def listener(
     CPU-bound work; it must be defined at the top level of a module),
     ``on_error`` / ``on_success`` / ``on_dead`` hooks, and ``batch`` (the function takes
     a list of up to that many events, see below) with ``batch_wait`` (seconds or
-    ``timedelta`` a batch waits for more events after its first; default 1).
+    ``timedelta`` a batch waits for more events after its first; default 1), and
+    ``name`` (what the listener is known by in a durable store, stats and dead
+    letters; default its module and qualified name: name apart the functions a factory
+    makes, which share one).
 
     A batch listener's parameter annotated ``list[Event]`` (or not annotated) gets the
     envelopes, ``list[SomeTypedEvent]`` the typed objects. Its ``retry`` and ``timeout``
@@ -261,7 +270,8 @@ def listener(
 
     Raises:
         ConfigurationError: no names, an invalid pattern, a class with no event name,
-            or batch options out of range (``concurrency`` under ``batch``, say).
+            an empty ``name``, or batch options out of range (``concurrency`` under
+            ``batch``, say).
     """
     str_names, typed = split_names(names)
 
@@ -375,6 +385,8 @@ class Registry:
         self.routes: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Any]] = {}
         self._lock = threading.RLock()
+        self._checks: list[Callable[[list[Listener[..., Any]]], None]] = []
+        self._watchers: list[Callable[[], None]] = []
         #: Whether any listener here or below is ``once`` (so emit checks for it).
         self.has_once = False
         for item in listeners:
@@ -386,8 +398,9 @@ class Registry:
         """Subscribe a listener made with ``@listener``; returns its subscription.
 
         Raises:
-            ConfigurationError: not a listener, over ``max_listeners``, or a typed-event
-                name already bound to another class.
+            ConfigurationError: not a listener, over ``max_listeners``, a typed-event
+                name already bound to another class, or refused by a bus the registry is
+                in (a durable one refuses a second listener of one name).
         """
         if not isinstance(item, Listener):
             raise ConfigurationError(
@@ -395,6 +408,7 @@ class Registry:
                 "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
+            self._vet([item])
             self._check_types(item.types, item.qualname)
             if self.max_listeners is not None:
                 for name in item.names:
@@ -432,7 +446,7 @@ class Registry:
         Raises:
             ConfigurationError: ``fn`` is not callable (names come after it), or is a
                 listener already and names or options are given too (its own are used:
-                subscribe ``fn.fn`` to give others).
+                subscribe ``fn.fn`` to give others), or as :meth:`add` raises.
         """
         if isinstance(fn, str) or not callable(fn):
             raise ConfigurationError(
@@ -457,17 +471,49 @@ class Registry:
 
         Raises:
             ConfigurationError: the registry is already included here, includes this
-                one, or a typed event name would be bound to two classes.
+                one, a typed event name would be bound to two classes, or a bus this
+                one is in refuses its listeners (as :meth:`add` says).
         """
         with self._lock:
             if registry in self._children:
                 raise ConfigurationError("this registry is already included here")
             if registry is self or registry in self._lineage():
                 raise ConfigurationError("a registry cannot include itself, even through others")
+            self._vet([sub.listener for sub in registry.subscriptions()])
             self._check_types(registry._all_types(), "an included registry")
             registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
+
+    def check_additions(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Call ``check`` with the listeners a change would add here (or in a registry
+        included here) before it adds them; what it raises refuses the change."""
+        with self._lock:
+            self._checks.append(check)
+
+    def stop_checking(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Stop calling ``check`` (see :meth:`check_additions`)."""
+        with self._lock:
+            if check in self._checks:
+                self._checks.remove(check)
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` after each change to the listeners here (or in a registry
+        included here), on the thread that made it; it must only take note."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Callable[[], None]) -> None:
+        """Stop calling ``watcher`` (see :meth:`watch`)."""
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _vet(self, listeners: list[Listener[..., Any]]) -> None:
+        if listeners:
+            for registry in self._lineage():
+                for check in registry._checks:
+                    check(listeners)
 
     def _lineage(self) -> list[Registry]:
         """This registry and every registry that includes it, innermost first."""
@@ -527,6 +573,8 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
+            for watcher in registry._watchers:
+                watcher()
 
     # -- reading --------------------------------------------------------------------
 

@@ -389,6 +389,7 @@ class PostgresBackend(DurableBackend):
         """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
         outbox: see :mod:`tidings.outbox`)."""
         due = event.timestamp if delay_s is None else event.timestamp + delay_s
+        await self._listeners_joined()
         await self.store_with(connection, [self._record(event, due)])
 
     async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:
