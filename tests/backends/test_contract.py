@@ -947,6 +947,30 @@ async def test_listeners_of_one_name_are_refused_on_a_store_and_name_tells_them_
     assert sorted(seen) == ["a", "b"]
 
 
+async def test_a_once_listener_runs_once_in_process_and_is_refused_on_a_store(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    seen: list[int] = []
+
+    @listener("x", once=True)
+    async def first(n: int) -> None:
+        seen.append(n)
+
+    if backend_name != "memory":
+        with pytest.raises(ConfigurationError, match=r"once=True.*in-process bus"):
+            async with make_bus(listeners=[first]):
+                pass
+        async with make_bus() as bus:
+            with pytest.raises(ConfigurationError, match="once=True"):
+                bus.subscribe(first)
+        return
+    async with make_bus(listeners=[first]) as bus:
+        bus.emit("x", n=1)
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert seen == [1]
+
+
 async def test_listeners_subscribed_once_started_join_and_run(
     make_bus: BusFactory, backend_name: str
 ) -> None:

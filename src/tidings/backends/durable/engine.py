@@ -90,12 +90,19 @@ class _Consumer:
         self.stopped = False  # its listener was unsubscribed: it claims no more
 
 
-def _distinct_names(listeners: Sequence[Listener[..., Any]]) -> None:
-    """Refuse two subscriptions that a store would take for one listener: it tells them
-    apart by name, so only one of them would run."""
+def _storable(listeners: Sequence[Listener[..., Any]]) -> None:
+    """Refuse what a store cannot keep: a ``once`` listener (the store keeps every event
+    stored after it joined), and two subscriptions it would take for one listener (it
+    tells them apart by name, so only one of them would run)."""
     seen: dict[str, int] = {}
     for index, item in enumerate(listeners):
         name = item.qualname
+        if item.once:
+            raise ConfigurationError(
+                f"listener {name} has once=True, which a durable store cannot keep: it "
+                "stores every event that comes after a listener joined, for as long as "
+                "it stays joined; run a once listener on an in-process bus"
+            )
         other = seen.setdefault(name, index)
         if other == index:
             continue
@@ -401,7 +408,7 @@ class DurableBackend(Backend):
             raise BackendError(f"cannot open the {self.scheme} store: {exc}") from exc
         subs = runner.registry.subscriptions() if runner.registry is not None else []
         try:
-            _distinct_names([sub.listener for sub in subs])
+            _storable([sub.listener for sub in subs])
             for sub in subs:
                 # Every bus joins its listeners, so events a producer stores before any
                 # worker ever ran still reach them.
@@ -440,11 +447,11 @@ class DurableBackend(Backend):
     # -- listeners subscribed or unsubscribed once started ---------------------------
 
     def _check_added(self, listeners: list[Listener[..., Any]]) -> None:
-        """Refuse listeners subscribed once started whose names the bus's have."""
+        """Refuse listeners subscribed once started that a store cannot keep."""
         registry = self._runner.registry if self._runner is not None else None
         if registry is None:
             return
-        _distinct_names([*(sub.listener for sub in registry.subscriptions()), *listeners])
+        _storable([*(sub.listener for sub in registry.subscriptions()), *listeners])
 
     def _subscriptions_changed(self) -> None:
         """Join, on the loop, the listeners subscribed since the bus started (called by
@@ -473,8 +480,7 @@ class DurableBackend(Backend):
     async def _reconcile(self) -> None:
         """Join each listener subscribed since start and start its consumer, as start
         does; stop the consumers of those unsubscribed (their deliveries stay in the
-        store, as those of a listener that runs in no process). A ``once`` listener,
-        unsubscribed by its event, still runs that event's delivery."""
+        store, as those of a listener that runs in no process)."""
         registry = self._runner.registry if self._runner is not None else None
         if registry is None:
             return
@@ -498,7 +504,7 @@ class DurableBackend(Backend):
                 if self.consume and not self._stopping:
                     self._start_consumer(sub)
             current = set(subs)
-            self._known = {sub for sub in self._known if sub in current or sub.listener.once}
+            self._known = {sub for sub in self._known if sub in current}
             for consumer in self._consumers:
                 if consumer.sub not in self._known and not consumer.stopped:
                     consumer.stopped = True
