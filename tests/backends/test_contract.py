@@ -179,6 +179,29 @@ async def test_dead_letters_keep_the_last_error_and_can_be_replayed_and_purged(
         assert await bus.list_dead_letters() == []
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+
+async def test_an_error_whose_str_raises_is_a_dead_letter_like_any_other(
+    make_bus: BusFactory,
+) -> None:
+    ran: list[str] = []
+
+    @listener("x")
+    async def unprintable() -> None:
+        ran.append("unprintable")
+        raise _Unprintable
+
+    async with make_bus(listeners=[unprintable]) as bus:
+        bus.emit("x")
+        await bus.drain()
+        [dead] = await bus.list_dead_letters()
+    assert dead.error == "_Unprintable: <exception str() failed>"
+    assert ran == ["unprintable"]
+
+
 async def test_delay_and_at_deliver_later(make_bus: BusFactory) -> None:
     got = asyncio.Event()
     when: list[float] = []

@@ -41,6 +41,7 @@ from tidings.backends.durable.store import (
     event_of,
 )
 from tidings.codec import CODECS, decode_payload, encode_payload, revive_object
+from tidings.delivery import error_text
 from tidings.errors import (
     BackendError,
     BindingError,
@@ -393,7 +394,7 @@ class DurableBackend(Backend):
         kind = ConnectionLost if lost else BackendError
         if what.startswith("storing"):
             kind = PublishFailed
-        return kind(f"{self.scheme} store: {what} failed: {type(exc).__qualname__}: {exc}")
+        return kind(f"{self.scheme} store: {what} failed: {error_text(exc)}")
 
     # -- Backend: producing --------------------------------------------------------
 
@@ -688,7 +689,7 @@ class DurableBackend(Backend):
 
     def _refused(self, entry: _Entry, exc: BaseException) -> None:
         record, waiter, _ = entry
-        error = f"{type(exc).__qualname__}: {exc}"
+        error = error_text(exc)
         logger.error(
             "event %s (%r) was refused by the %s store and dropped: %s",
             record.id,
@@ -939,7 +940,7 @@ class DurableBackend(Backend):
             try:
                 return self._decode(claimed, sub)
             except Exception as exc:  # RecursionError too: whatever the bytes make it do
-                error = f"{type(exc).__qualname__}: {exc}"
+                error = error_text(exc)
         logger.error(
             "event %s for %s cannot be read from the %s store: %s; dead letter",
             record.id,
@@ -1032,7 +1033,7 @@ class DurableBackend(Backend):
     def dead(self, event: Event, sub: Subscription, exc: BaseException) -> None:
         claimed = self._held((event.id, sub))
         if claimed is not None:
-            error = f"{type(exc).__qualname__}: {exc}"
+            error = error_text(exc)
             tb = "".join(traceback.format_exception(exc))
             self._outcomes.burials.append((claimed, error, tb))
             self._writer_wake.set()

@@ -15,6 +15,7 @@ import msgspec
 
 from tidings.backends.base import DeadLetter, ListenerStats
 from tidings.codec import decode_payload
+from tidings.delivery import error_text
 from tidings.errors import BackendError, PayloadError
 from tidings.events import Event
 
@@ -163,7 +164,7 @@ def stored_row(
 def unreadable(listener: str, attempt: int, id_: Any, ref: Any, exc: BaseException) -> Claimed:
     """The claim of an entry the broker could not read: a placeholder record with the id
     it knows, and ``exc`` as the error the engine buries the delivery with."""
-    error = f"{type(exc).__qualname__}: {exc}"
+    error = error_text(exc)
     return Claimed(listener, attempt, Stored(str(id_), "", b"", {}, 0.0, 0.0), ref, error=error)
 
 
