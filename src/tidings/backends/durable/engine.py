@@ -22,9 +22,11 @@ import os
 import socket
 import time
 import traceback
+import types
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from contextvars import Context
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -63,6 +65,8 @@ logger = logging.getLogger("tidings.backends.durable")
 
 # Decoded payloads kept for the other listeners of an event, at most.
 _DECODED = 4096
+# Deliveries a worker runs before it lets the loop's other callbacks run.
+_WORKER_BATCH = 500
 
 
 class _Consumer:
@@ -237,6 +241,13 @@ class DurableBackend(Backend):
         self._consumers: list[_Consumer] = []
         self._inflight: dict[tuple[str, Subscription], Claimed] = {}
         self._tasks: dict[asyncio.Future[Any], tuple[str, Subscription]] = {}
+        # Claimed deliveries of async listeners, waiting for a worker (see _work).
+        self._queue: deque[tuple[_Consumer, tuple[str, Subscription], Event]] = deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._pumping = 0  # workers taking from the queue (not waiting with a delivery)
+        self._in_workers = 0  # deliveries queued or running in workers
+        # Workers run in an empty context of their own; each delivery in a fresh one.
+        self._worker_context = Context()
         # Deliveries whose task was cancelled while their sync listener's thread runs
         # on: still this process's (their leases renewed) until the thread returns.
         self._outliving: dict[tuple[str, Subscription], Claimed] = {}
@@ -666,6 +677,8 @@ class DurableBackend(Backend):
         most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
         revive = sub.listener.plan.revive if sub.listener.plan.revivable else None
         held = self._unwritten_ids(consumer.listener_id)
+        # Run by the workers, without a task each (see _work); others by the runner.
+        in_line = sub.listener.is_async and not runner.observers
         again: list[Claimed] = []
         for claimed in batch:
             key = (claimed.record.id, sub)
@@ -704,7 +717,14 @@ class DurableBackend(Backend):
                 self._pause()
                 self._alone_task = runner.loop.create_task(self._run_alone())
                 continue
-            self._run(consumer, key, event)
+            if in_line:
+                consumer.running += 1
+                self._in_workers += 1
+                self._queue.append((consumer, key, event))
+            else:
+                self._run(consumer, key, event)
+        if self._queue and not self._pumping:
+            self._spawn(1)
         if outcomes:
             self._writer_wake.set()
         if again:
@@ -758,6 +778,110 @@ class DurableBackend(Backend):
             )
         return fut
 
+    def _spawn(self, count: int) -> None:
+        """Start ``count`` more workers taking deliveries from the queue."""
+        loop = self._loop
+        assert loop is not None
+        for _ in range(count):
+            task = loop.create_task(
+                self._work(), name="tidings.durable.worker", context=self._worker_context
+            )
+            self._pumping += 1
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _work(self) -> None:
+        """Run the queued deliveries one after the other until none is left, each in a
+        fresh context of its own: a delivery that does not suspend costs no task.
+
+        When a delivery suspends, the worker waits with it and more workers go on with
+        the queue (the deliveries queued were claimed within each listener's
+        concurrency, so all of them may run at once). The worker is the delivery's task
+        while it runs: its timeout cancels the worker (and is told apart from a
+        cancellation from outside, as in a task of its own), and closing cancels it."""
+        queue = self._queue
+        runner = self._runner
+        assert runner is not None
+        task = asyncio.current_task()
+        assert task is not None
+        # Whether the delivery under way suspended (the worker waits with it): a list
+        # of one, so that _stepped can tell.
+        suspended = [False]
+        ran = 0
+        try:
+            while queue:
+                if ran >= _WORKER_BATCH:
+                    ran = 0
+                    await asyncio.sleep(0)
+                    continue
+                ran += 1
+                consumer, key, event = queue.popleft()
+                ctx = Context()
+                run = runner.in_line(event, key[1], ctx)
+                try:
+                    if run is not None:
+                        await self._stepped(run, ctx, suspended)
+                except BaseException:
+                    # Cancelled from outside (closing): handed back, and the worker ends.
+                    self._ended_in_worker(consumer, key, cancelled=True)
+                    raise
+                self._ended_in_worker(consumer, key, cancelled=False)
+                if suspended[0]:
+                    suspended[0] = False
+                    self._pumping += 1
+                    if task.cancelling():
+                        # The listener swallowed the cancellation meant for the worker.
+                        raise asyncio.CancelledError
+        finally:
+            if not suspended[0]:
+                self._pumping -= 1
+
+    @types.coroutine
+    def _stepped(
+        self, run: Coroutine[Any, Any, None], ctx: Context, suspended: list[bool]
+    ) -> Generator[Any, None, None]:
+        """Await ``run`` inside ``ctx`` (stepped with ``Context.run``, as a task steps its
+        coroutine in its own context). When it first suspends, ``suspended[0]`` is set,
+        and workers are started for what waits in the queue."""
+        step = ctx.run
+        send = run.send
+        try:
+            yielded = step(send, None)
+        except StopIteration:
+            return
+        suspended[0] = True
+        self._pumping -= 1
+        if self._queue and not self._pumping:
+            self._spawn(len(self._queue))
+        while True:
+            try:
+                yield yielded
+            except GeneratorExit:
+                step(run.close)
+                raise
+            except BaseException as exc:
+                try:
+                    yielded = step(run.throw, exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = step(send, None)
+                except StopIteration:
+                    return
+
+    def _ended_in_worker(
+        self, consumer: _Consumer, key: tuple[str, Subscription], *, cancelled: bool
+    ) -> None:
+        self._in_workers -= 1
+        consumer.running -= 1
+        claimed = self._inflight.pop(key, None)
+        if claimed is not None:  # neither retried nor buried by the runner
+            (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
+            self._writer_wake.set()
+        consumer.wake.set()
+        self._progress.set()
+
     def _pause(self) -> None:
         """Stop claiming in this process (claims under way return at once) until the
         delivery held to run alone has ended."""
@@ -771,6 +895,7 @@ class DurableBackend(Backend):
         an ack with it, nor a release, which would count a run for what it held)."""
         return not (
             self._tasks
+            or self._in_workers
             or self._outcomes
             or not self._writer_idle.is_set()
             or any(c.claiming for c in self._consumers)
@@ -1088,14 +1213,21 @@ class DurableBackend(Backend):
         await self._bounded(
             [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
         )
-        if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=left())
+        if self._tasks or self._workers:
+            _done, pending = await asyncio.wait([*self._tasks, *self._workers], timeout=left())
+            # The workers' deliveries are stopped with them, and those still queued.
+            stopped = sum(1 for fut in pending if fut in self._tasks) + (
+                self._in_workers if pending else 0
+            )
             for fut in pending:
                 fut.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+            while self._queue:
+                consumer, key, _event = self._queue.popleft()
+                self._ended_in_worker(consumer, key, cancelled=True)
             # (Those whose threads still run stay this process's: see _finished.)
-            stopped = len(pending) - len(self._outliving)
+            stopped -= len(self._outliving)
             if stopped > 0:
                 logger.warning(
                     "%d running deliveries were stopped; they stay in the %s store for the "
