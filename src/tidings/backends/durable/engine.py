@@ -804,9 +804,7 @@ class DurableBackend(Backend):
         assert runner is not None
         task = asyncio.current_task()
         assert task is not None
-        # Whether the delivery under way suspended (the worker waits with it): a list
-        # of one, so that _stepped can tell.
-        suspended = [False]
+        suspended = False  # the delivery under way suspended: the worker waits with it
         ran = 0
         try:
             while queue:
@@ -820,39 +818,40 @@ class DurableBackend(Backend):
                 run = runner.in_line(event, key[1], ctx)
                 try:
                     if run is not None:
-                        await self._stepped(run, ctx, suspended)
+                        # Its first step here: most deliveries end in it.
+                        yielded = ctx.run(run.send, None)
+                        suspended = True
+                        self._pumping -= 1
+                        if queue and not self._pumping:
+                            self._spawn(len(queue))
+                        await self._resumed(run, ctx, yielded)
+                except StopIteration:
+                    pass
                 except BaseException:
                     # Cancelled from outside (closing): handed back, and the worker ends.
                     self._ended_in_worker(consumer, key, cancelled=True)
                     raise
                 self._ended_in_worker(consumer, key, cancelled=False)
-                if suspended[0]:
-                    suspended[0] = False
+                if suspended:
+                    suspended = False
                     self._pumping += 1
                     if task.cancelling():
                         # The listener swallowed the cancellation meant for the worker.
                         raise asyncio.CancelledError
         finally:
-            if not suspended[0]:
+            if not suspended:
                 self._pumping -= 1
 
+    @staticmethod
     @types.coroutine
-    def _stepped(
-        self, run: Coroutine[Any, Any, None], ctx: Context, suspended: list[bool]
+    def _resumed(
+        run: Coroutine[Any, Any, None], ctx: Context, yielded: Any
     ) -> Generator[Any, None, None]:
-        """Await ``run`` inside ``ctx`` (stepped with ``Context.run``, as a task steps its
-        coroutine in its own context). When it first suspends, ``suspended[0]`` is set,
-        and workers are started for what waits in the queue."""
+        """Await the rest of ``run``, which suspended on ``yielded``, inside ``ctx``
+        (stepped with ``Context.run``, as a task steps its coroutine in its own
+        context)."""
         step = ctx.run
         send = run.send
-        try:
-            yielded = step(send, None)
-        except StopIteration:
-            return
-        suspended[0] = True
-        self._pumping -= 1
-        if self._queue and not self._pumping:
-            self._spawn(len(self._queue))
         while True:
             try:
                 yield yielded
