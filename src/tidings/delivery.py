@@ -390,9 +390,10 @@ class Runner:
         self, event: Event, sub: Subscription, ctx: Context
     ) -> Coroutine[Any, Any, None] | None:
         """One delivery of an async listener as a coroutine, for a backend to await in
-        a task of its own (one that runs nothing else meanwhile) and step in a copy of
-        ``ctx``: the call, its timeout and its outcome, as :meth:`run` does in a task
-        of the delivery's own. ``None`` if the listener could not be called (a failure,
+        a task of its own (one that runs nothing else meanwhile), stepped in the
+        delivery's own context (``ctx``, or a copy that keeps ``ctx`` for a retry): the
+        call, its timeout and its outcome, as :meth:`run` does in a task of the
+        delivery's own. ``None`` if the listener could not be called (a failure,
         recorded already)."""
         kwargs = event.kwargs
         plan = sub.listener.plan
