@@ -1206,7 +1206,10 @@ class DurableBackend(Backend):
             [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
         )
         if self._tasks or self._workers:
-            _done, pending = await asyncio.wait([*self._tasks, *self._workers], timeout=left())
+            pending: set[asyncio.Future[Any]] = set()
+            # (Again while a worker whose delivery suspended started others meanwhile.)
+            while not pending and (running := [*self._tasks, *self._workers]):
+                _done, pending = await asyncio.wait(running, timeout=left())
             # The workers' deliveries are stopped with them, and those still queued.
             stopped = sum(1 for fut in pending if fut in self._tasks) + (
                 self._in_workers if pending else 0
