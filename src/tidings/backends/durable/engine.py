@@ -92,6 +92,26 @@ class _Consumer:
         self.task: asyncio.Task[None] | None = None
 
 
+@types.coroutine
+def _resumed(run: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, None, None]:
+    """Await the rest of ``run``, which suspended on ``yielded`` (its first step was
+    taken by hand)."""
+    while True:
+        try:
+            yield yielded
+        except GeneratorExit:
+            run.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = run.throw(exc)
+            except StopIteration:
+                return
+        else:
+            break
+    yield from run
+
+
 def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
     return DeliveryLost(
         f"event {event.id} ({event.name}) was started {attempt - 1} times for "
@@ -239,8 +259,6 @@ class DurableBackend(Backend):
         self._workers: set[asyncio.Task[None]] = set()
         self._pumping = 0  # workers taking from the queue (not waiting with a delivery)
         self._in_workers = 0  # deliveries queued or running in workers
-        # Workers run in an empty context of their own; each delivery in a fresh one.
-        self._worker_context = Context()
         # Deliveries whose task was cancelled while their sync listener's thread runs
         # on: still this process's (their leases renewed) until the thread returns.
         self._outliving: dict[tuple[str, Subscription], Claimed] = {}
@@ -776,28 +794,32 @@ class DurableBackend(Backend):
         loop = self._loop
         assert loop is not None
         for _ in range(count):
-            task = loop.create_task(
-                self._work(), name="tidings.durable.worker", context=self._worker_context
-            )
+            ctx = Context()
+            task = loop.create_task(self._work(ctx), name="tidings.durable.worker", context=ctx)
             self._pumping += 1
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
 
-    async def _work(self) -> None:
-        """Run the queued deliveries one after the other until none is left, each in a
-        fresh context of its own: a delivery that does not suspend costs no task.
+    async def _work(self, ctx: Context) -> None:
+        """Run the queued deliveries one after the other until none is left: a delivery
+        that does not suspend costs no task.
 
-        When a delivery suspends, the worker waits with it and more workers go on with
-        the queue (the deliveries queued were claimed within each listener's
-        concurrency, so all of them may run at once). The worker is the delivery's task
-        while it runs: its timeout cancels the worker (and is told apart from a
-        cancellation from outside, as in a task of its own), and closing cancels it."""
+        The worker runs in a fresh context (``ctx``, its task's): a delivery that leaves
+        a context variable set in it ends the worker, and another takes the rest of the
+        queue in a fresh one, so that no delivery sees what another set. When a delivery
+        suspends, the worker waits with it and more workers go on with the queue (the
+        deliveries queued were claimed within each listener's concurrency, so all of
+        them may run at once). The worker is the delivery's task while it runs: its
+        timeout cancels the worker (and is told apart from a cancellation from outside,
+        as in a task of its own), and closing cancels it."""
         queue = self._queue
         runner = self._runner
         assert runner is not None
         task = asyncio.current_task()
         assert task is not None
-        suspended = False  # the delivery under way suspended: the worker waits with it
+        # Whether the worker counts in _pumping: not while it waits with a delivery
+        # that suspended.
+        pumping = True
         ran = 0
         try:
             while queue:
@@ -807,17 +829,16 @@ class DurableBackend(Backend):
                     continue
                 ran += 1
                 consumer, key, event = queue.popleft()
-                ctx = Context()
                 run = runner.in_line(event, key[1], ctx)
                 try:
                     if run is not None:
                         # Its first step here: most deliveries end in it.
-                        yielded = ctx.run(run.send, None)
-                        suspended = True
+                        yielded = run.send(None)
+                        pumping = False
                         self._pumping -= 1
                         if queue and not self._pumping:
                             self._spawn(len(queue))
-                        await self._resumed(run, ctx, yielded)
+                        await _resumed(run, yielded)
                 except StopIteration:
                     pass
                 except BaseException:
@@ -825,42 +846,22 @@ class DurableBackend(Backend):
                     self._ended_in_worker(consumer, key, cancelled=True)
                     raise
                 self._ended_in_worker(consumer, key, cancelled=False)
-                if suspended:
-                    suspended = False
+                if not pumping:
+                    pumping = True
                     self._pumping += 1
                     if task.cancelling():
                         # The listener swallowed the cancellation meant for the worker.
                         raise asyncio.CancelledError
+                if len(ctx):
+                    # The listener left a context variable set: a fresh worker goes on.
+                    pumping = False
+                    self._pumping -= 1
+                    if queue and not self._pumping:
+                        self._spawn(1)
+                    return
         finally:
-            if not suspended:
+            if pumping:
                 self._pumping -= 1
-
-    @staticmethod
-    @types.coroutine
-    def _resumed(
-        run: Coroutine[Any, Any, None], ctx: Context, yielded: Any
-    ) -> Generator[Any, None, None]:
-        """Await the rest of ``run``, which suspended on ``yielded``, inside ``ctx``
-        (stepped with ``Context.run``, as a task steps its coroutine in its own
-        context)."""
-        step = ctx.run
-        send = run.send
-        while True:
-            try:
-                yield yielded
-            except GeneratorExit:
-                step(run.close)
-                raise
-            except BaseException as exc:
-                try:
-                    yielded = step(run.throw, exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    yielded = step(send, None)
-                except StopIteration:
-                    return
 
     def _ended_in_worker(
         self, consumer: _Consumer, key: tuple[str, Subscription], *, cancelled: bool
