@@ -430,25 +430,38 @@ class Runner:
             return self._run_observed(self._start, event, sub, ctx)
         return self._start(event, sub, ctx)
 
+    def in_line(
+        self, event: Event, sub: Subscription, ctx: Context
+    ) -> Coroutine[Any, Any, None] | None:
+        """One delivery of an async listener as a coroutine, for a backend to await in
+        a task of its own (one that runs nothing else meanwhile), stepped in the
+        delivery's own context (``ctx``, or a copy that keeps ``ctx`` for a retry): the
+        call, its timeout and its outcome, as :meth:`run` does in a task of the
+        delivery's own. ``None`` if the listener could not be called (a failure,
+        recorded already)."""
+        kwargs = event.kwargs
+        plan = sub.listener.plan
+        try:
+            # The common case, called without planning: the keywords it takes exactly.
+            if kwargs.keys() == plan.simple_names and not event.args and event.obj is None:
+                coro = plan.fn(**kwargs)
+            else:
+                coro = plan.call(event)
+        except (Exception, asyncio.CancelledError) as exc:
+            self.failed(event, sub, ctx, exc)
+            return None
+        return self._run_async(coro, event, sub, ctx)
+
     def _start(self, event: Event, sub: Subscription, ctx: Context) -> asyncio.Future[Any] | None:
         listener = sub.listener
         if listener.is_async:
-            kwargs = event.kwargs
             run_ctx = ctx.copy()
-            plan = listener.plan
-            try:
-                # The common case, called without planning: the keywords it takes exactly.
-                if kwargs.keys() == plan.simple_names and not event.args and event.obj is None:
-                    coro = plan.fn(**kwargs)
-                else:
-                    coro = sub.listener.plan.call(event)
-            except (Exception, asyncio.CancelledError) as exc:
-                self.failed(event, sub, ctx, exc)
+            run = self.in_line(event, sub, ctx)
+            if run is None:
                 return None
             # In a task from its first step: what a listener starts there (an
             # asyncio.timeout, an anyio scope, a library asking for the current task)
             # belongs to its own task, never to whichever task started it.
-            run = self._run_async(coro, event, sub, ctx)
             if _EAGER_TASKS:
                 task = asyncio.Task(run, loop=self.loop, context=run_ctx, eager_start=True)  # type: ignore[call-arg,unused-ignore]
                 return None if task.done() else task

@@ -892,6 +892,90 @@ async def test_a_listener_runs_in_a_task_of_its_own_from_its_first_step(
     assert [letter.error for letter in dead] == ["TimeoutError: "]
 
 
+_MARK: contextvars.ContextVar[int | None] = contextvars.ContextVar("_MARK", default=None)
+
+
+async def test_what_a_listener_sets_in_its_context_stays_in_its_delivery(
+    make_bus: BusFactory,
+) -> None:
+    seen: list[int | None] = []
+
+    @listener("x")
+    async def marks(n: int) -> None:
+        seen.append(_MARK.get())
+        _MARK.set(n)
+        if n % 2:
+            await asyncio.sleep(0)
+        seen.append(_MARK.get())
+
+    async with make_bus(listeners=[marks]) as bus:
+        for n in range(10):
+            bus.emit("x", n=n)
+        await bus.drain()
+    assert sorted(seen, key=str) == [*range(10), *[None] * 10]
+
+
+async def test_deliveries_that_wait_run_side_by_side_up_to_the_concurrency(
+    make_bus: BusFactory,
+) -> None:
+    gate = asyncio.Event()
+    all_in = asyncio.Event()
+    started: list[int] = []
+    running = peak = 0
+
+    @listener("x", concurrency=20)
+    async def waits(n: int) -> None:
+        nonlocal running, peak
+        started.append(n)
+        running += 1
+        peak = max(peak, running)
+        if running == 20:
+            all_in.set()
+        await gate.wait()
+        running -= 1
+
+    async with make_bus(listeners=[waits]) as bus:
+        for n in range(30):
+            bus.emit("x", n=n)
+        await asyncio.wait_for(all_in.wait(), 30)
+        gate.set()
+        await asyncio.wait_for(bus.drain(), 30)
+    assert sorted(started) == list(range(30))
+    assert peak == 20
+
+
+async def test_closing_stops_deliveries_that_wait_and_hands_them_back_uncounted(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    _durable(backend_name)
+    all_in = asyncio.Event()
+    started: list[int] = []
+    attempts: list[int] = []
+    hang = True
+
+    @listener("x", concurrency=10)
+    async def hangs(event: Event) -> None:
+        if not hang:
+            attempts.append(event.attempt)
+            return
+        started.append(event.attempt)
+        if len(started) == 3:
+            all_in.set()
+        await asyncio.sleep(30)
+
+    worker = make_bus(listeners=[hangs])
+    cast(DurableBackend, worker.backend).drain_on_close = False
+    await worker.start()
+    for n in range(3):
+        worker.emit("x", n=n)
+    await asyncio.wait_for(all_in.wait(), 30)
+    await worker.aclose(timeout=0.05)
+    hang = False
+    async with make_bus(listeners=[hangs]) as bus:
+        await asyncio.wait_for(bus.drain(), 30)  # at once: no lease to wait out
+    assert attempts == [1, 1, 1]
+
+
 # -- what a durable store keeps across processes and workers -----------------------------
 
 

@@ -22,9 +22,11 @@ import os
 import socket
 import time
 import traceback
+import types
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from contextvars import Context
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -64,6 +66,8 @@ logger = logging.getLogger("tidings.backends.durable")
 
 # Decoded payloads kept for the other listeners of an event, at most.
 _DECODED = 4096
+# Deliveries a worker runs before it lets the loop's other callbacks run.
+_WORKER_BATCH = 500
 
 
 class _Consumer:
@@ -117,6 +121,26 @@ def _storable(listeners: Sequence[Listener[..., Any]]) -> None:
             "name, so only one of them would run; give one of them a name of its own "
             "with @listener(..., name='...') (functions a factory makes share a name)"
         )
+
+
+@types.coroutine
+def _resumed(run: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, None, None]:
+    """Await the rest of ``run``, which suspended on ``yielded`` (its first step was
+    taken by hand)."""
+    while True:
+        try:
+            yield yielded
+        except GeneratorExit:
+            run.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = run.throw(exc)
+            except StopIteration:
+                return
+        else:
+            break
+    yield from run
 
 
 def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
@@ -261,6 +285,11 @@ class DurableBackend(Backend):
         self._consumers: list[_Consumer] = []
         self._inflight: dict[tuple[str, Subscription], Claimed] = {}
         self._tasks: dict[asyncio.Future[Any], tuple[str, Subscription]] = {}
+        # Claimed deliveries of async listeners, waiting for a worker (see _work).
+        self._queue: deque[tuple[_Consumer, tuple[str, Subscription], Event]] = deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._pumping = 0  # workers taking from the queue (not waiting with a delivery)
+        self._in_workers = 0  # deliveries queued or running in workers
         # Deliveries whose task was cancelled while their sync listener's thread runs
         # on: still this process's (their leases renewed) until the thread returns.
         self._outliving: dict[tuple[str, Subscription], Claimed] = {}
@@ -786,6 +815,8 @@ class DurableBackend(Backend):
         most = (sub.listener.retry or runner.retry).attempts + self.max_lost_runs
         revive = sub.listener.plan.revive if sub.listener.plan.revivable else None
         held = self._unwritten_ids(consumer.listener_id)
+        # Run by the workers, without a task each (see _work); others by the runner.
+        in_line = sub.listener.is_async and not runner.observers
         again: list[Claimed] = []
         for claimed in batch:
             key = (claimed.record.id, sub)
@@ -824,7 +855,14 @@ class DurableBackend(Backend):
                 self._pause()
                 self._alone_task = runner.loop.create_task(self._run_alone())
                 continue
-            self._run(consumer, key, event)
+            if in_line:
+                consumer.running += 1
+                self._in_workers += 1
+                self._queue.append((consumer, key, event))
+            else:
+                self._run(consumer, key, event)
+        if self._queue and not self._pumping:
+            self._spawn(1)
         if outcomes:
             self._writer_wake.set()
         if again:
@@ -878,6 +916,92 @@ class DurableBackend(Backend):
             )
         return fut
 
+    def _spawn(self, count: int) -> None:
+        """Start ``count`` more workers taking deliveries from the queue."""
+        loop = self._loop
+        assert loop is not None
+        for _ in range(count):
+            ctx = Context()
+            task = loop.create_task(self._work(ctx), name="tidings.durable.worker", context=ctx)
+            self._pumping += 1
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _work(self, ctx: Context) -> None:
+        """Run the queued deliveries one after the other until none is left: a delivery
+        that does not suspend costs no task.
+
+        The worker runs in a fresh context (``ctx``, its task's): a delivery that leaves
+        a context variable set in it ends the worker, and another takes the rest of the
+        queue in a fresh one, so that no delivery sees what another set. When a delivery
+        suspends, the worker waits with it and more workers go on with the queue (the
+        deliveries queued were claimed within each listener's concurrency, so all of
+        them may run at once). The worker is the delivery's task while it runs: its
+        timeout cancels the worker (and is told apart from a cancellation from outside,
+        as in a task of its own), and closing cancels it."""
+        queue = self._queue
+        runner = self._runner
+        assert runner is not None
+        task = asyncio.current_task()
+        assert task is not None
+        # Whether the worker counts in _pumping: not while it waits with a delivery
+        # that suspended.
+        pumping = True
+        ran = 0
+        try:
+            while queue:
+                if ran >= _WORKER_BATCH:
+                    ran = 0
+                    await asyncio.sleep(0)
+                    continue
+                ran += 1
+                consumer, key, event = queue.popleft()
+                run = runner.in_line(event, key[1], ctx)
+                try:
+                    if run is not None:
+                        # Its first step here: most deliveries end in it.
+                        yielded = run.send(None)
+                        pumping = False
+                        self._pumping -= 1
+                        if queue and not self._pumping:
+                            self._spawn(len(queue))
+                        await _resumed(run, yielded)
+                except StopIteration:
+                    pass
+                except BaseException:
+                    # Cancelled from outside (closing): handed back, and the worker ends.
+                    self._ended_in_worker(consumer, key, cancelled=True)
+                    raise
+                self._ended_in_worker(consumer, key, cancelled=False)
+                if not pumping:
+                    pumping = True
+                    self._pumping += 1
+                    if task.cancelling():
+                        # The listener swallowed the cancellation meant for the worker.
+                        raise asyncio.CancelledError
+                if len(ctx):
+                    # The listener left a context variable set: a fresh worker goes on.
+                    pumping = False
+                    self._pumping -= 1
+                    if queue and not self._pumping:
+                        self._spawn(1)
+                    return
+        finally:
+            if pumping:
+                self._pumping -= 1
+
+    def _ended_in_worker(
+        self, consumer: _Consumer, key: tuple[str, Subscription], *, cancelled: bool
+    ) -> None:
+        self._in_workers -= 1
+        consumer.running -= 1
+        claimed = self._inflight.pop(key, None)
+        if claimed is not None:  # neither retried nor buried by the runner
+            (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
+            self._writer_wake.set()
+        consumer.wake.set()
+        self._progress.set()
+
     def _pause(self) -> None:
         """Stop claiming in this process (claims under way return at once) until the
         delivery held to run alone has ended."""
@@ -891,6 +1015,7 @@ class DurableBackend(Backend):
         an ack with it, nor a release, which would count a run for what it held)."""
         return not (
             self._tasks
+            or self._in_workers
             or self._outcomes
             or not self._writer_idle.is_set()
             or any(c.claiming for c in self._consumers)
@@ -1214,14 +1339,24 @@ class DurableBackend(Backend):
         await self._bounded(
             [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
         )
-        if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=left())
+        if self._tasks or self._workers:
+            pending: set[asyncio.Future[Any]] = set()
+            # (Again while a worker whose delivery suspended started others meanwhile.)
+            while not pending and (running := [*self._tasks, *self._workers]):
+                _done, pending = await asyncio.wait(running, timeout=left())
+            # The workers' deliveries are stopped with them, and those still queued.
+            stopped = sum(1 for fut in pending if fut in self._tasks) + (
+                self._in_workers if pending else 0
+            )
             for fut in pending:
                 fut.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+            while self._queue:
+                consumer, key, _event = self._queue.popleft()
+                self._ended_in_worker(consumer, key, cancelled=True)
             # (Those whose threads still run stay this process's: see _finished.)
-            stopped = len(pending) - len(self._outliving)
+            stopped -= len(self._outliving)
             if stopped > 0:
                 logger.warning(
                     "%d running deliveries were stopped; they stay in the %s store for the "
