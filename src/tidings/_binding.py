@@ -322,8 +322,9 @@ class CallPlan:
     def revive(self, event: Event) -> None:
         """Convert, in ``event`` (read back from a store), each argument a parameter
         takes to the type the parameter is annotated with, strictly (see
-        :func:`tidings.codec.converter`). The event gets new ``args`` and ``kwargs``:
-        the ones it had, shared with other listeners, are left as they are.
+        :func:`tidings.codec.converter`). Where a value changes, the event gets new
+        ``args`` or ``kwargs``: the ones it had, shared with other listeners, are left
+        as they are.
 
         Raises:
             BindingError: a value does not fit its parameter's annotation (the message
@@ -333,20 +334,30 @@ class CallPlan:
         checks = self._recipe(event)[4]
         if not checks:
             return
-        args = list(event.args)
-        kwargs = dict(event.kwargs)
+        # Copied only when a value changes: most arrive as their type already, and a
+        # worker revives every delivery.
+        args: list[Any] | None = None
+        kwargs: dict[str, Any] | None = None
         for (kind, ref), name in checks:
-            value = args[ref] if kind == _ARG else kwargs[ref]
+            value = event.args[ref] if kind == _ARG else event.kwargs[ref]
             try:
                 converted = self._converters[name](value)
             except Exception as exc:
                 raise self._unfit(event, name, value, exc) from exc
+            if converted is value:
+                continue
             if kind == _ARG:
+                if args is None:
+                    args = list(event.args)
                 args[ref] = converted
             else:
+                if kwargs is None:
+                    kwargs = dict(event.kwargs)
                 kwargs[ref] = converted
-        event.args = tuple(args)
-        event.kwargs = kwargs
+        if args is not None:
+            event.args = tuple(args)
+        if kwargs is not None:
+            event.kwargs = kwargs
 
     def _recipe(self, event: Event) -> _Recipe:
         key = (len(event.args), *event.kwargs, type(event.obj))
