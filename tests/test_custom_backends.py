@@ -149,6 +149,9 @@ async def test_blocking_listeners_run_at_once_in_the_backends_own_pool() -> None
                 bus.emit("report.due", n=n)
             await bus.drain()
             assert bus.stats()["listeners"][render.qualname] == {"delivered": count, "failed": 0}
+        # Closing the bus shut the backend's pool down.
+        with pytest.raises(RuntimeError, match="shutdown"):
+            backend.pool.submit(print)
     finally:
         backend.pool.shutdown()
     assert len(threads) == count

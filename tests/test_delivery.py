@@ -225,7 +225,7 @@ async def test_a_retry_starts_from_the_emitters_context_not_what_the_attempt_set
 
 
 def test_a_bus_timeout_must_be_positive() -> None:
-    with pytest.raises(ConfigurationError, match="the bus's timeout must be positive"):
+    with pytest.raises(ConfigurationError, match="the bus's timeout must be more than 0 seconds"):
         Bus(timeout=0)
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from tidings._units import seconds
+from tidings._units import positive_seconds, positive_seconds_or_none, seconds
 from tidings.errors import ConfigurationError, EmitError
 
 
@@ -36,3 +36,16 @@ def test_anything_else_is_refused_by_name(value: Any, message: str) -> None:
 def test_the_caller_chooses_the_error() -> None:
     with pytest.raises(EmitError, match="delay="):
         seconds("soon", "delay=", error=EmitError)
+
+
+def test_a_positive_duration_is_more_than_0_seconds() -> None:
+    assert positive_seconds(timedelta(milliseconds=250), "lease") == 0.25
+    assert positive_seconds_or_none(2, "timeout") == 2.0
+    assert positive_seconds_or_none(None, "timeout") is None
+    for value in (0, -1, timedelta(0)):
+        with pytest.raises(ConfigurationError, match="lease must be more than 0 seconds, not"):
+            positive_seconds(value, "lease")
+        with pytest.raises(ConfigurationError, match="timeout must be more than 0 seconds"):
+            positive_seconds_or_none(value, "timeout")
+    with pytest.raises(ConfigurationError, match="lease takes seconds or a timedelta"):
+        positive_seconds("1", "lease")

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -19,7 +19,7 @@ from tidings import Bus, ConfigurationError, listener
 from tidings.backends.durable import Claimed, DurableBackend
 from tidings.worker import run_worker
 
-from . import crash_app
+from . import crash_app, stuck_app
 from .services import (
     POSTGRES_URL,
     REDIS_URL,
@@ -78,7 +78,9 @@ def _reap() -> Iterator[None]:
         proc.wait()
 
 
-def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_worker(
+    env: dict[str, str], app: str = "tests.crash_app:bus", *options: str
+) -> subprocess.Popen[bytes]:
     log = Path(env["TIDINGS_TEST_OUT"]).with_suffix(".log")
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
@@ -87,9 +89,10 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
                 "-m",
                 "tidings.cli",
                 "worker",
-                "tests.crash_app:bus",
+                app,
                 "--concurrency",
                 "50",
+                *options,
             ],
             env=env,
             cwd=ROOT,
@@ -244,3 +247,40 @@ async def test_a_worker_holds_a_delivery_whose_thread_outlives_its_stop(tmp_path
     async with Bus(url, consume=False) as bus:
         stats = (await bus.listener_stats())[blocked.qualname]
     assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 0)
+
+
+async def _wait_until(done: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    """Wait until ``done()`` holds, while the worker runs."""
+    for _ in range(3000):
+        if done():
+            return
+        assert proc.poll() is None, "the worker exited"
+        await asyncio.sleep(0.01)
+    raise AssertionError("not done after 30s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_second_signal_ends_a_worker_waiting_for_a_thread(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}?poll_interval=0.01"
+    env = _env(tmp_path, url)
+    async with Bus(url, listeners=[stuck_app.stuck], consume=False) as producer:
+        await producer.publish("stuck")
+    proc = _start_worker(env, "tests.stuck_app:bus", "--shutdown-timeout", "0.1")
+    log = tmp_path / "deliveries.log"
+    await _wait_until(lambda: _deliveries(tmp_path)["started"] == 1, proc)
+    proc.send_signal(sig)
+    # Past the shutdown timeout, waiting for the thread, which still holds the delivery.
+    await _wait_until(lambda: "its thread still runs" in log.read_text(), proc)
+    assert "a second SIGTERM or SIGINT stops waiting" in log.read_text()
+    proc.send_signal(sig)
+    assert proc.wait(30) == 128 + sig
+    said = log.read_text()
+    assert f"worker stopped at a second {sig.name} without waiting" in said
+    assert "Traceback" not in said
+    assert "Exception ignored" not in said
+    async with Bus(url, consume=False) as viewer:
+        stats = (await viewer.listener_stats())[stuck_app.stuck.qualname]
+    # Neither acknowledged nor dead: its lease is left to expire.
+    assert (stats.pending + stats.in_flight, stats.dead) == (1, 0)

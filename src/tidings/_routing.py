@@ -1,13 +1,15 @@
 """Which subscriptions an event reaches, and what is checked on its way there: the
-resolved routes, payload schemas, strict checks, ``once`` listeners and emit hooks."""
+resolved routes, payload schemas, strict checks, ``once`` listeners and emit hooks; and
+:class:`Checks`, the bus's methods that say and set what is checked."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from tidings._plugins import schema_validator
 from tidings.codec import check_serializable
 from tidings.errors import ConfigurationError, NoListenersError, PayloadError
 from tidings.events import Event, event_name_of
@@ -15,9 +17,11 @@ from tidings.events import Event, event_name_of
 if TYPE_CHECKING:
     from tidings.listeners import Registry, Subscription
 
-__all__ = ["EventHook", "Router", "Taken"]
+__all__ = ["Checks", "EventHook", "Router", "Taken"]
 
 logger = logging.getLogger("tidings.bus")
+
+M = TypeVar("M")
 
 #: Told of each event (an emit hook), or of each one dropped after that (a drop hook).
 EventHook = Callable[[Event], None]
@@ -172,3 +176,51 @@ class Router:
         (or whose held events were dropped)."""
         for sub, index in reversed(taken):
             sub.registry.put_back(sub, index)
+
+
+class Checks:
+    """What a bus checks of each event at emit (:class:`~tidings.Bus` inherits it)."""
+
+    # What the bus holds, set by its __init__.
+    router: Router
+
+    @property
+    def strict(self) -> bool:
+        """Whether an event nobody listens to, or one a listener cannot take, is refused."""
+        return self.router.strict
+
+    @property
+    def check_serializable(self) -> bool:
+        """Whether a payload a durable backend could not store is refused at emit."""
+        return self.router.check_serializable
+
+    @overload
+    def schema(self, name: str, model: M, /) -> M: ...
+    @overload
+    def schema(self, name: str, /) -> Callable[[M], M]: ...
+    def schema(self, name: str, model: Any = None, /) -> Any:
+        """Validate the keyword payload of every ``name`` event with a pydantic model, at
+        emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
+
+        ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
+        on the model class. The payload is the keyword arguments, or one positional
+        dict. A payload that does not validate raises
+        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError`` whose ``__cause__``
+        is pydantic's ``ValidationError``); nothing is queued.
+
+        Raises:
+            ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
+                event name (a bare ``@bus.schema`` on the class).
+        """
+        if not isinstance(name, str):
+            shown = getattr(name, "__name__", repr(name))
+            raise ConfigurationError(
+                f"schema() takes the event name first: @bus.schema('event.name') on "
+                f"{shown}, or bus.schema('event.name', {shown})"
+            )
+
+        def register(model: M) -> M:
+            self.router.add_schema(name, schema_validator(name, model))
+            return model
+
+        return register if model is None else register(model)

@@ -4,7 +4,8 @@
 background thread; ``emit`` is thread-safe already, so it works from the calling thread
 and from any other. Leaving the block drains the bus (bounded by its
 ``shutdown_timeout``) and stops the thread. Awaitables of the bus (``publish``,
-``drain``...) are run on that loop by :func:`run`, which waits for their result.
+``drain``...) are run on that loop by :meth:`SyncFront.run_sync`, which waits for
+their result.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from tidings.errors import ConfigurationError, NotStartedError
 
 if TYPE_CHECKING:
-    from tidings.bus import Bus
+    from tidings._inbox import Inbox
 
-__all__ = ["LoopThread", "enter", "leave", "run"]
+__all__ = ["LoopThread", "SyncFront"]
 
 # The background thread running each bus's loop while in ``with bus:``.
-_threads: weakref.WeakKeyDictionary[Bus, LoopThread] = weakref.WeakKeyDictionary()
+_threads: weakref.WeakKeyDictionary[SyncFront, LoopThread] = weakref.WeakKeyDictionary()
 
 T = TypeVar("T")
 
@@ -84,69 +86,104 @@ async def _wrap(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def enter(bus: Bus) -> Bus:
-    """Start ``bus`` on a loop in a background thread; errors at start raise here.
+class SyncFront:
+    """The ways into a bus from sync code (:class:`~tidings.Bus` inherits them):
+    ``with bus:``, :meth:`publish_sync` and :meth:`run_sync`."""
 
-    Raises:
-        ConfigurationError: the bus is started already.
-        What :meth:`Bus.start` raises (the thread is stopped first).
-    """
-    if bus.started or bus in _threads:
-        raise ConfigurationError(
-            "this bus is started already: 'with bus:' starts it on an event loop of its "
-            "own, in a background thread, and cannot share the one it runs on"
-        )
-    thread = LoopThread("tidings-bus")
-    thread.start()
-    try:
-        thread.run(bus.start())
-    except BaseException:
-        thread.stop()
-        raise
-    _threads[bus] = thread
-    return bus
+    # What the bus holds, set by its __init__.
+    inbox: Inbox
 
+    if TYPE_CHECKING:  # the bus's own methods these call, declared for the type checker
 
-def leave(bus: Bus) -> None:
-    """Drain ``bus`` (bounded by its ``shutdown_timeout``), close it and stop its thread."""
-    thread = _threads.pop(bus, None)
-    if thread is None:
-        return
-    try:
-        thread.run(bus.aclose())
-    finally:
-        thread.stop()
+        @property
+        def started(self) -> bool: ...
+        @property
+        def loop(self) -> asyncio.AbstractEventLoop | None: ...
+        async def start(self) -> None: ...
+        async def aclose(self) -> None: ...
+        async def publish(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None: ...
 
+    def __enter__(self) -> Self:
+        """Start the bus on an event loop of its own, in a background thread, for
+        scripts and sync frameworks: ``emit`` then works from any thread, and
+        :meth:`publish_sync` / :meth:`run_sync` wait on the bus from sync code.
 
-def run(bus: Bus, awaitable: Awaitable[T]) -> T:
-    """Run ``awaitable`` on the loop of the started ``bus`` and wait for its result.
-
-    Raises:
-        NotStartedError: the bus is not started, or closed.
-        ConfigurationError: called on the bus's own loop, where it would wait forever.
-    """
-    loop = bus.loop
-    try:
-        if loop is None or not bus.started:
-            state = "is closed" if bus.loop is not None else "is not started"
-            raise NotStartedError(
-                f"the bus {state}: start it with 'with bus:' (or 'async with bus:' on a "
-                "running event loop) before waiting on it from sync code"
-            )
-        if not loop.is_running():
-            raise NotStartedError(
-                "the bus's event loop is not running (was it stopped without closing the "
-                "bus?): nothing would ever run what is waited for"
-            )
-        if threading.get_ident() == bus.inbox.thread:
+        Raises:
+            ConfigurationError: the bus is started already.
+            What :meth:`start` raises (a store that cannot be opened, say).
+        """
+        if self.started or self in _threads:
             raise ConfigurationError(
-                "a sync wait on the bus was called on the bus's own event loop, where it "
-                "would wait forever: await it there (await bus.publish(...))"
+                "this bus is started already: 'with bus:' starts it on an event loop of its "
+                "own, in a background thread, and cannot share the one it runs on"
             )
-    except BaseException:
-        if isinstance(awaitable, Coroutine):
-            awaitable.close()  # never run: no 'never awaited' warning for the caller's
-        raise
-    future: Any = asyncio.run_coroutine_threadsafe(_wrap(awaitable), loop)
-    result: T = future.result()
-    return result
+        thread = LoopThread("tidings-bus")
+        thread.start()
+        try:
+            thread.run(self.start())
+        except BaseException:
+            thread.stop()
+            raise
+        _threads[self] = thread
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drain (for at most ``shutdown_timeout`` seconds), close, stop the thread."""
+        thread = _threads.pop(self, None)
+        if thread is None:
+            return
+        try:
+            thread.run(self.aclose())
+        finally:
+            thread.stop()
+
+    def publish_sync(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`publish`, from sync code: return once the backend accepted the
+        event (stored, on a durable backend). Not on the bus's own loop's thread.
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+            What :meth:`publish` raises.
+        """
+        self.run_sync(self.publish(name_or_event, *args, **kwargs))
+
+    def run_sync(self, awaitable: Awaitable[T], /) -> T:
+        """Run an awaitable of this bus (``bus.drain()``, ``bus.list_dead_letters()``...)
+        on its event loop from sync code, in a copy of the caller's context, and return
+        its result. The bus runs in another thread (``with bus:``, or an app's loop).
+
+        Raises:
+            NotStartedError: the bus is not started, or closed.
+            ConfigurationError: called on the bus's own event loop's thread.
+        """
+        loop = self.loop
+        try:
+            if loop is None or not self.started:
+                state = "is closed" if self.loop is not None else "is not started"
+                raise NotStartedError(
+                    f"the bus {state}: start it with 'with bus:' (or 'async with bus:' on a "
+                    "running event loop) before waiting on it from sync code"
+                )
+            if not loop.is_running():
+                raise NotStartedError(
+                    "the bus's event loop is not running (was it stopped without closing "
+                    "the bus?): nothing would ever run what is waited for"
+                )
+            if threading.get_ident() == self.inbox.thread:
+                raise ConfigurationError(
+                    "a sync wait on the bus was called on the bus's own event loop, where "
+                    "it would wait forever: await it there (await bus.publish(...))"
+                )
+        except BaseException:
+            if isinstance(awaitable, Coroutine):
+                awaitable.close()  # never run: no 'never awaited' warning for the caller's
+            raise
+        future: Any = asyncio.run_coroutine_threadsafe(_wrap(awaitable), loop)
+        result: T = future.result()
+        return result

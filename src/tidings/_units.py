@@ -12,7 +12,7 @@ from typing import Any
 
 from tidings.errors import ConfigurationError, TidingsError
 
-__all__ = ["seconds"]
+__all__ = ["positive_seconds", "positive_seconds_or_none", "seconds"]
 
 
 def seconds(value: Any, what: str, *, error: type[TidingsError] = ConfigurationError) -> float:
@@ -35,3 +35,21 @@ def seconds(value: Any, what: str, *, error: type[TidingsError] = ConfigurationE
     if not math.isfinite(result):
         raise error(f"{what} must be a finite number of seconds, not {value!r}")
     return result
+
+
+def positive_seconds(value: Any, what: str) -> float:
+    """``value`` in seconds, as :func:`seconds` reads it, and more than 0: a timeout, a
+    lease, a poll interval.
+
+    Raises:
+        ConfigurationError: what :func:`seconds` raises, or 0 seconds or less.
+    """
+    result = seconds(value, what)
+    if result <= 0:
+        raise ConfigurationError(f"{what} must be more than 0 seconds, not {value!r}")
+    return result
+
+
+def positive_seconds_or_none(value: Any, what: str) -> float | None:
+    """``None`` (none set) as is, else :func:`positive_seconds`."""
+    return None if value is None else positive_seconds(value, what)

@@ -1,37 +1,39 @@
 """The bus: what you emit on. It holds the listeners, one backend and the delivery
 policy, starts and drains with ``async with``, and routes each event to the
-subscriptions its name resolves to."""
+subscriptions its name resolves to.
+
+The rest of its methods it inherits from the modules whose job they front: what is
+checked at emit (:mod:`tidings._routing`), cron schedules (:mod:`tidings.scheduling`),
+``with bus:`` and sync waits (:mod:`tidings._sync`), inspecting and dead-letter admin
+(:mod:`tidings._inspecting`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar
 
-from tidings import _dead, _debug, _sync
+from tidings import _debug
 from tidings._contexts import ContextCopies
 from tidings._hold import hold_named
 from tidings._inbox import Inbox
-from tidings._plugins import schema_validator
-from tidings._routing import Router
+from tidings._inspecting import Inspecting
+from tidings._routing import Checks, Router
 from tidings._running import Running
 from tidings._sending import Sender
 from tidings._switches import disabled
-from tidings._units import seconds
+from tidings._sync import SyncFront
+from tidings._units import positive_seconds_or_none, seconds
 from tidings.backends._urls import backend_for
-from tidings.backends.base import Backend, DeadLetter, ListenerStats
-from tidings.delivery import DeliveryObserver, Retry, Runner
-from tidings.errors import (
-    ConfigurationError,
-    NotStartedError,
-)
+from tidings.backends.base import Backend
+from tidings.delivery import DeliveryObserver, Retry
+from tidings.errors import NotStartedError
 from tidings.events import Event, QueuedEvent
 from tidings.listeners import (
     ErrorHook,
@@ -40,26 +42,21 @@ from tidings.listeners import (
     Subscription,
     SuccessHook,
     hooks_of,
-    seconds_or_none,
 )
 from tidings.options import EmitOptions
-from tidings.scheduling import Schedule, Scheduler
+from tidings.scheduling import Scheduler, Schedules
 
 __all__ = ["Bus"]
 
-logger = logging.getLogger("tidings.bus")
-
 P = ParamSpec("P")
 R = TypeVar("R")
-M = TypeVar("M")
-T = TypeVar("T")
 
 _copy_context = contextvars.copy_context
 _time = time.time
 _get_ident = threading.get_ident
 
 
-class Bus:
+class Bus(Checks, Schedules, SyncFront, Inspecting):
     """Emit events to listeners, in process or through a durable backend.
 
     Args:
@@ -120,7 +117,7 @@ class Bus:
         self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
         self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = seconds_or_none(timeout, "the bus's timeout")
+        self.timeout = positive_seconds_or_none(timeout, "the bus's timeout")
         #: Which subscriptions each event reaches, and what is checked on its way.
         self.router = Router(
             self.registry,
@@ -159,16 +156,6 @@ class Bus:
         if _debug.enabled(debug):
             _debug.install(self)
 
-    @property
-    def strict(self) -> bool:
-        """Whether an event nobody listens to, or one a listener cannot take, is refused."""
-        return self.router.strict
-
-    @property
-    def check_serializable(self) -> bool:
-        """Whether a payload a durable backend could not store is refused at emit."""
-        return self.router.check_serializable
-
     # -- listeners ------------------------------------------------------------------
 
     def listener(
@@ -189,87 +176,12 @@ class Bus:
         """Add a registry's listeners (and later changes to it) to this bus."""
         self.registry.include(registry)
 
-    @overload
-    def schema(self, name: str, model: M, /) -> M: ...
-    @overload
-    def schema(self, name: str, /) -> Callable[[M], M]: ...
-    def schema(self, name: str, model: Any = None, /) -> Any:
-        """Validate the keyword payload of every ``name`` event with a pydantic model, at
-        emit and publish (needs ``tidings[pydantic]``; see :mod:`tidings.contrib.pydantic`).
-
-        ``bus.schema("user.created", UserCreated)``, or ``@bus.schema("user.created")``
-        on the model class. The payload is the keyword arguments, or one positional
-        dict. A payload that does not validate raises
-        ``tidings.contrib.pydantic.SchemaError`` (a ``PayloadError`` whose ``__cause__``
-        is pydantic's ``ValidationError``); nothing is queued.
-
-        Raises:
-            ConfigurationError: not a pydantic model class, a pattern for ``name``, or no
-                event name (a bare ``@bus.schema`` on the class).
-        """
-        if not isinstance(name, str):
-            shown = getattr(name, "__name__", repr(name))
-            raise ConfigurationError(
-                f"schema() takes the event name first: @bus.schema('event.name') on "
-                f"{shown}, or bus.schema('event.name', {shown})"
-            )
-
-        def register(model: M) -> M:
-            self.router.add_schema(name, schema_validator(name, model))
-            return model
-
-        return register if model is None else register(model)
-
-    def schedule(self, cron: str, name: str, /, *args: Any, **kwargs: Any) -> Schedule:
-        """Emit ``name`` with this payload at every tick of the cron expression ``cron``
-        (UTC; five fields, or six with seconds last).
-
-        Buses that consume run the schedules, and each tick fires once even with
-        several workers on one durable store.
-
-        Raises:
-            ConfigurationError: not a cron expression, one that never fires
-                (``0 0 30 2 *``), or a bad event name.
-        """
-        entry = Schedule(cron, name, args, kwargs)
-        self.scheduler.entries.append(entry)
-        if self._running is not None:
-            self._start_scheduler()
-        return entry
-
-    def cron(self, cron: str, **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
-        """Run the decorated function at every tick of ``cron``: a listener of the event
-        ``cron.<function name>``, which the bus schedules."""
-
-        def decorate(fn: Callable[P, R]) -> Listener[P, R]:
-            name = f"cron.{getattr(fn, '__name__', 'job')}"
-            made = self.registry.listener(name, **options)(fn)
-            self.schedule(cron, name)
-            return made
-
-        return decorate
-
-    async def _fire(self, entry: Schedule, tick: float) -> None:
-        """Fire one tick of a schedule, if this process claims it."""
-        if await self.backend.claim_tick(entry.key, tick):
-            await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
-                entry.name, *entry.args, **entry.kwargs
-            )
-
-    def _start_scheduler(self) -> None:
-        if self.backend.consume and self._running is not None:
-            self.scheduler.start(self._running.loop)
-
     # -- lifecycle ------------------------------------------------------------------
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the bus runs on, once started (``None`` before)."""
         return None if self._running is None else self._running.loop
-
-    @property
-    def _runner(self) -> Runner | None:
-        return None if self._running is None else self._running.runner
 
     @property
     def started(self) -> bool:
@@ -363,50 +275,6 @@ class Bus:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-    # -- from sync code -------------------------------------------------------------
-
-    def __enter__(self) -> Bus:
-        """Start the bus on an event loop of its own, in a background thread, for
-        scripts and sync frameworks: ``emit`` then works from any thread, and
-        :meth:`publish_sync` / :meth:`run_sync` wait on the bus from sync code.
-
-        Raises:
-            ConfigurationError: the bus is started already.
-            What :meth:`start` raises (a store that cannot be opened, say).
-        """
-        return _sync.enter(self)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Drain (for at most ``shutdown_timeout`` seconds), close, stop the thread."""
-        _sync.leave(self)
-
-    def publish_sync(self, name_or_event: str | Any, /, *args: Any, **kwargs: Any) -> None:
-        """Like :meth:`publish`, from sync code: return once the backend accepted the
-        event (stored, on a durable backend). Not on the bus's own loop's thread.
-
-        Raises:
-            NotStartedError: the bus is not started, or closed.
-            ConfigurationError: called on the bus's own event loop's thread.
-            What :meth:`publish` raises.
-        """
-        self.run_sync(self.publish(name_or_event, *args, **kwargs))
-
-    def run_sync(self, awaitable: Awaitable[T], /) -> T:
-        """Run an awaitable of this bus (``bus.drain()``, ``bus.list_dead_letters()``...)
-        on its event loop from sync code, in a copy of the caller's context, and return
-        its result. The bus runs in another thread (``with bus:``, or an app's loop).
-
-        Raises:
-            NotStartedError: the bus is not started, or closed.
-            ConfigurationError: called on the bus's own event loop's thread.
-        """
-        return _sync.run(self, awaitable)
 
     # -- emitting -------------------------------------------------------------------
 
@@ -523,75 +391,6 @@ class Bus:
         :class:`~tidings.asgi.EventsMiddleware` calls once it wraps an app."""
         self.holders += 1
         self._refresh_hot()
-
-    # -- inspecting -----------------------------------------------------------------
-
-    def listeners(self) -> list[Listener[..., Any]]:
-        """Every subscribed listener, in subscription order."""
-        return [sub.listener for sub in self.registry.subscriptions()]
-
-    def dead_letters(self) -> list[DeadLetter]:
-        """Recent dead letters (deliveries that failed their last attempt), oldest first.
-
-        Those the backend raised on when handed them are kept by the bus, and listed too.
-        """
-        kept = self._runner.kept if self._runner is not None else []
-        if not kept:
-            return self.backend.dead_letters()
-        return sorted([*self.backend.dead_letters(), *kept], key=lambda d: d.failed_at)
-
-    async def list_dead_letters(
-        self, *, listener: str | None = None, limit: int = 100
-    ) -> list[DeadLetter]:
-        """Dead letters, oldest first: of one listener (qualified name) or of all.
-
-        Those the backend raised on when handed them are kept by the bus, and listed too.
-        """
-        return await _dead.list_dead(self.backend, self._runner, listener, limit)
-
-    async def replay_dead_letters(
-        self, *, ids: Sequence[str] | None = None, listener: str | None = None
-    ) -> int:
-        """Deliver dead letters again with fresh attempts (by event id, listener, or all).
-
-        Returns how many deliveries were replayed.
-        """
-        return await _dead.replay_dead(self.backend, self._runner, self.registry, ids, listener)
-
-    async def purge_dead_letters(
-        self, *, ids: Sequence[str] | None = None, listener: str | None = None
-    ) -> int:
-        """Forget dead letters (by event id, listener, or all); how many."""
-        return await _dead.purge_dead(self.backend, self._runner, ids, listener)
-
-    async def listener_stats(self) -> dict[str, ListenerStats]:
-        """What waits per listener: in the store for a durable backend, else here.
-        Before the bus starts, every listener is listed (with what the store says, if
-        it can say yet)."""
-        stats = await self.backend.listener_stats()
-        if self._runner is None:
-            for sub in self.registry.subscriptions():
-                stats.setdefault(sub.listener.qualname, ListenerStats())
-        return stats
-
-    async def forget_listener(self, name: str) -> bool:
-        """Remove a listener (by qualified name) from the durable store: its deliveries
-        are deleted and it keeps no event stored; whether it was joined. A bus that
-        runs it joins it again when it starts.
-
-        Raises:
-            ConfigurationError: the bus is not on a durable store.
-            BackendError: the store failed.
-        """
-        return await self.backend.forget(name)
-
-    def stats(self) -> dict[str, Any]:
-        """Delivered and failed counts per listener, and the backend's counters."""
-        per_listener = {
-            sub.listener.qualname: {"delivered": sub.delivered, "failed": sub.failed}
-            for sub in self.registry.subscriptions()
-        }
-        return {"listeners": per_listener, "backend": self.backend.stats()}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._running else "not started"

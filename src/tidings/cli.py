@@ -76,9 +76,7 @@ def _with_bus(target: str, debug: bool, body: Callable[[Bus], Coroutine[Any, Any
 
     async def run() -> T:
         bus = load_bus(target)
-        backend: Any = bus.backend
-        if hasattr(backend, "consume"):
-            backend.consume = False
+        bus.backend.consume = False
         async with bus:
             return await body(bus)
 
@@ -286,9 +284,7 @@ def _last_seen(bus: Bus, debug: bool) -> dict[str, float | None]:
     bus, started without consuming to ask its store)."""
 
     async def run() -> dict[str, float | None]:
-        backend: Any = bus.backend
-        if hasattr(backend, "consume"):
-            backend.consume = False
+        bus.backend.consume = False
         async with bus:
             stats = await bus.listener_stats()
         return {name: s.last_seen for name, s in stats.items()}
@@ -523,9 +519,7 @@ def dashboard(
             "the dashboard's server needs uvicorn: pip install 'tidings[dashboard]'"
         ) from None
     bus = _guarded(debug, lambda: load_bus(target))
-    backend: Any = bus.backend
-    if hasattr(backend, "consume"):
-        backend.consume = False  # a viewer: the workers run the listeners
+    bus.backend.consume = False  # a viewer: the workers run the listeners
     page = web.app(bus, auth=(lambda request: "act") if allow_actions else None)
     Console(stderr=True).print(
         f"tidings dashboard of {bus.url} on http://{host}:{port}/"

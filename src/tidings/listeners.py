@@ -20,7 +20,7 @@ from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan
 from tidings._patterns import matches, validate_name
-from tidings._units import seconds
+from tidings._units import positive_seconds_or_none
 from tidings.delivery import NO_RETRY, Retry
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
@@ -41,15 +41,6 @@ R = TypeVar("R")
 ErrorHook = Callable[[Event, "Listener[..., Any]", BaseException], Any]
 #: ``on_success`` hooks: ``hook(event, listener)``, sync or async.
 SuccessHook = Callable[[Event, "Listener[..., Any]"], Any]
-
-
-def seconds_or_none(value: float | timedelta | None, what: str) -> float | None:
-    if value is None:
-        return None
-    result = seconds(value, what)
-    if result <= 0:
-        raise ConfigurationError(f"{what} must be positive, not {value!r}")
-    return result
 
 
 def _pattern(name: str, qualname: str) -> str:
@@ -121,7 +112,7 @@ class Listener(Generic[P, R]):
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
         self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = seconds_or_none(timeout, f"timeout of listener {self.qualname}")
+        self.timeout = positive_seconds_or_none(timeout, f"timeout of listener {self.qualname}")
         self.concurrency = concurrency
         self.once = once
         self.inline = inline

@@ -1,5 +1,6 @@
-"""Cron schedules: an event emitted at every tick of a cron expression, and the
-:class:`Scheduler` that fires a bus's schedules.
+"""Cron schedules: an event emitted at every tick of a cron expression, the
+:class:`Scheduler` that fires a bus's schedules, and :class:`Schedules`, the bus's
+methods that make them.
 
 Every consuming bus runs the schedules it knows, and the backend lets one of them fire
 each tick (the memory backend: this process; a durable store: the first to claim the
@@ -18,14 +19,23 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import check_event_name
 
-__all__ = ["Schedule", "Scheduler", "croniter"]
+if TYPE_CHECKING:
+    from tidings._running import Running
+    from tidings.backends.base import Backend
+    from tidings.listeners import Listener, Registry
+    from tidings.options import EmitOptions
+
+__all__ = ["Schedule", "Scheduler", "Schedules", "croniter"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 logger = logging.getLogger("tidings.bus")
 
@@ -134,3 +144,58 @@ def _plan_tick(due: dict[int, float], i: int, entry: Schedule, after: float) -> 
     except Exception:
         due.pop(i, None)
         logger.exception("schedule %s has no tick after %s: it stops", entry.key, after)
+
+
+class Schedules:
+    """The schedules of a bus (:class:`~tidings.Bus` inherits them): events emitted at
+    each tick of a cron expression, and listeners run at them."""
+
+    # What the bus holds, set by its __init__.
+    backend: Backend
+    registry: Registry
+    scheduler: Scheduler
+    _running: Running | None
+
+    if TYPE_CHECKING:  # the bus's own method ``_fire`` calls, declared for the type checker
+
+        def options(self, *, headers: Mapping[str, str] | None = None) -> EmitOptions: ...
+
+    def schedule(self, cron: str, name: str, /, *args: Any, **kwargs: Any) -> Schedule:
+        """Emit ``name`` with this payload at every tick of the cron expression ``cron``
+        (UTC; five fields, or six with seconds last).
+
+        Buses that consume run the schedules, and each tick fires once even with
+        several workers on one durable store.
+
+        Raises:
+            ConfigurationError: not a cron expression, one that never fires
+                (``0 0 30 2 *``), or a bad event name.
+        """
+        entry = Schedule(cron, name, args, kwargs)
+        self.scheduler.entries.append(entry)
+        if self._running is not None:
+            self._start_scheduler()
+        return entry
+
+    def cron(self, cron: str, **options: Any) -> Callable[[Callable[P, R]], Listener[P, R]]:
+        """Run the decorated function at every tick of ``cron``: a listener of the event
+        ``cron.<function name>``, which the bus schedules."""
+
+        def decorate(fn: Callable[P, R]) -> Listener[P, R]:
+            name = f"cron.{getattr(fn, '__name__', 'job')}"
+            made = self.registry.listener(name, **options)(fn)
+            self.schedule(cron, name)
+            return made
+
+        return decorate
+
+    async def _fire(self, entry: Schedule, tick: float) -> None:
+        """Fire one tick of a schedule, if this process claims it."""
+        if await self.backend.claim_tick(entry.key, tick):
+            await self.options(headers={"tidings-cron-tick": repr(tick)}).publish(
+                entry.name, *entry.args, **entry.kwargs
+            )
+
+    def _start_scheduler(self) -> None:
+        if self.backend.consume and self._running is not None:
+            self.scheduler.start(self._running.loop)

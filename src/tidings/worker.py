@@ -3,16 +3,19 @@
 SIGTERM or SIGINT stops it gracefully: it claims nothing more, lets running deliveries
 finish within the shutdown timeout, and hands the rest back to the store for the next
 worker. A sync listener still running in its thread then (Python cannot stop a thread)
-keeps its delivery: the worker returns once the thread has, with its outcome written; a
-second signal stops that wait (the lease is left to expire). A worker killed outright
-loses nothing either: its leases expire and any other worker reclaims them.
+keeps its delivery: the worker returns once the thread has, with its outcome written. A
+second signal stops waiting and ends the process at once: what still ran is left to the
+store, as if the worker had been killed. A worker killed outright loses nothing either:
+its leases expire and any other worker reclaims them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextvars import Context
@@ -92,19 +95,42 @@ async def run_worker(
         if on_ready is not None:
             on_ready(consumed)
         await stop.wait()
-        logger.info("worker stopping: finishing running deliveries")
+        logger.info(
+            "worker stopping: finishing running deliveries%s",
+            "; a second SIGTERM or SIGINT stops waiting" if installed else "",
+        )
+        for sig in installed:
+            loop.add_signal_handler(sig, _exit_at_once, sig)
         backend.stop_claiming()
         await bus.aclose(timeout=shutdown_timeout)
-        # A second signal is no longer caught: it stops the wait below (SIGTERM ends
-        # the process, SIGINT raises KeyboardInterrupt).
-        _restore(loop, installed)
-        # Sync listeners' threads that still run keep the process alive anyway (Python
-        # waits for them as it exits): their deliveries stay this worker's meanwhile,
-        # so that no other worker runs them beside these threads.
+        # Sync listeners' threads that still run keep their deliveries this worker's
+        # until they return, so that no other worker runs them beside these threads.
         await backend.wait_closed()
         logger.info("worker stopped")
     finally:
         _restore(loop, installed)
+
+
+def _exit_at_once(sig: signal.Signals) -> None:
+    """End the process on a second signal, without waiting for what still runs.
+
+    Exiting normally would wait anyway: Python joins the threads of sync listeners as
+    the interpreter exits, and a thread cannot be stopped. What still ran keeps its
+    lease until now; left to expire, another worker runs it again, as after a kill.
+    """
+    logger.warning(
+        "worker stopped at a second %s without waiting: deliveries still running are "
+        "left in the store, and run again once their leases expire",
+        sig.name,
+    )
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing more to say
+            pass
+    os._exit(128 + sig)
 
 
 def _restore(loop: asyncio.AbstractEventLoop, installed: list[signal.Signals]) -> None:

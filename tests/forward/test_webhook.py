@@ -170,6 +170,11 @@ def test_bad_webhook_urls_are_refused() -> None:
         forward.webhook("ftp://example.com", "x", secret=SECRET)
 
 
+def test_a_webhook_timeout_of_no_time_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="webhook timeout must be more than 0 seconds"):
+        forward.webhook("https://example.com", "x", secret=SECRET, timeout=0)
+
+
 def test_the_signature_covers_timestamp_and_body() -> None:
     assert sign(SECRET, "1", b"{}") != sign(SECRET, "2", b"{}")
     assert sign(SECRET, "1", b"{}").startswith("sha256=")

@@ -67,7 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from tidings._patterns import matches
-from tidings._units import seconds
+from tidings._units import positive_seconds
 from tidings.backends._options import redact, split_options
 from tidings.backends.base import DeadLetter
 from tidings.backends.durable import (
@@ -221,9 +221,7 @@ class RedisBackend(DurableBackend):
             raise ConfigurationError(
                 f"a Redis key prefix needs no spaces or glob characters: {prefix!r}"
             )
-        timeout_s = seconds(timeout, "timeout")
-        if not timeout_s > 0:
-            raise ConfigurationError(f"timeout must be more than 0 seconds, not {timeout!r}")
+        timeout_s = positive_seconds(timeout, "timeout")
         self.url = url
         self.prefix = prefix
         self.timeout_s = timeout_s

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tidings._units import seconds
+from tidings._units import positive_seconds
 from tidings.delivery import Retry
 from tidings.errors import ConfigurationError, ForwardError
 from tidings.events import Event
@@ -166,6 +166,6 @@ def webhook(
     if not url.startswith(("http://", "https://")):
         raise ConfigurationError(f"a webhook URL must start with http:// or https://: {url!r}")
     _httpx()
-    timeout_s = seconds(timeout, "webhook timeout")
+    timeout_s = positive_seconds(timeout, "webhook timeout")
     forwarder = Webhook(url, secret=secret, headers=headers or {}, timeout_s=timeout_s)
     return forwarder.listener(names, name or listener_name("webhook", url), retry=retry, **options)

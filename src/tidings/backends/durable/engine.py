@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tidings._patterns import matches
-from tidings._units import seconds
+from tidings._units import positive_seconds
 from tidings.backends.base import Backend, DeadLetter
 from tidings.backends.durable.store import (
     STORED_VERSION,
@@ -132,13 +132,6 @@ def _translating(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
     return call
 
 
-def _positive(name: str, value: float | timedelta) -> float:
-    result = seconds(value, name)
-    if result <= 0:
-        raise ConfigurationError(f"{name} must be more than 0 seconds, not {value!r}")
-    return result
-
-
 def _count(name: str, value: int) -> None:
     if not (isinstance(value, int) and value >= 1):
         raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
@@ -211,14 +204,14 @@ class DurableBackend(Backend):
         self.codec = codec
         self.consume = consume
         self.concurrency = concurrency
-        self.lease_s = _positive("lease", lease)
-        self.poll_s = _positive("poll_interval", poll_interval)
+        self.lease_s = positive_seconds(lease, "lease")
+        self.poll_s = positive_seconds(poll_interval, "poll_interval")
         self.batch = batch
         self.max_pending = max_pending
         self.listener_patterns = tuple(listeners) if listeners else None
         self.drain_on_close = drain_on_close
         self.max_lost_runs = max_lost_runs
-        self.stale_listener_s = _positive("stale_after", stale_after)
+        self.stale_listener_s = positive_seconds(stale_after, "stale_after")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: The clock of leases and due times (epoch seconds); a test may move it.
         self.clock: Callable[[], float] = time.time

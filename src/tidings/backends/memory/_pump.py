@@ -60,6 +60,10 @@ logger = logging.getLogger("tidings.backends.memory")
 _BATCH = 8192
 
 _clock = time.perf_counter
+# What a pump counts into without a tally: never written to (every count is behind a
+# check of the tally), shared so that a pump allocates nothing for it.
+_NONE_COUNTED: dict[str, float] = {}
+_NONE_EMITTED: dict[str, int] = {}
 # How long deliveries are timed one by one once a run of them was too long to tell
 # (many short ones, or a slow one), and once one of them was slow.
 _RECHECK_S = 0.05
@@ -323,13 +327,12 @@ class Pump:
     ) -> Generator[Any, None, bool]:
         """Run ``pump`` to its end inside ``ctx``, one step at a time (what a task does
         with its own context), from the worker's task."""
-        run = ctx.run
         send = pump.send
         queue = self.queue
         running = self._running
         tally = self.tally
         try:
-            yielded = run(send, None)
+            yielded = ctx.run(send, None)
         except StopIteration as stop:
             return bool(stop.value)
         while True:
@@ -351,16 +354,16 @@ class Pump:
             try:
                 yield yielded
             except GeneratorExit:
-                run(pump.close)
+                ctx.run(pump.close)
                 raise
             except BaseException as exc:
                 try:
-                    yielded = run(pump.throw, exc)
+                    yielded = ctx.run(pump.throw, exc)
                 except StopIteration as stop:
                     return bool(stop.value)
             else:
                 try:
-                    yielded = run(send, None)
+                    yielded = ctx.run(send, None)
                 except StopIteration as stop:
                     return bool(stop.value)
 
@@ -456,21 +459,20 @@ class Pump:
         # flat: this loop is the cost of every in-process delivery. Returns whether it
         # stopped because it spent its batch.
         queue = self.queue
-        popleft = queue.popleft
         calls = self._calls
         running = self._running
         runner = self._runner
         assert runner is not None
         on_success = runner.on_success
         tally = self.tally
-        seconds = {} if tally is None else tally.seconds
-        emitted = {} if tally is None else tally.emitted
+        seconds = _NONE_COUNTED if tally is None else tally.seconds
+        emitted = _NONE_EMITTED if tally is None else tally.emitted
         exact_below_s = 0.0 if tally is None else tally.exact_below_s
         # Whether each delivery is timed on its own (see tidings.delivery.Tally).
         timing = tally is not None and worker.mark < self._timed_until
         for _ in range(_BATCH):
             try:
-                entry = popleft()
+                entry = queue.popleft()
             except IndexError:
                 return False
             if entry.context is not pristine:
