@@ -1,8 +1,8 @@
-"""Durable delivery end to end, on SQLite and on Redis, beside each store's raw floor
-and the peers, in one run.
+"""Durable delivery end to end, on SQLite, Redis and PostgreSQL, beside the peers on
+each store (and the raw floor of SQLite and of Redis), in one run.
 
     uv run --group bench python bench/durable.py [--n 20000] [--listeners 1 4]
-        [--store sqlite redis]
+        [--store sqlite redis postgres]
 
 Each figure runs two processes on one store: a producer that stores N events and a
 worker that runs them. Deliveries/s go from the producer's first event to the worker's
@@ -518,11 +518,17 @@ def measure(store: str, kind: str, n: int, listeners: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000, help="events per run")
-    parser.add_argument("--listeners", type=int, nargs="*", default=[1, 4])
     parser.add_argument(
-        "--store", nargs="*", default=["sqlite", "redis", "postgres"], choices=list(KINDS)
+        "--listeners", type=int, nargs="*", default=[1, 4], help="listener counts to run"
+    )
+    parser.add_argument(
+        "--store",
+        nargs="*",
+        default=["sqlite", "redis", "postgres"],
+        choices=list(KINDS),
+        help="stores to run on",
     )
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure; best counts")
     parser.add_argument("--role", nargs=5, help=argparse.SUPPRESS)

@@ -48,11 +48,19 @@ async def _run(kind: str, events: int, kills: int, concurrency: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--store", nargs="+", default=sorted(STORES), choices=sorted(STORES))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000, help="events per store")
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of the worker per store")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="deliveries per listener at once in the worker"
+    )
+    parser.add_argument(
+        "--store",
+        nargs="+",
+        default=sorted(STORES),
+        choices=sorted(STORES),
+        help="stores to run on",
+    )
     args = parser.parse_args()
     ok = True
     for kind in args.store:

@@ -231,9 +231,11 @@ def _report(title: str, best: dict[str, tuple[float, float, float]]) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--requests", type=int, default=5000, help="requests in a row per variant and round"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each figure's best counts")
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

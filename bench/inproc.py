@@ -277,7 +277,7 @@ async def emit_cost(samples: int) -> tuple[float, float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200_000, help="events per run (tidings)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; each one's best counts")
     parser.add_argument("--only", nargs="*", help="contenders whose name contains one of these")

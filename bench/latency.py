@@ -224,13 +224,14 @@ def _verdict(value: float | None, target: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--n", type=int, default=1000, help="events per store")
+    parser.add_argument("--rate", type=float, default=200.0, help="events published per second")
     parser.add_argument(
         "--store",
         nargs="+",
         default=["memory", "sqlite-local", "sqlite", "redis", "postgres"],
         choices=list(TARGETS),
+        help="stores to run on",
     )
     args = parser.parse_args()
     print(f"{args.n} events at {args.rate:g}/s, publish call to the listener's first line")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from tidings import Bus, listener
@@ -203,7 +204,12 @@ def test_emit_stats_and_dead_letters_round_trip(app_url: str) -> None:
     [
         ("nowhere.at_all:bus", "no module named 'nowhere'"),
         ("tests.cli_app:missing", "has no attribute 'missing'"),
-        ("tests.cli_app:not_a_bus", "is a int, not a tidings Bus"),
+        ("tests.cli_app:not_a_bus", "is a value of type int, not a tidings Bus: name a Bus"),
+        (
+            "tests.cli_app:make_bus",
+            "is a function, not a tidings Bus: write 'tests.cli_app:make_bus()' to call it",
+        ),
+        ("tests.cli_app:listener()", "returned a value of type function, not a tidings Bus"),
         ("tests.cli_app", "does not name a bus"),
     ],
 )
@@ -311,6 +317,89 @@ def test_tables_in_a_narrow_terminal_still_show_whole_ids(sqlite_url: str) -> No
     assert any("tests.cli_app.charge" in line for line in result.output.splitlines())
 
 
+def test_dead_list_in_an_80_column_terminal_fits_with_each_error_on_one_line(
+    sqlite_url: str,
+) -> None:
+    ids = _dead_ids(sqlite_url, [-1, -(10**60)])
+    terminal = CliRunner(env={"COLUMNS": "80", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = terminal.invoke(app, ["dead", "list", APP])
+    assert result.exit_code == 0, result.output
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", result.output).splitlines()
+    assert all(len(line) <= 80 for line in lines), result.output
+    for event_id in ids:
+        (row,) = [line for line in lines if event_id in line]
+        assert "tests.cli_app.charge" in row
+        assert "ValueError: order…" in row
+    assert "left out to fit" in result.output
+    wide = CliRunner(env={"COLUMNS": "200", "TTY_COMPATIBLE": "1", "NO_COLOR": "1"})
+    result = wide.invoke(app, ["dead", "list", APP])
+    assert "left out" not in result.output
+    assert "ValueError: order -1 cannot be charged" in result.output
+
+
+def test_long_lines_are_never_wrapped_in_a_pipe(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (event_id,) = _dead_ids(sqlite_url, [-(10**60)])
+    result = narrow.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 0, result.output
+    error = f"ValueError: order {-(10**60)} cannot be charged"
+    assert error in result.output.splitlines(), result.output
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = narrow.invoke(app, ["stats", APP])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: memory:// keeps")
+    assert line.endswith("postgresql://...)")
+
+
+def test_dead_show_prints_brackets_in_a_payload_as_they_are(sqlite_url: str) -> None:
+    async def run() -> str:
+        async with cli_app.make_bus() as bus:
+            await bus.publish("order.paid", order_id=-1, note="[bold]x[/bold]")
+            await bus.drain()
+            (letter,) = await bus.list_dead_letters()
+            return letter.event.id
+
+    event_id = asyncio.run(run())
+    result = runner.invoke(app, ["dead", "show", APP, event_id])
+    assert result.exit_code == 0, result.output
+    assert '"note":"[bold]x[/bold]"' in result.output
+
+
+@pytest.mark.parametrize("command", ["list", "replay", "purge"])
+def test_dead_commands_refuse_an_unknown_listener(sqlite_url: str, command: str) -> None:
+    _dead_ids(sqlite_url, [-1])
+    result = runner.invoke(app, ["dead", command, APP, "--listener", "nope"])
+    assert result.exit_code == 1, result.output
+    assert "no listener 'nope' in the app or on sqlite:///" in result.output
+    assert "the listeners are tests.cli_app.audit, tests.cli_app.charge" in result.output
+    result = runner.invoke(app, ["dead", "list", APP, "--json"])
+    assert len(json.loads(result.output)) == 1  # nothing replayed or purged
+
+
+def test_dead_replay_prints_one_line_and_purge_asks_with_the_count(sqlite_url: str) -> None:
+    _dead_ids(sqlite_url, [-1, -2])
+    result = runner.invoke(app, ["dead", "replay", APP, "--listener", "tests.cli_app.charge"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "replayed 2 dead letter(s)\n"
+    asyncio.run(_drain())
+    result = runner.invoke(app, ["dead", "purge", APP], input="n\n")
+    assert result.exit_code == 1, result.output
+    assert "Delete all 2 dead letter(s)? [y/N]" in result.output
+    result = runner.invoke(app, ["dead", "purge", APP], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "purged 2 dead letter(s)" in result.output
+    result = runner.invoke(app, ["dead", "purge", APP])
+    assert result.exit_code == 0, result.output
+    assert result.output == "no dead letters to purge\n"
+
+
+async def _drain() -> None:
+    async with cli_app.make_bus() as bus:
+        await bus.drain()
+
+
 def test_dead_commands_take_a_unique_id_prefix(sqlite_url: str) -> None:
     # 17 events: two of their ids share a first hex digit, whichever ids they get.
     ids = _dead_ids(sqlite_url, list(range(-17, 0)))
@@ -406,7 +495,8 @@ def _epoch(text: str) -> float:
 
 
 @pytest.mark.parametrize(
-    "command", [["stats", APP], ["dead", "list", APP], ["dead", "show", APP, "ab"]]
+    "command",
+    [["stats", APP], ["dead", "list", APP], ["dead", "show", APP, "ab"], ["emit", APP, "zzz.q"]],
 )
 def test_store_commands_on_a_memory_bus_say_why_they_show_nothing(
     command: list[str], monkeypatch: pytest.MonkeyPatch
@@ -417,6 +507,14 @@ def test_store_commands_on_a_memory_bus_say_why_they_show_nothing(
     assert "memory:// keeps its deliveries and dead letters in the memory" in result.output
     assert "durable URL" in result.output
     assert "Traceback" not in result.output
+
+
+def test_emit_on_a_memory_bus_runs_no_listener_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TEST_URL", "memory://")
+    result = runner.invoke(app, ["emit", APP, "order.paid", "--json", '{"order_id": -1}'])
+    assert result.exit_code == 1
+    assert "an event emitted here would reach, not the app's" in result.output
+    assert "emitted" not in result.output.replace("emitted here", "")
 
 
 def test_listeners_of_a_memory_bus_still_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,6 +549,17 @@ def test_listeners_of_a_durable_bus_say_when_a_worker_last_claimed(sqlite_url: s
     result = runner.invoke(app, ["listeners", APP])
     charge_line = next(line for line in result.output.splitlines() if ".charge" in line)
     assert re.search(r"\d+s ago", charge_line), result.output
+
+
+def test_worker_listeners_are_patterns_and_a_miss_lists_the_names(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["worker", "--help"])
+    assert "-l 'myapp.events.*'" in result.output
+    result = runner.invoke(app, ["worker", APP, "-l", "charge"])
+    assert result.exit_code == 1, result.output
+    assert (
+        "none matches charge; the bus's listeners are tests.cli_app.charge, tests.cli_app.audit"
+        in result.output
+    )
 
 
 def test_worker_refuses_an_unknown_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -618,6 +727,28 @@ def test_emit_with_no_listener_stores_nothing_unless_allowed(sqlite_url: str) ->
     result = runner.invoke(app, ["emit", APP, "usr.created", "--allow-none"])
     assert result.exit_code == 0, result.output
     assert "emitted 'usr.created': stored for no listener" in result.output
+
+
+def _commands(command: Any) -> Iterator[Any]:
+    """A click command and every command under it."""
+    yield command
+    for sub in getattr(command, "commands", {}).values():
+        yield from _commands(sub)
+
+
+def test_no_help_text_breaks_a_paragraph_where_its_source_does() -> None:
+    # The help shows a line break inside a paragraph as it is, wherever the terminal is.
+    for command in _commands(typer.main.get_command(app)):
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        for text in texts:
+            for paragraph in text.split("\n\n"):
+                assert "\n" not in paragraph.strip(), (command.name, paragraph)
+
+
+def test_db_migrate_on_sqlite_says_sqlite_makes_its_tables(sqlite_url: str) -> None:
+    result = runner.invoke(app, ["db", "migrate", APP])
+    assert result.exit_code == 1
+    assert "a SQLite store makes its tables itself, when the bus starts" in result.output
 
 
 def test_demo_help_wraps_at_the_terminals_width_only() -> None:

@@ -678,3 +678,27 @@ async def test_a_backend_raising_on_a_retry_or_dead_letter_loses_nothing(
             assert len(bus.dead_letters()) == 1  # failed again, and kept again
             assert await bus.purge_dead_letters(ids=[letter.event.id]) == 1
             assert bus.dead_letters() == []
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+
+async def test_an_error_whose_str_raises_is_a_dead_letter_and_the_others_still_run() -> None:
+    ran: list[str] = []
+
+    @listener("x.y")
+    async def unprintable() -> None:
+        ran.append("unprintable")
+        raise _Unprintable
+
+    @listener("x.y")
+    async def after() -> None:
+        ran.append("after")
+
+    async with Bus(listeners=[unprintable, after]) as bus:
+        bus.emit("x.y")
+    assert ran == ["unprintable", "after"]
+    [dead] = await bus.list_dead_letters()
+    assert dead.error == "_Unprintable: <exception str() failed>"

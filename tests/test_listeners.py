@@ -18,6 +18,7 @@ from tidings import (
     PayloadError,
     QueueFull,
     Registry,
+    Retry,
     listener,
     register_event,
 )
@@ -67,6 +68,104 @@ def test_listener_options_are_checked() -> None:
         listener("x", concurrency=0)(lambda: None)
     with pytest.raises(ConfigurationError, match="not a listener"):
         Registry([lambda: None])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="name must be a non-empty string"):
+        listener("x", name=" ")(lambda: None)
+
+
+def test_a_listener_is_known_by_its_name_when_given_one() -> None:
+    @listener("x", name="billing.charge")
+    def charge() -> None: ...
+
+    assert charge.qualname == "billing.charge"
+    assert charge.fn.__name__ == "charge"
+
+
+async def wrong_options_target() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": "3"}, "retry of listener .*wrong_options_target must be a Retry or a whole"),
+        ({"retry": 1.5}, r"retry of listener .* not 1\.5"),
+        ({"retry": True}, "retry of listener .* not True"),
+        ({"retry": 0}, "retry of listener .* not 0"),
+        ({"concurrency": "2"}, "concurrency of listener .* whole number of at least 1, not '2'"),
+        ({"concurrency": 2.5}, r"concurrency of listener .* not 2\.5"),
+        ({"concurrency": 0}, "concurrency of listener .* not 0"),
+        ({"once": "yes"}, "once of listener .* must be True or False, not 'yes'"),
+        ({"inline": 1}, "inline of listener .* must be True or False, not 1"),
+        ({"on_error": "log"}, "on_error of listener .* must be a function or a list"),
+        ({"on_dead": [print, 3]}, "on_dead of listener .* must be a function or a list"),
+        ({"on_success": 3}, "on_success of listener .* must be a function or a list"),
+        ({"retries": 3}, "wrong_options_target: no option retries .*retry"),
+    ],
+)
+def test_listener_options_of_the_wrong_type_are_refused(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        listener("x", **options)(wrong_options_target)
+    with pytest.raises(ConfigurationError, match=message):
+        Bus().subscribe(wrong_options_target, "x", **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": "3"}, "the bus's retry must be a Retry or a whole number .* not '3'"),
+        ({"retry": 2.0}, r"the bus's retry .* not 2\.0"),
+        ({"concurrency": "2"}, "concurrency must be a whole number of at least 1, not '2'"),
+        ({"max_pending": 0}, "max_pending must be a whole number of at least 1, not 0"),
+        ({"sync_workers": 0}, "sync_workers must be a whole number of at least 1, not 0"),
+        ({"on_error": "log"}, "the bus's on_error must be a function or a list"),
+    ],
+)
+def test_bus_options_of_the_wrong_type_are_refused(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Bus(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"attempts": "3"}, r"Retry\(attempts=...\) must be a whole number of at least 1, not '3'"),
+        ({"factor": "2"}, r"Retry\(factor=...\) must be a number, not '2'"),
+        ({"on": ("ValueError",)}, r"Retry\(on=...\) must be an exception class or a tuple"),
+        ({"on": [ValueError, 3]}, r"Retry\(on=...\) must be an exception class or a tuple"),
+    ],
+)
+def test_retry_fields_of_the_wrong_type_are_refused(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Retry(**options)  # type: ignore[arg-type]
+
+
+def test_retry_on_takes_one_class_or_a_list_as_a_tuple() -> None:
+    assert Retry(on=ValueError).on == (ValueError,)  # type: ignore[arg-type]
+    assert Retry(on=[ValueError, KeyError]).on == (ValueError, KeyError)  # type: ignore[arg-type]
+
+
+async def test_a_listener_failing_with_a_retry_count_is_a_dead_letter_and_others_run() -> None:
+    ran: list[str] = []
+
+    @listener("x.y", retry=2)
+    async def fails(event: Event) -> None:
+        ran.append(f"fails {event.attempt}")
+        raise ValueError("no")
+
+    @listener("x.y")
+    async def works() -> None:
+        ran.append("works")
+
+    async with Bus(listeners=[fails, works], retry=Retry(backoff=0)) as bus:
+        bus.emit("x.y")
+    assert sorted(ran) == ["fails 1", "fails 2", "works"]
+    [dead] = await bus.list_dead_letters()
+    assert (dead.listener, dead.attempts) == (fails.qualname, 2)
 
 
 async def test_once_delivers_one_event_then_unsubscribes() -> None:

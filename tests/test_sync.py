@@ -118,6 +118,21 @@ def test_a_wsgi_app_served_by_threads_emits_and_every_event_is_delivered(
     assert bus_threads() == []
 
 
+def test_a_listener_subscribed_from_the_calling_thread_gets_what_is_emitted_next(
+    url: str | None,
+) -> None:
+    seen: list[int] = []
+
+    def later(n: int) -> None:
+        seen.append(n)
+
+    with Bus(url) as bus:
+        bus.subscribe(later, "tick")
+        bus.emit("tick", n=1)
+        bus.publish_sync("tick", n=2)
+    assert sorted(seen) == [1, 2]
+
+
 def test_errors_at_start_raise_in_the_calling_thread() -> None:
     # Nothing listens on port 1: the store cannot be reached.
     bus = Bus("postgresql://postgres@127.0.0.1:1/test")

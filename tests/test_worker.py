@@ -185,7 +185,10 @@ async def test_a_worker_needs_a_durable_backend() -> None:
 
 async def test_a_worker_with_no_matching_listener_says_so(tmp_path: Path) -> None:
     bus = Bus(f"sqlite:///{tmp_path / 'x.db'}", listeners=[crash_app.first], consume=False)
-    with pytest.raises(ConfigurationError, match=r"none matches nothing\.here"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"none matches nothing\.here; the bus's listeners are tests\.crash_app\.first$",
+    ):
         await run_worker(bus, listeners=["nothing.here"])
 
 

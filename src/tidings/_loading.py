@@ -47,5 +47,18 @@ def load_bus(target: str) -> Bus:
         if inspect.isawaitable(obj):
             raise ConfigurationError(f"{target!r}: the factory must be a plain function")
     if not isinstance(obj, Bus):
-        raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not a tidings Bus")
+        kind = type(obj).__name__
+        if call:
+            raise ConfigurationError(
+                f"{target!r} returned a value of type {kind}, not a tidings Bus"
+            )
+        if callable(obj) and not isinstance(obj, type):
+            raise ConfigurationError(
+                f"{target!r} is a function, not a tidings Bus: write '{target}()' to call it "
+                "and use the bus it returns"
+            )
+        raise ConfigurationError(
+            f"{target!r} is a value of type {kind}, not a tidings Bus: name a Bus "
+            "('package.module:bus') or a function that makes one ('package.module:make_bus()')"
+        )
     return obj

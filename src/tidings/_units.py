@@ -1,7 +1,9 @@
-"""Durations: the one reading of a number of seconds or a ``timedelta``.
+"""Durations and counts: the one reading of a number of seconds or a ``timedelta``,
+and of a whole number of things.
 
 Every duration tidings takes (a timeout, a delay, a backoff, a lease) is a number of
-seconds or a :class:`~datetime.timedelta`, read here, so that each is checked alike.
+seconds or a :class:`~datetime.timedelta`, read here, so that each is checked alike;
+so is every count that must be at least 1 (a concurrency, a number of attempts).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from tidings.errors import ConfigurationError, TidingsError
 
-__all__ = ["positive_seconds", "positive_seconds_or_none", "seconds"]
+__all__ = ["count", "positive_seconds", "positive_seconds_or_none", "seconds"]
 
 
 def seconds(value: Any, what: str, *, error: type[TidingsError] = ConfigurationError) -> float:
@@ -53,3 +55,16 @@ def positive_seconds(value: Any, what: str) -> float:
 def positive_seconds_or_none(value: Any, what: str) -> float | None:
     """``None`` (none set) as is, else :func:`positive_seconds`."""
     return None if value is None else positive_seconds(value, what)
+
+
+def count(value: Any, what: str) -> int:
+    """``value`` if it is a whole number (an ``int``, not a bool) of at least 1.
+
+    ``what`` names the value in the error's message (``"concurrency of listener f"``).
+
+    Raises:
+        ConfigurationError: anything else (``"2"``, ``2.5``, ``True``, 0).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{what} must be a whole number of at least 1, not {value!r}")
+    return value

@@ -29,10 +29,10 @@ from tidings._running import Running
 from tidings._sending import Sender
 from tidings._switches import disabled
 from tidings._sync import SyncFront
-from tidings._units import positive_seconds_or_none, seconds
+from tidings._units import count, positive_seconds_or_none, seconds
 from tidings.backends._urls import backend_for
 from tidings.backends.base import Backend
-from tidings.delivery import DeliveryObserver, Retry
+from tidings.delivery import DeliveryObserver, Retry, retry_policy
 from tidings.errors import NotStartedError
 from tidings.events import Event, QueuedEvent
 from tidings.listeners import (
@@ -113,10 +113,10 @@ class Bus(Checks, Schedules, SyncFront, Inspecting):
         self._remake = remake
         self.backend = backend
         self.registry = Registry(listeners)
-        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
-        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
-        self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error, "the bus's on_error")
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success, "the bus's on_success")
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead, "the bus's on_dead")
+        self.retry = retry_policy(retry, "the bus's retry")
         self.timeout = positive_seconds_or_none(timeout, "the bus's timeout")
         #: Which subscriptions each event reaches, and what is checked on its way.
         self.router = Router(
@@ -126,7 +126,7 @@ class Bus(Checks, Schedules, SyncFront, Inspecting):
             changed=self._refresh_hot,
         )
         self.shutdown_timeout = seconds(shutdown_timeout, "the bus's shutdown_timeout")
-        self.sync_workers = sync_workers
+        self.sync_workers = None if sync_workers is None else count(sync_workers, "sync_workers")
         #: Whether every emit is a logged no-op: ``TIDINGS_DISABLE``, read now and again
         #: each time the bus starts.
         self.disabled = disabled()
@@ -169,7 +169,15 @@ class Bus(Checks, Schedules, SyncFront, Inspecting):
     ) -> Subscription:
         """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
         names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
-        ``.unsubscribe()`` undoes it."""
+        ``.unsubscribe()`` undoes it.
+
+        On a started durable bus, the listener joins the store before anything emitted
+        after this call is stored, and its consumer starts; unsubscribing stops it.
+
+        Raises:
+            ConfigurationError: see :meth:`Registry.subscribe`; on a durable bus, also
+                a listener whose name another of the bus's has.
+        """
         return self.registry.subscribe(fn, *names, **options)
 
     def include(self, registry: Registry) -> None:

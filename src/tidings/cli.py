@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand
@@ -57,7 +58,11 @@ def _root() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # Never wrapped (a pipe's 80 columns would break it), and the message is shown as it
+    # is, brackets included.
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(1)
 
 
@@ -112,13 +117,18 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def _require_store(bus: Bus) -> None:
-    """Refuse a bus whose deliveries live only in the memory of the process running it."""
+_NONE_TO_SHOW = (
+    "where there are none to show: read bus.stats() or await bus.list_dead_letters() in the app"
+)
+
+
+def _require_store(bus: Bus, why: str = _NONE_TO_SHOW) -> None:
+    """Refuse a bus whose deliveries live only in the memory of the process running it;
+    ``why`` ends the sentence that says so: what it means for this command."""
     if not bus.backend.durable:
         raise ConfigurationError(
             f"{bus.url} keeps its deliveries and dead letters in the memory of the process "
-            "that runs the bus, and this command runs in a process of its own, where there "
-            "are none to show: read bus.stats() or await bus.list_dead_letters() in the app, "
+            f"that runs the bus, and this command runs in a process of its own, {why}, "
             "or give the bus a durable URL (sqlite:///events.db, redis://..., postgresql://...)"
         )
 
@@ -131,7 +141,12 @@ def worker(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     concurrency: int = typer.Option(100, min=1, help="Deliveries per listener at once."),
     listeners: list[str] = typer.Option(  # noqa: B008
-        [], "--listeners", "-l", help="Run only listeners whose qualified name matches."
+        [],
+        "--listeners",
+        "-l",
+        help="Run only the listeners whose qualified name matches this pattern, written as "
+        "event-name patterns are: '*' within one dotted part, '**' for any number of parts "
+        "(-l 'myapp.events.*', -l 'myapp.**'); repeat for more.",
     ),
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds running deliveries get to finish on SIGTERM/SIGINT."
@@ -336,13 +351,27 @@ def _forget_listener(args: list[str], debug: bool) -> None:
 
     if not _with_bus(target, debug, body):
         raise _fail(f"no listener {name!r} is joined on the store")
-    Console().print(f"forgot listener {name!r}: its deliveries are deleted", highlight=False)
+    Console().print(
+        f"forgot listener {name!r}: its deliveries are deleted",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
-@app.command()
+# Help texts are one string a paragraph: the help shows a docstring's line breaks.
+_EMIT_HELP = (
+    "Publish one event (stored for the workers on a durable bus).\n\n"
+    "--json is the payload only; options come from flags (--delay, --at, --key, --header). "
+    "Emits nothing, and fails, when the store knows no listener that takes it, unless "
+    "--allow-none."
+)
+
+
+@app.command(help=_EMIT_HELP)
 def emit(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    name: str = typer.Argument(..., help="The event name."),
+    name: str = typer.Argument(..., metavar="NAME", help="The event name."),
     json_payload: str = typer.Option(
         "{}", "--json", help="The payload: keyword arguments, as a JSON object (payload only)."
     ),
@@ -361,12 +390,7 @@ def emit(
     ),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
-    """Publish one event (stored for the workers on a durable bus).
-
-    --json is the payload only; options come from flags (--delay, --at, --key, --header).
-    Emits nothing, and fails, when the store knows no listener that takes it, unless
-    --allow-none.
-    """
+    """Publish one event (stored for the workers on a durable bus)."""
     try:
         kwargs = msgspec.json.decode(json_payload)
     except msgspec.DecodeError as exc:
@@ -389,6 +413,11 @@ def emit(
             raise _fail(f"--at needs a UTC offset, e.g. {at}+00:00")
 
     async def body(bus: Bus) -> list[str] | None:
+        _require_store(
+            bus,
+            "whose listeners an event emitted here would reach, not the app's: call "
+            "bus.emit(...) in the app",
+        )
         backend = bus.backend
         takers = await backend.listeners_of(name) if isinstance(backend, DurableBackend) else None
         if takers == [] and not allow_none:
@@ -408,10 +437,16 @@ def emit(
         stored = ": stored for no listener, as none joined on the store takes it"
     else:
         stored = f": stored for {len(takers)} listener{'s' if len(takers) > 1 else ''}"
-    Console().print(f"emitted {name!r}{stored}", highlight=False)
+    Console().print(f"emitted {name!r}{stored}", highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+_STATS_HELP = (
+    "What waits per listener (pending, in flight, retrying, delayed, dead), and the "
+    "attempts the store counted as delivered and failed."
+)
+
+
+@app.command(help=_STATS_HELP)
 def stats(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
@@ -422,8 +457,7 @@ def stats(
         None, min=1, help="With --watch, stop after this many refreshes (default: Ctrl-C)."
     ),
 ) -> None:
-    """What waits per listener (pending, in flight, retrying, delayed, dead), and the
-    attempts the store counted as delivered and failed."""
+    """What waits per listener, and the attempts the store counted."""
     if watch:
         _watch_stats(target, debug, interval, refreshes)
         return
@@ -542,7 +576,12 @@ def db_migrate(
         bus = load_bus(target)
         backend: Any = bus.backend
         if not hasattr(backend, "run_migrations"):
-            raise _fail(f"{bus.url} has no migrations: only a PostgreSQL store has tables to make")
+            why = (
+                "a SQLite store makes its tables itself, when the bus starts"
+                if bus.url.startswith("sqlite")
+                else "only a PostgreSQL store has tables to make"
+            )
+            raise _fail(f"{bus.url} has no migrations to run: {why}")
         backend.migrate = False
         backend.consume = False
         await backend.connect()
@@ -570,27 +609,77 @@ def dead_list(
 
     async def body(bus: Bus) -> Table | None:
         _require_store(bus)
+        await _check_listener(bus, listener)
         letters = await bus.list_dead_letters(listener=listener, limit=limit)
         if json_out:
             _print_json([_letter_json(d, traceback=False) for d in letters])
             return None
-        table = Table(title=f"{len(letters)} dead letter(s) on {bus.url}")
-        for column in ("event id", "event", "listener", "attempts", "failed at", "error"):
-            table.add_column(column, no_wrap=column != "error")
-        for d in letters:
-            table.add_row(
-                d.event.id,
-                d.event.name,
-                d.listener,
-                str(d.attempts),
-                _when(d.failed_at),
-                d.error,
-            )
-        return table
+        return _dead_table(f"{len(letters)} dead letter(s) on {bus.url}", letters)
 
     table = _with_bus(target, debug, body)
     if table is not None:
         _print_table(table)
+
+
+_DEAD_COLUMNS = ("event id", "event", "listener", "attempts", "failed at", "error")
+# Left out of ``dead list``, in this order, in a terminal too narrow for the rest and an
+# error column of ``_ERROR_WIDTH``: each says less than the ones kept.
+_DEAD_DROPPABLE = ("attempts", "event", "failed at")
+_ERROR_WIDTH = 24
+
+
+def _dead_table(title: str, letters: list[DeadLetter]) -> Table:
+    """The ``dead list`` table. In a pipe or a CI log, every column whole (as wide as its
+    rows); in a terminal, ids and names whole, and each error on one line in the width
+    left, cut with an ellipsis, less useful columns left out when the terminal is narrow
+    (``dead show`` and ``--json`` show it all)."""
+    console = Console()
+    columns = list(_DEAD_COLUMNS)
+    error_width: int | None = None
+    if console.is_terminal:
+        for drop in (None, *_DEAD_DROPPABLE):
+            if drop is not None:
+                columns.remove(drop)
+            others = _dead_rows(Table(), columns[:-1], letters)
+            # A column more takes a border and two spaces of padding, besides its text.
+            needed = console.measure(others, options=console.options.update_width(1_000_000))
+            error_width = console.width - needed.maximum - 3
+            if error_width >= _ERROR_WIDTH:
+                break
+        # As wide as the longest error at most, and never so narrow that it says nothing
+        # (the terminal then wraps the table's lines: ids and names stay whole).
+        longest = max((len(" ".join(d.error.split())) for d in letters), default=0)
+        error_width = max(min(error_width or 0, longest), min(longest, 10), 1)
+    left_out = [c for c in _DEAD_COLUMNS if c not in columns]
+    table = Table(title=title)
+    if left_out:
+        table.caption = f"{', '.join(left_out)} left out to fit: see --json or a wider terminal"
+    return _dead_rows(table, columns, letters, error_width=error_width)
+
+
+def _dead_rows(
+    table: Table, columns: list[str], letters: list[DeadLetter], *, error_width: int | None = None
+) -> Table:
+    """``table`` with ``columns`` of ``letters``: the error cut to ``error_width`` on one
+    line if given, else whole."""
+    for column in columns:
+        if column != "error":
+            table.add_column(column, no_wrap=True)
+        elif error_width is None:
+            table.add_column(column)
+        else:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", width=error_width)
+    for d in letters:
+        cells = {
+            "event id": d.event.id,
+            "event": d.event.name,
+            "listener": d.listener,
+            "attempts": str(d.attempts),
+            "failed at": _when(d.failed_at),
+            "error": d.error if error_width is None else " ".join(d.error.split()),
+        }
+        table.add_row(*(cells[c] for c in columns))
+    return table
 
 
 _ID_HELP = "The event id, or any start of it that no other dead letter's id shares."
@@ -599,7 +688,7 @@ _ID_HELP = "The event id, or any start of it that no other dead letter's id shar
 @dead_app.command("show")
 def dead_show(
     target: str = typer.Argument(..., metavar="APP", help=_APP_HELP),
-    event_id: str = typer.Argument(..., help=_ID_HELP),
+    event_id: str = typer.Argument(..., metavar="EVENT_ID", help=_ID_HELP),
     json_out: bool = typer.Option(False, "--json", help=_JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
@@ -615,14 +704,16 @@ def dead_show(
     if json_out:
         _print_json([_letter_json(d, traceback=True) for d in letters])
         return
-    console = Console()
+    # Free text as it is: never wrapped (so a traceback can be copied from a pipe), and
+    # no brackets in a payload taken for markup.
+    console = Console(soft_wrap=True, highlight=False)
     for d in letters:
-        console.print(f"[bold]{d.event.name}[/] {d.event.id} -> {d.listener}", highlight=False)
+        console.print(f"[bold]{escape(d.event.name)}[/] {d.event.id} -> {escape(d.listener)}")
         console.print(f"attempts: {d.attempts}, failed at {_when(d.failed_at)}")
         payload = {"args": list(d.event.args), "kwargs": d.event.kwargs, "obj": d.event.obj}
-        console.print(f"payload: {msgspec.json.encode(payload).decode()}", highlight=False)
-        console.print(f"headers: {dict(d.event.headers)}", highlight=False)
-        console.print(d.traceback or d.error, highlight=False, markup=False)
+        console.print(f"payload: {msgspec.json.encode(payload).decode()}", markup=False)
+        console.print(f"headers: {dict(d.event.headers)}", markup=False)
+        console.print(d.traceback or d.error, markup=False)
 
 
 @dead_app.command("replay")
@@ -636,14 +727,20 @@ def dead_replay(
 
     async def body(bus: Bus) -> int:
         _require_store(bus)
+        await _check_listener(bus, listener)
         letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
         if event_ids:
             ids = _full_ids(letters, event_ids)
         else:
             ids = list(dict.fromkeys(d.event.id for d in letters))
         replayed = 0
+        # Drawn in a terminal only: elsewhere it would leave a blank line behind.
         with Progress(
-            TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(), transient=True
+            TextColumn("[bold]replaying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            transient=True,
+            disable=not Console().is_terminal,
         ) as progress:
             task = progress.add_task("replay", total=len(ids))
             for start in range(0, len(ids), 100):
@@ -666,10 +763,20 @@ def dead_purge(
 ) -> None:
     """Delete dead letters for good."""
     if not yes and not event_ids and listener is None:
-        typer.confirm("Delete every dead letter?", abort=True)
+
+        async def how_many(bus: Bus) -> int:
+            _require_store(bus)
+            return len(await bus.list_dead_letters(limit=1_000_000))
+
+        found = _with_bus(target, debug, how_many)
+        if not found:
+            Console().print("no dead letters to purge")
+            return
+        typer.confirm(f"Delete all {found} dead letter(s)?", abort=True)
 
     async def body(bus: Bus) -> int:
         _require_store(bus)
+        await _check_listener(bus, listener)
         ids = None
         if event_ids:
             letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
@@ -678,6 +785,26 @@ def dead_purge(
 
     count = _with_bus(target, debug, body)
     Console().print(f"purged {count} dead letter(s)")
+
+
+async def _check_listener(bus: Bus, listener: str | None) -> None:
+    """Refuse a ``--listener`` that names no listener: of the app, joined on its store,
+    or with dead letters.
+
+    Raises:
+        ConfigurationError: it names none, with the names it could be.
+    """
+    if listener is None or any(lst.qualname == listener for lst in bus.listeners()):
+        return
+    known = {lst.qualname for lst in bus.listeners()}
+    known.update(await bus.listener_stats())
+    known.update(d.listener for d in await bus.list_dead_letters(limit=1_000_000))
+    if listener not in known:
+        names = f"the listeners are {', '.join(sorted(known))}" if known else "it has none"
+        raise ConfigurationError(
+            f"no listener {listener!r} in the app or on {bus.url} (--listener takes a "
+            f"qualified name): {names}"
+        )
 
 
 def _full_ids(letters: list[DeadLetter], given: list[str]) -> list[str]:
@@ -731,7 +858,6 @@ def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-# One string without line breaks: the help shows a docstring's line breaks as they are.
 _DEMO_HELP = (
     "Emit a burst of sign-ups to four listeners and show what each one did.\n\n"
     "A welcome mail (async), an audit log (sync, on 'user.*'), a CRM sync that fails on "

@@ -72,8 +72,24 @@ class Retry:
     on: tuple[type[BaseException], ...] = field(default=(Exception,))
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError(f"Retry(attempts=...) must be at least 1, not {self.attempts}")
+        attempts = self.attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ConfigurationError(
+                f"Retry(attempts=...) must be a whole number of at least 1, not {attempts!r}"
+            )
+        for name in ("factor", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"Retry({name}=...) must be a number, not {value!r}")
+        on = (self.on,) if isinstance(self.on, type) else self.on
+        if not (
+            isinstance(on, tuple | list)
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in on)
+        ):
+            raise ConfigurationError(
+                f"Retry(on=...) must be an exception class or a tuple of them, not {self.on!r}"
+            )
+        object.__setattr__(self, "on", tuple(on))
         if not 0 <= self.jitter <= 1:
             raise ConfigurationError(f"Retry(jitter=...) must be within 0..1, not {self.jitter}")
         if seconds(self.backoff, "Retry(backoff=...)") < 0 or self._cap_s() < 0:
@@ -105,6 +121,24 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+def retry_policy(value: Any, what: str) -> Retry | None:
+    """``retry=`` as a policy: ``None`` (none set) and a :class:`Retry` as they are, a
+    whole number of attempts as ``Retry(attempts=value)``.
+
+    ``what`` names the value in the error's message (``"retry of listener f"``).
+
+    Raises:
+        ConfigurationError: anything else (``"3"``, ``1.5``, ``True``, 0).
+    """
+    if value is None or isinstance(value, Retry):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return Retry(attempts=value)
+    raise ConfigurationError(
+        f"{what} must be a Retry or a whole number of attempts of at least 1, not {value!r}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +177,21 @@ class DeadLetter:
         return cls(
             event=event,
             listener=listener,
-            error=f"{type(exc).__qualname__}: {exc}",
+            error=error_text(exc),
             traceback="".join(traceback.format_exception(exc)),
             attempts=event.attempt,
             failed_at=failed_at,
         )
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` on one line, ``"Type: message"``, even when its ``str()`` raises (as
+    :mod:`traceback` words it): a listener's error never breaks the recording of it."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"
+    return f"{type(exc).__qualname__}: {message}"
 
 
 #: Told of each delivery as it starts (``observer(event, subscription, context)``, the

@@ -20,8 +20,8 @@ from tidings import _processes
 from tidings._batching import NO_DEADLINE, Batching
 from tidings._binding import CallPlan
 from tidings._patterns import matches, validate_name
-from tidings._units import positive_seconds_or_none
-from tidings.delivery import NO_RETRY, Retry
+from tidings._units import count, positive_seconds_or_none
+from tidings.delivery import NO_RETRY, Retry, retry_policy
 from tidings.errors import ConfigurationError, EmitError
 from tidings.events import Event, check_event_name, event_name_of
 
@@ -67,12 +67,33 @@ def _qualname(fn: Any) -> str:
     return f"{module}.{name}"
 
 
-def hooks_of(value: Any) -> tuple[Any, ...]:
+def hooks_of(value: Any, what: str) -> tuple[Any, ...]:
+    """``value`` as a tuple of hooks: ``None``, one callable, or an iterable of them.
+
+    Raises:
+        ConfigurationError: anything else, or an iterable holding a non-callable.
+    """
     if value is None:
         return ()
     if callable(value):
         return (value,)
-    return tuple(value)
+    try:
+        hooks = tuple(value)
+    except TypeError:
+        hooks = (value,)
+    for hook in hooks:
+        if not callable(hook):
+            raise ConfigurationError(
+                f"{what} must be a function or a list of functions, not {value!r}"
+            )
+    return hooks
+
+
+def flag(value: Any, what: str) -> bool:
+    """``value`` if it is a bool, else a ``ConfigurationError``."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be True or False, not {value!r}")
+    return value
 
 
 class Listener(Generic[P, R]):
@@ -98,27 +119,31 @@ class Listener(Generic[P, R]):
         executor: Literal["thread", "process"] = "thread",
         batch: int | None = None,
         batch_wait: float | timedelta | None = None,
+        name: str | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"a listener must be callable, not {fn!r}")
-        if concurrency is not None and concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
         # First, so that what the function (or callable object) carries as attributes
         # never stands in for the listener's own options.
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.qualname = _qualname(fn)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError(f"a listener's name must be a non-empty string, not {name!r}")
+        #: What the listener is known by (in a durable store, stats and dead letters):
+        #: ``name=``, or its function's module and qualified name.
+        self.qualname = _qualname(fn) if name is None else name
         self.names = tuple(_pattern(validate_name(n), self.qualname) for n in names)
         if not self.names:
             raise ConfigurationError(f"listener {self.qualname} subscribes to no event name")
-        self.retry = Retry(attempts=retry) if isinstance(retry, int) else retry
-        self.timeout = positive_seconds_or_none(timeout, f"timeout of listener {self.qualname}")
-        self.concurrency = concurrency
-        self.once = once
-        self.inline = inline
-        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
-        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
+        of = f"of listener {self.qualname}"
+        self.retry = retry_policy(retry, f"retry {of}")
+        self.timeout = positive_seconds_or_none(timeout, f"timeout {of}")
+        self.concurrency = None if concurrency is None else count(concurrency, f"concurrency {of}")
+        self.once = flag(once, f"once {of}")
+        self.inline = flag(inline, f"inline {of}")
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error, f"on_error {of}")
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success, f"on_success {of}")
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead, f"on_dead {of}")
         #: A batch listener's batching (its function takes a list of events), else None.
         self.batching = self._batching(batch, batch_wait, executor, typed)
         if self.batching is not None:
@@ -212,6 +237,7 @@ def listener(
     executor: Literal["thread", "process"] = ...,
     batch: int | None = ...,
     batch_wait: float | timedelta | None = ...,
+    name: str | None = ...,
 ) -> Callable[[Callable[P, R]], Listener[P, R]]: ...
 @overload
 def listener(
@@ -230,7 +256,10 @@ def listener(
     CPU-bound work; it must be defined at the top level of a module),
     ``on_error`` / ``on_success`` / ``on_dead`` hooks, and ``batch`` (the function takes
     a list of up to that many events, see below) with ``batch_wait`` (seconds or
-    ``timedelta`` a batch waits for more events after its first; default 1).
+    ``timedelta`` a batch waits for more events after its first; default 1), and
+    ``name`` (what the listener is known by in a durable store, stats and dead
+    letters; default its module and qualified name: name apart the functions a factory
+    makes, which share one).
 
     A batch listener's parameter annotated ``list[Event]`` (or not annotated) gets the
     envelopes, ``list[SomeTypedEvent]`` the typed objects. Its ``retry`` and ``timeout``
@@ -241,7 +270,8 @@ def listener(
 
     Raises:
         ConfigurationError: no names, an invalid pattern, a class with no event name,
-            or batch options out of range (``concurrency`` under ``batch``, say).
+            an empty ``name``, or batch options out of range (``concurrency`` under
+            ``batch``, say).
     """
     str_names, typed = split_names(names)
 
@@ -250,9 +280,19 @@ def listener(
             raise ConfigurationError(
                 f"{fn.qualname} is already a listener: pass every name to one @listener(...)"
             )
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"listener {_qualname(fn)}: no option {', '.join(unknown)} (the options are "
+                f"{', '.join(sorted(_OPTIONS))})"
+            )
         return Listener(fn, str_names, typed=typed, **options)
 
     return decorate
+
+
+#: The keyword options of ``@listener(...)``.
+_OPTIONS = frozenset(inspect.signature(Listener).parameters) - {"fn", "names", "typed"}
 
 
 def split_names(names: Iterable[str | Enum | type[Any]]) -> tuple[list[str], list[type[Any]]]:
@@ -332,9 +372,9 @@ class Registry:
         on_dead: ErrorHook | Iterable[ErrorHook] | None = None,
     ) -> None:
         self.max_listeners = max_listeners
-        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error)
-        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success)
-        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead)
+        self.on_error: tuple[ErrorHook, ...] = hooks_of(on_error, "a registry's on_error")
+        self.on_success: tuple[SuccessHook, ...] = hooks_of(on_success, "a registry's on_success")
+        self.on_dead: tuple[ErrorHook, ...] = hooks_of(on_dead, "a registry's on_dead")
         self._subs: list[Subscription] = []
         self._children: list[Registry] = []
         #: Where this registry is included (a registry may be shared by several buses).
@@ -345,6 +385,8 @@ class Registry:
         self.routes: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Any]] = {}
         self._lock = threading.RLock()
+        self._checks: list[Callable[[list[Listener[..., Any]]], None]] = []
+        self._watchers: list[Callable[[], None]] = []
         #: Whether any listener here or below is ``once`` (so emit checks for it).
         self.has_once = False
         for item in listeners:
@@ -356,8 +398,9 @@ class Registry:
         """Subscribe a listener made with ``@listener``; returns its subscription.
 
         Raises:
-            ConfigurationError: not a listener, over ``max_listeners``, or a typed-event
-                name already bound to another class.
+            ConfigurationError: not a listener, over ``max_listeners``, a typed-event
+                name already bound to another class, or refused by a bus the registry is
+                in (a durable one refuses a second listener of one name).
         """
         if not isinstance(item, Listener):
             raise ConfigurationError(
@@ -365,6 +408,7 @@ class Registry:
                 "or use registry.subscribe(fn, 'event.name')"
             )
         with self._lock:
+            self._vet([item])
             self._check_types(item.types, item.qualname)
             if self.max_listeners is not None:
                 for name in item.names:
@@ -402,7 +446,7 @@ class Registry:
         Raises:
             ConfigurationError: ``fn`` is not callable (names come after it), or is a
                 listener already and names or options are given too (its own are used:
-                subscribe ``fn.fn`` to give others).
+                subscribe ``fn.fn`` to give others), or as :meth:`add` raises.
         """
         if isinstance(fn, str) or not callable(fn):
             raise ConfigurationError(
@@ -427,17 +471,49 @@ class Registry:
 
         Raises:
             ConfigurationError: the registry is already included here, includes this
-                one, or a typed event name would be bound to two classes.
+                one, a typed event name would be bound to two classes, or a bus this
+                one is in refuses its listeners (as :meth:`add` says).
         """
         with self._lock:
             if registry in self._children:
                 raise ConfigurationError("this registry is already included here")
             if registry is self or registry in self._lineage():
                 raise ConfigurationError("a registry cannot include itself, even through others")
+            self._vet([sub.listener for sub in registry.subscriptions()])
             self._check_types(registry._all_types(), "an included registry")
             registry._parents.append(self)
             self._children.append(registry)
             self._invalidate()
+
+    def check_additions(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Call ``check`` with the listeners a change would add here (or in a registry
+        included here) before it adds them; what it raises refuses the change."""
+        with self._lock:
+            self._checks.append(check)
+
+    def stop_checking(self, check: Callable[[list[Listener[..., Any]]], None]) -> None:
+        """Stop calling ``check`` (see :meth:`check_additions`)."""
+        with self._lock:
+            if check in self._checks:
+                self._checks.remove(check)
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` after each change to the listeners here (or in a registry
+        included here), on the thread that made it; it must only take note."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Callable[[], None]) -> None:
+        """Stop calling ``watcher`` (see :meth:`watch`)."""
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _vet(self, listeners: list[Listener[..., Any]]) -> None:
+        if listeners:
+            for registry in self._lineage():
+                for check in registry._checks:
+                    check(listeners)
 
     def _lineage(self) -> list[Registry]:
         """This registry and every registry that includes it, innermost first."""
@@ -497,6 +573,8 @@ class Registry:
             registry.has_once = any(s.listener.once for s in subs)
             for sub in subs:
                 sub.has_success_hooks = bool(sub.hooks("on_success"))
+            for watcher in registry._watchers:
+                watcher()
 
     # -- reading --------------------------------------------------------------------
 

@@ -53,4 +53,11 @@ async def publish_in(
         connection = await handle.connection()
         raw = await connection.get_raw_connection()
         handle = raw.driver_connection
+        if not handle.is_in_transaction():
+            # SQLAlchemy's asyncpg adapter sends BEGIN only with the session's first
+            # statement: written before that, the event would commit on its own, even
+            # if the session then rolled back. A statement through the session begins
+            # its transaction (on an autocommit engine there is none, and it writes as
+            # the session would).
+            await connection.exec_driver_sql("SELECT 1")
     await outbox.store_in(handle, event, delay_s)

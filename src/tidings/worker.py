@@ -87,9 +87,11 @@ async def run_worker(
         consumed = backend.stats()["consumers"]
         if not consumed:
             await bus.aclose(timeout=0)
+            names = [lst.qualname for lst in bus.listeners()]
             raise ConfigurationError(
                 "no listener to run"
                 + (f": none matches {', '.join(listeners)}" if listeners else "")
+                + (f"; the bus's listeners are {', '.join(names)}" if names else "")
             )
         logger.info("worker started: %d listener(s) on %s", consumed, bus.url)
         if on_ready is not None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tidings import BackendError, Bus, ConfigurationError, Event, Retry, listener
+from tidings import BackendError, Bus, ConfigurationError, Event, QueueFull, Retry, listener
 from tidings.backends import Backend, Delivery
 from tidings.backends._options import redact
 
@@ -34,6 +34,25 @@ from tidings.backends._options import redact
 )
 def test_credentials_are_never_shown(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+async def test_a_memory_url_sets_its_options_and_refuses_others() -> None:
+    bus = Bus("memory://?concurrency=1&max_pending=1")
+    seen: list[int] = []
+
+    @bus.listener("e")
+    async def slow(n: int) -> None:
+        seen.append(n)
+        await asyncio.sleep(0)
+
+    async with bus:
+        bus.emit("e", n=1)
+        with pytest.raises(QueueFull):
+            bus.emit("e", n=2)
+        await bus.drain()
+    assert seen == [1]
+    with pytest.raises(ConfigurationError, match=r"unknown option 'bogus'.*max_pending"):
+        Bus("memory://?bogus=1")
 
 
 async def test_a_bus_shows_no_credential_in_its_url_repr_or_connection_error() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import pydantic
@@ -26,10 +26,13 @@ from typer.testing import CliRunner, Result
 from tidings import (
     BackendError,
     Bus,
+    ConfigurationError,
     EmitError,
     Event,
+    Listener,
     PayloadError,
     PublishFailed,
+    Registry,
     Retry,
     listener,
 )
@@ -912,6 +915,106 @@ async def test_a_listener_added_later_receives_new_events_only(
         await bus.drain()
     assert first == [1, 2]
     assert later == [2]
+
+
+def _made(tag: str, seen: list[str], **options: object) -> Listener[..., Any]:
+    """A listener as a factory makes them: each has the same qualified name."""
+
+    @listener("x", **options)
+    async def record() -> None:
+        seen.append(tag)
+
+    return record
+
+
+async def test_listeners_of_one_name_are_refused_on_a_store_and_name_tells_them_apart(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    seen: list[str] = []
+    a, b = _made("a", seen), _made("b", seen)
+    if backend_name != "memory":
+        named = r"two listeners are named .*_made\.<locals>\.record.*name="
+        with pytest.raises(ConfigurationError, match=named):
+            async with make_bus(listeners=[a, b]):
+                pass
+        with pytest.raises(ConfigurationError, match="subscribed twice"):
+            async with make_bus(listeners=[a, a]):
+                pass
+        b = _made("b", seen, name="record-b")
+    async with make_bus(listeners=[a, b]) as bus:
+        bus.emit("x")
+        await bus.drain()
+    assert sorted(seen) == ["a", "b"]
+
+
+async def test_a_once_listener_runs_once_in_process_and_is_refused_on_a_store(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    seen: list[int] = []
+
+    @listener("x", once=True)
+    async def first(n: int) -> None:
+        seen.append(n)
+
+    if backend_name != "memory":
+        with pytest.raises(ConfigurationError, match=r"once=True.*in-process bus"):
+            async with make_bus(listeners=[first]):
+                pass
+        async with make_bus() as bus:
+            with pytest.raises(ConfigurationError, match="once=True"):
+                bus.subscribe(first)
+        return
+    async with make_bus(listeners=[first]) as bus:
+        bus.emit("x", n=1)
+        bus.emit("x", n=2)
+        await bus.drain()
+    assert seen == [1]
+
+
+async def test_listeners_subscribed_once_started_join_and_run(
+    make_bus: BusFactory, backend_name: str
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    @listener("x")
+    async def first(n: int) -> None:
+        seen.append(("first", n))
+
+    def later(n: int) -> None:
+        seen.append(("later", n))
+
+    def included(n: int) -> None:
+        seen.append(("included", n))
+
+    def nested(n: int) -> None:
+        seen.append(("nested", n))
+
+    registry = Registry()
+    bus = make_bus(listeners=[first])
+    bus.include(registry)
+    async with bus:
+        handle = bus.subscribe(later, "x")
+        bus.emit("x", n=1)
+        await bus.publish("x", n=2)
+        bus.include(Registry([listener("x")(included)]))
+        registry.subscribe(nested, "x")
+        await bus.publish("x", n=3)
+        await bus.drain()
+        handle.unsubscribe()
+        await bus.publish("x", n=4)
+        await bus.drain()
+        if backend_name != "memory":
+            # Its consumer stopped; its deliveries stay, as for a listener run nowhere.
+            stats = await bus.listener_stats()
+            assert stats[listener("x")(later).qualname].pending == 1
+            with pytest.raises(ConfigurationError, match="subscribed twice"):
+                bus.subscribe(first)
+    assert sorted(seen) == sorted(
+        [("first", n) for n in (1, 2, 3, 4)]
+        + [("later", n) for n in (1, 2, 3)]
+        + [("included", n) for n in (3, 4)]
+        + [("nested", n) for n in (3, 4)]
+    )
 
 
 async def test_two_workers_share_the_work_and_never_run_a_delivery_twice(

@@ -115,6 +115,39 @@ async def test_a_sqlalchemy_session_is_an_outbox_too(schema: str) -> None:
     assert seen == [2]
 
 
+async def test_a_sqlalchemy_session_rolls_back_an_event_published_before_anything_else(
+    schema: str,
+) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    seen: list[int] = []
+
+    @listener("order.paid")
+    async def charge(order_id: int) -> None:
+        seen.append(order_id)
+
+    engine = create_async_engine(POSTGRES_URL.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        async with Bus(_url(schema), listeners=[charge]) as bus:
+
+            async def publish_then_fail() -> None:
+                async with AsyncSession(engine) as session, session.begin():
+                    await bus.options(session=session).publish("order.paid", order_id=1)
+                    raise RuntimeError("the payment failed")
+
+            with pytest.raises(RuntimeError, match="payment failed"):
+                await publish_then_fail()
+            async with AsyncSession(engine) as session:
+                await bus.options(session=session).publish("order.paid", order_id=2)
+                await session.rollback()
+            async with AsyncSession(engine) as session, session.begin():
+                await bus.options(session=session).publish("order.paid", order_id=3)
+            await bus.drain()
+    finally:
+        await engine.dispose()
+    assert seen == [3]
+
+
 async def test_each_listener_gets_exactly_one_delivery_of_a_committed_event(
     schema: str, db: asyncpg.Connection
 ) -> None:
@@ -248,6 +281,23 @@ async def test_unreachable_postgres_is_a_clear_error() -> None:
     with pytest.raises(BackendError, match="cannot connect to PostgreSQL"):
         async with Bus(f"postgresql://postgres:secret@127.0.0.1:{port}/x", consume=False):
             pass
+
+
+async def test_a_postgres_that_never_answers_is_a_timeout_in_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(postgres, "_CONNECT_TIMEOUT_S", 0.2)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # connections are accepted (by the kernel), and never answered
+        port = server.getsockname()[1]
+        with pytest.raises(BackendError) as caught:
+            async with Bus(f"postgresql://postgres:secret@127.0.0.1:{port}/x", consume=False):
+                pass
+    assert str(caught.value) == (
+        f"cannot connect to PostgreSQL at postgresql://postgres:***@127.0.0.1:{port}/x: "
+        "no answer within 0.2s (TimeoutError)"
+    )
 
 
 def test_urls() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
-from tidings.backends._options import redact
+from tidings.backends._options import redact, split_options
 from tidings.backends.base import Backend
 from tidings.errors import ConfigurationError
 
@@ -14,7 +15,8 @@ __all__ = ["backend_for", "backend_from_url"]
 
 
 def backend_from_url(url: str, **options: Any) -> Backend:
-    """Build the backend a URL names: ``memory://``, ``sqlite:///path.db``,
+    """Build the backend a URL names: ``memory://`` (its query may set ``max_pending``
+    and ``concurrency``), ``sqlite:///path.db``,
     ``redis://host:port/db`` (also ``rediss://`` and ``unix://``) or
     ``postgresql://user@host/db`` (also ``postgres://``).
 
@@ -28,7 +30,13 @@ def backend_from_url(url: str, **options: Any) -> Backend:
         from tidings.backends.memory import MemoryBackend
 
         options.pop("consume", None)
-        return MemoryBackend(**options)
+        rest, ours = split_options(url, ints=("max_pending", "concurrency"))
+        for key, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True):
+            raise ConfigurationError(
+                f"unknown option {key!r} in {redact(url)!r}: memory:// takes max_pending "
+                "and concurrency"
+            )
+        return MemoryBackend(**{**options, **ours})
     if scheme == "sqlite":
         from tidings.backends.sqlite import SQLiteBackend
 

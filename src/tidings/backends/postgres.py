@@ -129,6 +129,8 @@ _NOW = "extract(epoch FROM now())::float8"
 _SEEN_S = 60.0
 # The lease of a lost delivery handed back: expired (long ago), so it is reclaimed as lost.
 _LEASE_EXPIRED = 1.0
+# How long connecting may take before it is given up.
+_CONNECT_TIMEOUT_S = 10.0
 # Words PostgreSQL reserves (also as a function or type name): not a schema's name.
 _RESERVED = frozenset(
     """all analyse analyze and any array as asc asymmetric authorization binary both case cast
@@ -157,6 +159,13 @@ def pattern_regex(patterns: Sequence[str]) -> str:
                 parts.append("".join(pieces) + r"\.")
         alternatives.append("".join(parts))
     return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def _connect_failure(exc: Exception) -> str:
+    """Why connecting failed, in words even when the error has none (a timeout's)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {_CONNECT_TIMEOUT_S:g}s ({type(exc).__qualname__})"
+    return str(exc) or type(exc).__qualname__
 
 
 class PostgresBackend(DurableBackend):
@@ -256,11 +265,11 @@ class PostgresBackend(DurableBackend):
             ) from exc
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=10, timeout=10, command_timeout=60
+                self.dsn, min_size=1, max_size=10, timeout=_CONNECT_TIMEOUT_S, command_timeout=60
             )
         except Exception as exc:
             raise BackendError(
-                f"cannot connect to PostgreSQL at {redact(self.dsn)}: {exc}"
+                f"cannot connect to PostgreSQL at {redact(self.dsn)}: {_connect_failure(exc)}"
             ) from exc
         if self.migrate:
             await self.run_migrations()
@@ -312,7 +321,7 @@ class PostgresBackend(DurableBackend):
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=10)
+                conn = await asyncpg.connect(self.dsn, timeout=_CONNECT_TIMEOUT_S)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self._channel, self._notified)
@@ -380,6 +389,7 @@ class PostgresBackend(DurableBackend):
         """Store ``event`` with an asyncpg ``connection``, in its current transaction (the
         outbox: see :mod:`tidings.outbox`)."""
         due = event.timestamp if delay_s is None else event.timestamp + delay_s
+        await self._listeners_joined()
         await self.store_with(connection, [self._record(event, due)])
 
     async def store_with(self, conn: Any, records: Sequence[Stored]) -> None:

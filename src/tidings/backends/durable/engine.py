@@ -55,7 +55,7 @@ from tidings.events import Event
 
 if TYPE_CHECKING:
     from tidings.delivery import Abandoned, Delivery, Runner
-    from tidings.listeners import Subscription
+    from tidings.listeners import Listener, Subscription
 
 __all__ = ["DurableBackend"]
 
@@ -72,6 +72,7 @@ class _Consumer:
         "listener_id",
         "names",
         "running",
+        "stopped",
         "sub",
         "task",
         "wake",
@@ -86,6 +87,35 @@ class _Consumer:
         self.wake = asyncio.Event()
         self.idle_gen = -1  # the drain generation at which a claim last came back empty
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False  # its listener was unsubscribed: it claims no more
+
+
+def _storable(listeners: Sequence[Listener[..., Any]]) -> None:
+    """Refuse what a store cannot keep: a ``once`` listener (the store keeps every event
+    stored after it joined), and two subscriptions it would take for one listener (it
+    tells them apart by name, so only one of them would run)."""
+    seen: dict[str, int] = {}
+    for index, item in enumerate(listeners):
+        name = item.qualname
+        if item.once:
+            raise ConfigurationError(
+                f"listener {name} has once=True, which a durable store cannot keep: it "
+                "stores every event that comes after a listener joined, for as long as "
+                "it stays joined; run a once listener on an in-process bus"
+            )
+        other = seen.setdefault(name, index)
+        if other == index:
+            continue
+        if listeners[other] is item:
+            raise ConfigurationError(
+                f"listener {name} is subscribed twice: a durable store keeps one delivery "
+                "of an event per listener name, so it would run once; subscribe it once"
+            )
+        raise ConfigurationError(
+            f"two listeners are named {name}: a durable store tells listeners apart by "
+            "name, so only one of them would run; give one of them a name of its own "
+            "with @listener(..., name='...') (functions a factory makes share a name)"
+        )
 
 
 def _lost(event: Event, sub: Subscription, attempt: int) -> DeliveryLost:
@@ -257,6 +287,11 @@ class DurableBackend(Backend):
         self._listened: dict[str, bool] = {}
         self._listened_since = 0.0
         self._listening_task: asyncio.Task[None] | None = None
+        # The subscriptions joined to the store, and the task that joins (and starts or
+        # stops the consumers of) those subscribed or unsubscribed once started.
+        self._known: set[Subscription] = set()
+        self._reconciling: asyncio.Task[None] | None = None
+        self._reconcile_again = False
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -373,6 +408,7 @@ class DurableBackend(Backend):
             raise BackendError(f"cannot open the {self.scheme} store: {exc}") from exc
         subs = runner.registry.subscriptions() if runner.registry is not None else []
         try:
+            _storable([sub.listener for sub in subs])
             for sub in subs:
                 # Every bus joins its listeners, so events a producer stores before any
                 # worker ever ran still reach them.
@@ -382,18 +418,105 @@ class DurableBackend(Backend):
             with contextlib.suppress(Exception):
                 await self.disconnect()
             raise
+        self._known = set(subs)
         self._flush_task = self._loop.create_task(self._flusher())
         self._writer_task = self._loop.create_task(self._writer())
         if self.consume:
             for sub in subs:
-                if self.listener_patterns is not None and not any(
-                    matches(p, sub.listener.qualname) for p in self.listener_patterns
-                ):
-                    continue
-                consumer = _Consumer(sub)
-                consumer.task = self._loop.create_task(self._consume(consumer))
-                self._consumers.append(consumer)
+                self._start_consumer(sub)
             self._renew_task = self._loop.create_task(self._renewer())
+        if runner.registry is not None:
+            runner.registry.check_additions(self._check_added)
+            runner.registry.watch(self._subscriptions_changed)
+
+    def _start_consumer(self, sub: Subscription) -> None:
+        if self.listener_patterns is not None and not any(
+            matches(p, sub.listener.qualname) for p in self.listener_patterns
+        ):
+            return
+        consumer = _Consumer(sub)
+        consumer.task = self._loop.create_task(self._consume(consumer))  # type: ignore[union-attr]
+        consumer.task.add_done_callback(functools.partial(self._consumer_ended, consumer))
+        self._consumers.append(consumer)
+
+    def _consumer_ended(self, consumer: _Consumer, _task: asyncio.Task[None]) -> None:
+        if consumer.stopped and consumer in self._consumers:
+            self._consumers.remove(consumer)
+            self._progress.set()  # a drain waits no more for its claims
+
+    # -- listeners subscribed or unsubscribed once started ---------------------------
+
+    def _check_added(self, listeners: list[Listener[..., Any]]) -> None:
+        """Refuse listeners subscribed once started that a store cannot keep."""
+        registry = self._runner.registry if self._runner is not None else None
+        if registry is None:
+            return
+        _storable([*(sub.listener for sub in registry.subscriptions()), *listeners])
+
+    def _subscriptions_changed(self) -> None:
+        """Join, on the loop, the listeners subscribed since the bus started (called by
+        the registry, on any thread)."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._reconcile_soon()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs
+                loop.call_soon_threadsafe(self._reconcile_soon)
+
+    def _reconcile_soon(self) -> None:
+        if self._stopping or self._loop is None:
+            return
+        if self._reconciling is None or self._reconciling.done():
+            self._reconciling = self._loop.create_task(self._reconcile())
+        else:
+            self._reconcile_again = True
+
+    async def _reconcile(self) -> None:
+        """Join each listener subscribed since start and start its consumer, as start
+        does; stop the consumers of those unsubscribed (their deliveries stay in the
+        store, as those of a listener that runs in no process)."""
+        registry = self._runner.registry if self._runner is not None else None
+        if registry is None:
+            return
+        while True:
+            self._reconcile_again = False
+            subs = registry.subscriptions()
+            for sub in subs:
+                if sub in self._known:
+                    continue
+                delay = self.poll_s
+                while True:
+                    try:
+                        await self.join(sub.listener.qualname, sub.listener.names)
+                        break
+                    except Exception as exc:
+                        self._outage(f"joining {sub.listener.qualname} failed", exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+                self._recovered()
+                self._known.add(sub)
+                if self.consume and not self._stopping:
+                    self._start_consumer(sub)
+            current = set(subs)
+            self._known = {sub for sub in self._known if sub in current}
+            for consumer in self._consumers:
+                if consumer.sub not in self._known and not consumer.stopped:
+                    consumer.stopped = True
+                    consumer.wake.set()
+            if not self._reconcile_again:
+                return
+
+    async def _listeners_joined(self) -> None:
+        """Wait until the listeners subscribed so far are joined to the store, so that
+        what is stored from now on reaches them."""
+        while self._reconciling is not None and not self._reconciling.done():
+            await asyncio.wait([self._reconciling])
 
     def deliver(self, delivery: Delivery) -> None:
         """Run a delivery at once (the engine runs what it claims through its runner)."""
@@ -464,6 +587,9 @@ class DurableBackend(Backend):
                 await self._flush_wake.wait()
             self._flush_wake.clear()
             while self._buffer:
+                if self._reconciling is not None and not self._reconciling.done():
+                    await self._listeners_joined()
+                    continue
                 batch = self._buffer[: self.batch]
                 done: list[_Entry] = []
                 try:
@@ -604,7 +730,7 @@ class DurableBackend(Backend):
     async def _consume(self, consumer: _Consumer) -> None:
         limit = consumer.sub.listener.concurrency or self.concurrency
         delay = self.poll_s
-        while not self._stopping:
+        while not (self._stopping or consumer.stopped):
             room = limit - consumer.running
             if room <= 0 or self._paused:
                 consumer.wake.clear()
@@ -629,7 +755,7 @@ class DurableBackend(Backend):
                 self._progress.set()
             delay = self.poll_s
             self._recovered()
-            if self._stopping:
+            if self._stopping or consumer.stopped:
                 self._outcomes.releases.extend(claimed)
                 self._writer_wake.set()
                 break
@@ -1064,6 +1190,9 @@ class DurableBackend(Backend):
         loop = self._loop
         if loop is None:
             return []
+        if self._runner is not None and self._runner.registry is not None:
+            self._runner.registry.stop_checking(self._check_added)
+            self._runner.registry.unwatch(self._subscriptions_changed)
         deadline = None if timeout_s is None else loop.time() + timeout_s
 
         def left(grace: float = 0.0) -> float | None:
@@ -1078,6 +1207,9 @@ class DurableBackend(Backend):
                 await asyncio.wait_for(self.drain(), timeout_s)
         # Stop claiming; a consumer in the middle of a claim hands back what it got.
         self.stop_claiming()
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            await asyncio.gather(self._reconciling, return_exceptions=True)
         await self._bounded(
             [c.task for c in self._consumers if c.task], left(grace), "claims did not return"
         )

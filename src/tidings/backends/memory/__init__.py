@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
+from tidings._units import count
 from tidings.backends.base import Backend
 from tidings.backends.memory._pump import Pump, timed
 from tidings.errors import NotStartedError, QueueFull
@@ -79,8 +80,8 @@ class MemoryBackend(Backend):
         max_dead_letters: int = 1000,
     ) -> None:
         super().__init__(max_dead_letters=max_dead_letters)
-        self.max_pending = max_pending
-        self.concurrency = concurrency
+        self.max_pending = count(max_pending, "max_pending")
+        self.concurrency = count(concurrency, "concurrency")
         # Deliveries the runner started as tasks of their own: sync listeners, those
         # behind a concurrency limit, observed ones.
         self._running: dict[asyncio.Future[Any], tuple[Event, Subscription]] = {}
