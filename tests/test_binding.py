@@ -214,6 +214,17 @@ def test_revive_converts_stored_values_strictly_and_names_what_does_not_fit() ->
         p.revive(Event("x", (1, "soon"), {"tags": []}))
 
 
+def test_revive_keeps_the_payload_whose_values_fit_already() -> None:
+    def f(n: int, *, name: str) -> None: ...
+
+    p = plan(f)
+    event = Event("x", (1,), {"name": "a"})
+    args, kwargs = event.args, event.kwargs
+    p.revive(event)
+    assert event.args is args
+    assert event.kwargs is kwargs
+
+
 def test_every_annotated_parameter_is_revived_but_those_with_nothing_to_check() -> None:
     def f(a, b: Any, c: object, d: Decimal, e: Event, n: int, s: str, **rest: int) -> None:  # type: ignore[no-untyped-def]
         ...
