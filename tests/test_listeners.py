@@ -72,6 +72,20 @@ def test_listener_options_are_checked() -> None:
         listener("x", name=" ")(lambda: None)
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("billing.bad\x00name", r"listener name 'billing.bad\\x00name' holds the character"),
+        ("billing charge", "no whitespace or control characters"),
+        ("b" * 256, "is 256 bytes long in UTF-8; the most is 255"),
+        ("\ud800", "lone surrogate"),
+    ],
+)
+def test_a_listener_name_a_store_could_not_keep_is_refused(name: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        listener("x", name=name)(lambda: None)
+
+
 def test_a_listener_is_known_by_its_name_when_given_one() -> None:
     @listener("x", name="billing.charge")
     def charge() -> None: ...

@@ -52,6 +52,19 @@ def _pattern(name: str, qualname: str) -> str:
         raise ConfigurationError(f"listener {qualname}: {exc}; no event could match it") from exc
 
 
+def _listener_name(name: object) -> str:
+    """``name`` if a listener may be known by it (a non-empty string without whitespace
+    or control characters, at most 255 bytes, as an event name), else a
+    ``ConfigurationError``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"a listener's name must be a non-empty string, not {name!r}")
+    try:
+        return check_event_name(name, pattern=True)
+    except EmitError as exc:
+        why = str(exc).removeprefix("event name ")
+        raise ConfigurationError(f"listener name {why}; a store could not keep it") from exc
+
+
 def _is_async_callable(fn: Any) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -127,8 +140,8 @@ class Listener(Generic[P, R]):
         # never stands in for the listener's own options.
         functools.update_wrapper(self, fn)
         self.fn = fn
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise ConfigurationError(f"a listener's name must be a non-empty string, not {name!r}")
+        if name is not None:
+            name = _listener_name(name)
         #: What the listener is known by (in a durable store, stats and dead letters):
         #: ``name=``, or its function's module and qualified name.
         self.qualname = _qualname(fn) if name is None else name
