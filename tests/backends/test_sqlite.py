@@ -383,3 +383,40 @@ async def test_a_claim_with_nothing_to_do_takes_no_write_lock(tmp_path: Path) ->
             assert await backend.claim(on_x.qualname, on_x.names, 10, lease_s=30) == []
         finally:
             locker.close()
+
+
+async def test_a_listener_the_store_refuses_to_join_once_started_holds_back_no_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+
+    @listener("x")
+    async def kept(n: int) -> None:
+        seen.append(n)
+
+    @listener("y", name="tests.refused")
+    async def refused() -> None:
+        pass
+
+    bus = _fast(Bus(_url(tmp_path), listeners=[kept]))
+    backend = bus.backend
+    assert isinstance(backend, SQLiteBackend)
+    join = backend.join
+
+    async def refusing(listener: str, names: Sequence[str]) -> None:
+        if listener == "tests.refused":
+            raise sqlite3.IntegrityError("refused")  # as the store refuses what it holds
+        await join(listener, names)
+
+    backend.join = refusing  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, "tidings.backends.durable"):
+        async with bus:
+            bus.subscribe(refused)
+            await asyncio.wait_for(bus.publish("x", n=1), 5)
+            await asyncio.wait_for(bus.drain(), 5)
+            assert backend.stats()["consumers"] == 1
+            assert "tests.refused" not in await bus.listener_stats()
+    assert seen == [1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refuses to join listener tests.refused" in m for m in errors)
+    assert not any("retrying" in m for m in errors)

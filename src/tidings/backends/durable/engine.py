@@ -409,13 +409,19 @@ class DurableBackend(Backend):
         )
 
     def refuses(self, exc: BaseException) -> bool:
-        """Whether ``exc`` (raised by :meth:`store`) says the store refuses the records
-        themselves (a constraint, an encoding, a size), rather than that it cannot be
-        reached: refused events are dropped one by one, never retried as an outage.
-        A store adds its driver's data errors."""
+        """Whether ``exc`` (raised by :meth:`store` or :meth:`join`) says the store
+        refuses the records or listener themselves (a constraint, an encoding, a size),
+        rather than that it cannot be reached: refused events are dropped one by one, a
+        refused listener left out, never retried as an outage. A store adds its
+        driver's data errors."""
         if isinstance(exc, OSError | ConnectionError | TimeoutError | BackendError):
             return False
         return isinstance(exc, UnicodeError | OverflowError | ValueError | TypeError)
+
+    def _store_refuses(self, exc: BaseException) -> bool:
+        """:meth:`refuses`, through a translated error to the driver's own."""
+        cause = exc.__cause__ if isinstance(exc, BackendError) else None
+        return self.refuses(cause if isinstance(cause, Exception) else exc)
 
     def translate(self, exc: BaseException, what: str) -> BackendError:
         """The library's error for a driver's ``exc`` raised while doing ``what``."""
@@ -521,17 +527,30 @@ class DurableBackend(Backend):
                 if sub in self._known:
                     continue
                 delay = self.poll_s
+                joined = True
                 while True:
                     try:
                         await self.join(sub.listener.qualname, sub.listener.names)
                         break
                     except Exception as exc:
+                        if self._store_refuses(exc):
+                            # Retried, it would be refused again, and hold back every
+                            # event published meanwhile: it is left out, the rest go on.
+                            logger.error(
+                                "%s store: refuses to join listener %s (%s); it is not "
+                                "run, and no event is kept for it",
+                                self.scheme,
+                                sub.listener.qualname,
+                                exc,
+                            )
+                            joined = False
+                            break
                         self._outage(f"joining {sub.listener.qualname} failed", exc)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 5.0)
                 self._recovered()
-                self._known.add(sub)
-                if self.consume and not self._stopping:
+                self._known.add(sub)  # (one refused is not tried again)
+                if joined and self.consume and not self._stopping:
                     self._start_consumer(sub)
             current = set(subs)
             self._known = {sub for sub in self._known if sub in current}
@@ -662,9 +681,7 @@ class DurableBackend(Backend):
         try:
             await self.store([record for record, _, _ in batch])
         except Exception as exc:
-            # (Through a translated error to the driver's own.)
-            cause = exc.__cause__ if isinstance(exc, BackendError) else None
-            if not self.refuses(cause if isinstance(cause, Exception) else exc):
+            if not self._store_refuses(exc):
                 raise
             if len(batch) == 1:
                 self._refused(batch[0], exc)
