@@ -420,3 +420,47 @@ async def test_a_listener_the_store_refuses_to_join_once_started_holds_back_no_e
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("refuses to join listener tests.refused" in m for m in errors)
     assert not any("retrying" in m for m in errors)
+
+
+async def test_a_listener_subscribed_while_the_bus_starts_is_checked_joined_and_run(
+    tmp_path: Path,
+) -> None:
+    seen: list[int] = []
+
+    @listener("a")
+    async def first() -> None:
+        pass
+
+    @listener("x", name="tests.late")
+    async def late(n: int) -> None:
+        seen.append(n)
+
+    @listener("x", name="tests.late")
+    async def same_name(n: int) -> None:
+        seen.append(-n)
+
+    bus = _fast(Bus(_url(tmp_path), listeners=[first]))
+    backend = bus.backend
+    assert isinstance(backend, SQLiteBackend)
+    join = backend.join
+    refused: list[ConfigurationError] = []
+
+    async def subscribing(listener: str, names: Sequence[str]) -> None:
+        if listener == first.qualname:
+            # As another task or thread would, while start waits for the store.
+            bus.subscribe(late)
+            try:
+                bus.subscribe(same_name)
+            except ConfigurationError as exc:
+                refused.append(exc)
+        await join(listener, names)
+
+    backend.join = subscribing  # type: ignore[method-assign]
+    async with bus:
+        await bus.publish("x", n=1)
+        await asyncio.wait_for(bus.drain(), 5)
+        assert "tests.late" in await bus.listener_stats()
+        assert backend.stats()["consumers"] == 2
+    assert seen == [1]
+    (error,) = refused
+    assert "two listeners are named tests.late" in str(error)

@@ -322,6 +322,7 @@ class DurableBackend(Backend):
         self._known: set[Subscription] = set()
         self._reconciling: asyncio.Task[None] | None = None
         self._reconcile_again = False
+        self._started = False
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -442,7 +443,13 @@ class DurableBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(f"cannot open the {self.scheme} store: {exc}") from exc
-        subs = runner.registry.subscriptions() if runner.registry is not None else []
+        registry = runner.registry
+        if registry is not None:
+            # Before the listeners are read: those subscribed while the ones read join
+            # are checked, and joined once these are (see the end).
+            registry.check_additions(self._check_added)
+            registry.watch(self._subscriptions_changed)
+        subs = registry.subscriptions() if registry is not None else []
         try:
             _storable([sub.listener for sub in subs])
             for sub in subs:
@@ -451,6 +458,9 @@ class DurableBackend(Backend):
                 await self.join(sub.listener.qualname, sub.listener.names)
         except BaseException:
             # A start that fails leaves no connection open behind it.
+            if registry is not None:
+                registry.stop_checking(self._check_added)
+                registry.unwatch(self._subscriptions_changed)
             with contextlib.suppress(Exception):
                 await self.disconnect()
             raise
@@ -461,9 +471,9 @@ class DurableBackend(Backend):
             for sub in subs:
                 self._start_consumer(sub)
             self._renew_task = self._loop.create_task(self._renewer())
-        if runner.registry is not None:
-            runner.registry.check_additions(self._check_added)
-            runner.registry.watch(self._subscriptions_changed)
+        self._started = True
+        if registry is not None and set(registry.subscriptions()) != self._known:
+            self._reconcile_soon()  # subscribed or unsubscribed while starting
 
     def _start_consumer(self, sub: Subscription) -> None:
         if self.listener_patterns is not None and not any(
@@ -493,8 +503,8 @@ class DurableBackend(Backend):
         """Join, on the loop, the listeners subscribed since the bus started (called by
         the registry, on any thread)."""
         loop = self._loop
-        if loop is None or self._stopping:
-            return
+        if loop is None or self._stopping or not self._started:
+            return  # (start looks once it joined the listeners it read)
         try:
             here = asyncio.get_running_loop() is loop
         except RuntimeError:
