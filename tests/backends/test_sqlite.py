@@ -464,3 +464,44 @@ async def test_a_listener_subscribed_while_the_bus_starts_is_checked_joined_and_
     assert seen == [1]
     (error,) = refused
     assert "two listeners are named tests.late" in str(error)
+
+
+async def test_concurrency_holds_across_an_unsubscribe_and_subscribe_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    running: list[int] = []
+    peak = 0
+    started = asyncio.Event()
+    beside = asyncio.Event()
+    release = asyncio.Event()
+
+    @listener("x", name="tests.serial", concurrency=1)
+    async def serial(n: int) -> None:
+        nonlocal peak
+        running.append(n)
+        peak = max(peak, len(running))
+        started.set()
+        if len(running) > 1:
+            beside.set()
+        await release.wait()
+        running.remove(n)
+
+    bus = _fast(Bus(_url(tmp_path), listeners=[serial]))
+    backend = bus.backend
+    assert isinstance(backend, SQLiteBackend)
+    async with bus:
+        for n in range(3):
+            await bus.publish("x", n=n)
+        await asyncio.wait_for(started.wait(), 5)
+        (sub,) = bus.registry.subscriptions()
+        sub.unsubscribe()
+        bus.subscribe(serial)  # again, while its first delivery still runs
+        await asyncio.wait_for(backend._listeners_joined(), 5)
+        # Were the running delivery not counted, the new consumer would start another.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(beside.wait(), 0.3)
+        assert running == [0]
+        release.set()
+        await asyncio.wait_for(bus.drain(), 5)
+    assert peak == 1
+    assert not running

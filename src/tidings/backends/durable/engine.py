@@ -72,6 +72,7 @@ _WORKER_BATCH = 500
 
 class _Consumer:
     __slots__ = (
+        "before",
         "claiming",
         "idle_gen",
         "listener_id",
@@ -93,6 +94,9 @@ class _Consumer:
         self.idle_gen = -1  # the drain generation at which a claim last came back empty
         self.task: asyncio.Task[None] | None = None
         self.stopped = False  # its listener was unsubscribed: it claims no more
+        # The stopped consumer of the same listener (unsubscribed, then subscribed
+        # again) whose deliveries may still run: they count against its concurrency.
+        self.before: _Consumer | None = None
 
 
 def _storable(listeners: Sequence[Listener[..., Any]]) -> None:
@@ -323,6 +327,8 @@ class DurableBackend(Backend):
         self._reconciling: asyncio.Task[None] | None = None
         self._reconcile_again = False
         self._started = False
+        # By listener name, the consumer last stopped while its deliveries still ran.
+        self._leaving: dict[str, _Consumer] = {}
 
     # -- the storage protocol, one implementation per broker ------------------------
 
@@ -481,6 +487,7 @@ class DurableBackend(Backend):
         ):
             return
         consumer = _Consumer(sub)
+        consumer.before = self._leaving.pop(consumer.listener_id, None)
         consumer.task = self._loop.create_task(self._consume(consumer))  # type: ignore[union-attr]
         consumer.task.add_done_callback(functools.partial(self._consumer_ended, consumer))
         self._consumers.append(consumer)
@@ -489,6 +496,28 @@ class DurableBackend(Backend):
         if consumer.stopped and consumer in self._consumers:
             self._consumers.remove(consumer)
             self._progress.set()  # a drain waits no more for its claims
+
+    def _ahead(self, consumer: _Consumer) -> int:
+        """The deliveries of ``consumer``'s listener still running for the consumers
+        stopped before it (forgetting those that have none left)."""
+        total = 0
+        link = consumer
+        while (before := link.before) is not None:
+            if before.running:
+                total += before.running
+                link = before
+            else:
+                link.before = before.before
+        return total
+
+    def _ended_stopped(self, consumer: _Consumer) -> None:
+        """A delivery of the stopped ``consumer`` ended: the consumer of its listener
+        subscribed again may have room now."""
+        for other in self._consumers:
+            if other.listener_id == consumer.listener_id:
+                other.wake.set()
+        if not consumer.running and self._leaving.get(consumer.listener_id) is consumer:
+            del self._leaving[consumer.listener_id]
 
     # -- listeners subscribed or unsubscribed once started ---------------------------
 
@@ -533,6 +562,16 @@ class DurableBackend(Backend):
         while True:
             self._reconcile_again = False
             subs = registry.subscriptions()
+            # The consumers of those unsubscribed stop first: one of a listener
+            # subscribed again counts the deliveries they still run.
+            current = set(subs)
+            self._known = {sub for sub in self._known if sub in current}
+            for consumer in self._consumers:
+                if consumer.sub not in self._known and not consumer.stopped:
+                    consumer.stopped = True
+                    consumer.wake.set()
+                    if consumer.running:
+                        self._leaving[consumer.listener_id] = consumer
             for sub in subs:
                 if sub in self._known:
                     continue
@@ -562,12 +601,6 @@ class DurableBackend(Backend):
                 self._known.add(sub)  # (one refused is not tried again)
                 if joined and self.consume and not self._stopping:
                     self._start_consumer(sub)
-            current = set(subs)
-            self._known = {sub for sub in self._known if sub in current}
-            for consumer in self._consumers:
-                if consumer.sub not in self._known and not consumer.stopped:
-                    consumer.stopped = True
-                    consumer.wake.set()
             if not self._reconcile_again:
                 return
 
@@ -789,6 +822,8 @@ class DurableBackend(Backend):
         delay = self.poll_s
         while not (self._stopping or consumer.stopped):
             room = limit - consumer.running
+            if consumer.before is not None:
+                room -= self._ahead(consumer)
             if room <= 0 or self._paused:
                 consumer.wake.clear()
                 await consumer.wake.wait()
@@ -1027,6 +1062,8 @@ class DurableBackend(Backend):
             (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
             self._writer_wake.set()
         consumer.wake.set()
+        if consumer.stopped:
+            self._ended_stopped(consumer)
         self._progress.set()
 
     def _pause(self) -> None:
@@ -1129,6 +1166,8 @@ class DurableBackend(Backend):
                 (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
                 self._writer_wake.set()
         consumer.wake.set()
+        if consumer.stopped:
+            self._ended_stopped(consumer)
         self._progress.set()
 
     def _outlived(
