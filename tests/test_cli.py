@@ -395,6 +395,24 @@ def test_dead_replay_prints_one_line_and_purge_asks_with_the_count(sqlite_url: s
     assert result.output == "no dead letters to purge\n"
 
 
+def test_dead_purge_asks_and_purges_on_a_bus_given_its_backend_object(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dead_ids(sqlite_url, [-1])
+    path = sqlite_url.removeprefix("sqlite://").partition("?")[0]
+    (tmp_path / "purge_object_app.py").write_text(
+        "from tidings import Bus\n"
+        "from tidings.backends.sqlite import SQLiteBackend\n"
+        "from tests.cli_app import audit, charge\n"
+        f"bus = Bus(SQLiteBackend({path!r}), listeners=[charge, audit])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["dead", "purge", "purge_object_app:bus"], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "Delete all 1 dead letter(s)? [y/N]" in result.output
+    assert "purged 1 dead letter(s)" in result.output
+
+
 async def _drain() -> None:
     async with cli_app.make_bus() as bus:
         await bus.drain()

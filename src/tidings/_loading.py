@@ -43,7 +43,20 @@ def load_bus(target: str) -> Bus:
     except AttributeError as exc:
         raise ConfigurationError(f"module {module_name!r} has no attribute {name!r}") from exc
     if call:
-        obj = obj()
+        if isinstance(obj, Bus) or not callable(obj):
+            raise ConfigurationError(
+                f"{target!r}: {name} is a {type(obj).__name__}, not a function to call: "
+                f"write '{module_name}:{name}'"
+            )
+        try:
+            obj = obj()
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                # Raised by the call itself: the factory takes arguments.
+                raise ConfigurationError(
+                    f"{target!r}: the factory must take no arguments ({exc})"
+                ) from exc
+            raise
         if inspect.isawaitable(obj):
             raise ConfigurationError(f"{target!r}: the factory must be a plain function")
     if not isinstance(obj, Bus):

@@ -762,21 +762,22 @@ def dead_purge(
     debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP),
 ) -> None:
     """Delete dead letters for good."""
-    if not yes and not event_ids and listener is None:
+    ask = not yes and not event_ids and listener is None
+    nothing = False
 
-        async def how_many(bus: Bus) -> int:
-            _require_store(bus)
-            return len(await bus.list_dead_letters(limit=1_000_000))
-
-        found = _with_bus(target, debug, how_many)
-        if not found:
-            Console().print("no dead letters to purge")
-            return
-        typer.confirm(f"Delete all {found} dead letter(s)?", abort=True)
-
-    async def body(bus: Bus) -> int:
+    async def body(bus: Bus) -> int | None:
+        nonlocal nothing
         _require_store(bus)
         await _check_listener(bus, listener)
+        if ask:
+            # Counted and confirmed while the bus is open: a bus given a backend object
+            # does not start twice.
+            found = len(await bus.list_dead_letters(limit=1_000_000))
+            if not found:
+                nothing = True
+                return 0
+            if not typer.confirm(f"Delete all {found} dead letter(s)?"):
+                return None
         ids = None
         if event_ids:
             letters = await bus.list_dead_letters(listener=listener, limit=1_000_000)
@@ -784,7 +785,9 @@ def dead_purge(
         return await bus.purge_dead_letters(ids=ids, listener=listener)
 
     count = _with_bus(target, debug, body)
-    Console().print(f"purged {count} dead letter(s)")
+    if count is None:
+        raise typer.Abort()
+    Console().print("no dead letters to purge" if nothing else f"purged {count} dead letter(s)")
 
 
 async def _check_listener(bus: Bus, listener: str | None) -> None:

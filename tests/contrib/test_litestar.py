@@ -377,6 +377,36 @@ async def test_the_plugin_takes_tidings_listeners_beside_litestars() -> None:
         assert sorted(seen) == ["litestar ada@example.com", "tidings ada@example.com"]
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_apps_on_one_bus_share_its_litestar_listeners(store: str, tmp_path: Path) -> None:
+    got: list[int] = []
+
+    @listener("order_paid")
+    async def charge(order_id: int) -> None:
+        got.append(order_id)
+
+    @post("/orders/{order_id:int}/pay")
+    async def pay(request: Request[Any, Any, Any], order_id: FromPath[int]) -> None:
+        request.app.emit("order_paid", order_id=order_id)
+
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path / 'events.db'}"
+    bus = Bus(url)
+
+    def create_app() -> Litestar:
+        return Litestar([pay], listeners=[charge], plugins=[TidingsPlugin(bus)])
+
+    create_app()  # a module-level app, never started here
+    test_app = create_app()  # a test's own, on the same bus
+    assert [item.qualname.rsplit(".", 1)[-1] for item in bus.listeners()] == ["charge"]
+    for order_id in (1, 2):  # started twice, as one test client after another
+        async with AsyncTestClient(test_app) as client:
+            assert (await client.post(f"/orders/{order_id}/pay")).status_code == 201
+            await bus.drain()
+        assert got == list(range(1, order_id + 1))
+        assert not bus.started
+    assert len(bus.listeners()) == 1  # still held by the app that never started
+
+
 async def test_on_shutdown_may_close_the_bus() -> None:
     bus = Bus()
     app = Litestar(route_handlers=[], on_startup=[bus.start], on_shutdown=[bus.aclose])

@@ -129,6 +129,28 @@ async def test_each_attempt_has_its_span_with_its_outcome() -> None:
     assert all(_parent_id(s) == producer.context.span_id for s in tracing.spans(SpanKind.CONSUMER))
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+
+async def test_a_span_ends_for_an_error_whose_str_raises() -> None:
+    tracing = Tracing()
+
+    @listener("job")
+    async def unprintable(n: int) -> None:
+        raise _Unprintable
+
+    bus = Bus(listeners=[unprintable])
+    instrument(bus, tracer_provider=tracing.provider)
+    async with bus:
+        bus.emit("job", n=1)
+        await bus.drain()
+
+    [span] = tracing.spans(SpanKind.CONSUMER)
+    assert span.status.description == "_Unprintable: <exception str() failed>"
+
+
 async def test_a_trace_continues_from_a_producer_into_a_worker_through_sqlite(
     tmp_path: Path,
 ) -> None:

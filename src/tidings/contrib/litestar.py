@@ -26,7 +26,9 @@ Needs ``pip install 'tidings[litestar]'``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Hashable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +56,25 @@ if TYPE_CHECKING:
 __all__ = ["TidingsEmitterBackend", "TidingsPlugin"]
 
 
+class _Shared:
+    """The subscription of one listener on one bus, and how many emitters hold it."""
+
+    __slots__ = ("holders", "subscription")
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.holders = 0
+
+
+# Per bus, the listeners emitters subscribed there. Every app built on one bus (a
+# module-level app and a test's own, say) makes an emitter with the same listeners: they
+# share one subscription, so each event reaches a listener once and a durable store, which
+# tells listeners apart by name, does not refuse the second. The last emitter to let go of
+# it unsubscribes it.
+_shared: weakref.WeakKeyDictionary[Bus, dict[Hashable, _Shared]] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
 class TidingsEmitterBackend(BaseEventEmitterBackend):
     """A Litestar event emitter backend that delivers through a tidings :class:`Bus`.
 
@@ -61,7 +82,7 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
     that delivers through a given bus or backend URL.
     """
 
-    __slots__ = ("_started_here", "_subscriptions", "bus")
+    __slots__ = ("_held", "_listeners", "_started_here", "bus")
 
     #: Where deliveries go: a bus, a backend URL, or ``None`` (in process).
     source: ClassVar[Bus | str | None] = None
@@ -74,14 +95,11 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
         source = type(self).source
         self.bus = source if isinstance(source, Bus) else Bus(source)
         self._started_here = False
-        self._subscriptions: list[Subscription] = []
-        for item in listeners:
-            if isinstance(item, Listener):  # tidings' own, with its names and options
-                self._subscriptions.append(self.bus.registry.subscribe(item))
-                continue
-            self._subscriptions.append(
-                self.bus.registry.subscribe(_original(item.fn), *sorted(item.event_ids))
-            )
+        self._listeners = list(listeners)
+        self._held: list[Hashable] = []
+        # Subscribed now, not at startup: a worker that imports the app's module runs
+        # them without ever starting the app.
+        self._hold()
 
     @classmethod
     def using(cls, bus_or_url: Bus | str, *, strict: bool = True) -> type[TidingsEmitterBackend]:
@@ -89,7 +107,48 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
         ``Litestar(event_emitter_backend=...)``."""
         return type(cls.__name__, (cls,), {"source": bus_or_url, "strict": strict})
 
+    def _hold(self) -> None:
+        with _shared_lock:
+            held = _shared.setdefault(self.bus, {})
+            current = set(self.bus.registry.subscriptions())
+            try:
+                for item in self._listeners:
+                    if isinstance(item, Listener):  # tidings' own, with its names and options
+                        key: Hashable = item
+                        fn: Any = item
+                        names: tuple[str, ...] = ()
+                    else:
+                        fn = _original(item.fn)
+                        names = tuple(sorted(item.event_ids))
+                        key = (fn, names)
+                    shared = held.get(key)
+                    if shared is None or shared.subscription not in current:
+                        # Not on this bus yet, or unsubscribed there since.
+                        shared = held[key] = _Shared(self.bus.registry.subscribe(fn, *names))
+                        current.add(shared.subscription)
+                    shared.holders += 1
+                    self._held.append(key)
+            except BaseException:
+                self._release(held)
+                raise
+
+    def _let_go(self) -> None:
+        with _shared_lock:
+            self._release(_shared.get(self.bus, {}))
+
+    def _release(self, held: dict[Hashable, _Shared]) -> None:
+        for key in self._held:
+            shared = held.get(key)
+            if shared is not None:
+                shared.holders -= 1
+                if shared.holders <= 0:
+                    shared.subscription.unsubscribe()
+                    del held[key]
+        self._held.clear()
+
     async def __aenter__(self) -> TidingsEmitterBackend:
+        if not self._held:  # started again after a shutdown let go of the listeners
+            self._hold()
         if not self.bus.started:
             await self.bus.start()
             self._started_here = True
@@ -108,9 +167,7 @@ class TidingsEmitterBackend(BaseEventEmitterBackend):
             else:
                 await self.bus.drain()
         finally:
-            for subscription in self._subscriptions:
-                subscription.unsubscribe()
-            self._subscriptions.clear()
+            self._let_go()
 
     def emit(self, event_id: str, *args: Any, **kwargs: Any) -> None:
         """Emit ``event_id`` to its listeners; returns at once. Every keyword argument

@@ -20,6 +20,7 @@ A bus that is not instrumented runs no tracing code at all.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextvars import Context
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "tidings.contrib.otel needs opentelemetry-api: pip install 'tidings[otel]'"
     ) from exc
 
+from tidings.delivery import error_text
 from tidings.errors import ConfigurationError
 from tidings.events import Event
 
@@ -127,9 +129,10 @@ class _Observer:
         def finish(outcome: str, exc: BaseException | None) -> None:
             span.set_attribute("tidings.outcome", outcome)
             if exc is not None:
-                span.record_exception(exc)
+                with contextlib.suppress(Exception):  # an error whose str() raises
+                    span.record_exception(exc)
                 span.set_attribute("error.type", type(exc).__qualname__)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}"))
+                span.set_status(Status(StatusCode.ERROR, error_text(exc)))
             span.end()
 
         return finish

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from tidings.backends.base import DeadLetter
+from tidings.delivery import error_text
 from tidings.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class Sampler:
                 "name": event.name,
                 "listener": listener.qualname,
                 "attempt": event.attempt,
-                "error": f"{type(exc).__qualname__}: {exc}",
+                "error": error_text(exc),
                 "traceback": "".join(traceback.format_exception(exc)),
                 "failed_at": time.time(),
             }
