@@ -1059,12 +1059,8 @@ class DurableBackend(Backend):
         consumer.running -= 1
         claimed = self._inflight.pop(key, None)
         if claimed is not None:  # neither retried nor buried by the runner
-            (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
-            self._writer_wake.set()
-        consumer.wake.set()
-        if consumer.stopped:
-            self._ended_stopped(consumer)
-        self._progress.set()
+            self._settle_ended(claimed, cancelled=cancelled)
+        self._consumer_freed(consumer)
 
     def _pause(self) -> None:
         """Stop claiming in this process (claims under way return at once) until the
@@ -1163,8 +1159,17 @@ class DurableBackend(Backend):
                 )
             else:
                 # Neither retried nor buried by the runner: it returned, or was cancelled.
-                (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
-                self._writer_wake.set()
+                self._settle_ended(claimed, cancelled=cancelled)
+        self._consumer_freed(consumer)
+
+    def _settle_ended(self, claimed: Claimed, *, cancelled: bool) -> None:
+        """Write the end of a delivery that returned (ack) or was cancelled (released)."""
+        (self._outcomes.releases if cancelled else self._outcomes.acks).append(claimed)
+        self._writer_wake.set()
+
+    def _consumer_freed(self, consumer: _Consumer) -> None:
+        """One of ``consumer``'s deliveries ended: it may claim again, a stopped one may
+        be done, and a drain looks again."""
         consumer.wake.set()
         if consumer.stopped:
             self._ended_stopped(consumer)
