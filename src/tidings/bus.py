@@ -169,15 +169,9 @@ class Bus(Checks, Schedules, SyncFront, Inspecting):
     ) -> Subscription:
         """Subscribe ``fn``, a listener (``subscribe(listener)``) or a function with its
         names and options (``subscribe(fn, "user.created", retry=3)``); the handle's
-        ``.unsubscribe()`` undoes it.
-
-        On a started durable bus, the listener joins the store before anything emitted
-        after this call is stored, and its consumer starts; unsubscribing stops it.
-
-        Raises:
-            ConfigurationError: see :meth:`Registry.subscribe`; on a durable bus, also
-                a listener whose name another of the bus's has.
-        """
+        ``.unsubscribe()`` undoes it. On a started durable bus, the listener joins the
+        store before anything emitted next is stored (``ConfigurationError`` as for
+        :meth:`Registry.subscribe`, and for ``once=True`` or another listener's name)."""
         return self.registry.subscribe(fn, *names, **options)
 
     def include(self, registry: Registry) -> None:
