@@ -1358,14 +1358,16 @@ class DurableBackend(Backend):
         await self._flushed()
         if not self.consume or not self._consumers:
             return
-        ids = {c.listener_id for c in self._consumers}
         while True:
+            # Those of listeners unsubscribed are left in the store: a consumer stopped
+            # but not ended yet is not waited for.
+            ids = {c.listener_id for c in self._consumers if not c.stopped}
             self._drain_gen += 1
             gen = self._drain_gen
             for c in self._consumers:
                 c.wake.set()
             while not (
-                all(c.idle_gen >= gen for c in self._consumers)
+                all(c.idle_gen >= gen for c in self._consumers if not c.stopped)
                 and not self._inflight
                 and not self._outcomes
                 and self._writer_idle.is_set()
