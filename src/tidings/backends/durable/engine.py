@@ -970,7 +970,7 @@ class DurableBackend(Backend):
             consumer.running -= 1
             done = self._inflight.pop(key, None)
             if done is not None:  # neither retried nor buried by the runner
-                self._outcomes.acks.append(done)
+                self._settle_ended(done, cancelled=False)
         else:
             self._tasks[fut] = key
             fut.add_done_callback(
